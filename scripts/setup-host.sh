@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# Idempotent host set-up for freezeframe on Debian 12 (root, no service manager).
+# Installs Debian packages, writes the libvirt configuration that works on these machines (TCG, no cgroups,
+# no namespaces, no security driver), starts virtlogd + libvirtd if they are not running, builds the venv.
+# A second run when everything is up takes a few seconds.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${FREEZEFRAME_VENV:-$ROOT/.venv}"
+PYTHON="${PYTHON:-python3}"
+URI="qemu:///system"
+
+say() { printf '[setup] %s\n' "$*" >&2; }
+die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "must run as root (libvirt system daemon, apt-get); re-run with sudo"
+
+DEB_PACKAGES=(
+  qemu-system-x86 qemu-utils
+  libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config
+  busybox-static qemu-guest-agent e2fsprogs cpio xz-utils
+  gcc libc6-dev
+)
+
+missing=()
+for p in "${DEB_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing Debian packages: ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q >/dev/null || die "apt-get update failed: check that the Debian mirror is reachable"
+  apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null \
+    || die "apt-get install ${missing[*]} failed; run it by hand to see why"
+fi
+
+# libvirtd resolves these before reading qemu.conf and dies with "Failed to parse user" without them.
+getent group kvm >/dev/null || groupadd -r kvm
+getent group libvirt-qemu >/dev/null || groupadd -r libvirt-qemu
+getent group libvirt >/dev/null || groupadd -r libvirt
+id libvirt-qemu >/dev/null 2>&1 || useradd -r -g libvirt-qemu -G kvm -d /var/lib/libvirt -s /usr/sbin/nologin libvirt-qemu
+
+mkdir -p /etc/libvirt /var/log/libvirt/qemu /var/run/libvirt /var/lib/libvirt/qemu /var/cache/libvirt
+
+QEMU_CONF=/etc/libvirt/qemu.conf
+WANT_CONF='# written by freezeframe scripts/setup-host.sh: what works on hosts without systemd/cgroups
+user = "root"
+group = "root"
+security_driver = "none"
+cgroup_controllers = [ ]
+namespaces = [ ]
+swtpm_user = "root"
+swtpm_group = "root"'
+conf_changed=0
+if [ ! -f "$QEMU_CONF" ] || [ "$(cat "$QEMU_CONF")" != "$WANT_CONF" ]; then
+  printf '%s\n' "$WANT_CONF" > "$QEMU_CONF"
+  conf_changed=1
+  # a running libvirtd must re-read it
+fi
+
+running() { pgrep -x "$1" >/dev/null 2>&1; }
+
+if ! running virtlogd; then
+  say "starting virtlogd"
+  virtlogd -d || die "virtlogd failed to start; see /var/log/libvirt"
+fi
+if running libvirtd && [ "$conf_changed" = 1 ]; then
+  say "restarting libvirtd for the new qemu.conf"
+  pkill -x libvirtd || true
+  for _ in $(seq 50); do running libvirtd || break; sleep 0.1; done
+fi
+if ! running libvirtd; then
+  say "starting libvirtd"
+  libvirtd -d || die "libvirtd failed to start; see /var/log/libvirt/libvirtd.log"
+fi
+
+ok=0
+for _ in $(seq 100); do
+  if virsh -q -c "$URI" version >/dev/null 2>&1; then ok=1; break; fi
+  sleep 0.1
+done
+[ "$ok" = 1 ] || die "libvirt at $URI does not answer; check that libvirtd runs (pgrep libvirtd) and its log"
+
+# Python environment: a venv with the project (editable) and its dev tools.
+stamp="$VENV/.freezeframe-stamp"
+want_stamp="$(sha256sum "$ROOT/pyproject.toml" | cut -c1-16)"
+if [ ! -x "$VENV/bin/python" ]; then
+  say "creating venv $VENV"
+  "$PYTHON" -m venv "$VENV" || die "cannot create a venv with $PYTHON (is python3-venv installed?)"
+fi
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want_stamp" ]; then
+  say "installing freezeframe and its dependencies into $VENV"
+  "$VENV/bin/pip" install -q --upgrade pip >/dev/null
+  "$VENV/bin/pip" install -q -e "$ROOT[dev]" || die "pip install failed (see output above)"
+  printf '%s' "$want_stamp" > "$stamp"
+fi
+"$VENV/bin/python" -c "import libvirt, freezeframe" || die "the venv cannot import libvirt/freezeframe; remove $VENV and re-run"
+say "host ready: libvirt at $URI, venv at $VENV"

@@ -1,0 +1,507 @@
+"""The snapshot flow: discover disks → quiesce → capture all → thaw → record → wait for completion.
+
+It owns the order of the guest-visible steps and imports only ports and the domain model, so the same flow
+drives any hypervisor or storage adapter. Whatever fails, the guest leaves the window thawed and running
+(or paused, if it was paused before): every exit path goes through ``_GuestWindow.release``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+
+from freezeframe.errors import (
+    AgentUnavailable,
+    ConsistencyUnavailable,
+    FreezeframeError,
+    FreezeWindowExceeded,
+    InstanceBusy,
+    InsufficientSpace,
+    InvalidRequest,
+    NotFound,
+    PreflightFailed,
+)
+from freezeframe.model import (
+    Consistency,
+    DiskSpec,
+    Instance,
+    InstanceState,
+    Member,
+    SetStatus,
+    SnapshotSet,
+)
+from freezeframe.ports import (
+    CaptureTarget,
+    Catalog,
+    Hypervisor,
+    InstanceLocks,
+    Journal,
+    JournalEntry,
+    ProgressCallback,
+    Repository,
+)
+from freezeframe.signals import deferred_signals
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_SOURCES = ("file", "block")
+SUPPORTED_FORMATS = ("qcow2", "raw")
+SET_UUID_KEY = "freezeframe.set_uuid"
+THAW_PENDING = "thaw-pending"
+
+
+@dataclass(frozen=True)
+class SnapshotRequest:
+    instance: str
+    consistency: Consistency = Consistency.FILESYSTEM
+    require: bool = False
+    name: str | None = None
+    exclude_disks: tuple[str, ...] = ()
+    metadata: dict[str, str] = field(default_factory=dict)
+    backup_type: str | None = None
+    pause_vcpus: bool = False
+    """Pause the vCPUs around the capture even where an atomic multi-disk capture exists."""
+
+
+@dataclass(frozen=True)
+class FlowSettings:
+    freeze_cap_s: float = 10.0
+    thaw_retry_s: float = 60.0
+    """How long to keep trying to thaw a guest whose agent stopped answering before leaving it to repair."""
+    hold_in_window_s: float = 0.0
+    """Fault injection for tests: stay this long inside the window (to SIGKILL there or trip the watchdog)."""
+
+
+@dataclass
+class Disks:
+    """What discovery found: the disks to capture and those left out, each with why."""
+
+    captured: list[DiskSpec]
+    skipped: dict[str, str]
+
+
+def discover_disks(instance: Instance, exclude: Sequence[str] = ()) -> Disks:
+    """All ``device='disk'`` disks by default; cdroms/floppies are not state of the machine."""
+    known = {d.target for d in instance.hardware.disks if d.device == "disk"}
+    unknown = sorted(set(exclude) - known)
+    if unknown:
+        raise InvalidRequest(
+            f"--exclude-disk {', '.join(unknown)}: {instance.name} has no such disk "
+            f"(its disks: {', '.join(sorted(known)) or 'none'})"
+        )
+    captured: list[DiskSpec] = []
+    skipped: dict[str, str] = {}
+    unsupported: list[str] = []
+    for disk in instance.hardware.disks:
+        if disk.device != "disk":
+            continue
+        if disk.target in exclude:
+            skipped[disk.target] = "excluded on request"
+        elif disk.shareable:
+            skipped[disk.target] = "shareable: other instances write it, so no point in time is ours to fix"
+        elif disk.readonly:
+            skipped[disk.target] = "read-only: the instance cannot change it"
+        elif disk.source_type not in SUPPORTED_SOURCES or disk.format not in SUPPORTED_FORMATS:
+            unsupported.append(f"{disk.target} ({disk.source_type}/{disk.format})")
+        else:
+            captured.append(disk)
+    if unsupported:
+        raise PreflightFailed(
+            f"{instance.name} has disks freezeframe cannot capture yet: {', '.join(unsupported)}; "
+            "leave them out with --exclude-disk TARGET"
+        )
+    if not captured:
+        raise PreflightFailed(f"{instance.name} has no disk to capture ({skipped or 'no disks'})")
+    return Disks(captured, skipped)
+
+
+@dataclass
+class _Plan:
+    level: Consistency
+    reason: str | None
+    pause: bool
+
+
+class _GuestWindow:
+    """Freeze and/or pause, then release exactly once: from the flow, or from the watchdog at the cap."""
+
+    def __init__(self, flow: SnapshotFlow, instance: Instance, entry: JournalEntry) -> None:
+        self.flow = flow
+        self.instance = instance
+        self.entry = entry
+        self.froze = False
+        self.paused = False
+        self.expired = False
+        self.released = False
+        self.thaw_confirmed = True
+        self._lock = threading.Lock()
+        self.freeze_started: float | None = None
+        self.freeze_ended: float | None = None
+        self.pause_started: float | None = None
+        self.pause_ended: float | None = None
+
+    def freeze(self) -> None:
+        self.entry.froze = True
+        self.entry.phase = "freezing"
+        self.flow.journal.record(self.entry)
+        self.freeze_started = time.monotonic()
+        self.froze = True
+        self.thaw_confirmed = False
+        try:
+            self.flow.hypervisor.freeze(self.instance)
+        except AgentUnavailable:
+            # A freeze that timed out may still land inside the guest later: make sure it is thawed.
+            self.release()
+            raise
+        self.entry.phase = "frozen"
+
+    def pause(self) -> None:
+        self.entry.paused = True
+        self.entry.phase = "pausing"
+        self.flow.journal.record(self.entry)
+        self.pause_started = time.monotonic()
+        self.paused = True
+        self.flow.hypervisor.pause(self.instance)
+
+    def release(self) -> None:
+        with self._lock:
+            if self.released:
+                return
+            self.released = True
+            errors: list[BaseException] = []
+            if self.paused:
+                try:
+                    self.flow.hypervisor.resume(self.instance)
+                except FreezeframeError as exc:
+                    errors.append(exc)
+                self.pause_ended = time.monotonic()
+            if self.froze:
+                self.thaw_confirmed = self.flow.ensure_thawed(self.instance)
+                self.freeze_ended = time.monotonic()
+                if not self.thaw_confirmed:
+                    self.entry.phase = THAW_PENDING
+                    self.flow.journal.record(self.entry)
+            if errors:
+                raise errors[0]
+
+    def expire(self) -> None:
+        """Watchdog: the cap passed while the flow was still inside the window."""
+        if not self.released:
+            self.expired = True
+            log.warning("freeze window of %s reached its cap: releasing the guest", self.instance.name)
+            try:
+                self.release()
+            except FreezeframeError:
+                log.exception("watchdog could not release %s", self.instance.name)
+
+    def ms(self, start: float | None, end: float | None) -> float | None:
+        return None if start is None or end is None else round((end - start) * 1000.0, 3)
+
+
+class SnapshotFlow:
+    def __init__(
+        self,
+        hypervisor: Hypervisor,
+        catalog: Catalog,
+        repository: Repository,
+        journal: Journal,
+        locks: InstanceLocks,
+        settings: FlowSettings | None = None,
+    ) -> None:
+        self.hypervisor = hypervisor
+        self.catalog = catalog
+        self.repository = repository
+        self.journal = journal
+        self.locks = locks
+        self.settings = settings or FlowSettings()
+
+    # ---- the operation -----------------------------------------------------------------------------
+
+    def snapshot(self, request: SnapshotRequest, progress: ProgressCallback | None = None) -> SnapshotSet:
+        instance = self.hypervisor.lookup(request.instance)
+        with self.locks.hold(instance.uuid):
+            self.repair_locked(instance.uuid)
+            instance = self.hypervisor.lookup(instance.uuid)
+            disks = discover_disks(instance, request.exclude_disks)
+            self._preflight(disks.captured)
+            plan = self._plan(instance, request)
+            snapshot_set = self._new_set(instance, request, disks)
+            self.catalog.add_set(snapshot_set)
+            entry = JournalEntry(instance.uuid, instance.name, snapshot_set.id, os.getpid(), "preparing")
+            self.journal.record(entry)
+            try:
+                targets = self.repository.prepare(snapshot_set.id, disks.captured)
+                snapshot_set.achieved, snapshot_set.reason = plan.level, plan.reason
+                if instance.state is InstanceState.SHUTOFF:
+                    entry.phase = "copying"
+                    self.journal.record(entry)
+                    self.hypervisor.copy_offline(instance, targets, progress)
+                else:
+                    self._capture_point_in_time(instance, snapshot_set, targets, plan, entry, request.require)
+                    self.hypervisor.wait_capture(instance, progress)
+                self._record_members(snapshot_set, targets)
+            except BaseException as exc:
+                self._fail(instance, snapshot_set, exc, abort_capture=entry.capture_started)
+                raise
+            finally:
+                if entry.phase != THAW_PENDING:
+                    self.journal.clear(instance.uuid)
+            return snapshot_set
+
+    def _plan(self, instance: Instance, request: SnapshotRequest) -> _Plan:
+        """Which level we will try and why it is lower than asked, decided before the guest is touched."""
+        wanted = request.consistency
+
+        def lower(reason: str) -> _Plan:
+            if request.require and wanted is not Consistency.CRASH:
+                raise ConsistencyUnavailable(f"--require {wanted}: {reason}; nothing was changed")
+            return _Plan(Consistency.CRASH, reason if wanted is not Consistency.CRASH else None, False)
+
+        if instance.state is InstanceState.SHUTOFF:
+            if instance.clean_shutdown:
+                return _Plan(wanted, "instance is shut off: its disks are at rest", False)
+            return lower("instance is shut off after a crash or forced stop: disks as they were left")
+        if instance.state is InstanceState.PAUSED:
+            return lower("instance is paused: the guest agent cannot freeze or thaw a paused guest")
+        if instance.state is not InstanceState.RUNNING:
+            raise PreflightFailed(
+                f"{instance.name} is neither running, paused nor shut off; cannot snapshot it"
+            )
+        pause = request.pause_vcpus or not self.hypervisor.supports_atomic_capture(instance)
+        if wanted is Consistency.CRASH:
+            return _Plan(wanted, None, pause)
+        try:
+            self.hypervisor.agent_ping(instance)
+        except AgentUnavailable as exc:
+            plan = lower(f"guest agent not answering ({exc})")
+            plan.pause = pause
+            return plan
+        return _Plan(wanted, None, pause)
+
+    def _preflight(self, disks: Sequence[DiskSpec]) -> None:
+        worst_case = sum(d.virtual_size for d in disks)
+        free = self.repository.free_bytes()
+        if free < worst_case:
+            raise InsufficientSpace(
+                f"the repository has {free / 2**20:.0f} MiB free but the worst case for these disks is "
+                f"{worst_case / 2**20:.0f} MiB; free space or point FREEZEFRAME_HOME elsewhere"
+            )
+
+    def _new_set(self, instance: Instance, request: SnapshotRequest, disks: Disks) -> SnapshotSet:
+        now = datetime.now(UTC)
+        metadata = dict(request.metadata)
+        if disks.skipped:
+            metadata["freezeframe.skipped_disks"] = "; ".join(
+                f"{k}: {v}" for k, v in sorted(disks.skipped.items())
+            )
+        return SnapshotSet(
+            id=str(uuid.uuid4()),
+            name=request.name or f"{instance.name}-{now:%Y%m%dT%H%M%S%fZ}",
+            instance_name=instance.name,
+            instance_uuid=instance.uuid,
+            requested=request.consistency,
+            status=SetStatus.CREATING,
+            created_at=now,
+            hardware=instance.hardware,
+            metadata=metadata,
+            backup_type=request.backup_type,
+            instance_state=instance.state,
+        )
+
+    def _capture_point_in_time(
+        self,
+        instance: Instance,
+        snapshot_set: SnapshotSet,
+        targets: Sequence[CaptureTarget],
+        plan: _Plan,
+        entry: JournalEntry,
+        require: bool,
+    ) -> None:
+        """quiesce → capture all → thaw; the copy itself runs after the window."""
+        achieved, reason = snapshot_set.achieved, snapshot_set.reason
+        window = _GuestWindow(self, instance, entry)
+        watchdog = threading.Timer(self.settings.freeze_cap_s, window.expire)
+        watchdog.daemon = True
+        try:
+            with deferred_signals():
+                watchdog.start()
+                try:
+                    if plan.level >= Consistency.FILESYSTEM:
+                        try:
+                            window.freeze()
+                        except AgentUnavailable as exc:
+                            if require:
+                                raise ConsistencyUnavailable(
+                                    f"--require {snapshot_set.requested}: {exc}"
+                                ) from exc
+                            achieved, reason = Consistency.CRASH, f"freeze failed: {exc}"
+                            window = _GuestWindow(self, instance, entry)
+                    if plan.pause and instance.state is InstanceState.RUNNING:
+                        window.pause()
+                    self._hold_for_tests()
+                    if window.expired:
+                        raise FreezeWindowExceeded(self._cap_message(instance))
+                    entry.capture_started = True
+                    entry.phase = "capturing"
+                    self.journal.record(entry)
+                    self.hypervisor.start_capture(instance, targets)
+                finally:
+                    window.release()
+            if window.expired:
+                raise FreezeWindowExceeded(self._cap_message(instance))
+        finally:
+            watchdog.cancel()
+        snapshot_set.achieved = achieved
+        snapshot_set.reason = reason
+        snapshot_set.freeze_window_ms = window.ms(window.freeze_started, window.freeze_ended)
+        snapshot_set.pause_window_ms = window.ms(window.pause_started, window.pause_ended)
+        if window.thaw_confirmed:
+            entry.froze = entry.paused = False
+            entry.phase = "copying"
+            self.journal.record(entry)
+        self.catalog.update_set(snapshot_set)
+
+    def _cap_message(self, instance: Instance) -> str:
+        return (
+            f"the freeze/pause window of {instance.name} reached its cap of {self.settings.freeze_cap_s:g} s; "
+            "the guest was released and the set failed"
+        )
+
+    def _hold_for_tests(self) -> None:
+        deadline = time.monotonic() + self.settings.hold_in_window_s
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+
+    def _record_members(self, snapshot_set: SnapshotSet, targets: Sequence[CaptureTarget]) -> None:
+        """The proposal's naming scheme: every member carries its set's UUID."""
+        if snapshot_set.achieved is None:
+            snapshot_set.achieved = snapshot_set.requested
+        snapshot_set.members = [
+            Member(
+                set_id=snapshot_set.id,
+                target=t.disk.target,
+                bus=t.disk.bus,
+                boot_order=t.disk.boot_order,
+                virtual_size=t.disk.virtual_size,
+                format=t.format,
+                path=str(t.path),
+                source_path=t.disk.source_path,
+                sha256=self.repository.checksum(t.path),
+                metadata={
+                    SET_UUID_KEY: snapshot_set.id,
+                    "freezeframe.instance_uuid": snapshot_set.instance_uuid,
+                    "freezeframe.target": t.disk.target,
+                    "freezeframe.consistency": str(snapshot_set.achieved),
+                },
+            )
+            for t in targets
+        ]
+        snapshot_set.status = SetStatus.AVAILABLE
+        snapshot_set.completed_at = datetime.now(UTC)
+        self.repository.write_manifest(snapshot_set)
+        self.catalog.update_set(snapshot_set)
+
+    def _fail(
+        self, instance: Instance, snapshot_set: SnapshotSet, exc: BaseException, abort_capture: bool
+    ) -> None:
+        """Nothing half-made stays behind: abort the copy, remove the data, keep a failed row saying why."""
+        if abort_capture:
+            try:
+                self.hypervisor.abort_capture(instance)
+            except FreezeframeError:
+                log.exception("could not abort the capture of %s", instance.name)
+        self.repository.remove(snapshot_set.id)
+        snapshot_set.status = SetStatus.FAILED
+        snapshot_set.members = []
+        snapshot_set.completed_at = datetime.now(UTC)
+        snapshot_set.error = str(exc) or type(exc).__name__
+        if isinstance(exc, KeyboardInterrupt):
+            snapshot_set.error = "interrupted"
+        try:
+            self.catalog.update_set(snapshot_set)
+        except FreezeframeError:
+            log.exception("could not record the failure of set %s", snapshot_set.id)
+
+    # ---- guest safety ------------------------------------------------------------------------------
+
+    def ensure_thawed(self, instance: Instance) -> bool:
+        """Thaw until the agent confirms it, for a bounded time; False leaves the job to `repair`."""
+        deadline = time.monotonic() + self.settings.thaw_retry_s
+        while True:
+            try:
+                self.hypervisor.thaw(instance)
+                if self.hypervisor.freeze_status(instance) == "thawed":
+                    return True
+            except FreezeframeError as exc:
+                log.warning("thaw of %s not confirmed yet: %s", instance.name, exc)
+            if time.monotonic() > deadline:
+                log.error("could not confirm %s thawed; `freezeframe repair` will retry", instance.name)
+                return False
+            time.sleep(0.5)
+
+    # ---- repair --------------------------------------------------------------------------------------
+
+    def repair(self, instance_ref: str | None = None) -> list[str]:
+        """Finish what killed processes left: thaw/resume guests, abort copies, fail and clean their sets."""
+        wanted_uuid = self.hypervisor.lookup(instance_ref).uuid if instance_ref else None
+        reports = []
+        for entry in self.journal.pending():
+            if wanted_uuid and entry.instance_uuid != wanted_uuid:
+                continue
+            try:
+                with self.locks.hold(entry.instance_uuid):
+                    reports.extend(self.repair_locked(entry.instance_uuid))
+            except InstanceBusy:
+                reports.append(
+                    f"{entry.instance_name}: an operation is still running (pid {entry.pid}); left alone"
+                )
+        return reports
+
+    def repair_locked(self, instance_uuid: str) -> list[str]:
+        """With the instance's lock held, any journal entry for it belongs to a process that died."""
+        reports = []
+        for entry in self.journal.pending():
+            if entry.instance_uuid != instance_uuid:
+                continue
+            reports.append(self._repair_entry(entry))
+        return reports
+
+    def _repair_entry(self, entry: JournalEntry) -> str:
+        done: list[str] = []
+        try:
+            instance: Instance | None = self.hypervisor.lookup(entry.instance_uuid)
+        except NotFound:
+            instance = None
+        if instance is not None:
+            if entry.capture_started and self.hypervisor.capture_in_flight(instance):
+                self.hypervisor.abort_capture(instance)
+                done.append("aborted the copy")
+            if entry.paused and self.hypervisor.state(instance) is InstanceState.PAUSED:
+                self.hypervisor.resume(instance)
+                done.append("resumed the vCPUs")
+            if entry.froze and self.hypervisor.state(instance) is InstanceState.RUNNING:
+                if not self.ensure_thawed(instance):
+                    return f"{entry.instance_name}: guest agent still not answering; run `freezeframe repair` again"
+                done.append("thawed the filesystems")
+        self.repository.remove(entry.set_id)
+        try:
+            snapshot_set = self.catalog.get_set(entry.set_id)
+        except NotFound:
+            snapshot_set = None
+        if snapshot_set is not None and snapshot_set.status is not SetStatus.FAILED:
+            snapshot_set.status = SetStatus.FAILED
+            snapshot_set.members = []
+            snapshot_set.completed_at = datetime.now(UTC)
+            snapshot_set.error = (
+                f"interrupted: freezeframe process {entry.pid} stopped during '{entry.phase}'; repaired"
+            )
+            self.catalog.update_set(snapshot_set)
+        done.append(f"marked set {entry.set_id} failed and removed its data")
+        self.journal.clear(entry.instance_uuid)
+        return f"{entry.instance_name}: " + ", ".join(done)

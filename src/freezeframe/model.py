@@ -1,0 +1,156 @@
+"""Plain domain types: what an instance looks like and what a snapshot set records.
+
+Nothing here knows about libvirt, SQL or files; adapters translate to and from these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+
+class Consistency(enum.StrEnum):
+    """Consistency levels, weakest first; ``rank`` orders them."""
+
+    CRASH = "crash"
+    FILESYSTEM = "filesystem"
+    APPLICATION = "application"
+
+    @property
+    def rank(self) -> int:
+        return list(Consistency).index(self)
+
+    def below(self) -> Consistency | None:
+        """The next level down, used when the requested one cannot be reached without --require."""
+        levels = list(Consistency)
+        return levels[self.rank - 1] if self.rank > 0 else None
+
+
+class SetStatus(enum.StrEnum):
+    CREATING = "creating"
+    AVAILABLE = "available"
+    FAILED = "failed"
+    DELETING = "deleting"
+
+
+class InstanceState(enum.StrEnum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    SHUTOFF = "shutoff"
+    OTHER = "other"
+
+
+@dataclass(frozen=True)
+class DiskSpec:
+    """One disk of an instance as the hypervisor describes it."""
+
+    target: str
+    bus: str
+    source_path: str | None
+    format: str
+    virtual_size: int
+    source_type: str = "file"
+    device: str = "disk"
+    boot_order: int | None = None
+    readonly: bool = False
+    shareable: bool = False
+    serial: str | None = None
+    address: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class NicSpec:
+    mac: str
+    model: str | None
+    source_type: str
+    source: str | None
+
+
+@dataclass(frozen=True)
+class BootSpec:
+    firmware: str = "bios"
+    kernel: str | None = None
+    initrd: str | None = None
+    cmdline: str | None = None
+    boot_devices: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What restore and export need to rebuild the machine elsewhere."""
+
+    vcpus: int
+    memory_kib: int
+    arch: str
+    machine: str | None
+    domain_type: str = "qemu"
+    os_type: str = "hvm"
+    boot: BootSpec = field(default_factory=BootSpec)
+    disks: tuple[DiskSpec, ...] = ()
+    nics: tuple[NicSpec, ...] = ()
+    description: str | None = None
+    metadata_xml: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Hardware:
+        boot = BootSpec(
+            **{**data.get("boot", {}), "boot_devices": tuple(data.get("boot", {}).get("boot_devices", ()))}
+        )
+        disks = tuple(DiskSpec(**d) for d in data.get("disks", ()))
+        nics = tuple(NicSpec(**n) for n in data.get("nics", ()))
+        rest = {k: v for k, v in data.items() if k not in ("boot", "disks", "nics")}
+        return cls(boot=boot, disks=disks, nics=nics, **rest)
+
+
+@dataclass(frozen=True)
+class Instance:
+    name: str
+    uuid: str
+    state: InstanceState
+    hardware: Hardware
+    clean_shutdown: bool = False
+    """For a shut-off instance: it was shut down by its guest (disks at rest), not destroyed or crashed."""
+
+
+@dataclass
+class Member:
+    """One captured disk of a set. ``metadata`` always carries the set UUID (the proposal's naming scheme)."""
+
+    set_id: str
+    target: str
+    bus: str
+    boot_order: int | None
+    virtual_size: int
+    format: str
+    path: str
+    source_path: str | None = None
+    sha256: str | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class SnapshotSet:
+    id: str
+    name: str
+    instance_name: str
+    instance_uuid: str
+    requested: Consistency
+    status: SetStatus
+    created_at: datetime
+    hardware: Hardware
+    achieved: Consistency | None = None
+    reason: str | None = None
+    completed_at: datetime | None = None
+    freeze_window_ms: float | None = None
+    pause_window_ms: float | None = None
+    members: list[Member] = field(default_factory=list)
+    metadata: dict[str, str] = field(default_factory=dict)
+    backup_type: str | None = None
+    error: str | None = None
+    instance_state: InstanceState | None = None
