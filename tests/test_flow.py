@@ -89,6 +89,9 @@ class ScriptedHypervisor:
         self.calls.append("pause")
         self.state_now = InstanceState.PAUSED
 
+    def paused_by_io_error(self, instance: Instance) -> bool:
+        return False
+
     def resume(self, instance: Instance) -> None:
         self.calls.append("resume")
         self.state_now = InstanceState.RUNNING
@@ -149,6 +152,20 @@ def test_filesystem_level_order_is_freeze_capture_thaw_then_wait(parts) -> None:
     assert all(len(m.sha256 or "") == 64 for m in result.members)
     assert parts[0].get_set(result.id).status is SetStatus.AVAILABLE
     assert parts[2].pending() == []
+
+
+def test_application_level_freezes_too(parts) -> None:  # type: ignore[no-untyped-def]
+    hv = ScriptedHypervisor(disks=_disks())
+    result = _flow(hv, parts).snapshot(SnapshotRequest("vm1", Consistency.APPLICATION, require=True))
+    assert hv.calls == ["ping", "freeze", "capture:3", "thaw", "wait"]
+    assert result.achieved is Consistency.APPLICATION and result.freeze_window_ms is not None
+
+
+def test_crash_level_touches_no_agent(parts) -> None:  # type: ignore[no-untyped-def]
+    hv = ScriptedHypervisor(disks=_disks())
+    result = _flow(hv, parts).snapshot(SnapshotRequest("vm1", Consistency.CRASH))
+    assert hv.calls == ["capture:3", "wait"]
+    assert result.achieved is Consistency.CRASH and result.freeze_window_ms is None
 
 
 def test_without_atomic_capture_vcpus_are_paused_inside_the_freeze(parts) -> None:  # type: ignore[no-untyped-def]

@@ -206,13 +206,12 @@ def instances(as_json: JsonOpt = False, connect: ConnectOpt = None, home: HomeOp
 
 @app.command()
 def demo(
-    workdir: Annotated[Path | None, typer.Option("--workdir", help="where the demo disks go")] = None,
-    keep: Annotated[bool, typer.Option("--keep", help="leave the demo instance running")] = False,
+    workdir: Annotated[Path | None, typer.Option("--workdir", help="where the demo disks go (default: a temp dir)")] = None,
 ) -> None:
-    """Boot a 3-disk demo instance under the ledger workload and snapshot it."""
+    """Boot a 3-disk demo instance under the ledger workload, snapshot it at each level, check the images."""
     from freezeframe.demo import run_demo
 
-    run_demo(out, workdir, keep)
+    run_demo(out, workdir)
 
 
 def main() -> None:

@@ -42,7 +42,7 @@ class Settings:
 
     @property
     def repository_dir(self) -> Path:
-        return self.home / "repository"
+        return Path(os.environ.get("FREEZEFRAME_REPOSITORY", str(self.home / "repository")))
 
     @property
     def catalog_url(self) -> str:

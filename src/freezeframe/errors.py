@@ -49,6 +49,10 @@ class FreezeWindowExceeded(CaptureFailed):
     pass
 
 
+class RepositoryFull(CaptureFailed):
+    """The repository ran out of space during the copy (after preflight found enough)."""
+
+
 class HypervisorError(FreezeframeError):
     exit_code = 8
 

@@ -18,6 +18,7 @@ from datetime import UTC, datetime
 
 from freezeframe.errors import (
     AgentUnavailable,
+    CaptureFailed,
     ConsistencyUnavailable,
     FreezeframeError,
     FreezeWindowExceeded,
@@ -26,6 +27,7 @@ from freezeframe.errors import (
     InvalidRequest,
     NotFound,
     PreflightFailed,
+    RepositoryFull,
 )
 from freezeframe.model import (
     Consistency,
@@ -54,6 +56,7 @@ SUPPORTED_SOURCES = ("file", "block")
 SUPPORTED_FORMATS = ("qcow2", "raw")
 SET_UUID_KEY = "freezeframe.set_uuid"
 THAW_PENDING = "thaw-pending"
+FULL_BELOW_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -247,7 +250,13 @@ class SnapshotFlow:
                     self.hypervisor.wait_capture(instance, progress)
                 self._record_members(snapshot_set, targets)
             except BaseException as exc:
+                full = isinstance(exc, CaptureFailed) and self.repository.free_bytes() < FULL_BELOW_BYTES
                 self._fail(instance, snapshot_set, exc, abort_capture=entry.capture_started)
+                if full:
+                    raise RepositoryFull(
+                        f"the repository filled up during the copy ({exc}); set {snapshot_set.id} failed and its "
+                        "files were removed; the instance was left running as it was"
+                    ) from exc
                 raise
             finally:
                 if entry.phase != THAW_PENDING:
@@ -332,7 +341,7 @@ class SnapshotFlow:
             with deferred_signals():
                 watchdog.start()
                 try:
-                    if plan.level >= Consistency.FILESYSTEM:
+                    if plan.level.freezes_filesystems:
                         try:
                             window.freeze()
                         except AgentUnavailable as exc:
@@ -416,6 +425,8 @@ class SnapshotFlow:
                 self.hypervisor.abort_capture(instance)
             except FreezeframeError:
                 log.exception("could not abort the capture of %s", instance.name)
+        if snapshot_set.instance_state is InstanceState.RUNNING:
+            self._unblock(instance)
         self.repository.remove(snapshot_set.id)
         snapshot_set.status = SetStatus.FAILED
         snapshot_set.members = []
@@ -430,10 +441,22 @@ class SnapshotFlow:
 
     # ---- guest safety ------------------------------------------------------------------------------
 
+    def _unblock(self, instance: Instance) -> None:
+        """A full target fails guest writes under copy-before-write and QEMU pauses the guest: undo that."""
+        try:
+            if self.hypervisor.paused_by_io_error(instance):
+                log.warning("%s was paused by an I/O error during the capture: aborting it, resuming", instance.name)
+                if self.hypervisor.capture_in_flight(instance):
+                    self.hypervisor.abort_capture(instance)
+                self.hypervisor.resume(instance)
+        except FreezeframeError:
+            log.exception("could not resume %s after an I/O error", instance.name)
+
     def ensure_thawed(self, instance: Instance) -> bool:
         """Thaw until the agent confirms it, for a bounded time; False leaves the job to `repair`."""
         deadline = time.monotonic() + self.settings.thaw_retry_s
         while True:
+            self._unblock(instance)
             try:
                 self.hypervisor.thaw(instance)
                 if self.hypervisor.freeze_status(instance) == "thawed":

@@ -23,10 +23,9 @@ class Consistency(enum.StrEnum):
     def rank(self) -> int:
         return list(Consistency).index(self)
 
-    def below(self) -> Consistency | None:
-        """The next level down, used when the requested one cannot be reached without --require."""
-        levels = list(Consistency)
-        return levels[self.rank - 1] if self.rank > 0 else None
+    @property
+    def freezes_filesystems(self) -> bool:
+        return self is not Consistency.CRASH
 
 
 class SetStatus(enum.StrEnum):

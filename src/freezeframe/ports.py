@@ -43,6 +43,9 @@ class Hypervisor(Protocol):
 
     def pause(self, instance: Instance) -> None: ...
 
+    def paused_by_io_error(self, instance: Instance) -> bool:
+        """QEMU stopped the vCPUs on a write error (e.g. a full backup target under copy-before-write)."""
+
     def resume(self, instance: Instance) -> None: ...
 
     def supports_atomic_capture(self, instance: Instance) -> bool:

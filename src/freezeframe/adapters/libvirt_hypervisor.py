@@ -277,6 +277,10 @@ class LibvirtHypervisor:
         except libvirt.libvirtError as exc:
             raise HypervisorError(f"cannot pause {instance.name}: {exc.get_error_message()}") from exc
 
+    def paused_by_io_error(self, instance: Instance) -> bool:
+        state, reason = self.domain(instance).state()
+        return bool(state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_IOERROR)
+
     def resume(self, instance: Instance) -> None:
         dom = self.domain(instance)
         if self._state(dom) != InstanceState.PAUSED:

@@ -13,6 +13,7 @@ from freezeframe.testbed.guest import GuestImage
 WORKLOADS = ("idle", "ledger", "heartbeat")
 DISK_FORMATS = ("qcow2", "raw")
 # Quiet and skip slow probes: every console byte and every legacy-device probe costs time under TCG.
+# pci=noacpi alone cut the virtio probe from ~2.3 s to ~0.3 s (ACPI interrupt-link setup is slow under TCG).
 KERNEL_ARGS = (
     "console=ttyS0",
     "quiet",
@@ -29,7 +30,6 @@ KERNEL_ARGS = (
     "random.trust_cpu=on",
     "cryptomgr.notests",
     "noreplace-smp",
-    "ff.debug",
 )
 
 
@@ -63,8 +63,12 @@ def domain_xml(
     nics: int = 1,
     disk_cache: str = "none",
     description: str = "freezeframe test bed guest",
+    extra_cmdline: Sequence[str] = (),
 ) -> str:
-    """The domain definition; ``disk_cache='none'`` needs O_DIRECT on the disks' filesystem."""
+    """The domain definition; ``disk_cache='none'`` needs O_DIRECT on the disks' filesystem.
+
+    ``extra_cmdline=["ff.debug"]`` makes the guest's init print timed boot stages on the console.
+    """
     if workload not in WORKLOADS:
         raise ValueError(f"unknown workload {workload!r}; expected one of {', '.join(WORKLOADS)}")
     if workload == "ledger" and len(disks) < 3:
@@ -79,7 +83,7 @@ def domain_xml(
     etree.SubElement(os_el, "type", arch="x86_64", machine="pc").text = "hvm"
     etree.SubElement(os_el, "kernel").text = str(guest.kernel)
     etree.SubElement(os_el, "initrd").text = str(guest.initrd)
-    etree.SubElement(os_el, "cmdline").text = " ".join((*KERNEL_ARGS, f"ff.workload={workload}"))
+    etree.SubElement(os_el, "cmdline").text = " ".join((*KERNEL_ARGS, f"ff.workload={workload}", *extra_cmdline))
 
     features = etree.SubElement(root, "features")
     etree.SubElement(features, "acpi")  # poweroff needs ACPI

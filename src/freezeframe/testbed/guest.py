@@ -22,7 +22,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from freezeframe.config import Settings
 
@@ -264,15 +264,15 @@ class _Cpio:
             self._entry("/".join(parts[:i]), stat.S_IFDIR | 0o755)
 
     def file(self, name: str, data: bytes, mode: int = 0o644) -> None:
-        self.directory(os.path.dirname(name.lstrip("/")))
+        self.directory(str(PurePosixPath(name.lstrip("/")).parent))
         self._entry(name, stat.S_IFREG | mode, data)
 
     def symlink(self, name: str, target: str) -> None:
-        self.directory(os.path.dirname(name.lstrip("/")))
+        self.directory(str(PurePosixPath(name.lstrip("/")).parent))
         self._entry(name, stat.S_IFLNK | 0o777, target.encode())
 
     def chardev(self, name: str, major: int, minor: int, mode: int = 0o600) -> None:
-        self.directory(os.path.dirname(name.lstrip("/")))
+        self.directory(str(PurePosixPath(name.lstrip("/")).parent))
         self._entry(name, stat.S_IFCHR | mode, rdev=(major, minor))
 
     def getvalue(self) -> bytes:
