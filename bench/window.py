@@ -107,7 +107,7 @@ def plot(outcomes: list[Outcome], path: Path) -> None:
     ax.bar([i - width / 2 for i in x], floor, width, yerr=floor_err, capsize=3, label="floor: bare freeze+thaw")
     ax.bar([i + width / 2 for i in x], window, width, yerr=window_err, capsize=3, label="freezeframe window")
     for i, o in enumerate(outcomes):
-        ax.text(i + width / 2, o.window_median_ms, f"{o.ratio_of_medians:.2f}×", ha="center", va="bottom", fontsize=8)
+        ax.text(i + width / 2, o.window_median_ms, f"{o.ratio_of_medians:.2f}x", ha="center", va="bottom", fontsize=8)
     ax.set_xticks(list(x), labels, rotation=15)
     ax.set_ylabel("ms (median, whisker to p95)")
     ax.set_title("Filesystem-level freeze window vs floor (TCG guest under write load)")
@@ -124,16 +124,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
     args = parser.parse_args()
     if args.quick:
-        configs = [Config("3×64 MiB ledger", 3, 64 * MiB, "ledger", 2)]
+        configs = [Config("3x64 MiB ledger", 3, 64 * MiB, "ledger", 2)]
     else:
         n = args.samples
         configs = [
-            Config("3×64 MiB ledger", 3, 64 * MiB, "ledger", n),
-            Config("1×64 MiB", 1, 64 * MiB, "heartbeat", n),
-            Config("3×64 MiB", 3, 64 * MiB, "heartbeat", n),
-            Config("8×64 MiB", 8, 64 * MiB, "heartbeat", n),
-            Config("3×1 GiB", 3, GiB, "heartbeat", n),
-            Config("3×4 GiB", 3, 4 * GiB, "heartbeat", n),
+            Config("3x64 MiB ledger", 3, 64 * MiB, "ledger", n),
+            Config("1x64 MiB", 1, 64 * MiB, "heartbeat", n),
+            Config("3x64 MiB", 3, 64 * MiB, "heartbeat", n),
+            Config("8x64 MiB", 8, 64 * MiB, "heartbeat", n),
+            Config("3x1 GiB", 3, GiB, "heartbeat", n),
+            Config("3x4 GiB", 3, 4 * GiB, "heartbeat", n),
         ]
     out_dir = args.out or (Path(tempfile.mkdtemp(prefix="ffbench-")) if args.quick else RESULTS)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -116,14 +116,22 @@ class ScriptedHypervisor:
     def capture_in_flight(self, instance: Instance) -> bool:
         return self.in_flight
 
-    def copy_offline(self, instance: Instance, targets: Sequence[CaptureTarget], progress: ProgressCallback | None) -> None:
+    def copy_offline(
+        self, instance: Instance, targets: Sequence[CaptureTarget], progress: ProgressCallback | None
+    ) -> None:
         self.calls.append(f"copy_offline:{len(targets)}")
 
 
 def _disks(n: int = 3) -> tuple[DiskSpec, ...]:
     return tuple(
-        DiskSpec(target=f"vd{chr(97 + i)}", bus="virtio", source_path=f"/nowhere/{i}.qcow2", format="qcow2",
-                 virtual_size=4 * MiB, boot_order=1 if i == 0 else None)  # fmt: skip
+        DiskSpec(
+            target=f"vd{chr(97 + i)}",
+            bus="virtio",
+            source_path=f"/nowhere/{i}.qcow2",
+            format="qcow2",
+            virtual_size=4 * MiB,
+            boot_order=1 if i == 0 else None,
+        )
         for i in range(n)
     )
 
@@ -131,7 +139,12 @@ def _disks(n: int = 3) -> tuple[DiskSpec, ...]:
 @pytest.fixture
 def parts(tmp_path: Path) -> tuple[SqlCatalog, DirectoryRepository, FileJournal, FileLocks]:
     catalog = SqlCatalog(f"sqlite:///{tmp_path / 'catalog.sqlite'}")
-    return catalog, DirectoryRepository(tmp_path / "repo"), FileJournal(tmp_path / "journal"), FileLocks(tmp_path / "locks")
+    return (
+        catalog,
+        DirectoryRepository(tmp_path / "repo"),
+        FileJournal(tmp_path / "journal"),
+        FileLocks(tmp_path / "locks"),
+    )
 
 
 def _flow(hv: ScriptedHypervisor, parts: tuple[SqlCatalog, DirectoryRepository, FileJournal, FileLocks],

@@ -36,9 +36,13 @@ LEDGER_DISKS = [DiskRequest(64 * MiB), DiskRequest(64 * MiB), DiskRequest(64 * M
 
 
 @pytest.fixture(scope="module")
-def ledger_guest(libvirt_conn: Any, guest_image: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestInstance]:
+def ledger_guest(
+    libvirt_conn: Any, guest_image: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TestInstance]:
     workdir = tmp_path_factory.mktemp("ledger-guest")
-    with running_instance(libvirt_conn, disks=LEDGER_DISKS, workload="ledger", workdir=workdir, guest=guest_image) as inst:
+    with running_instance(
+        libvirt_conn, disks=LEDGER_DISKS, workload="ledger", workdir=workdir, guest=guest_image
+    ) as inst:
         yield inst
 
 
@@ -78,7 +82,9 @@ def _wait_frozen(inst: TestInstance, timeout_s: float = 30) -> None:
 
 
 @pytest.mark.parametrize("level", list(Consistency))
-def test_every_set_passes_the_ledger_check(level: Consistency, ledger_guest: TestInstance, service: Freezeframe) -> None:
+def test_every_set_passes_the_ledger_check(
+    level: Consistency, ledger_guest: TestInstance, service: Freezeframe
+) -> None:
     windows = []
     for _ in range(SETS_PER_LEVEL):
         result = service.snapshot(SnapshotRequest(ledger_guest.name, level, require=True))
@@ -350,3 +356,26 @@ def test_shut_off_instance_is_captured_as_is(libvirt_conn: Any, guest_image: Any
         verdict = check_ledger(_member(result, "vdb"), _member(result, "vdc"))
         assert verdict.ok and verdict.state is not None and verdict.state > 0
 
+
+def test_no_wait_returns_after_the_window_and_completes_in_the_background(
+    ledger_guest: TestInstance, tmp_path: Path
+) -> None:
+    home = tmp_path / "nowait-home"
+    proc = _cli(home, "snapshot", ledger_guest.name, "--no-wait", "--json")
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    started = json.loads(stdout)
+    assert started["status"] == "creating" and started["consistency"]["achieved"] == "filesystem"
+    assert started["freeze_window_ms"] is not None
+    deadline = time.monotonic() + 120
+    with Freezeframe.open(Settings(home=home)) as ff:
+        while ff.show(started["id"]).status is SetStatus.CREATING and time.monotonic() < deadline:
+            time.sleep(0.2)
+        done = ff.show(started["id"])
+        assert done.status is SetStatus.AVAILABLE, done.error
+        assert check_ledger(_member(done, "vdb"), _member(done, "vdc")).ok
+        deadline = time.monotonic() + 30
+        while ff.journal.pending() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert ff.journal.pending() == []
+    _assert_guest_alive(ledger_guest)

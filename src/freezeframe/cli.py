@@ -42,9 +42,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")
 
 
 @contextmanager
-def _service(
-    home: Path | None, connect: str | None, freeze_cap_s: float | None = None
-) -> Iterator[Freezeframe]:
+def _service(home: Path | None, connect: str | None, freeze_cap_s: float | None = None) -> Iterator[Freezeframe]:
     with Freezeframe.open(settings_for(home, connect, freeze_cap_s)) as service:
         yield service
 
@@ -69,18 +67,17 @@ def snapshot(
     consistency: Annotated[
         Consistency, typer.Option("--consistency", help="crash | filesystem | application")
     ] = Consistency.FILESYSTEM,
-    require: Annotated[
-        bool, typer.Option("--require", help="fail instead of falling back to a lower level")
-    ] = False,
+    require: Annotated[bool, typer.Option("--require", help="fail instead of falling back to a lower level")] = False,
     name: Annotated[str | None, typer.Option("--name", help="set name")] = None,
-    exclude_disk: Annotated[
-        list[str] | None, typer.Option("--exclude-disk", help="leave out disk TARGET")
-    ] = None,
+    exclude_disk: Annotated[list[str] | None, typer.Option("--exclude-disk", help="leave out disk TARGET")] = None,
     meta: Annotated[list[str] | None, typer.Option("--meta", help="KEY=VALUE metadata on the set")] = None,
     pause: Annotated[bool, typer.Option("--pause", help="also pause the vCPUs around the capture")] = False,
     freeze_cap: Annotated[
         float | None, typer.Option("--freeze-cap", help="hard cap on the freeze window, seconds (default 10)")
     ] = None,
+    wait: Annotated[
+        bool, typer.Option("--wait/--no-wait", help="wait for the copy; --no-wait returns once the guest is released")
+    ] = True,
     as_json: JsonOpt = False,
     connect: ConnectOpt = None,
     home: HomeOpt = None,
@@ -96,7 +93,7 @@ def snapshot(
         pause_vcpus=pause,
     )
     with _service(home, connect, freeze_cap) as service, _progress(not as_json) as progress:
-        result = service.snapshot(request, progress)
+        result = service.snapshot(request, progress, wait=wait)
     if as_json:
         _print_json(set_view(result))
         return
@@ -177,6 +174,19 @@ def show(
     out.print(table)
 
 
+@app.command("_complete", hidden=True)
+def complete(
+    set_id: str,
+    lock_fd: Annotated[int, typer.Option("--lock-fd")],
+    connect: ConnectOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Internal: finish a --no-wait snapshot, holding the instance lock inherited from its parent."""
+    with _service(home, connect) as service:
+        result = service.complete(set_id, lock_fd)
+    out.print(f"set {result.id} {result.status}")
+
+
 @app.command()
 def repair(
     instance: Annotated[str | None, typer.Argument(help="only this instance")] = None,
@@ -206,7 +216,9 @@ def instances(as_json: JsonOpt = False, connect: ConnectOpt = None, home: HomeOp
 
 @app.command()
 def demo(
-    workdir: Annotated[Path | None, typer.Option("--workdir", help="where the demo disks go (default: a temp dir)")] = None,
+    workdir: Annotated[
+        Path | None, typer.Option("--workdir", help="where the demo disks go (default: a temp dir)")
+    ] = None,
 ) -> None:
     """Boot a 3-disk demo instance under the ledger workload, snapshot it at each level, check the images."""
     from freezeframe.demo import run_demo

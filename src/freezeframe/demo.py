@@ -42,7 +42,9 @@ def run_demo(out: Console, workdir: Path | None) -> None:
 
 
 def _show_guest(out: Console, inst: TestInstance) -> None:
-    out.print(f"instance [bold]{inst.name}[/] ({inst.uuid}) running, agent ready {inst.boot_seconds:.1f} s after define")
+    out.print(
+        f"instance [bold]{inst.name}[/] ({inst.uuid}) running, agent ready {inst.boot_seconds:.1f} s after define"
+    )
     info = inst.agent({"execute": "guest-info"})["return"]
     out.print(f"guest agent answers guest-ping; qemu-ga {info['version']}")
     table = Table("guest filesystem", "type", "disk", "used / total")

@@ -12,7 +12,7 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -70,6 +70,10 @@ class SnapshotRequest:
     backup_type: str | None = None
     pause_vcpus: bool = False
     """Pause the vCPUs around the capture even where an atomic multi-disk capture exists."""
+
+
+Handoff = Callable[[SnapshotSet, int], None]
+"""Takes over a set whose copy is in flight, with the held instance lock's file descriptor."""
 
 
 @dataclass(frozen=True)
@@ -226,9 +230,16 @@ class SnapshotFlow:
 
     # ---- the operation -----------------------------------------------------------------------------
 
-    def snapshot(self, request: SnapshotRequest, progress: ProgressCallback | None = None) -> SnapshotSet:
+    def snapshot(
+        self, request: SnapshotRequest, progress: ProgressCallback | None = None, handoff: Handoff | None = None
+    ) -> SnapshotSet:
+        """discover → preflight → quiesce → capture all → thaw → record → wait for completion.
+
+        With ``handoff`` the wait is left to whoever ``handoff`` starts (``--no-wait``): it receives the set,
+        still ``creating``, and the held instance lock, and must finish it with ``complete``.
+        """
         instance = self.hypervisor.lookup(request.instance)
-        with self.locks.hold(instance.uuid):
+        with self.locks.hold(instance.uuid) as lock:
             self.repair_locked(instance.uuid)
             instance = self.hypervisor.lookup(instance.uuid)
             disks = discover_disks(instance, request.exclude_disks)
@@ -238,6 +249,7 @@ class SnapshotFlow:
             self.catalog.add_set(snapshot_set)
             entry = JournalEntry(instance.uuid, instance.name, snapshot_set.id, os.getpid(), "preparing")
             self.journal.record(entry)
+            handed_off = False
             try:
                 targets = self.repository.prepare(snapshot_set.id, disks.captured)
                 snapshot_set.achieved, snapshot_set.reason = plan.level, plan.reason
@@ -247,21 +259,51 @@ class SnapshotFlow:
                     self.hypervisor.copy_offline(instance, targets, progress)
                 else:
                     self._capture_point_in_time(instance, snapshot_set, targets, plan, entry, request.require)
+                    if handoff is not None:
+                        handoff(snapshot_set, lock)
+                        handed_off = True
+                        return snapshot_set
                     self.hypervisor.wait_capture(instance, progress)
                 self._record_members(snapshot_set, targets)
             except BaseException as exc:
-                full = isinstance(exc, CaptureFailed) and self.repository.free_bytes() < FULL_BELOW_BYTES
-                self._fail(instance, snapshot_set, exc, abort_capture=entry.capture_started)
-                if full:
-                    raise RepositoryFull(
-                        f"the repository filled up during the copy ({exc}); set {snapshot_set.id} failed and its "
-                        "files were removed; the instance was left running as it was"
-                    ) from exc
-                raise
+                raise self._failed(instance, snapshot_set, exc, entry) from exc
             finally:
-                if entry.phase != THAW_PENDING:
+                if not handed_off and entry.phase != THAW_PENDING:
                     self.journal.clear(instance.uuid)
             return snapshot_set
+
+    def complete(self, set_id: str, progress: ProgressCallback | None = None) -> SnapshotSet:
+        """Wait for and record a set whose copy another process started and handed over, lock already held."""
+        snapshot_set = self.catalog.get_set(set_id)
+        instance = self.hypervisor.lookup(snapshot_set.instance_uuid)
+        entry = next((e for e in self.journal.pending() if e.set_id == set_id), None)
+        if entry is None or snapshot_set.status is not SetStatus.CREATING:
+            raise InvalidRequest(f"set {set_id} has no copy in flight to complete")
+        entry.pid = os.getpid()
+        self.journal.record(entry)
+        try:
+            targets = self.repository.existing_targets(set_id, snapshot_set.hardware.disks)
+            self.hypervisor.wait_capture(instance, progress)
+            self._record_members(snapshot_set, targets)
+        except BaseException as exc:
+            raise self._failed(instance, snapshot_set, exc, entry) from exc
+        finally:
+            if entry.phase != THAW_PENDING:
+                self.journal.clear(instance.uuid)
+        return snapshot_set
+
+    def _failed(
+        self, instance: Instance, snapshot_set: SnapshotSet, exc: BaseException, entry: JournalEntry
+    ) -> BaseException:
+        """Clean up after ``exc`` and return what to raise: a full repository gets its own error."""
+        full = isinstance(exc, CaptureFailed) and self.repository.free_bytes() < FULL_BELOW_BYTES
+        self._fail(instance, snapshot_set, exc, abort_capture=entry.capture_started)
+        if full:
+            return RepositoryFull(
+                f"the repository filled up during the copy ({exc}); set {snapshot_set.id} failed and its "
+                "files were removed; the instance was left running as it was"
+            )
+        return exc
 
     def _plan(self, instance: Instance, request: SnapshotRequest) -> _Plan:
         """Which level we will try and why it is lower than asked, decided before the guest is touched."""
@@ -279,9 +321,7 @@ class SnapshotFlow:
         if instance.state is InstanceState.PAUSED:
             return lower("instance is paused: the guest agent cannot freeze or thaw a paused guest")
         if instance.state is not InstanceState.RUNNING:
-            raise PreflightFailed(
-                f"{instance.name} is neither running, paused nor shut off; cannot snapshot it"
-            )
+            raise PreflightFailed(f"{instance.name} is neither running, paused nor shut off; cannot snapshot it")
         pause = request.pause_vcpus or not self.hypervisor.supports_atomic_capture(instance)
         if wanted is Consistency.CRASH:
             return _Plan(wanted, None, pause)
@@ -306,9 +346,7 @@ class SnapshotFlow:
         now = datetime.now(UTC)
         metadata = dict(request.metadata)
         if disks.skipped:
-            metadata["freezeframe.skipped_disks"] = "; ".join(
-                f"{k}: {v}" for k, v in sorted(disks.skipped.items())
-            )
+            metadata["freezeframe.skipped_disks"] = "; ".join(f"{k}: {v}" for k, v in sorted(disks.skipped.items()))
         return SnapshotSet(
             id=str(uuid.uuid4()),
             name=request.name or f"{instance.name}-{now:%Y%m%dT%H%M%S%fZ}",
@@ -346,9 +384,7 @@ class SnapshotFlow:
                             window.freeze()
                         except AgentUnavailable as exc:
                             if require:
-                                raise ConsistencyUnavailable(
-                                    f"--require {snapshot_set.requested}: {exc}"
-                                ) from exc
+                                raise ConsistencyUnavailable(f"--require {snapshot_set.requested}: {exc}") from exc
                             achieved, reason = Consistency.CRASH, f"freeze failed: {exc}"
                             window = _GuestWindow(self, instance, entry)
                     if plan.pause and instance.state is InstanceState.RUNNING:
@@ -416,9 +452,7 @@ class SnapshotFlow:
         self.repository.write_manifest(snapshot_set)
         self.catalog.update_set(snapshot_set)
 
-    def _fail(
-        self, instance: Instance, snapshot_set: SnapshotSet, exc: BaseException, abort_capture: bool
-    ) -> None:
+    def _fail(self, instance: Instance, snapshot_set: SnapshotSet, exc: BaseException, abort_capture: bool) -> None:
         """Nothing half-made stays behind: abort the copy, remove the data, keep a failed row saying why."""
         if abort_capture:
             try:
@@ -481,9 +515,7 @@ class SnapshotFlow:
                 with self.locks.hold(entry.instance_uuid):
                     reports.extend(self.repair_locked(entry.instance_uuid))
             except InstanceBusy:
-                reports.append(
-                    f"{entry.instance_name}: an operation is still running (pid {entry.pid}); left alone"
-                )
+                reports.append(f"{entry.instance_name}: an operation is still running (pid {entry.pid}); left alone")
         return reports
 
     def repair_locked(self, instance_uuid: str) -> list[str]:

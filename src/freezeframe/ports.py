@@ -98,6 +98,9 @@ class Repository(Protocol):
 
     def free_bytes(self) -> int: ...
 
+    def existing_targets(self, set_id: str, disks: Sequence[DiskSpec]) -> list[CaptureTarget]:
+        """The targets ``prepare`` made for the disks, for a process that takes over the copy."""
+
     def remove(self, set_id: str) -> None: ...
 
     def checksum(self, path: Path) -> str: ...
@@ -130,5 +133,8 @@ class Journal(Protocol):
 
 
 class InstanceLocks(Protocol):
-    def hold(self, instance_uuid: str) -> AbstractContextManager[None]:
-        """Exclusive, non-blocking; raise InstanceBusy when another operation holds it."""
+    def hold(self, instance_uuid: str) -> AbstractContextManager[int]:
+        """Exclusive, non-blocking; raise InstanceBusy when another operation holds it.
+
+        Yields a file descriptor that a child process can inherit to keep holding the lock.
+        """

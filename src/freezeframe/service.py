@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -65,8 +67,30 @@ class Freezeframe:
 
     # ---- operations ------------------------------------------------------------------------------
 
-    def snapshot(self, request: SnapshotRequest, progress: ProgressCallback | None = None) -> SnapshotSet:
-        return self.flow().snapshot(request, progress)
+    def snapshot(
+        self, request: SnapshotRequest, progress: ProgressCallback | None = None, wait: bool = True
+    ) -> SnapshotSet:
+        """With ``wait=False`` the call returns once the point in time is fixed and the guest released; a
+        detached ``freezeframe _complete`` process (holding the instance lock) waits for the copy and records it.
+        """
+        return self.flow().snapshot(request, progress, handoff=None if wait else self._detach_completion)
+
+    def complete(self, set_id: str, lock_fd: int) -> SnapshotSet:
+        with FileLocks.adopt(lock_fd):
+            return self.flow().complete(set_id)
+
+    def _detach_completion(self, snapshot_set: SnapshotSet, lock_fd: int) -> None:
+        logs = self.settings.home / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        argv = [
+            sys.executable, "-m", "freezeframe.cli", "_complete", snapshot_set.id, "--lock-fd", str(lock_fd),
+            "--home", str(self.settings.home), "--connect", self.settings.libvirt_uri,
+        ]  # fmt: skip
+        with (logs / f"{snapshot_set.id}.log").open("ab") as log_file:
+            subprocess.Popen(
+                argv, pass_fds=(lock_fd,), start_new_session=True,
+                stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
+            )  # fmt: skip
 
     def repair(self, instance: str | None = None) -> list[str]:
         return self.flow().repair(instance)
@@ -84,16 +108,12 @@ class Freezeframe:
         backup_type: str | None = None,
         metadata: dict[str, str] | None = None,
     ) -> list[SnapshotSet]:
-        return self.catalog.list_sets(
-            instance=instance, status=status, backup_type=backup_type, metadata=metadata
-        )
+        return self.catalog.list_sets(instance=instance, status=status, backup_type=backup_type, metadata=metadata)
 
     def show(self, ref: str) -> SnapshotSet:
         return self.catalog.get_set(ref)
 
 
-def settings_for(
-    home: Path | None = None, uri: str | None = None, freeze_cap_s: float | None = None
-) -> Settings:
+def settings_for(home: Path | None = None, uri: str | None = None, freeze_cap_s: float | None = None) -> Settings:
     settings = Settings.from_env(home=home, libvirt_uri=uri)
     return settings if freeze_cap_s is None else replace(settings, freeze_cap_s=freeze_cap_s)

@@ -10,6 +10,7 @@ freezeframe's later operations depend on it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ UNDEFINE_FLAGS = (
 NIC_TYPES = ("network", "bridge", "user")
 """NIC kinds whose source the set records completely enough to rebuild."""
 _X86 = ("x86_64", "i686")
+log = logging.getLogger(__name__)
 _SAFE_PARSER = etree.XMLParser(resolve_entities=False, no_network=True, remove_blank_text=True)
 
 
@@ -231,12 +233,23 @@ def wait_shutoff(dom: libvirt.virDomain, timeout_s: float) -> bool:
 
 
 def shutdown_via_agent(dom: libvirt.virDomain, timeout_s: float) -> bool:
-    """Ask the guest agent to power off (the guest unmounts its filesystems); True if it stopped in time."""
-    try:
-        dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT)
-    except libvirt.libvirtError:
-        return False
-    return wait_shutoff(dom, timeout_s)
+    """Ask the guest agent to power off (the guest unmounts its filesystems); True if it stopped in time.
+
+    A busy guest's agent may miss libvirt's response timeout, so the request is repeated until the deadline.
+    """
+    deadline = time.monotonic() + timeout_s
+    last: libvirt.libvirtError | None = None
+    while time.monotonic() < deadline:
+        try:
+            if not dom.isActive():
+                return True
+            dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT)
+            return wait_shutoff(dom, max(0.0, deadline - time.monotonic()))
+        except libvirt.libvirtError as exc:
+            last = exc
+            time.sleep(1.0)
+    log.warning("%s did not power off through its agent within %.0f s (%s)", dom.name(), timeout_s, last)
+    return False
 
 
 def disk_sources(dom: libvirt.virDomain, live: bool = True) -> dict[str, str]:

@@ -17,7 +17,7 @@ class FileLocks:
         self.directory.mkdir(parents=True, exist_ok=True)
 
     @contextmanager
-    def hold(self, instance_uuid: str) -> Iterator[None]:
+    def hold(self, instance_uuid: str) -> Iterator[int]:
         path = self.directory / f"{instance_uuid}.lock"
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -31,6 +31,21 @@ class FileLocks:
                 ) from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
-            yield
+            yield fd
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    @contextmanager
+    def adopt(fd: int) -> Iterator[int]:
+        """Keep holding a lock inherited from the parent process (flock belongs to the open file, not the pid)."""
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise InstanceBusy("the inherited instance lock is held by another operation") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+            yield fd
         finally:
             os.close(fd)

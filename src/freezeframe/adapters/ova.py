@@ -101,6 +101,7 @@ CHUNK = 4 * 2**20
 MAX_MEMBERS = 1024
 MAX_MANIFEST_BYTES = 2**20
 QEMU_TIMEOUT = 600.0
+_NEARLY_FULL = 2 * 2**20  # less free space than this after a failed write means the disk filled up
 _USTAR_MAX_SIZE = 8**11 - 1
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _PLACEHOLDER_SIZE = 10**19 - 1  # widest ovf:size we will ever write: reserves room in the descriptor slot
@@ -387,8 +388,10 @@ def _convert_vmdk(
         errfile.seek(0)
         stderr = errfile.read(65536).decode("utf-8", "replace").strip()
     if returncode != 0:
-        if "No space left on device" in stderr:
-            raise OvaNoSpace(f"no space left on the device holding {out_path} while converting {src.href}")
+        # qemu's vmdk layer can report a full disk as EINVAL, so look at the filesystem too.
+        free = os.statvfs(out_path.parent)
+        if "No space left on device" in stderr or free.f_bavail * free.f_frsize < _NEARLY_FULL:
+            raise OvaNoSpace(f"no space left on the device holding {out_path} while converting {src.href} ({stderr})")
         raise OvaWriteError(f"qemu-img convert failed for {src.href}: {stderr or f'exit status {returncode}'}")
     progress.report(start + prepared.work)
     return os.fstat(out.fileno()).st_size - offset

@@ -35,7 +35,7 @@ class DirectoryRepository:
         targets = []
         try:
             for disk in disks:
-                path = directory / f"{disk.target}.{MEMBER_FORMAT}"
+                path = self.member_path(set_id, disk.target)
                 argv = ["qemu-img", "create", "-q", "-f", MEMBER_FORMAT, str(path), str(disk.virtual_size)]
                 result = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
                 if result.returncode != 0:
@@ -47,6 +47,13 @@ class DirectoryRepository:
             self.remove(set_id)
             raise
         return targets
+
+    def existing_targets(self, set_id: str, disks: Sequence[DiskSpec]) -> list[CaptureTarget]:
+        paths = [(d, self.member_path(set_id, d.target)) for d in disks]
+        return [CaptureTarget(disk=d, path=p, format=MEMBER_FORMAT) for d, p in paths if p.is_file()]
+
+    def member_path(self, set_id: str, target: str) -> Path:
+        return self.set_dir(set_id) / f"{target}.{MEMBER_FORMAT}"
 
     def free_bytes(self) -> int:
         stat = os.statvfs(self.root)
