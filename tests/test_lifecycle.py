@@ -27,6 +27,7 @@ import typer
 from lxml import etree
 from typer.testing import CliRunner
 
+from freezeframe import lifecycle as lifecycle_module
 from freezeframe.adapters import libvirt_define as ld
 from freezeframe.adapters.repository import MANIFEST
 from freezeframe.cli_lifecycle import register
@@ -447,6 +448,19 @@ def test_verify_names_a_corrupted_member(ff: Freezeframe, lc: Lifecycle, guest_i
     assert_consistent(lc)
 
 
+def test_verify_boot_reports_a_clone_that_cannot_start(
+    ff: Freezeframe, lc: Lifecycle, guest_image: GuestImage, libvirt_conn: Any
+) -> None:
+    hardware = synthetic_hardware(guest_image)
+    broken = replace(hardware, boot=replace(hardware.boot, kernel="/nonexistent/vmlinuz"))
+    s = synthetic_set(ff, broken, {"vda": 1})
+    report = lc.verify(s.id, boot=True)
+    assert [(c.subject, c.what) for c in report.failures] == [("clone", "boot")]
+    assert "did not start" in report.failures[0].detail and not report.booted
+    assert not any(d.name().startswith("ff-verify-") for d in libvirt_conn.listAllDomains())
+    assert_consistent(lc)
+
+
 def flip_byte(path: Path) -> None:
     """Corrupt one byte in the middle of the image (inside guest data, not the qcow2 header)."""
     size = path.stat().st_size
@@ -477,6 +491,91 @@ def test_probe_filesystems_whole_disk_and_partitions(tmp_path: Path) -> None:
     empty = tmp_path / "empty.raw"
     subprocess.run(["truncate", "-s", "4M", str(empty)], check=True)
     assert probe_filesystems(empty) == []
+
+
+def test_revert_of_a_shut_off_instance_and_its_failure_paths(
+    ff: Freezeframe, lc: Lifecycle, guest_image: GuestImage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Revert on a defined, never-started instance: all disks or none, safety set first, a kill rolled forward."""
+    origin = synthetic_set(ff, synthetic_hardware(guest_image), {"vda": 0x11, "vdb": 0x22, "hdb": 0x33})
+    inst = lc.restore(origin.id, "ff-lc-rev", full=True)
+    s = ff.snapshot(SnapshotRequest("ff-lc-rev", Consistency.CRASH))  # shut off: copied as is
+    disks = _disks(inst)
+    for path in disks.values():
+        write_pattern(Path(path), 0x44, offset=2 * MiB)
+    original = {t: ff.repository.checksum(Path(p)) for t, p in disks.items()}
+
+    # A copy failing on the second disk: no disk changed, no temp file, no marker (the safety set stays).
+    real_run = lifecycle_module._run
+    calls = {"convert": 0}
+
+    def flaky(argv: Any, what: str, timeout: float | None = None) -> Any:
+        if "convert" in argv and ".ff-revert.tmp" in argv[-1]:
+            calls["convert"] += 1
+            if calls["convert"] == 2:
+                raise HypervisorError("simulated copy failure")
+        return real_run(argv, what, timeout)
+
+    monkeypatch.setattr(lifecycle_module, "_run", flaky)
+    with pytest.raises(HypervisorError, match="simulated"):
+        lc.revert(s.id)
+    monkeypatch.undo()
+    assert {t: ff.repository.checksum(Path(p)) for t, p in disks.items()} == original
+    assert not list((lc.instances_dir / "ff-lc-rev").glob(".*"))
+    for extra in ff.catalog.list_sets(instance="ff-lc-rev"):
+        if extra.id != s.id:
+            lc.delete(extra.id)
+
+    result = lc.revert(s.id, safety=False)
+    assert result.safety_set_id is None and sorted(result.reverted) == ["hdb", "vda", "vdb"]
+    for m in s.members:
+        assert same_data(disks[m.target], m.path)
+    assert ff.catalog.get_set(s.id).status is SetStatus.AVAILABLE
+
+    # Killed between the renames: the marker lists complete temps; repair renames the rest.
+    for path in disks.values():
+        write_pattern(Path(path), 0x55, offset=2 * MiB)
+    pairs = []
+    for m in s.members:
+        dst = Path(disks[m.target])
+        tmp = dst.with_name(f".{dst.name}.ff-revert.tmp")
+        assert qemu_img("convert", "-f", "qcow2", "-O", "qcow2", m.path, str(tmp)).returncode == 0
+        pairs.append([str(tmp), str(dst)])
+    Path(pairs[0][0]).replace(pairs[0][1])  # the first rename happened before the kill
+    uuid_ = ff.instance("ff-lc-rev").uuid
+    lc._write_marker("revert", uuid_, {"renames": pairs})
+    assert any("interrupted revert" in r for r in lc.repair())
+    for m in s.members:
+        assert same_data(disks[m.target], m.path)
+    lc.delete(s.id)
+    lc.discard("ff-lc-rev")
+    assert_consistent(lc)
+
+
+def test_cli_commands(ff: Freezeframe, lc: Lifecycle, guest_image: GuestImage, tmp_path: Path) -> None:
+    s = synthetic_set(ff, synthetic_hardware(guest_image), {"vda": 1, "vdb": 2})
+    app = typer.Typer()
+    register(app)
+    home = ["--home", str(ff.settings.home)]
+    runner = CliRunner()
+    bad = runner.invoke(app, ["restore", s.id, *home])
+    assert isinstance(bad.exception, InvalidRequest) and "--as NAME" in str(bad.exception)
+    bad = runner.invoke(app, ["restore", s.id, "--disk", "vdb", *home])
+    assert isinstance(bad.exception, InvalidRequest)
+    ok = runner.invoke(app, ["restore", s.id, "--disk", "vdb", "--to", str(tmp_path / "b.img"), "--json", *home])
+    assert ok.exit_code == 0, ok.output
+    assert same_data(tmp_path / "b.img", s.members[1].path)
+    ok = runner.invoke(app, ["restore", s.id, "--as", "ff-lc-cli", *home])
+    assert ok.exit_code == 0 and "ff-lc-cli" in ok.output, ok.output
+    refused = runner.invoke(app, ["delete", s.id, *home])
+    assert isinstance(refused.exception, SetHasDependants)
+    ok = runner.invoke(app, ["verify", s.id, "--json", *home])
+    assert ok.exit_code == 0 and '"ok": true' in ok.output, ok.output
+    ok = runner.invoke(app, ["delete", s.id, "--force", *home])
+    assert ok.exit_code == 0 and "flattened ff-lc-cli" in ok.output, ok.output
+    ok = runner.invoke(app, ["discard", "ff-lc-cli", *home])
+    assert ok.exit_code == 0 and "removed domain" in ok.output, ok.output
+    assert_consistent(lc)
 
 
 def test_backup_arguments_are_checked(ff: Freezeframe, lc: Lifecycle) -> None:

@@ -270,25 +270,31 @@ def test_sparse_disk_gives_a_small_package(tmp_path: Path) -> None:
 
 MEMORY_PROBE = textwrap.dedent(
     """
-    import json, resource, sys, time, tracemalloc
+    import json, sys, time, tracemalloc
     from pathlib import Path
     from freezeframe.adapters.ova import OvaDiskSource, write_ova
 
+    def hwm():  # peak RSS of this process image (ru_maxrss would include the parent's, inherited at exec)
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmHWM")
+
     src, out_dir, trace = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3] == "trace"
     descriptor = b"<?xml version='1.0'?><Envelope/>"
-    results = {"rss_before": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    results = {"rss_before": hwm()}
     if trace:
         tracemalloc.start()
     for mode in ("copy", "vmdk"):
         if trace:
             tracemalloc.reset_peak()
         started = time.monotonic()
-        write_ova(out_dir / f"{trace}-{mode}.ova", "m.ovf", lambda disks: descriptor,
+        write_ova(out_dir / f"{sys.argv[3]}-{mode}.ova", "m.ovf", lambda disks: descriptor,
                   [OvaDiskSource(f"m.{mode}", src, "qcow2", "vda", mode)])
         results[mode] = {"seconds": round(time.monotonic() - started, 2)}
         if trace:
             results[mode]["peak"] = tracemalloc.get_traced_memory()[1]
-    results["rss_after"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    results["rss_after"] = hwm()
     print(json.dumps(results))
     """
 )
@@ -318,39 +324,34 @@ def test_peak_memory_is_bounded_whatever_the_disk_size(tmp_path: Path) -> None:
     assert (out_dir / "rss-copy.ova").stat().st_size > size
 
 
-def test_in_place_vmdk_conversion_is_as_fast_as_qemu_img(tmp_path: Path) -> None:
-    src = make_random_qcow2(tmp_path / "random.qcow2", 64 * MiB)
-    snapshot_set = make_set([("vda", "virtio", 64 * MiB)])
+def _standalone_vmdk(src: Path, dest: Path) -> float:
     started = time.monotonic()
-    standalone = tmp_path / "standalone.vmdk"
-    subprocess.run(
-        [
-            "qemu-img",
-            "convert",
-            "-f",
-            "qcow2",
-            "-O",
-            "vmdk",
-            "-o",
-            "subformat=streamOptimized,adapter_type=lsilogic",
-            str(src),
-            str(standalone),
-        ],
-        check=True,
-    )
-    fd = os.open(standalone, os.O_RDONLY)
+    options = "subformat=streamOptimized,adapter_type=lsilogic"
+    subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "vmdk", "-o", options, str(src), str(dest)], check=True)
+    fd = os.open(dest, os.O_RDONLY)
     try:
         os.fsync(fd)  # write_ova fsyncs its package too
     finally:
         os.close(fd)
-    reference = time.monotonic() - started
-    result = write_ova(
-        tmp_path / "p.ova", "p.ovf", factory(snapshot_set), [OvaDiskSource.to_vmdk("p.vmdk", src, "qcow2", "vda")]
-    )
-    print(f"64 MiB random: qemu-img convert to standalone vmdk {reference:.2f}s, write_ova {result.seconds:.2f}s")
+    return time.monotonic() - started
+
+
+def test_in_place_vmdk_conversion_is_as_fast_as_qemu_img(tmp_path: Path) -> None:
+    src = make_random_qcow2(tmp_path / "random.qcow2", 64 * MiB)
+    snapshot_set = make_set([("vda", "virtio", 64 * MiB)])
+    standalone = tmp_path / "standalone.vmdk"
+    reference: list[float] = []
+    ours: list[float] = []
+    for attempt in range(2):  # alternate, keep the best of each: the CPU is shared with other work
+        standalone.unlink(missing_ok=True)
+        reference.append(_standalone_vmdk(src, standalone))
+        out = tmp_path / f"p{attempt}.ova"
+        result = write_ova(out, "p.ovf", factory(snapshot_set), [OvaDiskSource.to_vmdk("p.vmdk", src, "qcow2", "vda")])
+        ours.append(result.seconds)
+    print(f"64 MiB random: qemu-img convert to a standalone vmdk {reference} s, write_ova {ours} s")
     member = next(m for m in result.members if m.name == "p.vmdk")
     assert abs(member.size - standalone.stat().st_size) < 64 * 1024
-    assert result.seconds < reference * 1.5 + 1.0
+    assert min(ours) < min(reference) * 1.5 + 0.5
 
 
 def test_large_member_sizes_use_base256(tmp_path: Path) -> None:

@@ -381,14 +381,16 @@ class Lifecycle:
             except FreezeframeError:
                 log.exception("could not forget the restore rows of %s", name)
 
-    def _remove_domain_in(self, name: str, directory: Path) -> None:
+    def _remove_domain_in(self, name: str, directory: Path) -> bool:
+        """Remove the domain called ``name`` only if every disk of it lives in ``directory`` (so it is ours)."""
         conn = self.service.hypervisor.conn
         if not ld.name_taken(conn, name):
-            return
+            return False
         dom = conn.lookupByName(name)
         sources = ld.disk_sources(dom, live=False)
         if sources and all(Path(s).resolve().parent == directory.resolve() for s in sources.values()):
-            ld.remove_domain(conn, str(dom.UUIDString()))
+            return ld.remove_domain(conn, str(dom.UUIDString()))
+        return False
 
     def _member_disks(self, snapshot_set: SnapshotSet) -> list[tuple[DiskSpec, Member]]:
         """Each member with the disk the set recorded for it; the member files must all be there."""
@@ -447,7 +449,8 @@ class Lifecycle:
             for uuid in sorted(uuids):
                 if ld.remove_domain(conn, uuid):
                     done.append(f"removed domain {name} ({uuid})")
-            self._remove_domain_in(name, directory)
+            if self._remove_domain_in(name, directory):
+                done.append(f"removed domain {name}")
             if directory.exists():
                 shutil.rmtree(directory)
                 done.append(f"removed {directory}")
@@ -472,7 +475,11 @@ class Lifecycle:
             raise InvalidRequest(f"{to} already exists; freezeframe does not overwrite it: choose another --to")
         if not to.parent.is_dir():
             raise InvalidRequest(f"directory {to.parent} does not exist; create it first")
-        self._member_disks(snapshot_set)
+        if not Path(member.path).is_file():
+            raise PreflightFailed(
+                f"member {target} of set {snapshot_set.name} is missing its data ({member.path}); "
+                f"check the set with `freezeframe verify {snapshot_set.id}`"
+            )
         tmp = to.with_name(f".{to.name}.ff-{uuidlib.uuid4().hex[:8]}.tmp")
         with self._hold(f"set-{snapshot_set.id}", f"set {snapshot_set.name}"):
             try:
@@ -815,9 +822,13 @@ class Lifecycle:
             uuid: str | None = None
             try:
                 started = time.monotonic()
-                uuid, restored = self._build(
-                    snapshot_set, name, directory, disks, mode=COW, start=True, nics=[], record=False
-                )
+                try:
+                    uuid, restored = self._build(
+                        snapshot_set, name, directory, disks, mode=COW, start=True, nics=[], record=False
+                    )
+                except FreezeframeError as exc:  # _build removed whatever it made
+                    report.add("clone", "boot", False, f"the clone could not be built or started: {exc}")
+                    return
                 report.booted = True
                 dom = ld.require_domain(hypervisor.conn, uuid, name)
                 instance = hypervisor.lookup(uuid)
@@ -845,6 +856,9 @@ class Lifecycle:
                         except FreezeframeError:
                             log.exception("could not remove the verify clone %s", name)
                     shutil.rmtree(directory, ignore_errors=True)
+                    if hypervisor.uri == "qemu:///system":  # libvirt keeps a log per domain name; this one is ours
+                        with contextlib.suppress(OSError):
+                            Path("/var/log/libvirt/qemu", f"{name}.log").unlink(missing_ok=True)
 
     def _wait_agent(self, instance_uuid: str, started: float) -> float | None:
         hypervisor = self.service.hypervisor

@@ -601,3 +601,8 @@ def _restore_record(row: RestoreRow) -> RestoreRecord:
         instance_uuid=row.instance_uuid,
         id=row.id,
     )
+
+
+# The HTTP service's rows (jobs, tokens, projects, images) share Base: registered here so that Base.metadata,
+# which Alembic's env and the model/migration comparison read, always holds every table of revision 0003.
+import freezeframe.adapters.service_store  # noqa: E402, F401

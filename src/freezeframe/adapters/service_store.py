@@ -1,0 +1,485 @@
+"""What the HTTP service keeps in the catalog beside the sets: jobs, API tokens, project mappings, images.
+
+The rows share the catalog's declarative ``Base`` (so one Alembic history, revision 0003, covers them) and
+each store works over a ``SqlCatalog``'s sessions, like ``RestoreLog``: the Catalog port stays unchanged and
+the CLI and the service read and write the same SQLite file (WAL) at the same time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, BigInteger, Integer, String, Text, delete, select, update
+from sqlalchemy.orm import Mapped, mapped_column
+
+from freezeframe.adapters.catalog import Base, SqlCatalog, UtcDateTime
+from freezeframe.errors import InvalidRequest, NotFound
+
+ROLES = ("admin", "member", "reader")
+"""admin: every project and the project mapping; member: act on its project; reader: look only."""
+
+TOKEN_PREFIX = "ffk"
+_DUMMY_HASH = hashlib.sha256(b"freezeframe: no such token").hexdigest()
+
+
+class JobNotFound(NotFound):
+    pass
+
+
+class TokenNotFound(NotFound):
+    pass
+
+
+class ImageNotFound(NotFound):
+    pass
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+# ---- rows -------------------------------------------------------------------------------------------------
+
+
+class JobRow(Base):
+    """A background operation of the service; finished rows are kept so clients can read the outcome later."""
+
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    project: Mapped[str | None] = mapped_column(String(128), index=True)
+    lock_key: Mapped[str] = mapped_column(String(128))
+    instance_uuid: Mapped[str | None] = mapped_column(String(64), index=True)
+    instance_name: Mapped[str | None] = mapped_column(Text)
+    set_id: Mapped[str | None] = mapped_column(String(36))
+    image_id: Mapped[str | None] = mapped_column(String(36))
+    request: Mapped[dict[str, Any]] = mapped_column(JSON)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    error_type: Mapped[str | None] = mapped_column(String(64))
+    error: Mapped[str | None] = mapped_column(Text)
+    phase: Mapped[str | None] = mapped_column(String(32))
+    progress_done: Mapped[int] = mapped_column(BigInteger)
+    progress_total: Mapped[int] = mapped_column(BigInteger)
+    token_id: Mapped[str | None] = mapped_column(String(32))
+    server_pid: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class TokenRow(Base):
+    """A bearer token: only the SHA-256 of its secret is stored, so a leaked catalog grants nothing."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    project: Mapped[str | None] = mapped_column(String(128))
+    role: Mapped[str] = mapped_column(String(16))
+    description: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
+    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+class InstanceProjectRow(Base):
+    """The admin's instance -> project mapping; it wins over the project in the domain's <metadata>."""
+
+    __tablename__ = "instance_projects"
+
+    instance_uuid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    instance_name: Mapped[str] = mapped_column(Text)
+    project: Mapped[str] = mapped_column(String(128), index=True)
+    assigned_at: Mapped[datetime] = mapped_column(UtcDateTime)
+
+
+class ImageRow(Base):
+    """An exported package (OVA) of a set; it outlives the set, so it keeps its own project."""
+
+    __tablename__ = "images"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    project: Mapped[str | None] = mapped_column(String(128), index=True)
+    set_id: Mapped[str] = mapped_column(String(36))
+    instance_name: Mapped[str] = mapped_column(Text)
+    format: Mapped[str] = mapped_column(String(16))
+    disk_format: Mapped[str] = mapped_column(String(16))
+    path: Mapped[str] = mapped_column(Text)
+    size: Mapped[int | None] = mapped_column(BigInteger)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
+    completed_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+
+
+# ---- jobs -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Job:
+    id: str
+    kind: str
+    state: str
+    project: str | None
+    lock_key: str
+    request: dict[str, Any]
+    created_at: datetime
+    instance_uuid: str | None = None
+    instance_name: str | None = None
+    set_id: str | None = None
+    image_id: str | None = None
+    result: dict[str, Any] | None = None
+    error_type: str | None = None
+    error: str | None = None
+    phase: str | None = None
+    progress_done: int = 0
+    progress_total: int = 0
+    token_id: str | None = None
+    server_pid: int | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINISHED_STATES
+
+
+QUEUED, RUNNING, SUCCEEDED, FAILED = "queued", "running", "succeeded", "failed"
+JOB_STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED)
+FINISHED_STATES = (SUCCEEDED, FAILED)
+
+
+def _job(row: JobRow) -> Job:
+    return Job(
+        id=row.id,
+        kind=row.kind,
+        state=row.state,
+        project=row.project,
+        lock_key=row.lock_key,
+        request=dict(row.request),
+        created_at=row.created_at,
+        instance_uuid=row.instance_uuid,
+        instance_name=row.instance_name,
+        set_id=row.set_id,
+        image_id=row.image_id,
+        result=dict(row.result) if row.result is not None else None,
+        error_type=row.error_type,
+        error=row.error,
+        phase=row.phase,
+        progress_done=row.progress_done,
+        progress_total=row.progress_total,
+        token_id=row.token_id,
+        server_pid=row.server_pid,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+    )
+
+
+class JobStore:
+    """Jobs as rows; every state change is its own short transaction so readers never wait on a worker."""
+
+    def __init__(self, catalog: SqlCatalog) -> None:
+        self._catalog = catalog
+
+    def add(self, job: Job) -> None:
+        with self._catalog._session(f"recording job {job.id}", write=True) as session:
+            session.add(
+                JobRow(
+                    id=job.id,
+                    kind=job.kind,
+                    state=job.state,
+                    project=job.project,
+                    lock_key=job.lock_key,
+                    instance_uuid=job.instance_uuid,
+                    instance_name=job.instance_name,
+                    set_id=job.set_id,
+                    image_id=job.image_id,
+                    request=dict(job.request),
+                    result=job.result,
+                    error_type=job.error_type,
+                    error=job.error,
+                    phase=job.phase,
+                    progress_done=job.progress_done,
+                    progress_total=job.progress_total,
+                    token_id=job.token_id,
+                    server_pid=job.server_pid,
+                    created_at=job.created_at,
+                    started_at=job.started_at,
+                    finished_at=job.finished_at,
+                )
+            )
+
+    def get(self, job_id: str) -> Job:
+        with self._catalog._session(f"looking up job {job_id}", write=False) as session:
+            row = session.get(JobRow, job_id)
+            if row is None:
+                raise JobNotFound(f"no job {job_id}")
+            return _job(row)
+
+    def update(self, job_id: str, **values: Any) -> None:
+        """Set the given columns (state, phase, progress_done, set_id, result, error, ...)."""
+        unknown = set(values) - set(JobRow.__table__.columns.keys())
+        if unknown:
+            raise InvalidRequest(f"jobs have no column(s) {', '.join(sorted(unknown))}")
+        with self._catalog._session(f"updating job {job_id}", write=True) as session:
+            session.execute(update(JobRow).where(JobRow.id == job_id).values(**values))
+
+    def list(
+        self,
+        projects: Sequence[str] | None = None,
+        state: str | None = None,
+        kind: str | None = None,
+    ) -> list[Job]:
+        """Newest first; ``projects=None`` means every project (admin), ``[]`` none."""
+        query = select(JobRow)
+        if projects is not None:
+            query = query.where(JobRow.project.in_(list(projects)))
+        if state is not None:
+            query = query.where(JobRow.state == state)
+        if kind is not None:
+            query = query.where(JobRow.kind == kind)
+        query = query.order_by(JobRow.created_at.desc(), JobRow.id)
+        with self._catalog._session("listing jobs", write=False) as session:
+            return [_job(row) for row in session.scalars(query)]
+
+    def unfinished(self) -> list[Job]:
+        query = select(JobRow).where(JobRow.state.in_([QUEUED, RUNNING])).order_by(JobRow.created_at)
+        with self._catalog._session("listing unfinished jobs", write=False) as session:
+            return [_job(row) for row in session.scalars(query)]
+
+
+# ---- tokens -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Token:
+    id: str
+    project: str | None
+    role: str
+    created_at: datetime
+    description: str | None = None
+    revoked_at: datetime | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.revoked_at is None
+
+
+@dataclass(frozen=True)
+class IssuedToken:
+    """A new token: ``secret`` (the whole bearer string) is shown once and never stored."""
+
+    token: Token
+    secret: str = field(repr=False)
+
+
+def _token(row: TokenRow) -> Token:
+    return Token(row.id, row.project, row.role, row.created_at, row.description, row.revoked_at)
+
+
+def _hash(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class TokenStore:
+    """Bearer tokens ``ffk_<id>_<secret>``: the id finds the row, the secret is compared by hash in constant time."""
+
+    def __init__(self, catalog: SqlCatalog) -> None:
+        self._catalog = catalog
+
+    def create(self, role: str, project: str | None, description: str | None = None) -> IssuedToken:
+        if role not in ROLES:
+            raise InvalidRequest(f"role {role!r} is not one of {', '.join(ROLES)}")
+        if role != "admin" and not project:
+            raise InvalidRequest(f"a {role} token needs --project: it sees and acts on that project only")
+        token_id = secrets.token_hex(8)
+        secret = secrets.token_urlsafe(32)
+        now = _now()
+        with self._catalog._session("creating a token", write=True) as session:
+            session.add(
+                TokenRow(
+                    id=token_id,
+                    secret_sha256=_hash(secret),
+                    project=project,
+                    role=role,
+                    description=description,
+                    created_at=now,
+                    revoked_at=None,
+                )
+            )
+        return IssuedToken(Token(token_id, project, role, now, description), f"{TOKEN_PREFIX}_{token_id}_{secret}")
+
+    def authenticate(self, bearer: str) -> Token | None:
+        """The active token for this bearer string, or None; unknown ids cost the same hash compare."""
+        prefix, _, rest = bearer.partition("_")
+        token_id, _, secret = rest.partition("_")
+        with self._catalog._session("checking a token", write=False) as session:
+            row = session.get(TokenRow, token_id) if prefix == TOKEN_PREFIX and token_id and secret else None
+            expected = row.secret_sha256 if row is not None else _DUMMY_HASH
+            matches = hmac.compare_digest(expected, _hash(secret))
+            if row is None or not matches or row.revoked_at is not None:
+                return None
+            return _token(row)
+
+    def list(self, include_revoked: bool = True) -> list[Token]:
+        query = select(TokenRow).order_by(TokenRow.created_at, TokenRow.id)
+        if not include_revoked:
+            query = query.where(TokenRow.revoked_at.is_(None))
+        with self._catalog._session("listing tokens", write=False) as session:
+            return [_token(row) for row in session.scalars(query)]
+
+    def revoke(self, token_id: str) -> Token:
+        """Idempotent: revoking a revoked token keeps its first revocation time."""
+        if token_id.startswith(f"{TOKEN_PREFIX}_"):
+            token_id = token_id.split("_")[1]
+        with self._catalog._session(f"revoking token {token_id}", write=True) as session:
+            row = session.get(TokenRow, token_id)
+            if row is None:
+                raise TokenNotFound(f"no token with id {token_id!r}; `freezeframe token list` shows the ids")
+            if row.revoked_at is None:
+                row.revoked_at = _now()
+            return _token(row)
+
+
+# ---- instance -> project mapping --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ProjectAssignment:
+    instance_uuid: str
+    instance_name: str
+    project: str
+    assigned_at: datetime
+
+
+class ProjectMap:
+    def __init__(self, catalog: SqlCatalog) -> None:
+        self._catalog = catalog
+
+    def assign(self, instance_uuid: str, instance_name: str, project: str) -> ProjectAssignment:
+        now = _now()
+        with self._catalog._session(f"assigning {instance_name} to {project}", write=True) as session:
+            row = session.get(InstanceProjectRow, instance_uuid)
+            if row is None:
+                session.add(InstanceProjectRow(
+                    instance_uuid=instance_uuid, instance_name=instance_name, project=project, assigned_at=now
+                ))  # fmt: skip
+            else:
+                row.instance_name, row.project, row.assigned_at = instance_name, project, now
+        return ProjectAssignment(instance_uuid, instance_name, project, now)
+
+    def unassign(self, instance_uuid: str) -> bool:
+        with self._catalog._session(f"unassigning {instance_uuid}", write=True) as session:
+            deleted = session.execute(delete(InstanceProjectRow).where(InstanceProjectRow.instance_uuid == instance_uuid))
+            return bool(getattr(deleted, "rowcount", 0))
+
+    def all(self) -> dict[str, ProjectAssignment]:
+        with self._catalog._session("reading the project mapping", write=False) as session:
+            return {
+                r.instance_uuid: ProjectAssignment(r.instance_uuid, r.instance_name, r.project, r.assigned_at)
+                for r in session.scalars(select(InstanceProjectRow).order_by(InstanceProjectRow.instance_name))
+            }
+
+    def get(self, instance_uuid: str) -> str | None:
+        with self._catalog._session("reading the project mapping", write=False) as session:
+            row = session.get(InstanceProjectRow, instance_uuid)
+            return row.project if row is not None else None
+
+
+# ---- images -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Image:
+    id: str
+    name: str
+    status: str
+    project: str | None
+    set_id: str
+    instance_name: str
+    format: str
+    disk_format: str
+    path: str
+    created_at: datetime
+    size: int | None = None
+    error: str | None = None
+    completed_at: datetime | None = None
+
+
+def _image(row: ImageRow) -> Image:
+    return Image(
+        id=row.id,
+        name=row.name,
+        status=row.status,
+        project=row.project,
+        set_id=row.set_id,
+        instance_name=row.instance_name,
+        format=row.format,
+        disk_format=row.disk_format,
+        path=row.path,
+        created_at=row.created_at,
+        size=row.size,
+        error=row.error,
+        completed_at=row.completed_at,
+    )
+
+
+class ImageStore:
+    def __init__(self, catalog: SqlCatalog) -> None:
+        self._catalog = catalog
+
+    def add(self, image: Image) -> None:
+        with self._catalog._session(f"recording image {image.id}", write=True) as session:
+            session.add(
+                ImageRow(
+                    id=image.id,
+                    name=image.name,
+                    status=image.status,
+                    project=image.project,
+                    set_id=image.set_id,
+                    instance_name=image.instance_name,
+                    format=image.format,
+                    disk_format=image.disk_format,
+                    path=image.path,
+                    size=image.size,
+                    error=image.error,
+                    created_at=image.created_at,
+                    completed_at=image.completed_at,
+                )
+            )
+
+    def get(self, image_id: str) -> Image:
+        with self._catalog._session(f"looking up image {image_id}", write=False) as session:
+            row = session.get(ImageRow, image_id)
+            if row is None:
+                raise ImageNotFound(f"no image {image_id}")
+            return _image(row)
+
+    def update(self, image_id: str, **values: Any) -> None:
+        unknown = set(values) - set(ImageRow.__table__.columns.keys())
+        if unknown:
+            raise InvalidRequest(f"images have no column(s) {', '.join(sorted(unknown))}")
+        with self._catalog._session(f"updating image {image_id}", write=True) as session:
+            session.execute(update(ImageRow).where(ImageRow.id == image_id).values(**values))
+
+    def list(self, projects: Sequence[str] | None = None, status: str | None = None) -> list[Image]:
+        query = select(ImageRow)
+        if projects is not None:
+            query = query.where(ImageRow.project.in_(list(projects)))
+        if status is not None:
+            query = query.where(ImageRow.status == status)
+        query = query.order_by(ImageRow.created_at.desc(), ImageRow.id)
+        with self._catalog._session("listing images", write=False) as session:
+            return [_image(row) for row in session.scalars(query)]
+
+    def delete(self, image_id: str) -> None:
+        with self._catalog._session(f"deleting image {image_id}", write=True) as session:
+            session.execute(delete(ImageRow).where(ImageRow.id == image_id))
