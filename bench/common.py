@@ -77,6 +77,18 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out", type=Path, default=None, help="results folder (default bench/results; a temp dir with --quick)"
     )
+    parser.add_argument("--replot", action="store_true", help="only redraw the PNG from the JSON already in --out")
+
+
+def replot(args: argparse.Namespace, name: str, draw: Callable[[dict[str, Any], Path, str | None], None]) -> bool:
+    """With ``--replot``: redraw ``<out>/<name>.png`` from ``<out>/<name>.json`` and return True."""
+    if not args.replot:
+        return False
+    out: Path = args.out or RESULTS
+    report = load_report(out / f"{name}.json")
+    draw(report, out / f"{name}.png", run_note(report.get("mode") == "quick"))
+    print(f"redrew {out / f'{name}.png'}")
+    return True
 
 
 def output_dir(args: argparse.Namespace, prefix: str) -> Path:
@@ -190,6 +202,11 @@ class Run:
         return path
 
 
+def load_report(path: Path) -> dict[str, Any]:
+    report: dict[str, Any] = json.loads(path.read_text())
+    return report
+
+
 @contextlib.contextmanager
 def libvirt_connection() -> Iterator[Any]:
     conn = libvirt.open(Settings.from_env().libvirt_uri)
@@ -251,8 +268,11 @@ class StepClock:
         self.calls: list[Call] = []
         self._lock = threading.Lock()
 
-    def wrap(self, obj: object, method: str, step: str | None = None) -> None:
-        original: Callable[..., Any] = getattr(obj, method)
+    def wrap(self, obj: object, method: str, step: str | None = None) -> bool:
+        """Time every call of ``obj.method`` as ``step``; False (nothing wrapped) if there is no such method."""
+        original: Callable[..., Any] | None = getattr(obj, method, None)
+        if original is None:
+            return False
         name = step or method
 
         @functools.wraps(original)
@@ -266,6 +286,7 @@ class StepClock:
                     self.calls.append(call)
 
         setattr(obj, method, timed)
+        return True
 
     def take(self) -> list[Call]:
         """The calls recorded since the last ``take``."""
@@ -289,16 +310,26 @@ def _exclusive_ms(calls: Sequence[Call]) -> list[float]:
     return own
 
 
-def steps_in(calls: Sequence[Call], start_step: str, end_step: str, order: Sequence[str]) -> dict[str, float]:
-    """Exclusive milliseconds per step from the first ``start_step`` call to the last ``end_step`` call.
+def span_of(calls: Sequence[Call], start_steps: Sequence[str], end_steps: Sequence[str]) -> tuple[float, float] | None:
+    """From the start of the first call of any ``start_steps`` to the end of the last call of any ``end_steps``."""
+    starts = [c.start for c in calls if c.step in start_steps]
+    ends = [c.end for c in calls if c.step in end_steps]
+    if not starts or not ends:
+        return None
+    return min(starts), max(ends)
+
+
+def steps_in(
+    calls: Sequence[Call], start_steps: Sequence[str], end_steps: Sequence[str], order: Sequence[str]
+) -> dict[str, float]:
+    """Exclusive milliseconds per step inside ``span_of(calls, start_steps, end_steps)``, plus 'other'.
 
     'other' is the part of that span no wrapped call covers (the flow's own bookkeeping, Python, locks).
     """
-    starts = [c.start for c in calls if c.step == start_step]
-    ends = [c.end for c in calls if c.step == end_step]
-    if not starts or not ends:
+    span = span_of(calls, start_steps, end_steps)
+    if span is None:
         return {}
-    begin, finish = min(starts), max(ends)
+    begin, finish = span
     inside = [c for c in calls if c.start >= begin and c.end <= finish]
     own = _exclusive_ms(inside)
     out = {step: round(sum(ms for c, ms in zip(inside, own, strict=True) if c.step == step), 3) for step in order}

@@ -39,6 +39,7 @@ from common import (
     machine_info,
     output_dir,
     pyplot,
+    replot,
     run,
     run_note,
     save_figure,
@@ -76,7 +77,7 @@ class Sample:
     window_ms: float | None = None
     """freezeframe: freeze window (filesystem/application level; crash level has none)."""
     call_s: float | None = None
-    """Wall time of the call that fixes the point in time (naive: all jobs; DIY: the virsh command)."""
+    """Wall time of the capture call: naive, all its jobs; DIY, the virsh command; freezeframe, the whole call."""
     total_s: float | None = None
     """Wall time until the capture is usable and the guest back to normal (DIY snapshot: + blockcommit)."""
     skew_ms: float | None = None
@@ -257,7 +258,9 @@ def _freezeframe(level: Consistency) -> Callable[[Context, int], Sample]:
             verdict = check_ledger(members["vdb"], members["vdc"], tmp_dir=ctx.workdir)
         finally:
             ctx.ff.repository.remove(result.id)
-        return _verdict_sample(verdict, window_ms=result.freeze_window_ms, total_s=round(total_s, 3))
+        return _verdict_sample(
+            verdict, window_ms=result.freeze_window_ms, call_s=round(total_s, 3), total_s=round(total_s, 3)
+        )
 
     return take
 
@@ -366,21 +369,25 @@ def plot(report: dict[str, Any], path: Path, note: str | None = None) -> None:
     ax.set_ylabel("ledger violations, % of checked sets")
     ax.set_title(f"Multi-disk consistency under write load (3-disk ledger guest, N={report['n']} per method)")
 
-    width = 0.38
-    window = [m["window_ms"]["median"] or 0.0 for _, m in items]
-    window_hi = [(m["window_ms"]["p95"] or 0.0) - w for (_, m), w in zip(items, window, strict=True)]
-    call = [1000.0 * (m["call_s"]["median"] or 0.0) for _, m in items]
-    call_hi = [1000.0 * (m["call_s"]["p95"] or 0.0) - c for (_, m), c in zip(items, call, strict=True)]
-    ax_time.bar([i - width / 2 for i in x], window, width, yerr=[[0] * len(x), window_hi], capsize=3,
-                color=COLORS["freezeframe"], label="freezeframe freeze window (measured inside)")  # fmt: skip
-    call_label = "wall time of the capture call (naive: all jobs; DIY: virsh)"
-    ax_time.bar([i + width / 2 for i in x], call, width, yerr=[[0] * len(x), call_hi], capsize=3,
-                color=COLORS["baseline"], label=call_label)  # fmt: skip
+    width = 0.27
+    series = (
+        ("window_ms", 1.0, COLORS["freezeframe"], "freeze window, measured inside (freezeframe)"),
+        ("call_s", 1000.0, COLORS["baseline"], "wall time of the capture call (naive: all jobs; DIY: the virsh call)"),
+        ("total_s", 1000.0, COLORS["floor"], "until the capture is usable (copy done; DIY snapshot: committed back)"),
+    )
+    for k, (key, scale, color, name) in enumerate(series):
+        med = [scale * (m[key]["median"] or 0.0) for _, m in items]
+        hi = [scale * (m[key]["p95"] or 0.0) - v for (_, m), v in zip(items, med, strict=True)]
+        ax_time.bar([i + (k - 1) * width for i in x], med, width, yerr=[[0] * len(x), hi], capsize=3, color=color,
+                    label=name)  # fmt: skip
+    for i, (key, _) in enumerate(items):
+        if key == "ff_crash":
+            ax_time.text(i - width, 12, "no freeze", ha="center", va="bottom", fontsize=7, rotation=90)
     ax_time.set_yscale("symlog", linthresh=10)
     ax_time.set_xticks(x, labels, rotation=15)
     ax_time.set_ylabel("ms (median, whisker to p95)")
-    ax_time.set_title("Time the point in time took to fix")
-    ax_time.legend(loc="upper left")
+    ax_time.set_title("How long each method takes")
+    ax_time.legend(loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=2)
     save_figure(fig, path, note)
 
 
@@ -392,6 +399,8 @@ def main() -> None:
     parser.add_argument("--disk-size-mib", type=int, default=64)
     args = parser.parse_args()
     n = 2 if args.quick else args.samples
+    if replot(args, "consistency", plot):
+        return
     out_dir = output_dir(args, "consistency")
     build_guest()
     bench = Run("consistency", args.quick)

@@ -33,6 +33,7 @@ from common import (
     p95,
     pyplot,
     ratio,
+    replot,
     run_note,
     save_figure,
     scratch_dir,
@@ -63,6 +64,9 @@ HYPERVISOR_STEPS = (
     ("thaw", "thaw"),
     ("freeze_status", "thaw_status"),
 )
+WINDOW_START = ("freeze", "pause")
+WINDOW_END = ("thaw", "thaw_status", "resume")
+"""The window opens with the first freeze/pause and closes with the last thaw (+ status check) or resume."""
 STEP_ORDER = ("freeze", "agent_timeout", "lookup", "journal", "pause", "backup_begin", "resume", "io_error_check",
               "thaw", "thaw_status")  # fmt: skip
 
@@ -200,7 +204,7 @@ def measure(conn: Any, config: Config, workdir: Path, home: Path) -> Outcome:
                 windows.append(result.freeze_window_ms)
                 if result.pause_window_ms is not None:
                     pauses.append(result.pause_window_ms)
-                steps.append(steps_in(clock.take(), "freeze", "thaw_status", STEP_ORDER))
+                steps.append(steps_in(clock.take(), WINDOW_START, WINDOW_END, STEP_ORDER))
 
                 started = time.time_ns()
                 time.sleep(QUIET_S)
@@ -235,7 +239,7 @@ def plot(outcomes: list[Outcome], path: Path, note: str | None = None) -> None:
     plt = pyplot()
     labels = [o.label for o in outcomes]
     x = list(range(len(outcomes)))
-    fig, (ax, ax_stall, ax_steps) = plt.subplots(3, 1, figsize=(max(7.0, 1.5 * len(outcomes)), 11))
+    fig, (ax, ax_stall, ax_steps) = plt.subplots(3, 1, figsize=(max(8.0, 1.6 * len(outcomes)), 11))
     width = 0.38
 
     floor = [o.floor_median_ms for o in outcomes]
@@ -270,18 +274,26 @@ def plot(outcomes: list[Outcome], path: Path, note: str | None = None) -> None:
     ax_stall.set_title("Guest-visible stall (heartbeat workload; ledger config not measured)")
     ax_stall.legend(loc="upper left")
 
-    bottoms = [0.0] * len(outcomes)
     cmap = plt.get_cmap("tab20")
     steps = [s for s in (*STEP_ORDER, "other") if any(o.steps_median_ms.get(s) for o in outcomes)]
-    for k, step in enumerate(steps):
-        values = [o.steps_median_ms.get(step, 0.0) for o in outcomes]
-        ax_steps.bar(x, values, 0.5, bottom=bottoms, color=cmap(k % 20), label=step)
-        bottoms = [b + v for b, v in zip(bottoms, values, strict=True)]
-    ax_steps.scatter(x, floor, marker="_", s=900, color="black", zorder=3, label="floor median")
+    color_of = {step: cmap(k % 20) for k, step in enumerate(steps)}
+    # Left, narrow: the floor's own two steps; right: every step inside the freezeframe window.
+    for series, offset, bar_width, hatch in (("floor", -0.22, 0.22, "//"), ("window", 0.14, 0.46, None)):
+        bottoms = [0.0] * len(outcomes)
+        for step in steps:
+            if series == "floor":
+                values = [o.floor_steps_median_ms.get(step, 0.0) for o in outcomes]
+            else:
+                values = [o.steps_median_ms.get(step, 0.0) for o in outcomes]
+            if not any(values):
+                continue
+            ax_steps.bar([i + offset for i in x], values, bar_width, bottom=bottoms, color=color_of[step],
+                         hatch=hatch, edgecolor="white", label=step if series == "window" else None)  # fmt: skip
+            bottoms = [b + v for b, v in zip(bottoms, values, strict=True)]
     ax_steps.set_xticks(x, labels, rotation=12)
     ax_steps.set_ylabel("ms (median of each step)")
-    ax_steps.set_title("Where the window goes: each step inside it, timed")
-    ax_steps.legend(loc="upper left", ncol=4)
+    ax_steps.set_title("Where the time goes: floor's steps (hatched, left) vs each step inside the window (right)")
+    ax_steps.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     save_figure(fig, path, note)
 
 
@@ -306,8 +318,10 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=30, help="snapshots (and floors) per configuration")
     parser.add_argument("--only", action="append", default=[], help="run only configs with this label (repeatable)")
     args = parser.parse_args()
-    configs = [c for c in configs_for(args) if not args.only or c.label in args.only]
+    if replot(args, "window", lambda report, path, note: plot([Outcome(**o) for o in report["outcomes"]], path, note)):
+        return
     out_dir = output_dir(args, "window")
+    configs = [c for c in configs_for(args) if not args.only or c.label in args.only]
     build_guest()
     bench = Run("window", args.quick)
     outcomes = []

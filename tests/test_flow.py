@@ -82,9 +82,6 @@ class ScriptedHypervisor:
         self.frozen = False
         return len(self.disks)
 
-    def freeze_status(self, instance: Instance) -> str:
-        return "frozen" if self.frozen else "thawed"
-
     def pause(self, instance: Instance) -> None:
         self.calls.append("pause")
         self.state_now = InstanceState.PAUSED

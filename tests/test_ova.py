@@ -666,6 +666,17 @@ def test_disks_reaching_outside_the_package_are_refused(tmp_path: Path, two_disk
     with pytest.raises(OvaUnsafeDisk, match="backing"):
         probe_disk(package.disks[0])
     assert '"backing":null' in qemu_json_for(package.disks[0])
+    subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", str(tmp_path / "base.vmdk"), "64M"], check=True)
+    delta = tmp_path / "delta.vmdk"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "vmdk", "-b", str(tmp_path / "base.vmdk"), "-F", "vmdk", str(delta)],
+        check=True,
+    )
+    delta_data = delta.read_bytes()
+    descriptor = build_descriptor(snapshot_set, [OvfDisk("vda", "d.vmdk", len(delta_data), "vmdk", 64 * MiB)])
+    package = open_ova(tar_of(tmp_path / "delta.ova", [("x.ovf", descriptor), ("d.vmdk", delta_data)]))
+    with pytest.raises(OvaUnsafeDisk, match="backing"):
+        probe_disk(package.disks[0])
     text_vmdk = b'# Disk DescriptorFile\nversion=1\ncreateType="monolithicFlat"\nRW 2048 FLAT "/etc/shadow" 0\n'
     text_vmdk += b"\n" * (1024 - len(text_vmdk))
     descriptor = build_descriptor(snapshot_set, [OvfDisk("vda", "d.vmdk", len(text_vmdk), "vmdk", MiB)])

@@ -487,14 +487,17 @@ class SnapshotFlow:
             log.exception("could not resume %s after an I/O error", instance.name)
 
     def ensure_thawed(self, instance: Instance) -> bool:
-        """Thaw until the agent confirms it, for a bounded time; False leaves the job to `repair`."""
+        """Thaw until the agent confirms it, for a bounded time; False leaves the job to `repair`.
+
+        The agent runs commands in order, so a thaw that succeeds comes after any freeze sent before it,
+        even one whose reply timed out: success means the guest is thawed.
+        """
         deadline = time.monotonic() + self.settings.thaw_retry_s
         while True:
             self._unblock(instance)
             try:
                 self.hypervisor.thaw(instance)
-                if self.hypervisor.freeze_status(instance) == "thawed":
-                    return True
+                return True
             except FreezeframeError as exc:
                 log.warning("thaw of %s not confirmed yet: %s", instance.name, exc)
             if time.monotonic() > deadline:

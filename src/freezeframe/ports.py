@@ -38,9 +38,6 @@ class Hypervisor(Protocol):
 
     def thaw(self, instance: Instance) -> int: ...
 
-    def freeze_status(self, instance: Instance) -> str:
-        """'frozen' or 'thawed' as the guest agent reports it."""
-
     def pause(self, instance: Instance) -> None: ...
 
     def paused_by_io_error(self, instance: Instance) -> bool:

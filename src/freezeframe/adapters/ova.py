@@ -12,7 +12,6 @@ See docs/ovf.md.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
 import io
@@ -218,6 +217,39 @@ def _ustar_header(name: str, size: int, mtime: int) -> bytes:
     return bytes(header)
 
 
+def _populated_bytes(path: Path, fmt: str) -> int:
+    """Bytes of guest data (qemu-img map extents with data), read one extent line at a time.
+
+    A fragmented multi-TiB image has millions of extents: the JSON is never held in memory whole.
+    """
+    args = ["qemu-img", "map", "--output=json", "-f", fmt, str(path)]
+    total = 0
+    with tempfile.TemporaryFile(mode="w+b") as errfile:
+        try:
+            proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=errfile, text=True)
+        except FileNotFoundError as exc:
+            raise OvaError("qemu-img is not installed (package qemu-utils)") from exc
+        with proc:
+            if proc.stdout is None:
+                raise OvaError("qemu-img map has no stdout pipe")
+            try:
+                for line in proc.stdout:
+                    text = line.strip().lstrip("[").rstrip("],").strip()
+                    if text:
+                        extent = json.loads(text)
+                        if extent.get("data"):
+                            total += int(extent["length"])
+            except (ValueError, KeyError, TypeError) as exc:
+                proc.kill()
+                raise OvaWriteError(f"cannot read qemu-img map output for {path}: {exc}") from exc
+            returncode = proc.wait(timeout=QEMU_TIMEOUT)
+        errfile.seek(0)
+        stderr = errfile.read(4096).decode("utf-8", "replace").strip()
+    if returncode != 0:
+        raise OvaWriteError(f"qemu-img map failed on {path}: {stderr or returncode}")
+    return total
+
+
 def _prepare(source: OvaDiskSource) -> _Prepared:
     if not source.path.is_file():
         raise OvaWriteError(f"disk source {source.path} does not exist")
@@ -239,10 +271,7 @@ def _prepare(source: OvaDiskSource) -> _Prepared:
         file_size = source.path.stat().st_size
     elif source.mode != "vmdk":
         raise OvaWriteError(f"unknown disk mode {source.mode!r}")
-    proc = _qemu_img(["map", "--output=json", "-f", fmt, str(source.path)])
-    if proc.returncode != 0:
-        raise OvaWriteError(f"qemu-img map failed on {source.path}: {_stderr_line(proc)}")
-    populated = sum(int(e["length"]) for e in json.loads(proc.stdout) if e.get("data"))
+    populated = _populated_bytes(source.path, fmt)
     work = file_size if file_size is not None else capacity
     return _Prepared(source=source, capacity=capacity, populated=populated, file_size=file_size, work=work)
 
@@ -885,7 +914,8 @@ def qemu_json_for(member: OvaDiskMember) -> str:
     """A qemu ``json:`` filename reading the member in place (raw layer with offset and size).
 
     The size is rounded up to 512 bytes (qemu's raw layer requires it; the tar padding provides
-    the bytes). qcow2 gets ``"backing": null`` so no backing file outside the package is ever opened.
+    the bytes). ``"backing": null`` keeps qemu from opening a backing file (qcow2 backing, VMDK
+    parentFileNameHint) outside the package, whatever the image header says.
     """
     if member.format is None:
         raise OvaDiskError(f"{member.name!r}: unknown disk format {member.disk.format_uri!r}")
@@ -897,9 +927,8 @@ def qemu_json_for(member: OvaDiskMember) -> str:
             "size": _round_up(member.size),
             "file": {"driver": "file", "filename": str(member.ova_path)},
         },
+        "backing": None,
     }
-    if member.format == "qcow2":
-        spec["backing"] = None
     return "json:" + json.dumps(spec, separators=(",", ":"))
 
 
@@ -943,9 +972,12 @@ def probe_disk(member: OvaDiskMember) -> DiskProbe:
     """Ask qemu whether the member is a usable image of its declared format; raise OvaDiskError if not."""
     if member.format is None:
         raise OvaDiskError(f"{member.name!r}: unknown disk format {member.disk.format_uri!r}")
-    with contextlib.suppress(OSError):
-        if member.offset + _round_up(member.size) > member.ova_path.stat().st_size:
-            raise OvaDiskError(f"{member.name!r} runs past the end of the package: truncated")
+    try:
+        package_size = member.ova_path.stat().st_size
+    except OSError as exc:
+        raise OvaDiskError(f"cannot read the package {member.ova_path}: {exc}") from exc
+    if member.offset + _round_up(member.size) > package_size:
+        raise OvaDiskError(f"{member.name!r} runs past the end of the package: truncated")
     _check_magic(member)
     target = qemu_json_for(member)
     declared = member.disk.file_size

@@ -232,7 +232,7 @@ class JobStore:
         with self._catalog._session(f"updating job {job_id}", write=True) as session:
             session.execute(update(JobRow).where(JobRow.id == job_id).values(**values))
 
-    def list(
+    def query(
         self,
         projects: Sequence[str] | None = None,
         state: str | None = None,
@@ -329,7 +329,7 @@ class TokenStore:
                 return None
             return _token(row)
 
-    def list(self, include_revoked: bool = True) -> list[Token]:
+    def all(self, include_revoked: bool = True) -> list[Token]:
         query = select(TokenRow).order_by(TokenRow.created_at, TokenRow.id)
         if not include_revoked:
             query = query.where(TokenRow.revoked_at.is_(None))
@@ -378,8 +378,8 @@ class ProjectMap:
 
     def unassign(self, instance_uuid: str) -> bool:
         with self._catalog._session(f"unassigning {instance_uuid}", write=True) as session:
-            deleted = session.execute(delete(InstanceProjectRow).where(InstanceProjectRow.instance_uuid == instance_uuid))
-            return bool(getattr(deleted, "rowcount", 0))
+            query = delete(InstanceProjectRow).where(InstanceProjectRow.instance_uuid == instance_uuid)
+            return bool(getattr(session.execute(query), "rowcount", 0))
 
     def all(self) -> dict[str, ProjectAssignment]:
         with self._catalog._session("reading the project mapping", write=False) as session:
@@ -470,7 +470,7 @@ class ImageStore:
         with self._catalog._session(f"updating image {image_id}", write=True) as session:
             session.execute(update(ImageRow).where(ImageRow.id == image_id).values(**values))
 
-    def list(self, projects: Sequence[str] | None = None, status: str | None = None) -> list[Image]:
+    def query(self, projects: Sequence[str] | None = None, status: str | None = None) -> list[Image]:
         query = select(ImageRow)
         if projects is not None:
             query = query.where(ImageRow.project.in_(list(projects)))

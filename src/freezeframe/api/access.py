@@ -1,0 +1,130 @@
+"""Who is calling and what they may see: bearer tokens, roles, and the project every resource belongs to.
+
+An instance's project is the admin's mapping if there is one, else the ``<ff:project>`` element of the domain's
+``<metadata>`` (namespace ``https://freezeframe.dev/xmlns/1``). A set is pinned to the project it was taken under
+(``freezeframe.project`` in its metadata); a set the CLI made without one follows its instance. Jobs and images
+record their project when they are created. A token of another project gets 404, exactly as for a missing
+resource, so ids cannot be probed.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import libvirt
+from lxml import etree
+
+from freezeframe.adapters.service_store import ProjectMap, Token
+from freezeframe.api.problems import forbidden
+from freezeframe.model import Instance, SnapshotSet
+from freezeframe.service import Freezeframe
+
+PROJECT_NS = "https://freezeframe.dev/xmlns/1"
+PROJECT_KEY = "freezeframe.project"
+JOB_KEY = "freezeframe.job_id"
+_PARSER = etree.XMLParser(resolve_entities=False, no_network=True)
+
+
+@dataclass(frozen=True)
+class Principal:
+    token_id: str
+    role: str
+    project: str | None
+
+    @classmethod
+    def of(cls, token: Token) -> Principal:
+        return cls(token.id, token.role, token.project)
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+    def sees(self, project: str | None) -> bool:
+        return self.is_admin or (project is not None and project == self.project)
+
+    def require_write(self) -> None:
+        if self.role == "reader":
+            raise forbidden("this token has the reader role: it can look but not change anything")
+
+    def require_admin(self) -> None:
+        if not self.is_admin:
+            raise forbidden("only an admin token can do this")
+
+    def visible_projects(self) -> list[str] | None:
+        """None: every project (admin)."""
+        if self.is_admin:
+            return None
+        return [self.project] if self.project else []
+
+
+def project_from_metadata(metadata_xml: str | None) -> str | None:
+    """The ``<ff:project>`` text of a domain's ``<metadata>``, if any."""
+    if not metadata_xml:
+        return None
+    try:
+        root = etree.fromstring(metadata_xml.encode(), _PARSER)
+    except etree.XMLSyntaxError:
+        return None
+    found = root.find(f"{{{PROJECT_NS}}}project") if root.tag == "metadata" else None
+    if found is None and root.tag == f"{{{PROJECT_NS}}}project":
+        found = root
+    text = (found.text or "").strip() if found is not None else ""
+    return text or None
+
+
+class ProjectResolver:
+    """Projects of instances and sets; libvirt answers are cached briefly since listing sets asks for many."""
+
+    def __init__(self, service: Freezeframe, mapping: ProjectMap, ttl_s: float = 5.0) -> None:
+        self.service = service
+        self.mapping = mapping
+        self.ttl_s = ttl_s
+        self._cache: dict[str, tuple[float, str | None]] = {}
+        self._lock = threading.Lock()
+
+    def of_instance(self, instance: Instance) -> tuple[str | None, str]:
+        """(project, where it came from: 'mapping', 'metadata' or 'none')."""
+        mapped = self.mapping.get(instance.uuid)
+        if mapped is not None:
+            return mapped, "mapping"
+        from_xml = project_from_metadata(instance.hardware.metadata_xml)
+        if from_xml is not None:
+            return from_xml, "metadata"
+        return None, "none"
+
+    def of_set(self, snapshot_set: SnapshotSet, mapping: dict[str, str] | None = None) -> str | None:
+        pinned = snapshot_set.metadata.get(PROJECT_KEY)
+        if pinned:
+            return pinned
+        if mapping is not None:
+            if snapshot_set.instance_uuid in mapping:
+                return mapping[snapshot_set.instance_uuid]
+        else:
+            mapped = self.mapping.get(snapshot_set.instance_uuid)
+            if mapped is not None:
+                return mapped
+        return self._from_libvirt(snapshot_set.instance_uuid)
+
+    def mapping_snapshot(self) -> dict[str, str]:
+        """One read of the mapping for a whole listing."""
+        return {uuid: a.project for uuid, a in self.mapping.all().items()}
+
+    def _from_libvirt(self, instance_uuid: str) -> str | None:
+        now = time.monotonic()
+        with self._lock:
+            hit = self._cache.get(instance_uuid)
+            if hit is not None and now - hit[0] < self.ttl_s:
+                return hit[1]
+        project: str | None = None
+        try:
+            dom = self.service.hypervisor.conn.lookupByUUIDString(instance_uuid)
+            metadata = etree.fromstring(dom.XMLDesc(0).encode(), _PARSER).find("metadata")
+        except libvirt.libvirtError:
+            metadata = None  # the instance is gone: its CLI-made sets are the admin's to see
+        if metadata is not None:
+            project = project_from_metadata(etree.tostring(metadata).decode())
+        with self._lock:
+            self._cache[instance_uuid] = (now, project)
+        return project

@@ -1,0 +1,1024 @@
+"""The FastAPI application: ``/v1`` routes over ``Freezeframe`` and ``Lifecycle``, jobs, access control.
+
+Routes are plain ``def`` functions (FastAPI runs them in its thread pool) because everything below them blocks:
+SQLite, libvirt, qemu-img. Long operations become jobs (``202`` + ``Location: /v1/jobs/{id}``); reads and
+deletes answer directly. ``create_app`` builds the app; its lifespan opens the service, takes the per-home
+service lock, repairs what a killed predecessor left, and starts the job workers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import re
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import libvirt
+from fastapi import APIRouter, Body, Depends, FastAPI, Query, Request, Response
+from fastapi import Path as PathParam
+from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from freezeframe import __version__
+from freezeframe.adapters import libvirt_define as ld
+from freezeframe.adapters.service_store import (
+    FAILED,
+    Image,
+    ImageNotFound,
+    ImageStore,
+    Job,
+    JobNotFound,
+    JobStore,
+    ProjectMap,
+    TokenStore,
+)
+from freezeframe.api import images as image_ops
+from freezeframe.api.access import JOB_KEY, PROJECT_KEY, Principal, ProjectResolver, project_from_metadata
+from freezeframe.api.jobs import JobContext, JobRunner, JobSpec, recover
+from freezeframe.api.problems import (
+    PROBLEM_JSON,
+    TYPE_BASE,
+    ApiProblem,
+    BodyLimit,
+    conflict,
+    handle_api_problem,
+    handle_freezeframe_error,
+    handle_http_exception,
+    handle_unexpected,
+    handle_validation_error,
+    log,
+    not_found,
+    redact,
+    unauthorized,
+)
+from freezeframe.api.schemas import (
+    META_KEY_PATTERN,
+    NAME_PATTERN,
+    PROJECT_PATTERN,
+    REF_PATTERN,
+    UUID_PATTERN,
+    ConsistencyView,
+    DiskView,
+    ExportRequest,
+    HardwareView,
+    Health,
+    ImagePage,
+    ImageView,
+    ImportRequest,
+    InstanceRef,
+    InstanceView,
+    JobError,
+    JobPage,
+    JobView,
+    MemberView,
+    NicView,
+    Problem,
+    ProgressView,
+    ProjectAssign,
+    ProjectView,
+    RestoreRequest,
+    ServerAction,
+    SetDetail,
+    SetPage,
+    SetView,
+    SnapshotCreate,
+    VerifyRequest,
+)
+from freezeframe.config import Settings
+from freezeframe.errors import FreezeframeError, HypervisorError, InstanceBusy, InstanceNotFound, NotFound
+from freezeframe.flow import SnapshotRequest
+from freezeframe.lifecycle import Lifecycle, SetHasDependants
+from freezeframe.model import DiskSpec, Hardware, Instance, SetStatus, SnapshotSet
+from freezeframe.service import Freezeframe
+
+MAX_BODY_BYTES = 64 * 1024
+_UUID_RE = re.compile(UUID_PATTERN)
+_SLUGS: dict[str, tuple[int, str]] = {
+    "not-found": (404, "Not found"),
+    "busy": (409, "Busy"),
+    "conflict": (409, "Conflict"),
+    "consistency-unavailable": (409, "Consistency level not reachable"),
+    "preflight-failed": (409, "Preflight check failed"),
+    "invalid-request": (400, "Invalid request"),
+    "hypervisor-error": (502, "Hypervisor error"),
+    "catalog-unavailable": (503, "Catalog unavailable"),
+    "operation-failed": (500, "Operation failed"),
+    "interrupted": (500, "Interrupted"),
+    "internal-error": (500, "Internal error"),
+}
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ApiConfig:
+    settings: Settings
+    workers: int = 2
+    """Jobs running at the same time (each snapshot also holds its instance's lock)."""
+    max_body_bytes: int = MAX_BODY_BYTES
+    shutdown_grace_s: float = 60.0
+    """How long a stop waits for running jobs (longer than the freeze cap, so no guest stays frozen)."""
+
+
+# ---- the state behind the routes ---------------------------------------------------------------------------
+
+
+class AppState:
+    """One ``Freezeframe`` for the process (catalog engine and libvirt connection are thread-safe)."""
+
+    def __init__(self, config: ApiConfig) -> None:
+        self.config = config
+        self.service = Freezeframe(config.settings)
+        self.lifecycle = Lifecycle(self.service)
+        catalog = self.service.catalog
+        self.jobs = JobStore(catalog)
+        self.tokens = TokenStore(catalog)
+        self.projects = ProjectMap(catalog)
+        self.images = ImageStore(catalog)
+        self.resolver = ProjectResolver(self.service, self.projects)
+        self.runner: JobRunner | None = None
+        self._lock_fd: int | None = None
+
+    # ---- start and stop ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Service lock, repair, recovery of interrupted jobs, then workers: in that order, before serving."""
+        self._take_service_lock()
+        reports: list[str] = []
+        if self.service.journal.pending():
+            reports += self.service.repair()
+        try:
+            reports += self.lifecycle.repair()
+        except FreezeframeError as exc:
+            log.warning("lifecycle repair at start-up failed (`freezeframe repair` retries it): %s", exc)
+        for line in reports:
+            log.warning("repair at start-up: %s", line)
+        for job in recover(self.jobs, reports):
+            log.warning("job %s (%s) was interrupted by the previous stop; marked failed", job.id, job.kind)
+            self._fail_interrupted_image(job)
+        self._warm_hypervisor()
+        self.runner = JobRunner(self.jobs, self.config.workers)
+
+    def _take_service_lock(self) -> None:
+        path = self.config.settings.home / "service.lock"
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            holder = path.read_text().strip() or "unknown"
+            raise InstanceBusy(
+                f"another freezeframe service (pid {holder}) already serves {self.config.settings.home}; "
+                "stop it first or give this one another --home"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._lock_fd = fd
+
+    def _fail_interrupted_image(self, job: Job) -> None:
+        if job.kind == "export" and job.image_id:
+            with contextlib.suppress(NotFound):
+                image = self.images.get(job.image_id)
+                Path(image.path).unlink(missing_ok=True)
+                self.images.update(image.id, status="failed", error=job.error, completed_at=_now())
+
+    def _warm_hypervisor(self) -> None:
+        """Connect now so worker threads never race to open the connection; a later call retries if down."""
+        try:
+            _ = self.service.hypervisor
+        except HypervisorError as exc:
+            log.warning("libvirt is not reachable yet (%s); instance calls answer 502 until it is", exc)
+
+    def close(self) -> None:
+        try:
+            if self.runner is not None:
+                left = self.runner.shutdown(self.config.shutdown_grace_s)
+                if left:
+                    log.warning("stopping with jobs still running (%s); the next start repairs them", ", ".join(left))
+        finally:
+            try:
+                self.service.close()
+            finally:
+                if self._lock_fd is not None:
+                    os.close(self._lock_fd)
+                    self._lock_fd = None
+
+    # ---- lookups with visibility ----------------------------------------------------------------------
+
+    def require_runner(self) -> JobRunner:
+        if self.runner is None:
+            raise conflict("the service is starting or stopping; retry in a moment")
+        return self.runner
+
+    def inventory(self) -> list[Instance]:
+        """Every domain libvirt has, skipping ones that vanish while they are read (others' tests come and go)."""
+        hypervisor = self.service.hypervisor
+        try:
+            domains = hypervisor.conn.listAllDomains()
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(f"listing domains failed: {exc.get_error_message()}") from exc
+        found = []
+        for dom in domains:
+            try:
+                found.append(hypervisor.lookup(dom.UUIDString()))
+            except (NotFound, libvirt.libvirtError):
+                continue
+            except HypervisorError as exc:
+                log.warning("skipping a domain that could not be read: %s", exc)
+        return found
+
+    def instance(self, ref: str, principal: Principal) -> tuple[Instance, str | None, str]:
+        if len(ref) == 36 and ref.count("-") == 4 and not _UUID_RE.match(ref.lower()):
+            raise not_found(f"instance {ref!r}")
+        try:
+            instance = self.service.hypervisor.lookup(ref.lower() if _UUID_RE.match(ref.lower()) else ref)
+        except InstanceNotFound:
+            raise not_found(f"instance {ref!r}") from None
+        project, source = self.resolver.of_instance(instance)
+        if not principal.sees(project):
+            raise not_found(f"instance {ref!r}")
+        return instance, project, source
+
+    def snapshot_set(self, set_id: str, principal: Principal) -> tuple[SnapshotSet, str | None]:
+        try:
+            snapshot_set = self.service.catalog.get_set(set_id)
+        except NotFound:
+            raise not_found(f"snapshot set {set_id}") from None
+        if snapshot_set.id != set_id:
+            raise not_found(f"snapshot set {set_id}")
+        project = self.resolver.of_set(snapshot_set)
+        if not principal.sees(project):
+            raise not_found(f"snapshot set {set_id}")
+        return snapshot_set, project
+
+    def job(self, job_id: str, principal: Principal) -> Job:
+        try:
+            job = self.jobs.get(job_id)
+        except JobNotFound:
+            raise not_found(f"job {job_id}") from None
+        if not principal.sees(job.project):
+            raise not_found(f"job {job_id}")
+        return job
+
+    def image(self, image_id: str, principal: Principal) -> Image:
+        try:
+            image = self.images.get(image_id)
+        except ImageNotFound:
+            raise not_found(f"image {image_id}") from None
+        if not principal.sees(image.project):
+            raise not_found(f"image {image_id}")
+        return image
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+# ---- views ---------------------------------------------------------------------------------------------------
+
+
+def _disk_view(d: DiskSpec, admin: bool) -> DiskView:
+    return DiskView(
+        target=d.target, device=d.device, bus=d.bus, format=d.format, size=d.virtual_size,
+        readonly=d.readonly, shareable=d.shareable, source=d.source_path if admin else None,
+    )  # fmt: skip
+
+
+def instance_view(instance: Instance, project: str | None, admin: bool) -> InstanceView:
+    return InstanceView(
+        name=instance.name,
+        uuid=instance.uuid,
+        state=instance.state,
+        project=project,
+        vcpus=instance.hardware.vcpus,
+        memory_kib=instance.hardware.memory_kib,
+        disks=[_disk_view(d, admin) for d in instance.hardware.disks],
+    )
+
+
+def _hardware_view(hw: Hardware, admin: bool) -> HardwareView:
+    return HardwareView(
+        vcpus=hw.vcpus,
+        memory_kib=hw.memory_kib,
+        arch=hw.arch,
+        machine=hw.machine,
+        firmware=hw.boot.firmware,
+        disks=[_disk_view(d, admin) for d in hw.disks],
+        nics=[NicView(model=n.model, source_type=n.source_type, source=n.source) for n in hw.nics],
+    )
+
+
+def set_view(s: SnapshotSet, project: str | None, admin: bool) -> SetView:
+    return SetView(**_set_fields(s, project, admin))
+
+
+def set_detail(s: SnapshotSet, project: str | None, admin: bool) -> SetDetail:
+    return SetDetail(**_set_fields(s, project, admin), hardware=_hardware_view(s.hardware, admin))
+
+
+def _set_fields(s: SnapshotSet, project: str | None, admin: bool) -> dict[str, Any]:
+    return {
+        "id": s.id,
+        "name": s.name,
+        "status": s.status,
+        "project": project,
+        "instance": InstanceRef(name=s.instance_name, uuid=s.instance_uuid),
+        "instance_state": s.instance_state,
+        "consistency": ConsistencyView(requested=s.requested, achieved=s.achieved, reason=s.reason),
+        "freeze_window_ms": s.freeze_window_ms,
+        "pause_window_ms": s.pause_window_ms,
+        "created_at": s.created_at,
+        "completed_at": s.completed_at,
+        "backup_type": s.backup_type,
+        "metadata": dict(s.metadata),
+        "error": redact(s.error) if s.error else None,
+        "members": [
+            MemberView(
+                target=m.target,
+                bus=m.bus,
+                boot_order=m.boot_order,
+                size=m.virtual_size,
+                format=m.format,
+                sha256=m.sha256,
+                metadata=dict(m.metadata),
+                path=m.path if admin else None,
+            )
+            for m in s.members
+        ],
+    }
+
+
+def job_view(job: Job) -> JobView:
+    error = None
+    if job.state == FAILED:
+        slug = job.error_type or "operation-failed"
+        status, title = _SLUGS.get(slug, (500, "Operation failed"))
+        error = JobError(type=TYPE_BASE + slug, title=title, status=status, detail=redact(job.error or title))
+    total = job.progress_total
+    return JobView(
+        id=job.id,
+        kind=job.kind,
+        state=job.state,  # type: ignore[arg-type]
+        project=job.project,
+        instance=InstanceRef(name=job.instance_name or "", uuid=job.instance_uuid) if job.instance_uuid else None,
+        set_id=job.set_id,
+        image_id=job.image_id,
+        request=job.request,
+        progress=ProgressView(
+            phase=job.phase,
+            done=job.progress_done,
+            total=total,
+            fraction=round(job.progress_done / total, 4) if total else (1.0 if job.state == "succeeded" else None),
+        ),
+        result=job.result,
+        error=error,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+    )
+
+
+def image_view(image: Image) -> ImageView:
+    return ImageView(
+        id=image.id,
+        name=image.name,
+        status=image.status,  # type: ignore[arg-type]
+        project=image.project,
+        set_id=image.set_id,
+        instance_name=image.instance_name,
+        format=image.format,
+        disk_format=image.disk_format,
+        size=image.size,
+        created_at=image.created_at,
+        completed_at=image.completed_at,
+        error=redact(image.error) if image.error else None,
+    )
+
+
+def _page(items: Sequence[T], limit: int, offset: int) -> tuple[list[T], int | None]:
+    chunk = list(items[offset : offset + limit])
+    return chunk, (offset + limit if offset + limit < len(items) else None)
+
+
+# ---- dependencies --------------------------------------------------------------------------------------------
+
+_bearer = HTTPBearer(auto_error=False, description="`freezeframe token create` issues tokens")
+
+
+def get_state(request: Request) -> AppState:
+    state: AppState = request.app.state.ff
+    return state
+
+
+def get_principal(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> Principal:
+    if credentials is None or not credentials.credentials:
+        raise unauthorized("send an 'Authorization: Bearer <token>' header; `freezeframe token create` makes one")
+    token = get_state(request).tokens.authenticate(credentials.credentials)
+    if token is None:
+        raise unauthorized("the token is unknown or revoked")
+    return Principal.of(token)
+
+
+StateDep = Annotated[AppState, Depends(get_state)]
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+InstanceId = Annotated[str, PathParam(pattern=REF_PATTERN, max_length=64, description="instance name or UUID")]
+SetId = Annotated[str, PathParam(pattern=UUID_PATTERN, description="snapshot set id")]
+JobId = Annotated[str, PathParam(pattern=UUID_PATTERN)]
+ImageId = Annotated[str, PathParam(pattern=UUID_PATTERN)]
+Limit = Annotated[int, Query(ge=1, le=500)]
+Offset = Annotated[int, Query(ge=0, le=1_000_000)]
+
+
+def _problems(*codes: int) -> dict[int | str, dict[str, Any]]:
+    descriptions = {
+        400: "invalid request", 401: "no or bad token", 403: "the token's role does not allow it",
+        404: "not found or not visible to this token", 409: "conflict (busy, wrong state)",
+        413: "request body too large", 422: "input does not match the schema", 500: "internal error",
+        502: "hypervisor error", 503: "catalog unavailable",
+    }  # fmt: skip
+    schema = {"$ref": "#/components/schemas/Problem"}
+    return {
+        code: {
+            "model": Problem,
+            "description": descriptions[code],
+            "content": {PROBLEM_JSON: {"schema": schema}},
+        }
+        for code in sorted({401, 422, 500, 502, 503, *codes})
+    }
+
+
+# ---- jobs that snapshot ----------------------------------------------------------------------------------------
+
+
+def _root_disk(instance: Instance) -> str | None:
+    """The boot disk: lowest boot order, else the first disk (Nova's createImage without all_volumes)."""
+    disks = [d for d in instance.hardware.disks if d.device == "disk"]
+    booted = sorted((d for d in disks if d.boot_order), key=lambda d: d.boot_order or 0)
+    chosen = booted or disks
+    return chosen[0].target if chosen else None
+
+
+def _probe_instance_lock(state: AppState, instance: Instance) -> None:
+    """A CLI run on the same instance holds its flock: say so now instead of failing the job later."""
+    try:
+        with state.service.locks.hold(instance.uuid):
+            pass
+    except InstanceBusy:
+        raise conflict(
+            f"another freezeframe process is operating on instance {instance.name}; wait for it to finish"
+        ) from None
+
+
+def submit_snapshot(
+    state: AppState, principal: Principal, instance: Instance, project: str | None, body: SnapshotCreate, kind: str
+) -> Job:
+    known = {d.target for d in instance.hardware.disks if d.device == "disk"}
+    unknown = sorted(set(body.exclude_disks) - known)
+    if unknown:
+        raise ApiProblem(
+            400, "invalid-request", "Invalid request",
+            f"exclude_disks {', '.join(unknown)}: {instance.name} has no such disk (its disks: "
+            f"{', '.join(sorted(known)) or 'none'})",
+        )  # fmt: skip
+    runner = state.require_runner()
+    running = runner.active_job(f"instance:{instance.uuid}")
+    if running is not None:
+        raise conflict(f"job {running} is still running on this instance; wait for it to finish", job_id=running)
+    _probe_instance_lock(state, instance)
+    spec = JobSpec(
+        kind=kind,
+        lock_key=f"instance:{instance.uuid}",
+        project=project,
+        request=body.model_dump(mode="json"),
+        token_id=principal.token_id,
+        instance_uuid=instance.uuid,
+        instance_name=instance.name,
+    )
+
+    def run(ctx: JobContext) -> dict[str, Any]:
+        metadata = dict(body.metadata)
+        metadata[JOB_KEY] = ctx.id
+        if project is not None:
+            metadata[PROJECT_KEY] = project
+        request = SnapshotRequest(
+            instance=instance.uuid,
+            consistency=body.consistency,
+            require=body.require,
+            name=body.name,
+            exclude_disks=tuple(body.exclude_disks),
+            metadata=metadata,
+            backup_type=body.backup_type,
+            pause_vcpus=body.pause,
+        )
+        ctx.phase("snapshotting")
+
+        def progress(done: int, total: int) -> None:
+            if ctx.job.set_id is None:
+                entry = next((e for e in state.service.journal.pending() if e.instance_uuid == instance.uuid), None)
+                if entry is not None:
+                    ctx.attach(set_id=entry.set_id)
+                ctx.phase("copying")
+            ctx.progress(done, total)
+
+        try:
+            made = state.service.snapshot(request, progress)
+        except FreezeframeError:
+            with contextlib.suppress(FreezeframeError):
+                mine = state.service.catalog.list_sets(instance=instance.uuid, metadata={JOB_KEY: ctx.id})
+                if mine:
+                    ctx.attach(set_id=mine[0].id)
+            raise
+        ctx.attach(set_id=made.id)
+        rotated: list[str] = []
+        kept: dict[str, str] = {}
+        if body.rotation is not None and body.backup_type is not None:
+            ctx.phase("rotating")
+            rotated, kept = state.lifecycle.rotate(instance.uuid, body.backup_type, body.rotation)
+        return {
+            "set_id": made.id,
+            "status": str(made.status),
+            "consistency": str(made.achieved) if made.achieved else None,
+            "rotated_out": rotated,
+            "kept_in_use": {k: redact(v) for k, v in kept.items()},
+        }
+
+    return runner.submit(spec, run)
+
+
+def _accepted(response: Response, job: Job) -> JobView:
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job_view(job)
+
+
+def _set_job_guard(state: AppState, set_id: str) -> JobRunner:
+    runner = state.require_runner()
+    running = runner.active_job(f"set:{set_id}")
+    if running is not None:
+        raise conflict(f"job {running} is still running on this snapshot set; wait for it to finish", job_id=running)
+    return runner
+
+
+def _require_available(s: SnapshotSet) -> None:
+    if s.status is not SetStatus.AVAILABLE:
+        raise conflict(f"snapshot set {s.id} is {s.status}; only available sets can be used for this")
+
+
+def _require_free_name(state: AppState, name: str) -> None:
+    if ld.name_taken(state.service.hypervisor.conn, name):
+        raise conflict(f"an instance named {name!r} already exists; choose another name")
+
+
+# ---- routes ---------------------------------------------------------------------------------------------------
+
+router = APIRouter(prefix="/v1")
+
+
+@router.get("/instances", response_model=list[InstanceView], tags=["instances"], responses=_problems())
+def list_instances(state: StateDep, principal: PrincipalDep) -> list[InstanceView]:
+    """The instances libvirt has (those of the token's project; all for an admin), with their disks."""
+    mapping = state.resolver.mapping_snapshot()
+    found = []
+    for instance in state.inventory():
+        project = mapping.get(instance.uuid) or project_from_metadata(instance.hardware.metadata_xml)
+        if principal.sees(project):
+            found.append(instance_view(instance, project, principal.is_admin))
+    return found
+
+
+@router.get("/instances/{instance_id}", response_model=InstanceView, tags=["instances"], responses=_problems(404))
+def get_instance(instance_id: InstanceId, state: StateDep, principal: PrincipalDep) -> InstanceView:
+    instance, project, _ = state.instance(instance_id, principal)
+    return instance_view(instance, project, principal.is_admin)
+
+
+@router.put(
+    "/instances/{instance_id}/project", response_model=ProjectView, tags=["instances"], responses=_problems(403, 404)
+)
+def assign_project(
+    instance_id: InstanceId, body: ProjectAssign, state: StateDep, principal: PrincipalDep
+) -> ProjectView:
+    """Admin: put the instance in a project (wins over the project in the domain's metadata)."""
+    principal.require_admin()
+    instance, _, _ = state.instance(instance_id, principal)
+    state.projects.assign(instance.uuid, instance.name, body.project)
+    ref = InstanceRef(name=instance.name, uuid=instance.uuid)
+    return ProjectView(instance=ref, project=body.project, source="mapping")
+
+
+@router.delete(
+    "/instances/{instance_id}/project", response_model=ProjectView, tags=["instances"], responses=_problems(403, 404)
+)
+def unassign_project(instance_id: InstanceId, state: StateDep, principal: PrincipalDep) -> ProjectView:
+    """Admin: drop the mapping; the project in the domain's metadata (if any) applies again."""
+    principal.require_admin()
+    instance, _, _ = state.instance(instance_id, principal)
+    state.projects.unassign(instance.uuid)
+    project, source = state.resolver.of_instance(instance)
+    return ProjectView(instance=InstanceRef(name=instance.name, uuid=instance.uuid), project=project, source=source)  # type: ignore[arg-type]
+
+
+@router.post(
+    "/instances/{instance_id}/snapshots",
+    status_code=202,
+    response_model=JobView,
+    tags=["snapshots"],
+    responses=_problems(400, 403, 404, 409, 413),
+)
+def create_snapshot(
+    instance_id: InstanceId, body: SnapshotCreate, response: Response, state: StateDep, principal: PrincipalDep
+) -> JobView:
+    """Snapshot every disk of the instance as one set (createBackup semantics with backup_type + rotation)."""
+    principal.require_write()
+    instance, project, _ = state.instance(instance_id, principal)
+    kind = "backup" if body.rotation is not None else "snapshot"
+    return _accepted(response, submit_snapshot(state, principal, instance, project, body, kind))
+
+
+@router.post(
+    "/servers/{server_id}/action",
+    status_code=202,
+    response_model=JobView,
+    tags=["snapshots"],
+    responses=_problems(400, 403, 404, 409, 413),
+)
+def server_action(
+    server_id: InstanceId, body: ServerAction, response: Response, state: StateDep, principal: PrincipalDep
+) -> JobView:
+    """The OpenStack proposal's shapes: ``{"createBackup": {...}}`` or ``{"createImage": {..., "all_volumes"}}``."""
+    principal.require_write()
+    instance, project, _ = state.instance(server_id, principal)
+    if body.createBackup is not None:
+        b = body.createBackup
+        request = SnapshotCreate(name=b.name, metadata=b.metadata, backup_type=b.backup_type, rotation=b.rotation)
+        kind = "backup"
+    else:
+        assert body.createImage is not None
+        i = body.createImage
+        exclude: list[str] = []
+        if not i.all_volumes:
+            root = _root_disk(instance)
+            exclude = [d.target for d in instance.hardware.disks if d.device == "disk" and d.target != root]
+        request = SnapshotCreate(name=i.name, metadata=i.metadata, exclude_disks=exclude)
+        kind = "snapshot"
+    return _accepted(response, submit_snapshot(state, principal, instance, project, request, kind))
+
+
+@router.get("/jobs", response_model=JobPage, tags=["jobs"], responses=_problems())
+def list_jobs(
+    state: StateDep,
+    principal: PrincipalDep,
+    job_state: Annotated[str | None, Query(alias="state", pattern="^(queued|running|succeeded|failed)$")] = None,
+    kind: Annotated[str | None, Query(pattern="^[a-z]{1,32}$")] = None,
+    limit: Limit = 50,
+    offset: Offset = 0,
+) -> JobPage:
+    jobs = state.jobs.query(projects=principal.visible_projects(), state=job_state, kind=kind)
+    chunk, next_offset = _page(jobs, limit, offset)
+    items = [job_view(j) for j in chunk]
+    return JobPage(items=items, total=len(jobs), limit=limit, offset=offset, next_offset=next_offset)
+
+
+@router.get("/jobs/{job_id}", response_model=JobView, tags=["jobs"], responses=_problems(404))
+def get_job(job_id: JobId, state: StateDep, principal: PrincipalDep) -> JobView:
+    """State, progress (bytes copied), result (e.g. the set id) or error of a job."""
+    return job_view(state.job(job_id, principal))
+
+
+@router.get("/snapshot-sets", response_model=SetPage, tags=["snapshot sets"], responses=_problems(400))
+def list_sets(
+    state: StateDep,
+    principal: PrincipalDep,
+    instance: Annotated[str | None, Query(pattern=REF_PATTERN, max_length=64)] = None,
+    status: SetStatus | None = None,
+    backup_type: Annotated[str | None, Query(pattern=NAME_PATTERN, max_length=63)] = None,
+    metadata: Annotated[
+        list[str] | None,
+        Query(description="KEY=VALUE; repeat for several (all must match)", max_length=16),
+    ] = None,
+    project: Annotated[str | None, Query(pattern=PROJECT_PATTERN, max_length=128)] = None,
+    limit: Limit = 50,
+    offset: Offset = 0,
+) -> SetPage:
+    """Newest first; filters combine; ``next_offset`` is null on the last page."""
+    wanted: dict[str, str] = {}
+    for item in metadata or []:
+        key, sep, value = item.partition("=")
+        if not sep or not re.match(META_KEY_PATTERN, key) or len(value) > 1024:
+            raise ApiProblem(400, "invalid-request", "Invalid request", f"metadata filter {item[:80]!r}: use KEY=VALUE")
+        wanted[key] = value
+    sets = state.service.catalog.list_sets(instance=instance, status=status, backup_type=backup_type, metadata=wanted)
+    mapping = state.resolver.mapping_snapshot()
+    visible = []
+    for s in sets:
+        owner = state.resolver.of_set(s, mapping)
+        if principal.sees(owner) and (project is None or owner == project):
+            visible.append((s, owner))
+    chunk, next_offset = _page(visible, limit, offset)
+    return SetPage(
+        items=[set_view(s, owner, principal.is_admin) for s, owner in chunk],
+        total=len(visible),
+        limit=limit,
+        offset=offset,
+        next_offset=next_offset,
+    )
+
+
+@router.get("/snapshot-sets/{set_id}", response_model=SetDetail, tags=["snapshot sets"], responses=_problems(404))
+def get_set(set_id: SetId, state: StateDep, principal: PrincipalDep) -> SetDetail:
+    """The set with its members (each member's metadata carries the set's UUID) and recorded hardware."""
+    s, project = state.snapshot_set(set_id, principal)
+    return set_detail(s, project, principal.is_admin)
+
+
+@router.delete("/snapshot-sets/{set_id}", status_code=204, tags=["snapshot sets"], responses=_problems(403, 404, 409))
+def delete_set(
+    set_id: SetId,
+    state: StateDep,
+    principal: PrincipalDep,
+    force: Annotated[bool, Query(description="flatten copy-on-write dependants first")] = False,
+) -> Response:
+    """Remove the set and its data; restored instances still on it are a 409 unless ``force``."""
+    principal.require_write()
+    s, _ = state.snapshot_set(set_id, principal)
+    _set_job_guard(state, s.id)
+    if s.status is SetStatus.CREATING:
+        raise conflict(f"snapshot set {s.id} is still being created; wait for its job to finish")
+    try:
+        state.lifecycle.delete(s.id, force=force)
+    except SetHasDependants as exc:
+        names = sorted({d.instance_name for d in exc.dependants})
+        raise conflict(
+            f"snapshot set {s.id} is still the copy-on-write base of instance(s) {', '.join(names)}; delete with "
+            "force=true to copy the data into them first, or remove those instances"
+        ) from None
+    return Response(status_code=204)
+
+
+@router.post(
+    "/snapshot-sets/{set_id}/restore",
+    status_code=202,
+    response_model=JobView,
+    tags=["snapshot sets"],
+    responses=_problems(400, 403, 404, 409, 413),
+)
+def restore_set(
+    set_id: SetId, body: RestoreRequest, response: Response, state: StateDep, principal: PrincipalDep
+) -> JobView:
+    """A new instance (in the set's project) from the set: copy-on-write over the members, or full copies."""
+    principal.require_write()
+    s, project = state.snapshot_set(set_id, principal)
+    _require_available(s)
+    runner = _set_job_guard(state, s.id)
+    _require_free_name(state, body.name)
+
+    def run(ctx: JobContext) -> dict[str, Any]:
+        ctx.phase("restoring")
+        result = state.lifecycle.restore(s.id, body.name, start=body.start, full=body.full)
+        if project is not None:
+            state.projects.assign(result.uuid, result.name, project)
+        return {
+            "instance": {"name": result.name, "uuid": result.uuid},
+            "mode": result.mode,
+            "disks": [d.target for d in result.disks],
+            "started": result.started,
+            "left_out": {k: redact(v) for k, v in result.left_out.items()},
+        }
+
+    spec = JobSpec(
+        kind="restore", lock_key=f"set:{s.id}", project=project, request=body.model_dump(mode="json"),
+        token_id=principal.token_id, instance_uuid=s.instance_uuid, instance_name=s.instance_name, set_id=s.id,
+    )  # fmt: skip
+    return _accepted(response, runner.submit(spec, run))
+
+
+@router.post(
+    "/snapshot-sets/{set_id}/verify",
+    status_code=202,
+    response_model=JobView,
+    tags=["snapshot sets"],
+    responses=_problems(403, 404, 409, 413),
+)
+def verify_set(
+    set_id: SetId,
+    response: Response,
+    state: StateDep,
+    principal: PrincipalDep,
+    body: Annotated[VerifyRequest | None, Body()] = None,
+) -> JobView:
+    """Recompute every member's SHA-256 (``boot``: also boot a throw-away clone); the report is the result."""
+    principal.require_write()
+    s, project = state.snapshot_set(set_id, principal)
+    _require_available(s)
+    runner = _set_job_guard(state, s.id)
+    request = body or VerifyRequest()
+
+    def run(ctx: JobContext) -> dict[str, Any]:
+        ctx.phase("verifying")
+        report = state.lifecycle.verify(s.id, boot=request.boot)
+        return {
+            "ok": report.ok,
+            "booted": report.booted,
+            "checks": [
+                {"subject": c.subject, "check": c.what, "ok": c.ok, "detail": redact(c.detail)} for c in report.checks
+            ],
+        }
+
+    spec = JobSpec(
+        kind="verify", lock_key=f"set:{s.id}", project=project, request=request.model_dump(mode="json"),
+        token_id=principal.token_id, instance_uuid=s.instance_uuid, instance_name=s.instance_name, set_id=s.id,
+    )  # fmt: skip
+    return _accepted(response, runner.submit(spec, run))
+
+
+@router.post(
+    "/snapshot-sets/{set_id}/export",
+    status_code=202,
+    response_model=JobView,
+    tags=["images"],
+    responses=_problems(403, 404, 409, 413),
+)
+def export_set(
+    set_id: SetId,
+    response: Response,
+    state: StateDep,
+    principal: PrincipalDep,
+    body: Annotated[ExportRequest | None, Body()] = None,
+) -> JobView:
+    """Package the set as an OVA image (``GET /v1/images/{image_id}``); the job's ``image_id`` names it."""
+    principal.require_write()
+    s, project = state.snapshot_set(set_id, principal)
+    _require_available(s)
+    runner = _set_job_guard(state, s.id)
+    request = body or ExportRequest()
+    image_id = str(uuid.uuid4())
+    path = image_ops.images_dir(state.service) / f"{image_id}.ova"
+    image = Image(
+        id=image_id, name=request.name or f"{s.name}.ova", status="creating", project=project, set_id=s.id,
+        instance_name=s.instance_name, format=request.format, disk_format=request.disk_format, path=str(path),
+        created_at=_now(),
+    )  # fmt: skip
+
+    def run(ctx: JobContext) -> dict[str, Any]:
+        ctx.phase("exporting")
+        try:
+            exported = image_ops.export_set(state.service, s, path, request.disk_format, ctx.progress)
+        except BaseException as exc:
+            path.unlink(missing_ok=True)
+            state.images.update(image_id, status="failed", error=str(exc) or type(exc).__name__, completed_at=_now())
+            raise
+        state.images.update(image_id, status="available", size=exported.size, completed_at=_now())
+        return {"image_id": image_id, "size": exported.size}
+
+    spec = JobSpec(
+        kind="export", lock_key=f"set:{s.id}", project=project, request=request.model_dump(mode="json"),
+        token_id=principal.token_id, instance_uuid=s.instance_uuid, instance_name=s.instance_name, set_id=s.id,
+        image_id=image_id,
+    )  # fmt: skip
+    state.images.add(image)
+    try:
+        job = runner.submit(spec, run)
+    except ApiProblem:
+        state.images.delete(image_id)
+        raise
+    return _accepted(response, job)
+
+
+@router.get("/images", response_model=ImagePage, tags=["images"], responses=_problems())
+def list_images(
+    state: StateDep,
+    principal: PrincipalDep,
+    status: Annotated[str | None, Query(pattern="^(creating|available|failed)$")] = None,
+    limit: Limit = 50,
+    offset: Offset = 0,
+) -> ImagePage:
+    found = state.images.query(projects=principal.visible_projects(), status=status)
+    chunk, next_offset = _page(found, limit, offset)
+    return ImagePage(
+        items=[image_view(i) for i in chunk], total=len(found), limit=limit, offset=offset, next_offset=next_offset
+    )
+
+
+@router.get("/images/{image_id}", response_model=ImageView, tags=["images"], responses=_problems(404))
+def get_image(image_id: ImageId, state: StateDep, principal: PrincipalDep) -> ImageView:
+    return image_view(state.image(image_id, principal))
+
+
+@router.get(
+    "/images/{image_id}/file",
+    tags=["images"],
+    response_class=FileResponse,
+    responses={
+        200: {"description": "the OVA package", "content": {"application/x-tar": {}}},
+        **_problems(404, 409),
+    },
+)
+def download_image(image_id: ImageId, state: StateDep, principal: PrincipalDep) -> FileResponse:
+    """The OVA itself (a tar: descriptor, SHA-256 manifest, disks)."""
+    image = state.image(image_id, principal)
+    if image.status != "available" or not Path(image.path).is_file():
+        raise conflict(f"image {image.id} is {image.status}; only available images can be downloaded")
+    return FileResponse(image.path, media_type="application/x-tar", filename=f"{image.id}.ova")
+
+
+@router.delete("/images/{image_id}", status_code=204, tags=["images"], responses=_problems(403, 404, 409))
+def delete_image(image_id: ImageId, state: StateDep, principal: PrincipalDep) -> Response:
+    principal.require_write()
+    image = state.image(image_id, principal)
+    running = state.require_runner().active_job(f"image:{image.id}")
+    if image.status == "creating" or running is not None:
+        raise conflict(f"image {image.id} is in use by a job; wait for it to finish", job_id=running)
+    Path(image.path).unlink(missing_ok=True)
+    state.images.delete(image.id)
+    return Response(status_code=204)
+
+
+@router.post(
+    "/images/{image_id}/import",
+    status_code=202,
+    response_model=JobView,
+    tags=["images"],
+    responses=_problems(400, 403, 404, 409, 413),
+)
+def import_image(
+    image_id: ImageId, body: ImportRequest, response: Response, state: StateDep, principal: PrincipalDep
+) -> JobView:
+    """A new instance (in the image's project) from the OVA: its disks copied out, the domain defined."""
+    principal.require_write()
+    image = state.image(image_id, principal)
+    if image.status != "available":
+        raise conflict(f"image {image.id} is {image.status}; only available images can be imported")
+    runner = state.require_runner()
+    _require_free_name(state, body.name)
+
+    def run(ctx: JobContext) -> dict[str, Any]:
+        ctx.phase("importing")
+        made = image_ops.import_package(state.service, Path(image.path), body.name, start=body.start)
+        if image.project is not None:
+            state.projects.assign(made.uuid, made.name, image.project)
+        return {
+            "instance": {"name": made.name, "uuid": made.uuid},
+            "disks": made.disks,
+            "started": made.started,
+            "warnings": [redact(w) for w in made.warnings],
+        }
+
+    spec = JobSpec(
+        kind="import", lock_key=f"image:{image.id}", project=image.project, request=body.model_dump(mode="json"),
+        token_id=principal.token_id, set_id=image.set_id, image_id=image.id,
+    )  # fmt: skip
+    return _accepted(response, runner.submit(spec, run))
+
+
+# ---- the app ----------------------------------------------------------------------------------------------------
+
+
+def create_app(config: ApiConfig) -> FastAPI:
+    """The ASGI app; the service opens in its lifespan, so building the app touches nothing."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state = AppState(config)
+        try:
+            await run_in_threadpool(state.start)
+        except BaseException:
+            await run_in_threadpool(state.close)
+            raise
+        app.state.ff = state
+        try:
+            yield
+        finally:
+            await run_in_threadpool(state.close)
+
+    app = FastAPI(
+        title="freezeframe",
+        version=__version__,
+        summary="Instance-level snapshot sets of libvirt/QEMU VMs: every disk at one point in time.",
+        openapi_url="/openapi.json",
+        docs_url="/docs",
+        redoc_url=None,
+        lifespan=lifespan,
+    )
+    app.add_exception_handler(ApiProblem, handle_api_problem)
+    app.add_exception_handler(RequestValidationError, handle_validation_error)
+    app.add_exception_handler(StarletteHTTPException, handle_http_exception)
+    app.add_exception_handler(FreezeframeError, handle_freezeframe_error)
+    app.add_exception_handler(Exception, handle_unexpected)
+    app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
+
+    @app.get("/healthz", response_model=Health, tags=["service"])
+    def health() -> Health:
+        """Unauthenticated liveness: the service has started (repair at start-up is done)."""
+        return Health(status="ok", version=__version__)
+
+    app.include_router(router)
+    return app

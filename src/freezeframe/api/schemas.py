@@ -1,0 +1,309 @@
+"""Request and response bodies of the HTTP API (pydantic): the contract /openapi.json publishes.
+
+Inputs are strict (unknown fields refused, names and keys to a portable alphabet, sizes bounded) because they
+end up as libvirt names, directory names and catalog rows; outputs never carry host paths except for admins.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from freezeframe.model import Consistency, InstanceState, SetStatus
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
+"""Instance, set and image names: a libvirt name and a directory name (same rule as ``lifecycle.validate_name``)."""
+REF_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+"""An instance given by name or UUID in a path."""
+UUID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+PROJECT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+TARGET_PATTERN = r"^[a-z]{2,4}[a-z0-9]{0,12}$"
+META_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
+RESERVED_META_PREFIX = "freezeframe."
+MAX_META_ENTRIES = 32
+MAX_META_VALUE = 1024
+
+Name = Annotated[str, Field(pattern=NAME_PATTERN, min_length=1, max_length=63)]
+Project = Annotated[str, Field(pattern=PROJECT_PATTERN, min_length=1, max_length=128)]
+BackupType = Annotated[str, Field(pattern=NAME_PATTERN, min_length=1, max_length=63, examples=["daily"])]
+Target = Annotated[str, Field(pattern=TARGET_PATTERN, min_length=2, max_length=16, examples=["vdb"])]
+MetaKey = Annotated[str, Field(pattern=META_KEY_PATTERN, min_length=1, max_length=128)]
+MetaValue = Annotated[str, Field(max_length=MAX_META_VALUE)]
+
+
+def _user_metadata(value: dict[str, str]) -> dict[str, str]:
+    reserved = sorted(k for k in value if k.startswith(RESERVED_META_PREFIX))
+    if reserved:
+        raise ValueError(f"metadata keys starting with '{RESERVED_META_PREFIX}' are reserved: {', '.join(reserved)}")
+    return value
+
+
+Metadata = Annotated[
+    dict[MetaKey, MetaValue],
+    Field(max_length=MAX_META_ENTRIES, description=f"at most {MAX_META_ENTRIES} entries; keys not 'freezeframe.*'"),
+    AfterValidator(_user_metadata),
+]
+
+
+class _Input(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# ---- requests ----------------------------------------------------------------------------------------------
+
+
+class SnapshotCreate(_Input):
+    """A snapshot set of the instance; with ``backup_type`` + ``rotation`` it is Nova's createBackup."""
+
+    name: Name | None = None
+    consistency: Consistency = Consistency.FILESYSTEM
+    require: bool = Field(default=False, description="fail instead of falling back to crash consistency")
+    exclude_disks: list[Target] = Field(default_factory=list, max_length=32)
+    metadata: Metadata = Field(default_factory=dict)
+    backup_type: BackupType | None = None
+    rotation: int | None = Field(default=None, ge=0, le=1000, description="keep the newest N sets of this backup_type")
+    pause: bool = Field(default=False, description="also pause the vCPUs around the capture")
+
+    @model_validator(mode="after")
+    def _rotation_needs_type(self) -> SnapshotCreate:
+        if self.rotation is not None and self.backup_type is None:
+            raise ValueError("rotation needs backup_type: it keeps the newest sets of that type")
+        return self
+
+
+class CreateBackup(_Input):
+    name: Name
+    backup_type: BackupType
+    rotation: int = Field(ge=0, le=1000)
+    metadata: Metadata = Field(default_factory=dict)
+
+
+class CreateImage(_Input):
+    name: Name
+    metadata: Metadata = Field(default_factory=dict)
+    all_volumes: bool = Field(default=True, description="false: the root disk only")
+
+
+class ServerAction(_Input):
+    """The OpenStack proposal's call shapes: exactly one of createBackup or createImage."""
+
+    createBackup: CreateBackup | None = None  # the wire names are Nova's
+    createImage: CreateImage | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ServerAction:
+        if (self.createBackup is None) == (self.createImage is None):
+            raise ValueError("give exactly one of createBackup or createImage")
+        return self
+
+
+class RestoreRequest(_Input):
+    name: Name = Field(description="name of the new instance")
+    start: bool = False
+    full: bool = Field(default=False, description="independent copies instead of copy-on-write over the members")
+
+
+class VerifyRequest(_Input):
+    boot: bool = Field(default=False, description="also boot a throw-away clone and check its filesystems")
+
+
+class ExportRequest(_Input):
+    name: Name | None = None
+    format: Literal["ova"] = "ova"
+    disk_format: Literal["qcow2", "vmdk"] = "qcow2"
+
+
+class ImportRequest(_Input):
+    name: Name = Field(description="name of the new instance")
+    start: bool = False
+
+
+class ProjectAssign(_Input):
+    project: Project
+
+
+# ---- responses ---------------------------------------------------------------------------------------------
+
+
+class InstanceRef(BaseModel):
+    name: str
+    uuid: str
+
+
+class DiskView(BaseModel):
+    target: str
+    device: str
+    bus: str
+    format: str
+    size: int
+    readonly: bool
+    shareable: bool
+    source: str | None = Field(default=None, description="host path; admins only")
+
+
+class NicView(BaseModel):
+    model: str | None
+    source_type: str
+    source: str | None
+
+
+class InstanceView(BaseModel):
+    name: str
+    uuid: str
+    state: InstanceState
+    project: str | None
+    vcpus: int
+    memory_kib: int
+    disks: list[DiskView]
+
+
+class HardwareView(BaseModel):
+    vcpus: int
+    memory_kib: int
+    arch: str
+    machine: str | None
+    firmware: str
+    disks: list[DiskView]
+    nics: list[NicView]
+
+
+class ConsistencyView(BaseModel):
+    requested: Consistency
+    achieved: Consistency | None
+    reason: str | None
+
+
+class MemberView(BaseModel):
+    target: str
+    bus: str
+    boot_order: int | None
+    size: int
+    format: str
+    sha256: str | None
+    metadata: dict[str, str] = Field(description="carries freezeframe.set_uuid, the set's id")
+    path: str | None = Field(default=None, description="host path; admins only")
+
+
+class SetView(BaseModel):
+    id: str
+    name: str
+    status: SetStatus
+    project: str | None
+    instance: InstanceRef
+    instance_state: InstanceState | None
+    consistency: ConsistencyView
+    freeze_window_ms: float | None
+    pause_window_ms: float | None
+    created_at: datetime
+    completed_at: datetime | None
+    backup_type: str | None
+    metadata: dict[str, str]
+    error: str | None
+    members: list[MemberView]
+
+
+class SetDetail(SetView):
+    hardware: HardwareView
+
+
+class SetPage(BaseModel):
+    items: list[SetView]
+    total: int
+    limit: int
+    offset: int
+    next_offset: int | None
+
+
+class ProgressView(BaseModel):
+    phase: str | None
+    done: int
+    total: int
+    fraction: float | None
+
+
+class JobError(BaseModel):
+    type: str
+    title: str
+    status: int
+    detail: str
+
+
+class JobView(BaseModel):
+    id: str
+    kind: str
+    state: Literal["queued", "running", "succeeded", "failed"]
+    project: str | None
+    instance: InstanceRef | None
+    set_id: str | None
+    image_id: str | None
+    request: dict[str, Any]
+    progress: ProgressView
+    result: dict[str, Any] | None
+    error: JobError | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class JobPage(BaseModel):
+    items: list[JobView]
+    total: int
+    limit: int
+    offset: int
+    next_offset: int | None
+
+
+class ImageView(BaseModel):
+    id: str
+    name: str
+    status: Literal["creating", "available", "failed"]
+    project: str | None
+    set_id: str
+    instance_name: str
+    format: str
+    disk_format: str
+    size: int | None
+    created_at: datetime
+    completed_at: datetime | None
+    error: str | None
+
+
+class ImagePage(BaseModel):
+    items: list[ImageView]
+    total: int
+    limit: int
+    offset: int
+    next_offset: int | None
+
+
+class ProjectView(BaseModel):
+    instance: InstanceRef
+    project: str | None
+    source: Literal["mapping", "metadata", "none"]
+
+
+class Health(BaseModel):
+    status: Literal["ok"]
+    version: str
+
+
+class FieldError(BaseModel):
+    loc: list[str]
+    msg: str
+    type: str
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details (``application/problem+json``)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str
+    title: str
+    status: int
+    detail: str
+    instance: str | None = None
+    job_id: str | None = Field(default=None, description="409: the job already running on this instance or set")
+    errors: list[FieldError] | None = Field(default=None, description="422: each invalid field")

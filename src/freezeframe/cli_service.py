@@ -1,0 +1,233 @@
+"""CLI commands of the HTTP service: ``serve``, ``token create|list|revoke``, ``project assign|unassign|list``.
+
+``register(app)`` adds them to the main Typer app. Like cli_lifecycle, this module does not import
+freezeframe.cli at the top, so cli.py can import it without a cycle. ``python -m freezeframe.cli_service``
+runs the whole ``freezeframe`` command with these commands added, for hosts where cli.py does not add them yet.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import re
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from freezeframe.adapters.service_store import ProjectMap, TokenStore
+from freezeframe.api.access import ProjectResolver
+from freezeframe.api.schemas import PROJECT_PATTERN
+from freezeframe.errors import InvalidRequest
+from freezeframe.service import Freezeframe, settings_for
+
+out = Console()
+
+ConnectOpt = Annotated[
+    str | None,
+    typer.Option("--connect", "-c", help="libvirt URI (env FREEZEFRAME_LIBVIRT_URI)", show_default=False),
+]
+HomeOpt = Annotated[
+    Path | None, typer.Option("--home", help="data directory (env FREEZEFRAME_HOME)", show_default=False)
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+
+
+class Role(enum.StrEnum):
+    ADMIN = "admin"
+    MEMBER = "member"
+    READER = "reader"
+
+
+@contextmanager
+def _service(home: Path | None, connect: str | None) -> Iterator[Freezeframe]:
+    with Freezeframe.open(settings_for(home, connect)) as service:
+        yield service
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def _check_project(project: str) -> str:
+    if not re.fullmatch(PROJECT_PATTERN.strip("^$"), project):
+        raise InvalidRequest(f"project {project!r}: use 1-128 letters, digits, '.', '_' or '-', starting alphanumeric")
+    return project
+
+
+# ---- serve -------------------------------------------------------------------------------------------------
+
+
+def serve(
+    host: Annotated[str, typer.Option("--host", help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8774,
+    tls_cert: Annotated[Path | None, typer.Option("--tls-cert", help="PEM certificate (with --tls-key)")] = None,
+    tls_key: Annotated[Path | None, typer.Option("--tls-key", help="PEM private key")] = None,
+    insecure_listen: Annotated[
+        bool, typer.Option("--insecure-listen", help="allow clear-text HTTP beyond loopback (TLS terminated in front)")
+    ] = False,
+    workers: Annotated[int, typer.Option("--workers", min=1, max=64, help="jobs running at the same time")] = 2,
+    max_body: Annotated[int, typer.Option("--max-body", min=1024, max=16 << 20, help="request body limit, bytes")] = 64
+    * 1024,
+    shutdown_grace: Annotated[
+        float, typer.Option("--shutdown-grace", min=0, help="seconds a stop waits for running jobs")
+    ] = 60.0,
+    log_level: Annotated[str, typer.Option("--log-level", help="debug | info | warning | error")] = "info",
+    connect: ConnectOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Serve the HTTP API (OpenAPI at /openapi.json, routes under /v1) until SIGINT/SIGTERM."""
+    from freezeframe.api.app import ApiConfig
+    from freezeframe.api.server import serve as run_server
+
+    if log_level not in ("debug", "info", "warning", "error"):
+        raise InvalidRequest(f"--log-level {log_level!r}: use debug, info, warning or error")
+    config = ApiConfig(
+        settings=settings_for(home, connect), workers=workers, max_body_bytes=max_body, shutdown_grace_s=shutdown_grace
+    )
+    run_server(
+        config, host, port, tls_cert=tls_cert, tls_key=tls_key, insecure_listen=insecure_listen, log_level=log_level
+    )
+
+
+# ---- tokens --------------------------------------------------------------------------------------------------
+
+token_app = typer.Typer(help="API bearer tokens (stored hashed; the secret is shown once).", no_args_is_help=True)
+
+
+@token_app.command("create")
+def token_create(
+    role: Annotated[Role, typer.Option("--role", help="admin | member | reader")],
+    project: Annotated[
+        str | None, typer.Option("--project", help="the project it sees and acts on (not needed for admin)")
+    ] = None,
+    description: Annotated[str | None, typer.Option("--description", help="who or what uses it")] = None,
+    as_json: JsonOpt = False,
+    home: HomeOpt = None,
+) -> None:
+    """Issue a token; send it as 'Authorization: Bearer <token>'."""
+    if project is not None:
+        _check_project(project)
+    with _service(home, None) as service:
+        issued = TokenStore(service.catalog).create(str(role), project, description)
+    if as_json:
+        _print_json({"id": issued.token.id, "token": issued.secret, "role": issued.token.role, "project": project})
+        return
+    out.print(f"token {issued.token.id} ({issued.token.role}, project {project or 'all'}); shown only now:")
+    sys.stdout.write(issued.secret + "\n")
+
+
+@token_app.command("list")
+def token_list(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
+    """Every token with its role, project and whether it is revoked (never the secrets)."""
+    with _service(home, None) as service:
+        tokens = TokenStore(service.catalog).all()
+    if as_json:
+        _print_json(
+            [
+                {
+                    "id": t.id,
+                    "role": t.role,
+                    "project": t.project,
+                    "description": t.description,
+                    "created_at": t.created_at.isoformat(),
+                    "revoked_at": t.revoked_at.isoformat() if t.revoked_at else None,
+                }
+                for t in tokens
+            ]
+        )
+        return
+    table = Table("id", "role", "project", "description", "created", "revoked")
+    for t in tokens:
+        table.add_row(
+            t.id, t.role, t.project or "(all)", t.description or "", f"{t.created_at:%Y-%m-%d %H:%M}",
+            f"{t.revoked_at:%Y-%m-%d %H:%M}" if t.revoked_at else "",
+        )  # fmt: skip
+    out.print(table)
+
+
+@token_app.command("revoke")
+def token_revoke(
+    token_id: Annotated[str, typer.Argument(metavar="TOKEN_ID", help="id from `token list` (or the whole token)")],
+    home: HomeOpt = None,
+) -> None:
+    """Revoke a token; requests with it get 401 from then on."""
+    with _service(home, None) as service:
+        token = TokenStore(service.catalog).revoke(token_id)
+    out.print(f"token {token.id} revoked")
+
+
+# ---- projects -------------------------------------------------------------------------------------------------
+
+project_app = typer.Typer(help="Which project an instance belongs to (for API tokens).", no_args_is_help=True)
+
+
+@project_app.command("assign")
+def project_assign(
+    instance: Annotated[str, typer.Argument(help="instance name or UUID")],
+    project: Annotated[str, typer.Argument(help="project name")],
+    connect: ConnectOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Put INSTANCE in PROJECT (wins over the project in the domain's <metadata>)."""
+    _check_project(project)
+    with _service(home, connect) as service:
+        found = service.instance(instance)
+        ProjectMap(service.catalog).assign(found.uuid, found.name, project)
+    out.print(f"{found.name} ({found.uuid}) is in project {project}")
+
+
+@project_app.command("unassign")
+def project_unassign(
+    instance: Annotated[str, typer.Argument(help="instance name or UUID")],
+    connect: ConnectOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Drop the mapping of INSTANCE; the project in its domain <metadata>, if any, applies again."""
+    with _service(home, connect) as service:
+        found = service.instance(instance)
+        mapping = ProjectMap(service.catalog)
+        removed = mapping.unassign(found.uuid)
+        project, source = ProjectResolver(service, mapping).of_instance(found)
+    what = "removed the mapping" if removed else "had no mapping"
+    out.print(f"{found.name}: {what}; project now {project or 'none'} ({source})")
+
+
+@project_app.command("list")
+def project_list(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
+    """The instance -> project mappings the admin set (projects from domain metadata are not listed)."""
+    with _service(home, None) as service:
+        rows = ProjectMap(service.catalog).all()
+    if as_json:
+        _print_json(
+            [{"instance": a.instance_name, "uuid": a.instance_uuid, "project": a.project} for a in rows.values()]
+        )
+        return
+    table = Table("instance", "uuid", "project", "assigned")
+    for a in rows.values():
+        table.add_row(a.instance_name, a.instance_uuid, a.project, f"{a.assigned_at:%Y-%m-%d %H:%M}")
+    out.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``serve``, ``token ...`` and ``project ...`` to the main ``freezeframe`` app."""
+    app.command("serve")(serve)
+    app.add_typer(token_app, name="token")
+    app.add_typer(project_app, name="project")
+
+
+def _main() -> None:
+    from freezeframe.cli import app, main
+
+    if not any(c.name == "serve" for c in app.registered_commands):
+        register(app)
+    main()
+
+
+if __name__ == "__main__":
+    _main()
