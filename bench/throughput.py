@@ -19,7 +19,9 @@ so the data is real file data, incompressible). Then, repeated and interleaved:
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
+import pstats
 import statistics
 import time
 from collections.abc import Sequence
@@ -110,7 +112,9 @@ def _convert_all(sources: Sequence[Path], out_dir: Path, args: Sequence[str], su
             dst.unlink(missing_ok=True)
 
 
-def _export(snapshot_set: SnapshotSet, out_dir: Path, mode: str) -> tuple[float, int]:
+def _export(
+    snapshot_set: SnapshotSet, out_dir: Path, mode: str, profiler: cProfile.Profile | None = None
+) -> tuple[float, int]:
     """An OVA of the set (members copied as is, or converted to VMDK); returns (seconds, package bytes)."""
     assert EXPORT_MISSING is None
     ext = "qcow2" if mode == "copy" else "vmdk"
@@ -127,10 +131,33 @@ def _export(snapshot_set: SnapshotSet, out_dir: Path, mode: str) -> tuple[float,
     out = out_dir / f"bench-{mode}.ova"
     try:
         started = time.monotonic()
-        result = write_ova(out, "bench.ovf", descriptor, sources)
+        if profiler is None:
+            result = write_ova(out, "bench.ovf", descriptor, sources)
+        else:
+            result = profiler.runcall(write_ova, out, "bench.ovf", descriptor, sources)
         return time.monotonic() - started, result.size
     finally:
         out.unlink(missing_ok=True)
+
+
+def _profile_export(snapshot_set: SnapshotSet, out_dir: Path, mode: str, top: int = 8) -> dict[str, Any]:
+    """One extra, untimed export under cProfile: where the writer's own thread spends its time.
+
+    Work done in other processes (qemu-img) or threads (the hashing pool) shows up as waiting for them.
+    """
+    profiler = cProfile.Profile()
+    seconds, _ = _export(snapshot_set, out_dir, mode, profiler)
+    stats = pstats.Stats(profiler)
+    rows = []
+    for (filename, line, func), (_, calls, own, cumulative, _) in stats.stats.items():  # type: ignore[attr-defined]
+        rows.append({
+            "function": f"{Path(filename).name}:{line}({func})",
+            "calls": calls,
+            "own_s": round(own, 3),
+            "cumulative_s": round(cumulative, 3),
+        })  # fmt: skip
+    rows.sort(key=lambda r: r["own_s"], reverse=True)
+    return {"seconds_under_profiler": round(seconds, 3), "top_by_own_time": rows[:top]}
 
 
 def _dd(argv: Sequence[str]) -> float:
@@ -173,6 +200,7 @@ def measure(conn: Any, sizes: Sizes, workdir: Path) -> dict[str, Any]:
         "export_copy_s", "export_vmdk_s", "convert_member_qcow2_s", "convert_member_vmdk_s",
     )}  # fmt: skip
     package_bytes: dict[str, int] = {}
+    profiles: dict[str, dict[str, Any]] = {}
     scratch = workdir / "scratch"
     scratch.mkdir()
     with running_instance(
@@ -207,6 +235,8 @@ def measure(conn: Any, sizes: Sizes, workdir: Path) -> dict[str, Any]:
                     for mode in ("copy", "vmdk"):
                         seconds, package_bytes[mode] = _export(result, scratch, mode)
                         rows[f"export_{mode}_s"].append(seconds)
+                        if k == sizes.repeats - 1:
+                            profiles[mode] = _profile_export(result, scratch, mode)
                 rows["convert_member_qcow2_s"].append(
                     _convert_all(members, scratch, ["-f", "qcow2", "-O", "qcow2"], "qcow2")
                 )
@@ -217,7 +247,11 @@ def measure(conn: Any, sizes: Sizes, workdir: Path) -> dict[str, Any]:
             live = ["-U", "-T", "none", "-f", "qcow2", "-O", "qcow2"]
             rows["convert_s"].append(_convert_all(sources, scratch, live, "qcow2"))
             print(f"throughput: repeat {k + 1}/{sizes.repeats} done", flush=True)
-    return _report(sizes, data, member_bytes, fill_s, limits, rows, package_bytes)
+    report = _report(sizes, data, member_bytes, fill_s, limits, rows, package_bytes)
+    if report["export"].get("available"):
+        for mode, profile in profiles.items():
+            report["export"][mode]["profile"] = profile
+    return report
 
 
 def _report(

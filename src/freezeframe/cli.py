@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from freezeframe.cli_lifecycle import register as register_lifecycle
 from freezeframe.errors import FreezeframeError, InvalidRequest
 from freezeframe.flow import SnapshotRequest
 from freezeframe.model import Consistency, SetStatus
@@ -224,6 +225,9 @@ def demo(
     from freezeframe.demo import run_demo
 
     run_demo(out, workdir)
+
+
+register_lifecycle(app)
 
 
 def main() -> None:

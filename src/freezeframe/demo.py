@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 
 import libvirt
+import libvirt_qemu
 from rich.console import Console
 from rich.table import Table
 
+from freezeframe.adapters import libvirt_define as ld
 from freezeframe.config import Settings
 from freezeframe.flow import SnapshotRequest
-from freezeframe.model import Consistency
+from freezeframe.model import Consistency, SnapshotSet
 from freezeframe.service import Freezeframe
 from freezeframe.testbed.guest import build_guest
 from freezeframe.testbed.instance import DiskRequest, TestInstance, running_instance
@@ -34,8 +37,11 @@ def run_demo(out: Console, workdir: Path | None) -> None:
             ) as inst:
                 _show_guest(out, inst)
                 with Freezeframe.open(settings) as ff:
-                    for level in (Consistency.CRASH, Consistency.FILESYSTEM, Consistency.APPLICATION):
+                    sets = [
                         _snapshot_and_check(out, ff, inst, level)
+                        for level in (Consistency.CRASH, Consistency.FILESYSTEM, Consistency.APPLICATION)
+                    ]
+                    _restore_and_check(out, ff, conn, sets[-1], inst.name)
                 out.print("removing the demo instance (its snapshot sets stay: `freezeframe list`)")
     finally:
         conn.close()
@@ -56,7 +62,7 @@ def _show_guest(out: Console, inst: TestInstance) -> None:
     out.print(f"ledger workload running: record {inst.wait_for_progress()} written on vdb, then vdc, and counting")
 
 
-def _snapshot_and_check(out: Console, ff: Freezeframe, inst: TestInstance, level: Consistency) -> None:
+def _snapshot_and_check(out: Console, ff: Freezeframe, inst: TestInstance, level: Consistency) -> SnapshotSet:
     result = ff.snapshot(SnapshotRequest(inst.name, level, require=True, metadata={"demo": "true"}))
     paths = {m.target: Path(m.path) for m in result.members}
     verdict = check_ledger(paths["vdb"], paths["vdc"])
@@ -68,3 +74,36 @@ def _snapshot_and_check(out: Console, ff: Freezeframe, inst: TestInstance, level
     )
     if not verdict.ok:
         raise SystemExit(1)
+    return result
+
+
+def _restore_and_check(
+    out: Console, ff: Freezeframe, conn: libvirt.virConnect, snapshot_set: SnapshotSet, source: str
+) -> None:
+    """The set becomes a new instance that boots and carries on the ledger from the captured state."""
+    name = f"{source}-restored"
+    restored = ff.lifecycle.restore(snapshot_set.id, name, start=True)
+    try:
+        out.print(f"restored set {snapshot_set.id[:8]} as instance [bold]{name}[/] (copy-on-write over the members)")
+        dom = conn.lookupByUUIDString(restored.uuid)
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                libvirt_qemu.qemuAgentCommand(dom, '{"execute":"guest-ping"}', 5, 0)
+                break
+            except libvirt.libvirtError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        out.print(f"{name} booted and its guest agent answers; letting its ledger run on, then shutting it down")
+        time.sleep(3)
+        if not ld.shutdown_via_agent(dom, 60):
+            raise SystemExit(f"{name} did not shut down through its agent")
+        disks = {d.target: Path(d.path) for d in restored.disks}
+        verdict = check_ledger(disks["vdb"], disks["vdc"])
+        mark = "[green]consistent[/]" if verdict.ok else "[red]INCONSISTENT[/]"
+        out.print(f"ledger on the restored instance's disks after it ran: {mark} ({verdict.reason})")
+        if not verdict.ok:
+            raise SystemExit(1)
+    finally:
+        ff.lifecycle.discard(name)

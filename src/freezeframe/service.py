@@ -17,6 +17,7 @@ from freezeframe.adapters.locks import FileLocks
 from freezeframe.adapters.repository import DirectoryRepository
 from freezeframe.config import Settings
 from freezeframe.flow import FlowSettings, SnapshotFlow, SnapshotRequest
+from freezeframe.lifecycle import Lifecycle
 from freezeframe.model import Instance, SetStatus, SnapshotSet
 from freezeframe.ports import ProgressCallback
 
@@ -92,8 +93,14 @@ class Freezeframe:
                 stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
             )  # fmt: skip
 
+    @property
+    def lifecycle(self) -> Lifecycle:
+        """Restore, revert, delete, backup rotation and verify over this service."""
+        return Lifecycle(self)
+
     def repair(self, instance: str | None = None) -> list[str]:
-        return self.flow().repair(instance)
+        reports = self.flow().repair(instance)
+        return reports if instance is not None else reports + self.lifecycle.repair()
 
     def instances(self) -> list[Instance]:
         return self.hypervisor.list_instances()

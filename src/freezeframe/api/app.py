@@ -66,6 +66,7 @@ from freezeframe.api.schemas import (
     PROJECT_PATTERN,
     REF_PATTERN,
     UUID_PATTERN,
+    BackupAction,
     ConsistencyView,
     DiskView,
     ExportRequest,
@@ -163,6 +164,7 @@ class AppState:
             log.warning("repair at start-up: %s", line)
         for job in recover(self.jobs, reports):
             log.warning("job %s (%s) was interrupted by the previous stop; marked failed", job.id, job.kind)
+            self._link_interrupted_set(job)
             self._fail_interrupted_image(job)
         self._warm_hypervisor()
         self.runner = JobRunner(self.jobs, self.config.workers)
@@ -182,6 +184,13 @@ class AppState:
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._lock_fd = fd
+
+    def _link_interrupted_set(self, job: Job) -> None:
+        """A snapshot cut short before its copy started has not told its job the set id yet: look it up."""
+        if job.set_id is None and job.instance_uuid is not None:
+            made = self.service.catalog.list_sets(instance=job.instance_uuid, metadata={JOB_KEY: job.id})
+            if made:
+                self.jobs.update(job.id, set_id=made[0].id)
 
     def _fail_interrupted_image(self, job: Job) -> None:
         if job.kind == "export" and job.image_id:
@@ -453,7 +462,7 @@ def _problems(*codes: int) -> dict[int | str, dict[str, Any]]:
             "description": descriptions[code],
             "content": {PROBLEM_JSON: {"schema": schema}},
         }
-        for code in sorted({401, 422, 500, 502, 503, *codes})
+        for code in sorted({400, 401, 422, 500, 502, 503, *codes})
     }
 
 
@@ -657,12 +666,11 @@ def server_action(
     """The OpenStack proposal's shapes: ``{"createBackup": {...}}`` or ``{"createImage": {..., "all_volumes"}}``."""
     principal.require_write()
     instance, project, _ = state.instance(server_id, principal)
-    if body.createBackup is not None:
+    if isinstance(body, BackupAction):
         b = body.createBackup
         request = SnapshotCreate(name=b.name, metadata=b.metadata, backup_type=b.backup_type, rotation=b.rotation)
         kind = "backup"
     else:
-        assert body.createImage is not None
         i = body.createImage
         exclude: list[str] = []
         if not i.all_volumes:

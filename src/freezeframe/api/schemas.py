@@ -57,6 +57,8 @@ class _Input(BaseModel):
 class SnapshotCreate(_Input):
     """A snapshot set of the instance; with ``backup_type`` + ``rotation`` it is Nova's createBackup."""
 
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"dependentRequired": {"rotation": ["backup_type"]}})
+
     name: Name | None = None
     consistency: Consistency = Consistency.FILESYSTEM
     require: bool = Field(default=False, description="fail instead of falling back to crash consistency")
@@ -86,17 +88,18 @@ class CreateImage(_Input):
     all_volumes: bool = Field(default=True, description="false: the root disk only")
 
 
-class ServerAction(_Input):
-    """The OpenStack proposal's call shapes: exactly one of createBackup or createImage."""
+class BackupAction(_Input):
+    createBackup: CreateBackup  # the wire names are Nova's
 
-    createBackup: CreateBackup | None = None  # the wire names are Nova's
-    createImage: CreateImage | None = None
 
-    @model_validator(mode="after")
-    def _exactly_one(self) -> ServerAction:
-        if (self.createBackup is None) == (self.createImage is None):
-            raise ValueError("give exactly one of createBackup or createImage")
-        return self
+class ImageAction(_Input):
+    createImage: CreateImage
+
+
+ServerAction = Annotated[
+    BackupAction | ImageAction,
+    Field(description='The OpenStack proposal\'s call shapes: {"createBackup": {...}} or {"createImage": {...}}'),
+]
 
 
 class RestoreRequest(_Input):

@@ -1,0 +1,518 @@
+"""Render the benchmark results into docs/benchmarks.md: every table, number and verdict comes from the JSON.
+
+The document keeps its prose; the parts between ``<!-- report:NAME -->`` and ``<!-- /report:NAME -->`` are
+replaced on every run, so re-running the benchmarks and then this script updates the document in place.
+
+    .venv/bin/python bench/report.py                               # bench/results/*.json -> docs/benchmarks.md
+    .venv/bin/python bench/report.py --results /tmp/x --doc /tmp/benchmarks.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from common import REPO_ROOT, RESULTS, MiB
+
+WINDOW_TARGET = 1.3
+EXPORT_TARGET = 0.9
+FF_METHODS = ("ff_crash", "ff_filesystem", "ff_application")
+NAIVE_METHODS = ("naive", "naive_gap")
+STEP_NAMES = {
+    "freeze": "freeze (agent fsfreeze RPC)",
+    "agent_timeout": "set agent timeout RPC",
+    "lookup": "domain lookups",
+    "journal": "journal fsync",
+    "pause": "pause vCPUs",
+    "backup_begin": "backupBegin",
+    "resume": "resume vCPUs",
+    "io_error_check": "I/O-error pause check",
+    "thaw": "thaw (agent RPC)",
+    "thaw_status": "thaw status check",
+    "other": "other (flow's own code)",
+}
+
+
+# ---- formatting -------------------------------------------------------------------------------------------
+
+
+def num(value: Any, digits: int = 0, unit: str = "") -> str:
+    if value is None:
+        return "n/a"
+    text = f"{float(value):,.{digits}f}"
+    return f"{text} {unit}".rstrip()
+
+
+def med_p95(stats: dict[str, Any] | None, digits: int = 0, scale: float = 1.0) -> str:
+    if not stats or stats.get("median") is None:
+        return "n/a"
+    return f"{num(stats['median'] * scale, digits)} ({num(stats['p95'] * scale, digits)})"
+
+
+def times(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def size(nbytes: int) -> str:
+    return f"{nbytes / (1 << 30):g} GiB" if nbytes >= 1 << 30 else f"{nbytes / MiB:g} MiB"
+
+
+def smoke_warning(report: dict[str, Any]) -> str:
+    if report.get("mode") != "quick":
+        return ""
+    return (
+        "> **Smoke run (`--quick`)**: reduced sizes and sample counts, made only to check that the scripts work. "
+        "These are not measurements; run the full benchmarks (below) before reading anything into them.\n\n"
+    )
+
+
+def provenance(report: dict[str, Any]) -> str:
+    load = report.get("machine", {}).get("load_average")
+    end = report.get("load_average_at_end")
+    others = report.get("machine", {}).get("other_running_domains")
+    return (
+        f"_Run {report['when']} ({report['mode']}), {num(report['duration_s'] / 60, 1)} min, "
+        f"load average {load[0] if load else 'n/a'} at start and {end[0] if end else 'n/a'} at the end, "
+        f"other running domains at start: {others if others is not None else 'n/a'}; "
+        f"command: `{report['command']}`._\n\n"
+    )
+
+
+# ---- sections ------------------------------------------------------------------------------------------------
+
+
+def machine_section(reports: dict[str, dict[str, Any]]) -> str:
+    if not reports:
+        return "_No results yet._"
+    first = next(iter(reports.values()))["machine"]
+    fs = first.get("workdir_filesystem") or {}
+    mem = first.get("memory_bytes")
+    rows = [
+        ["CPU", f"{first.get('cpu_model') or 'n/a'}, {first.get('cpus')} cores"],
+        ["memory", f"{mem / (1 << 30):.0f} GiB" if mem else "n/a"],
+        ["OS", f"Debian {first.get('debian', 'n/a')}, kernel {first.get('kernel')}"],
+        ["QEMU / libvirt", f"{first.get('qemu')} / libvirt {first.get('libvirt')}"],
+        ["guests", "TCG (no KVM), 1 vCPU, 256 MiB, virtio disks, cache=none"],
+        ["storage for disks and sets", f"{fs.get('device')} ({fs.get('fstype')}) mounted at {fs.get('mount')}"],
+    ]  # fmt: skip
+    runs = [
+        [f"`{name}`", r["when"], r["mode"], num(r["duration_s"] / 60, 1),
+         f"{(r['machine'].get('load_average') or ['n/a'])[0]} → {(r.get('load_average_at_end') or ['n/a'])[0]}",
+         str(r["machine"].get("other_running_domains", "n/a"))]
+        for name, r in reports.items()
+    ]  # fmt: skip
+    return (
+        table(["", "machine"], rows)
+        + "\n\n"
+        + table(["benchmark", "run at (UTC)", "mode", "minutes", "load avg start → end", "other domains"], runs)
+    )
+
+
+def consistency_section(report: dict[str, Any] | None) -> str:
+    if report is None:
+        return missing("consistency")
+    methods = report["methods"]
+    rows = []
+    for m in methods.values():
+        rows.append([
+            m["label"],
+            f"**{m['violations']} / {m['checked']}**",
+            str(m["errors"]) + (" (stopped: " + m["disabled"] + ")" if m["disabled"] else ""),
+            f"{m['complete_records']} / {m['checked']}",
+            med_p95(m["window_ms"]),
+            med_p95(m["call_s"], 0, 1000.0),
+            med_p95(m["total_s"], 0, 1000.0),
+            med_p95(m["skew_ms"]),
+        ])  # fmt: skip
+    header = ["method", "violations / checked", "errors", "state = last record", "freeze window ms",
+              "capture call ms", "until usable ms", "disk skew ms"]  # fmt: skip
+    text = smoke_warning(report) + provenance(report) + table(header, rows) + "\n\n"
+    text += "Median (p95) over the checked sets. " + consistency_verdict(report) + "\n\n"
+    examples = [(m["label"], m["violation_examples"][0]) for m in methods.values() if m["violation_examples"]]
+    if examples:
+        text += "What the checker found, one example per method:\n\n"
+        text += "\n".join(f"- {label}: {reason}" for label, reason in examples) + "\n\n"
+    errors = [(m["label"], m["error_examples"][0]) for m in methods.values() if m["error_examples"]]
+    if errors:
+        text += "Errors (captures that failed; not counted either way):\n\n"
+        text += "\n".join(f"- {label}: `{err}`" for label, err in errors) + "\n\n"
+    work = report["workload"]
+    text += (
+        f"The ledger writer went from record {work['ledger_first']} to {work['ledger_last']} during the run "
+        f"({'still running at the end' if work['guest_running'] else 'NOT running at the end'}). "
+        f"Guest-visible stall: {next(iter(methods.values()))['stall']}.\n\n"
+        f"![consistency]({image_link('consistency')})"
+    )
+    return text
+
+
+def consistency_verdict(report: dict[str, Any]) -> str:
+    methods = report["methods"]
+    ff = [methods[k] for k in FF_METHODS if k in methods]
+    ff_bad = sum(m["violations"] for m in ff)
+    ff_err = sum(m["errors"] for m in ff)
+    parts = []
+    if ff and ff_bad == 0:
+        parts.append(
+            f"freezeframe: **0 violations** at every level ({' + '.join(str(m['checked']) for m in ff)} sets "
+            "checked" + (f"; {ff_err} captures failed" if ff_err else "") + ")."
+        )
+    elif ff:
+        parts.append(f"freezeframe: **{ff_bad} violations** — a bug; see the examples below.")
+    for key in NAIVE_METHODS:
+        if key in methods:
+            m = methods[key]
+            rate = m["violation_rate"]
+            text = f"{m['label']}: {m['violations']} of {m['checked']} sets inconsistent"
+            if rate is not None:
+                text += f" ({100 * rate:.0f} %)"
+            skew = m["skew_ms"]["median"]
+            if skew is not None:
+                text += f", the state disk captured a median {num(skew)} ms after the journal disk"
+            parts.append(text + ".")
+    if "naive_gap" in methods:
+        parts.append(f"(The small-gap variant sleeps {report['naive_gap_s']} s between the per-disk jobs.)")
+    return " ".join(parts)
+
+
+def window_section(report: dict[str, Any] | None) -> str:
+    if report is None:
+        return missing("window")
+    outcomes = report["outcomes"]
+    rows = []
+    for o in outcomes:
+        stall = o.get("stall") or {}
+        rows.append([
+            o["label"],
+            f"{num(o['floor_median_ms'])} ({num(o['floor_p95_ms'])})",
+            f"{num(o['window_median_ms'])} ({num(o['window_p95_ms'])})",
+            f"**{times(o['ratio_of_medians'])}**",
+            "met" if o["ratio_of_medians"] <= WINDOW_TARGET else "missed",
+            med_p95(stall.get("snapshot")),
+            med_p95(stall.get("floor")),
+            med_p95(stall.get("quiet")),
+            num(stall.get("typical_gap_ms")),
+        ])  # fmt: skip
+    header = ["config", "floor ms", "window ms", "window / floor", f"≤ {WINDOW_TARGET}x", "stall: snapshot ms",
+              "stall: floor ms", "stall: quiet 1 s", "typical gap ms"]  # fmt: skip
+    text = smoke_warning(report) + provenance(report) + table(header, rows) + "\n\n"
+    text += (
+        "Median (p95). Floor = bare `fsFreeze` + `fsThaw` on the same guest, alternating with the snapshots. Stall = "
+        "longest gap between two heartbeat writes inside the interval (floor, the whole snapshot call, or a quiet "
+        "second with nothing happening); the ledger config has no timestamps, so no stall.\n\n"
+    )
+    pauses = [o for o in outcomes if o.get("pause")]
+    for o in pauses:
+        fp, pw = summarize(o.get("floor_pause_ms", [])), summarize(o.get("pause_ms", []))
+        text += (
+            f"{o['label']}: vCPUs paused for {med_p95(pw)} ms inside the window, against {med_p95(fp)} ms for a "
+            "bare suspend + resume.\n\n"
+        )
+    text += "Where the time goes, median ms of each step (exclusive of nested steps):\n\n" + steps_table(outcomes)
+    text += "\n\n" + window_limits(outcomes) + "\n\n" + flatness(report)
+    text += f"\n\n![window]({image_link('window')})"
+    return text
+
+
+def summarize(values: Sequence[float]) -> dict[str, Any] | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    median = ordered[mid] if len(ordered) % 2 else (ordered[mid - 1] + ordered[mid]) / 2
+    return {"median": median, "p95": ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]}
+
+
+def steps_table(outcomes: Sequence[dict[str, Any]]) -> str:
+    keys: list[str] = []
+    for o in outcomes:
+        keys.extend(k for k, v in o["steps_median_ms"].items() if v and k not in keys)
+    header = ["config", "floor: freeze", "floor: thaw", *(STEP_NAMES.get(k, k) for k in keys)]
+    rows = [
+        [o["label"], num(o["floor_steps_median_ms"].get("freeze")), num(o["floor_steps_median_ms"].get("thaw")),
+         *(num(o["steps_median_ms"].get(k)) for k in keys)]
+        for o in outcomes
+    ]  # fmt: skip
+    return table(header, rows)
+
+
+def window_limits(outcomes: Sequence[dict[str, Any]]) -> str:
+    """Plain sentences from the profile: what the window spends beyond the floor, biggest first."""
+    missed = [o for o in outcomes if o["ratio_of_medians"] > WINDOW_TARGET]
+    if not missed:
+        return f"Every configuration is within {WINDOW_TARGET}x of its floor."
+    lines = [f"**Target missed** (window ≤ {WINDOW_TARGET}x the floor) in {len(missed)} of {len(outcomes)} configs:"]
+    for o in missed:
+        steps, floor = o["steps_median_ms"], o["floor_steps_median_ms"]
+        extra: list[tuple[float, str]] = []
+        for key in ("freeze", "thaw"):
+            if key in steps and key in floor:
+                extra.append((steps[key] - floor[key], f"{STEP_NAMES[key]} {num(steps[key])} vs {num(floor[key])}"))
+        for key, value in steps.items():
+            if key not in ("freeze", "thaw") and value:
+                extra.append((value, f"{STEP_NAMES.get(key, key)} {num(value)}"))
+        extra.sort(reverse=True)
+        biggest = "; ".join(text for _, text in extra[:4])
+        lines.append(
+            f"- {o['label']}: {num(o['window_median_ms'])} ms vs floor {num(o['floor_median_ms'])} ms "
+            f"(+{num(o['window_median_ms'] - o['floor_median_ms'])} ms). Largest contributors (ms, window vs floor "
+            f"where both have the step): {biggest}."
+        )
+    return "\n".join(lines)
+
+
+def flatness(report: dict[str, Any]) -> str:
+    parts = []
+    for key, what in (("by_disk_count", "disk count (1 → 3 → 8 disks of 64 MiB)"),
+                      ("by_disk_size", "disk size (3 disks of 64 MiB → 1 GiB → 4 GiB)")):  # fmt: skip
+        series = report.get(key) or {}
+        if not series:
+            continue
+        items = list(series.items())
+        window = ", ".join(f"{label} {times(v['window_vs_first'])}" for label, v in items)
+        floor = ", ".join(f"{times(v['floor_vs_first'])}" for _, v in items)
+        excess = ", ".join(f"{num(v['excess_over_floor_ms'])}" for _, v in items)
+        parts.append(
+            f"With {what}, the window relative to the first config: {window} (floor: {floor}); window minus floor: "
+            f"{excess} ms."
+        )
+    return " ".join(parts) if parts else "Flatness: not measured in this run (needs the full configuration set)."
+
+
+def throughput_section(report: dict[str, Any] | None) -> str:
+    if report is None:
+        return missing("throughput")
+    cap, store = report["capture"], report["storage"]
+    export = report["export"]
+    rows = [
+        ["storage: `dd` O_DIRECT sequential write", num(store["write_mib_s"]), "", ""],
+        ["storage: `dd` O_DIRECT sequential read", num(store["read_mib_s"]), "", ""],
+        ["storage: `dd` O_DIRECT copy (same disk)", num(store["copy_mib_s"]), "", ""],
+        ["`qemu-img convert` of the live disks", num(cap["convert_mib_s"]), "1.00x",
+         times(_div(cap["convert_mib_s"], store["copy_mib_s"]))],
+        ["freezeframe capture: the backup copy", num(cap["copy_mib_s"]), f"**{times(cap['vs_convert'])}**",
+         times(cap["vs_storage_copy"])],
+        ["freezeframe capture: the whole call", num(cap["call_mib_s"]), times(cap["call_vs_convert"]),
+         times(_div(cap["call_mib_s"], store["copy_mib_s"]))],
+    ]  # fmt: skip
+    if export.get("available"):
+        for mode, what in (("copy", "qcow2 members copied as is"), ("vmdk", "converted to streamOptimized VMDK")):
+            e = export[mode]
+            rows += [
+                [f"`qemu-img convert` of the members ({mode})", num(e["convert_mib_s"]), "1.00x",
+                 times(_div(e["convert_mib_s"], store["copy_mib_s"]))],
+                [f"OVA export, {what}", num(e["mib_s"]), f"**{times(e['vs_convert'])}**",
+                 times(_div(e["mib_s"], store["copy_mib_s"]))],
+            ]  # fmt: skip
+    header = ["what", "MiB/s (median)", "vs its qemu-img convert", "vs storage copy"]
+    text = smoke_warning(report) + provenance(report)
+    text += (
+        f"{report['disks']} disks of {size(report['disk_size_bytes'])}, each with "
+        f"{size(report['filled_bytes_per_disk'])} of random data written by the guest: "
+        f"{num(report['data_bytes'] / MiB)} MiB of data in all "
+        f"({report['repeats']} repeats; MiB/s = data bytes / median seconds; ratios are medians of per-repeat "
+        f"time ratios).\n\n"
+    )  # fmt: skip
+    text += table(header, rows) + "\n\n"
+    steps = cap["steps_median_s"]
+    text += (
+        f"Inside one capture call (median s): create the targets {num(steps['prepare'], 2)}, backup copy "
+        f"{num(steps['copy'], 2)}, SHA-256 of the members {num(steps['checksum'], 2)}, whole call "
+        f"{num(steps['call'], 2)}.\n\n"
+    )
+    text += throughput_verdict(report) + "\n\n" + export_profiles(report)
+    text += f"![throughput]({image_link('throughput')})"
+    return text
+
+
+def export_profiles(report: dict[str, Any]) -> str:
+    """The cProfile of one export per mode: where the writer's own thread spent its time."""
+    export = report["export"]
+    if not export.get("available"):
+        return ""
+    text = ""
+    for mode in ("copy", "vmdk"):
+        profile = export[mode].get("profile")
+        if not profile:
+            continue
+        rows = [[f"`{r['function']}`", str(r["calls"]), num(r["own_s"], 2), num(r["cumulative_s"], 2)]
+                for r in profile["top_by_own_time"][:6]]  # fmt: skip
+        text += (
+            f"Profile of one extra export ({mode}) under cProfile, {num(profile['seconds_under_profiler'], 1)} s; "
+            "the functions with the most own time in the writer's thread (time in qemu-img or the hashing thread "
+            "shows up as waiting):\n\n" + table(["function", "calls", "own s", "cumulative s"], rows) + "\n\n"
+        )
+    return text
+
+
+def _div(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def throughput_verdict(report: dict[str, Any]) -> str:
+    cap, export = report["capture"], report["export"]
+    parts = [
+        f"Capture copies at {times(cap['vs_convert'])} the speed of `qemu-img convert` of the same disks and at "
+        f"{times(cap['vs_storage_copy'])} of what the storage does for a plain O_DIRECT copy."
+    ]
+    if not export.get("available"):
+        parts.append(f"**Export was not measured**: {export.get('why')}.")
+        return " ".join(parts)
+    for mode in ("copy", "vmdk"):
+        e = export[mode]
+        ok = e["vs_convert"] is not None and e["vs_convert"] >= EXPORT_TARGET
+        parts.append(
+            f"Export ({mode}): {times(e['vs_convert'])} of `qemu-img convert` — target ≥ {EXPORT_TARGET}x "
+            f"{'met' if ok else '**missed**'}."
+        )
+    return " ".join(parts)
+
+
+def concurrency_section(report: dict[str, Any] | None) -> str:
+    if report is None:
+        return missing("concurrency")
+    rows = [
+        [f"instance {r['instance'] + 1}", med_p95(r["alone"]), med_p95(r["together"]), times(r["ratio_of_medians"]),
+         med_p95(r["alone_call_s"], 1), med_p95(r["together_call_s"], 1), f"{r['violations']} / {r['checked']}",
+         str(len(r["errors"]))]
+        for r in report["per_instance"]
+    ]  # fmt: skip
+    rows.append([
+        "**all**", med_p95(report["alone"]), med_p95(report["together"]), f"**{times(report['ratio_of_medians'])}**",
+        "", "", f"{report['violations']} / {report['checked']}", str(report["errors"]),
+    ])  # fmt: skip
+    header = ["", "window alone ms", "window all at once ms", "ratio", "call alone s", "call all at once s",
+              "ledger violations", "errors"]  # fmt: skip
+    overlaps = report["max_windows_open_at_once"]
+    text = smoke_warning(report) + provenance(report)
+    text += (
+        f"{report['instances']} instances of {report['disks_per_instance']} disks, {report['level']} level, "
+        f"{report['rounds']} rounds. Median (p95).\n\n" + table(header, rows) + "\n\n"
+        f"All at once, the windows overlapped: at most {max(overlaps) if overlaps else 'n/a'} of "
+        f"{report['instances']} were open at the same moment (median round: "
+        f"{sorted(overlaps)[len(overlaps) // 2] if overlaps else 'n/a'}). A concurrent round took "
+        f"{med_p95(report['together_wall_s'], 1)} s in all, against {num(report['alone_sum_of_calls_s'], 1)} s for "
+        f"the same snapshots one after another.\n\n"
+        f"![concurrency]({image_link('concurrency')})"
+    )
+    return text
+
+
+def verdict_section(reports: dict[str, dict[str, Any]]) -> str:
+    """The acceptance targets, each with the measured number and met / missed."""
+    rows: list[list[str]] = []
+    cons = reports.get("consistency")
+    if cons:
+        methods = cons["methods"]
+        bad = {k: methods[k]["violations"] for k in FF_METHODS if k in methods}
+        checked = sum(methods[k]["checked"] for k in FF_METHODS if k in methods)
+        rows.append(["freezeframe: 0 ledger violations at every level", f"{sum(bad.values())} in {checked} sets",
+                     "met" if bad and not any(bad.values()) and checked else "**missed**"])  # fmt: skip
+        naive = [methods[k] for k in NAIVE_METHODS if k in methods]
+        rows.append(["naive per-disk capture: > 0 violations",
+                     ", ".join(f"{m['violations']} / {m['checked']}" for m in naive),
+                     "met" if naive and all(m["violations"] > 0 for m in naive) else "**missed**"])  # fmt: skip
+    win = reports.get("window")
+    if win:
+        worst = max(win["outcomes"], key=lambda o: o["ratio_of_medians"])
+        rows.append([f"window ≤ {WINDOW_TARGET}x the floor",
+                     f"worst {worst['label']}: {times(worst['ratio_of_medians'])}",
+                     "met" if worst["ratio_of_medians"] <= WINDOW_TARGET else "**missed**"])  # fmt: skip
+        for key, what in (("by_disk_count", "disk count"), ("by_disk_size", "disk size")):
+            series = list((win.get(key) or {}).values())
+            if series:
+                last = series[-1]["window_vs_first"]
+                rows.append([f"window flat with {what}", f"largest / smallest config: {times(last)}",
+                             "met" if last is not None and last <= WINDOW_TARGET else "**missed**"])  # fmt: skip
+    tp = reports.get("throughput")
+    if tp:
+        export = tp["export"]
+        if export.get("available"):
+            for mode in ("copy", "vmdk"):
+                r = export[mode]["vs_convert"]
+                rows.append([f"export ({mode}) ≥ {EXPORT_TARGET}x qemu-img convert", times(r),
+                             "met" if r is not None and r >= EXPORT_TARGET else "**missed**"])  # fmt: skip
+        else:
+            rows.append([f"export ≥ {EXPORT_TARGET}x qemu-img convert", "not measured", export.get("why", "")])
+    conc = reports.get("concurrency")
+    if conc:
+        rows.append(["concurrent snapshots stay consistent", f"{conc['violations']} / {conc['checked']} violations",
+                     "met" if conc["checked"] and not conc["violations"] else "**missed**"])  # fmt: skip
+    if not rows:
+        return "_No results yet._"
+    smoke = any(r.get("mode") == "quick" for r in reports.values())
+    note = smoke_warning({"mode": "quick"}) if smoke else ""
+    return note + table(["target", "measured", "verdict"], rows)
+
+
+def missing(name: str) -> str:
+    return f"_No `{name}.json` in the results folder: run `.venv/bin/python bench/{name}.py` (or `bench/run_all.py`)._"
+
+
+# ---- the document ------------------------------------------------------------------------------------------------
+
+_results_dir = RESULTS
+_doc_path = REPO_ROOT / "docs" / "benchmarks.md"
+
+
+def image_link(name: str) -> str:
+    return os.path.relpath(_results_dir / f"{name}.png", _doc_path.parent)
+
+
+def load(results: Path) -> dict[str, dict[str, Any]]:
+    reports = {}
+    for name in ("consistency", "window", "throughput", "concurrency"):
+        path = results / f"{name}.json"
+        if path.is_file():
+            reports[name] = json.loads(path.read_text())
+    return reports
+
+
+def render(doc: str, reports: dict[str, dict[str, Any]]) -> str:
+    sections: dict[str, Callable[[], str]] = {
+        "verdicts": lambda: verdict_section(reports),
+        "machine": lambda: machine_section(reports),
+        "consistency": lambda: consistency_section(reports.get("consistency")),
+        "window": lambda: window_section(reports.get("window")),
+        "throughput": lambda: throughput_section(reports.get("throughput")),
+        "concurrency": lambda: concurrency_section(reports.get("concurrency")),
+    }
+    for name, build in sections.items():
+        pattern = re.compile(rf"(<!-- report:{name} -->).*?(<!-- /report:{name} -->)", re.DOTALL)
+        if not pattern.search(doc):
+            raise SystemExit(f"the document has no <!-- report:{name} --> ... <!-- /report:{name} --> block")
+        body = build()
+        doc = pattern.sub(lambda m, body=body: f"{m.group(1)}\n{body}\n{m.group(2)}", doc)  # type: ignore[misc]
+    return doc
+
+
+def main() -> int:
+    global _results_dir, _doc_path
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--doc", type=Path, default=REPO_ROOT / "docs" / "benchmarks.md")
+    args = parser.parse_args()
+    _results_dir, _doc_path = args.results.resolve(), args.doc.resolve()
+    reports = load(_results_dir)
+    if not reports:
+        print(f"no benchmark JSON in {_results_dir}", file=sys.stderr)
+        return 1
+    _doc_path.write_text(render(_doc_path.read_text(), reports))
+    print(f"rendered {', '.join(reports)} from {_results_dir} into {_doc_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
