@@ -171,6 +171,18 @@ def machine_info(conn: Any | None = None, workdir: Path | None = None) -> dict[s
     return info
 
 
+def _repo_relative(path: str) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(REPO_ROOT))
+    except ValueError:
+        return path
+
+
+def command_line() -> list[str]:
+    """This process's command line as someone would type it in the repository: ``.venv/bin/python bench/x.py``."""
+    return [_repo_relative(sys.executable), _repo_relative(sys.argv[0]), *sys.argv[1:]]
+
+
 @dataclass
 class Run:
     """One benchmark run: when it started, how it was invoked, the machine; ``write`` adds the results."""
@@ -179,7 +191,7 @@ class Run:
     quick: bool
     started: float = field(default_factory=time.monotonic)
     when: str = field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
-    argv: list[str] = field(default_factory=lambda: [Path(sys.executable).name, *sys.argv])
+    argv: list[str] = field(default_factory=lambda: command_line())
     machine: dict[str, Any] = field(default_factory=dict)
 
     def write(self, out_dir: Path, payload: dict[str, Any], conn: Any | None = None) -> Path:

@@ -228,13 +228,15 @@ def plot(report: dict[str, Any], path: Path, note: str | None = None) -> None:
         if r["ratio_of_medians"] is not None:
             top = r["together"]["p95"] or 0.0
             ax.text(i + width / 2, top, f"{r['ratio_of_medians']:.2f}x", ha="center", va="bottom", fontsize=8)
+    tops = [r[k]["p95"] or 0.0 for r in rows for k in ("alone", "together")]
+    ax.set_ylim(0, 1.3 * max([*tops, 1.0]))
     ax.set_xticks(x, [f"instance {r['instance'] + 1}" for r in rows])
     ax.set_ylabel("freeze window, ms (median, whisker to p95)")
     ax.set_title(
-        f"{report['instances']} instances snapshotted at once vs alone ({report['level']} level, "
+        f"{report['instances']} instances snapshotted at once vs alone\n({report['level']} level, "
         f"{report['rounds']} rounds; ledger violations {report['violations']}/{report['checked']})"
     )
-    ax.legend(loc="upper left")
+    ax.legend(loc="upper center", ncol=2)
     save_figure(fig, path, note)
 
 

@@ -12,17 +12,24 @@ whether all succeeded). ``run_all.json`` in the results folder records each one'
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from types import FrameType
 
 from common import BENCH_DIR, RESULTS
 
 BENCHMARKS = ("consistency", "window", "throughput", "concurrency")
+
+
+def _interrupt(_signum: int, _frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
 def main() -> int:
@@ -45,6 +52,7 @@ def main() -> int:
     status: dict[str, dict[str, object]] = {}
     pending = list(names)
     running: dict[str, tuple[subprocess.Popen[bytes], float]] = {}
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         while pending or running:
             while pending and len(running) < args.jobs:
@@ -53,7 +61,8 @@ def main() -> int:
                 if args.quick:
                     argv.append("--quick")
                 print(f"run_all: {' '.join(argv)}", flush=True)
-                running[name] = (subprocess.Popen(argv), time.monotonic())
+                # Own process group: a terminal's Ctrl-C reaches only us, and we pass it on exactly once.
+                running[name] = (subprocess.Popen(argv, process_group=0), time.monotonic())
             for name, (proc, began) in list(running.items()):
                 code = proc.poll()
                 if code is None:
@@ -62,10 +71,15 @@ def main() -> int:
                 status[name] = {"returncode": code, "seconds": round(time.monotonic() - began, 1)}
                 print(f"run_all: {name} exited {code} after {status[name]['seconds']} s", flush=True)
             time.sleep(0.5)
-    finally:
-        for name, (proc, _) in running.items():  # Ctrl-C: let each benchmark clean up its guests, then stop
+    except KeyboardInterrupt:
+        # Each benchmark removes its guests and files when interrupted: pass the interrupt on and wait for that.
+        for proc, _ in running.values():
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGINT)
+        for name, (proc, _) in running.items():
             proc.wait()
             status[name] = {"returncode": proc.returncode, "seconds": None}
+        raise
     summary = {
         "when": datetime.now(UTC).isoformat(timespec="seconds"),
         "mode": "quick" if args.quick else "full",

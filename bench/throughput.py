@@ -151,7 +151,7 @@ def _profile_export(snapshot_set: SnapshotSet, out_dir: Path, mode: str, top: in
     rows = []
     for (filename, line, func), (_, calls, own, cumulative, _) in stats.stats.items():  # type: ignore[attr-defined]
         rows.append({
-            "function": f"{Path(filename).name}:{line}({func})",
+            "function": func if filename == "~" else f"{Path(filename).name}:{line}({func})",
             "calls": calls,
             "own_s": round(own, 3),
             "cumulative_s": round(cumulative, 3),
@@ -333,14 +333,15 @@ def plot(report: dict[str, Any], path: Path, note: str | None = None) -> None:
             ("qemu-img convert\n(members, vmdk)", export["vmdk"]["convert_mib_s"], COLORS["baseline"]),
             ("export OVA\n(vmdk)", export["vmdk"]["mib_s"], COLORS["freezeframe"]),
         ]
-    fig, ax = plt.subplots(figsize=(max(8.0, 1.05 * len(bars)), 4.8))
-    x = list(range(len(bars)))
+    fig, ax = plt.subplots(figsize=(9.0, 1.0 + 0.45 * len(bars)))
+    y = list(range(len(bars)))[::-1]
     values = [v or 0.0 for _, v, _ in bars]
-    ax.bar(x, values, 0.65, color=[c for _, _, c in bars])
-    for i, v in enumerate(values):
-        ax.text(i, v, f"{v:.0f}", ha="center", va="bottom", fontsize=8)
-    ax.set_xticks(x, [label for label, _, _ in bars], fontsize=7)
-    ax.set_ylabel("MiB/s (median; data bytes / time)")
+    ax.barh(y, values, 0.65, color=[c for _, _, c in bars])
+    for i, v in zip(y, values, strict=True):
+        ax.text(v, i, f" {v:.0f}", ha="left", va="center", fontsize=8)
+    ax.set_yticks(y, [label.replace("\n", " ") for label, _, _ in bars])
+    ax.set_xlabel("MiB/s (median; data bytes / time)")
+    ax.grid(axis="y", visible=False)
     data_mib = report["data_bytes"] / MiB
     title = f"Capture and export throughput: 3 disks, {data_mib:.0f} MiB of random data"
     if not export.get("available"):

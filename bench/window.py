@@ -252,6 +252,7 @@ def plot(outcomes: list[Outcome], path: Path, note: str | None = None) -> None:
            label="freezeframe window")  # fmt: skip
     for i, o in enumerate(outcomes):
         ax.text(i + width / 2, o.window_p95_ms, f"{o.ratio_of_medians:.2f}x", ha="center", va="bottom", fontsize=8)
+    ax.set_ylim(0, 1.25 * max([*(o.window_p95_ms for o in outcomes), *(o.floor_p95_ms for o in outcomes), 1.0]))
     ax.set_xticks(x, labels, rotation=12)
     ax.set_ylabel("ms (median, whisker to p95)")
     ax.set_title("Filesystem-level freeze window vs floor (TCG guest under write load)")

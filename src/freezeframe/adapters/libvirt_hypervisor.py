@@ -11,9 +11,9 @@ import json
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import libvirt
 import libvirt_qemu
@@ -34,6 +34,7 @@ _STATES = {
     libvirt.VIR_DOMAIN_SHUTOFF: InstanceState.SHUTOFF,
 }
 _POLL_S = 0.05
+T = TypeVar("T")
 
 _event_loop_lock = threading.Lock()
 _event_loop_started = False
@@ -65,9 +66,7 @@ def _run(argv: Sequence[str], timeout: float | None = None) -> subprocess.Comple
     except FileNotFoundError as exc:
         raise HypervisorError(f"{argv[0]} is not installed; run scripts/setup-host.sh") from exc
     except subprocess.CalledProcessError as exc:
-        raise HypervisorError(
-            f"{' '.join(argv[:2])} failed: {exc.stderr.strip() or exc.stdout.strip()}"
-        ) from exc
+        raise HypervisorError(f"{' '.join(argv[:2])} failed: {exc.stderr.strip() or exc.stdout.strip()}") from exc
     except subprocess.TimeoutExpired as exc:
         raise HypervisorError(f"{' '.join(argv[:2])} did not finish within {timeout} s") from exc
 
@@ -96,12 +95,21 @@ class LibvirtHypervisor:
         self.conn.setKeepAlive(5, 3)
         self.uri = uri
         self.agent_timeout_s = agent_timeout_s
+        self._domains: dict[str, libvirt.virDomain] = {}
+        self._bounded: set[str] = set()
 
     def close(self) -> None:
         with contextlib.suppress(libvirt.libvirtError):
             self.conn.close()
 
     # ---- discovery ----------------------------------------------------------------------------------
+
+    def domain(self, instance: Instance) -> libvirt.virDomain:
+        """Cached per UUID: each lookup is a daemon round trip, and the window should hold none it can avoid."""
+        dom = self._domains.get(instance.uuid)
+        if dom is None:
+            dom = self._domains[instance.uuid] = self._domain(instance.uuid)
+        return dom
 
     def _domain(self, ref: str) -> libvirt.virDomain:
         try:
@@ -114,9 +122,6 @@ class LibvirtHypervisor:
                     f"no instance named or with UUID {ref!r} at {self.uri} (see `virsh list --all`)"
                 ) from exc
             raise HypervisorError(f"looking up {ref!r}: {exc.get_error_message()}") from exc
-
-    def domain(self, instance: Instance) -> libvirt.virDomain:
-        return self._domain(instance.uuid)
 
     def lookup(self, ref: str) -> Instance:
         dom = self._domain(ref)
@@ -223,21 +228,32 @@ class LibvirtHypervisor:
 
     # ---- guest agent --------------------------------------------------------------------------------
 
-    def _bound_agent(self, dom: libvirt.virDomain) -> None:
-        try:
-            dom.agentSetResponseTimeout(self.agent_timeout_s, 0)
-        except libvirt.libvirtError as exc:
-            raise HypervisorError(f"cannot bound the guest-agent timeout: {exc.get_error_message()}") from exc
-
-    def agent_command(self, instance: Instance, command: dict[str, Any]) -> Any:
+    def _bound_agent(self, instance: Instance) -> libvirt.virDomain:
+        """Set the agent reply timeout once per domain, so the freeze window holds no extra round trip."""
         dom = self.domain(instance)
-        self._bound_agent(dom)
+        if instance.uuid not in self._bounded:
+            try:
+                dom.agentSetResponseTimeout(self.agent_timeout_s, 0)
+            except libvirt.libvirtError as exc:
+                raise HypervisorError(f"cannot bound the guest-agent timeout: {exc.get_error_message()}") from exc
+            self._bounded.add(instance.uuid)
+        return dom
+
+    def _agent(self, instance: Instance, what: str, call: Callable[[libvirt.virDomain], T]) -> T:
+        dom = self._bound_agent(instance)
         try:
-            reply = libvirt_qemu.qemuAgentCommand(dom, json.dumps(command), self.agent_timeout_s, 0)
+            return call(dom)
         except libvirt.libvirtError as exc:
             raise AgentUnavailable(
-                f"guest agent of {instance.name} did not answer {command['execute']}: {exc.get_error_message()}"
+                f"guest agent of {instance.name} could not {what}: {exc.get_error_message()}"
             ) from exc
+
+    def agent_command(self, instance: Instance, command: dict[str, Any]) -> Any:
+        text = json.dumps(command)
+        reply = self._agent(
+            instance, f"answer {command['execute']}",
+            lambda dom: libvirt_qemu.qemuAgentCommand(dom, text, self.agent_timeout_s, 0),
+        )  # fmt: skip
         return json.loads(reply).get("return")
 
     def agent_ping(self, instance: Instance) -> None:
@@ -248,26 +264,10 @@ class LibvirtHypervisor:
         return status
 
     def freeze(self, instance: Instance) -> int:
-        dom = self.domain(instance)
-        self._bound_agent(dom)
-        try:
-            frozen: int = dom.fsFreeze()
-            return frozen
-        except libvirt.libvirtError as exc:
-            raise AgentUnavailable(
-                f"guest agent of {instance.name} could not freeze filesystems: {exc.get_error_message()}"
-            ) from exc
+        return self._agent(instance, "freeze filesystems", lambda dom: int(dom.fsFreeze()))
 
     def thaw(self, instance: Instance) -> int:
-        dom = self.domain(instance)
-        self._bound_agent(dom)
-        try:
-            thawed: int = dom.fsThaw()
-            return thawed
-        except libvirt.libvirtError as exc:
-            raise AgentUnavailable(
-                f"guest agent of {instance.name} could not thaw filesystems: {exc.get_error_message()}"
-            ) from exc
+        return self._agent(instance, "thaw filesystems", lambda dom: int(dom.fsThaw()))
 
     # ---- vCPUs ----------------------------------------------------------------------------------------
 
@@ -329,9 +329,7 @@ class LibvirtHypervisor:
             stats: dict[str, Any] = dom.jobStats(flags)
             return stats
         except libvirt.libvirtError as exc:
-            raise HypervisorError(
-                f"cannot read job state of {dom.name()}: {exc.get_error_message()}"
-            ) from exc
+            raise HypervisorError(f"cannot read job state of {dom.name()}: {exc.get_error_message()}") from exc
 
     def capture_in_flight(self, instance: Instance) -> bool:
         stats = self._job(self.domain(instance))
@@ -340,9 +338,7 @@ class LibvirtHypervisor:
             and stats.get("operation") == libvirt.VIR_DOMAIN_JOB_OPERATION_BACKUP
         )
 
-    def wait_capture(
-        self, instance: Instance, progress: ProgressCallback | None, timeout_s: float = 3600
-    ) -> None:
+    def wait_capture(self, instance: Instance, progress: ProgressCallback | None, timeout_s: float = 3600) -> None:
         dom = self.domain(instance)
         deadline = time.monotonic() + timeout_s
         while True:
@@ -355,9 +351,7 @@ class LibvirtHypervisor:
                 progress(done, total)
             if time.monotonic() > deadline:
                 self.abort_capture(instance)
-                raise CaptureFailed(
-                    f"the backup job of {instance.name} did not finish within {timeout_s:.0f} s"
-                )
+                raise CaptureFailed(f"the backup job of {instance.name} did not finish within {timeout_s:.0f} s")
             time.sleep(_POLL_S)
         done_stats = self._job(dom, libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
         if done_stats.get("type") != libvirt.VIR_DOMAIN_JOB_COMPLETED:

@@ -161,16 +161,15 @@ class JobRunner:
             self._record_failure(job, exc)
 
     def _record_failure(self, job: Job, exc: BaseException) -> None:
-        c = classify(exc)
+        """The row keeps what a client may see (problem slug, redacted detail); the log keeps the rest."""
+        error_id = uuid.uuid4().hex[:12]
+        c = classify(exc, error_id)
         if c.status >= 500:
-            log.error("job %s (%s) failed: %s", job.id, job.kind, exc, exc_info=exc)
+            log.error("job %s (%s) failed, error id %s: %s", job.id, job.kind, error_id, exc, exc_info=exc)
         else:
             log.info("job %s (%s) failed: %s", job.id, job.kind, exc)
         try:
-            self.store.update(
-                job.id, state=FAILED, error_type=type(exc).__name__, error=str(exc) or type(exc).__name__,
-                finished_at=_now(),
-            )  # fmt: skip
+            self.store.update(job.id, state=FAILED, error_type=c.slug, error=c.detail, finished_at=_now())
         except FreezeframeError:
             log.exception("could not record the failure of job %s", job.id)
 
@@ -191,7 +190,7 @@ class JobRunner:
                 self._active.pop(job.lock_key, None)
             try:
                 self.store.update(
-                    job.id, state=FAILED, error_type="Interrupted",
+                    job.id, state=FAILED, error_type="interrupted",
                     error="the service stopped before this job started; submit it again", finished_at=_now(),
                 )  # fmt: skip
             except FreezeframeError:
@@ -216,7 +215,7 @@ def recover(store: JobStore, reports: list[str]) -> list[Job]:
             + "; the guest was released and partial data removed on restart"
             + (f" ({summary})" if summary else "")
         )
-        store.update(job.id, state=FAILED, error_type="Interrupted", error=detail, finished_at=_now())
-        job.state, job.error_type, job.error = FAILED, "Interrupted", detail
+        store.update(job.id, state=FAILED, error_type="interrupted", error=detail, finished_at=_now())
+        job.state, job.error_type, job.error = FAILED, "interrupted", detail
         failed.append(job)
     return failed
