@@ -183,6 +183,8 @@ def measure(conn: Any, config: Config, workdir: Path, home: Path) -> Outcome:
             floors, windows, calls, floor_pauses, pauses = [], [], [], [], []
             steps, floor_steps = [], []
             for _ in range(config.samples):
+                # The guest clock is read again before every operation: under TCG it stands still while the vCPUs
+                # are paused, so after a pause the offset to the host's clock has changed.
                 guest_clock = GuestClock.measure(inst) if heartbeat else GuestClock(0, 0)
                 started = time.time_ns()
                 floor_ms, floor_pause_ms, floor_step = _floor(inst, config.pause)
@@ -193,6 +195,7 @@ def measure(conn: Any, config: Config, workdir: Path, home: Path) -> Outcome:
                     floor_pauses.append(floor_pause_ms)
                 time.sleep(SETTLE_S)
 
+                guest_clock = GuestClock.measure(inst) if heartbeat else guest_clock
                 clock.take()
                 started, call_started = time.time_ns(), time.monotonic()
                 request = SnapshotRequest(inst.name, Consistency.FILESYSTEM, require=True, pause_vcpus=config.pause)
@@ -206,6 +209,7 @@ def measure(conn: Any, config: Config, workdir: Path, home: Path) -> Outcome:
                     pauses.append(result.pause_window_ms)
                 steps.append(steps_in(clock.take(), WINDOW_START, WINDOW_END, STEP_ORDER))
 
+                guest_clock = GuestClock.measure(inst) if heartbeat else guest_clock
                 started = time.time_ns()
                 time.sleep(QUIET_S)
                 intervals.quiet.append((started, time.time_ns(), guest_clock))
@@ -214,8 +218,15 @@ def measure(conn: Any, config: Config, workdir: Path, home: Path) -> Outcome:
             clean = inst.shutdown(timeout_s=60)
             log = read_guest_file(inst.disk_path("vda"), LOG_PATH, tmp_dir=workdir)
             stall = _stall(parse_heartbeat(log), intervals)
+            notes = []
+            if config.pause:
+                notes.append(
+                    "the guest's clock stands still while its vCPUs are paused (TCG), so the stall excludes the "
+                    "pause itself: see pause_ms"
+                )
             if not clean:
-                note = "guest did not power off cleanly; the last beats before destroy may be missing"
+                notes.append("guest did not power off cleanly; the last beats before destroy may be missing")
+            note = "; ".join(notes) or None
         else:
             note = f"{config.workload} workload writes no timestamps: the guest-visible stall is not measured here"
     floor_median, window_median = _median(floors), _median(windows)

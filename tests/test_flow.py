@@ -316,3 +316,30 @@ def test_repair_thaws_and_fails_what_a_killed_process_left(parts) -> None:  # ty
     assert not hv.frozen and hv.state_now is InstanceState.RUNNING and not hv.in_flight
     assert parts[0].get_set(leftover.id).status is SetStatus.FAILED
     assert not parts[1].exists(leftover.id) and parts[2].pending() == []
+
+
+def test_watchdog_still_guards_the_window_after_a_failed_freeze(parts) -> None:  # type: ignore[no-untyped-def]
+    hv = ScriptedHypervisor(disks=_disks(), atomic=False, freeze_hang_s=0.05)
+    flow = _flow(hv, parts, freeze_cap_s=0.3, hold_in_window_s=1.5)
+    with pytest.raises(FreezeWindowExceeded):
+        flow.snapshot(SnapshotRequest("vm1"))
+    assert hv.state_now is InstanceState.RUNNING and not hv.frozen
+    assert hv.calls.index("resume") > hv.calls.index("pause")
+    assert parts[2].pending() == []
+
+
+def test_journal_is_written_before_the_window_not_inside_it(parts) -> None:  # type: ignore[no-untyped-def]
+    hv = ScriptedHypervisor(disks=_disks(), atomic=False)
+    journal = parts[2]
+    seen: list[tuple[str, tuple[str, ...]]] = []
+    original = journal.record
+
+    def spy(entry):  # type: ignore[no-untyped-def]
+        seen.append((entry.phase, tuple(hv.calls)))
+        original(entry)
+
+    journal.record = spy  # type: ignore[method-assign]
+    _flow(hv, parts).snapshot(SnapshotRequest("vm1"))
+    window_writes = [calls for phase, calls in seen if "freeze" in calls and "thaw" not in calls]
+    assert window_writes == [], "journal written inside the freeze window"
+    assert ("window", ("ping",)) in seen

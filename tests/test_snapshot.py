@@ -228,7 +228,7 @@ def test_watchdog_caps_the_window(ledger_guest: TestInstance, service: Freezefra
 
 def test_two_snapshots_at_once_one_is_refused(ledger_guest: TestInstance, tmp_path: Path) -> None:
     home = tmp_path / "busy-home"
-    env = {"FREEZEFRAME_FAULT_HOLD_IN_WINDOW_S": "2"}
+    env = {"FREEZEFRAME_FAULT_HOLD_IN_WINDOW_S": "8"}
     first = _cli(home, "snapshot", ledger_guest.name, env=env)
     _wait_frozen(ledger_guest)
     second = _cli(home, "snapshot", ledger_guest.name)
@@ -249,24 +249,28 @@ def test_repository_full_during_copy(ledger_guest: TestInstance, tmp_path: Path)
         os.environ["FREEZEFRAME_REPOSITORY"] = str(mountpoint)
         with Freezeframe.open(Settings(home=tmp_path / "full-home")) as ff:
             flow = ff.flow()
-            flow.settings = FlowSettings(hold_in_window_s=1.5)
+            flow.settings = FlowSettings(hold_in_window_s=3)
+
+            filled: list[int] = []
 
             def fill_once_targets_exist() -> None:
                 deadline = time.monotonic() + 60
-                while time.monotonic() < deadline:
-                    if any(mountpoint.glob("*/vdc.qcow2")):
-                        filler = mountpoint / "filler"
-                        free = os.statvfs(mountpoint).f_bavail * os.statvfs(mountpoint).f_frsize
-                        with filler.open("wb") as handle:
-                            os.posix_fallocate(handle.fileno(), 0, free - 64 * 1024)
-                        return
+                while time.monotonic() < deadline and not any(mountpoint.glob("*/vdc.qcow2")):
                     time.sleep(0.01)
+                chunk = b"\xff" * (1 << 20)
+                with (mountpoint / "filler").open("wb", buffering=0) as handle:
+                    try:
+                        while handle.write(chunk):
+                            pass
+                    except OSError:
+                        filled.append(handle.tell())
 
             filler_thread = threading.Thread(target=fill_once_targets_exist)
             filler_thread.start()
             with pytest.raises(RepositoryFull, match="filled up during the copy"):
                 flow.snapshot(SnapshotRequest(ledger_guest.name))
             filler_thread.join()
+            assert filled, "the filler never reached ENOSPC"
             (failed,) = ff.list_sets()
             assert failed.status is SetStatus.FAILED and failed.members == []
             assert [p.name for p in mountpoint.iterdir()] == ["filler"], "partial member files left behind"

@@ -136,7 +136,11 @@ class _Plan:
 
 
 class _GuestWindow:
-    """Freeze and/or pause, then release exactly once: from the flow, or from the watchdog at the cap."""
+    """Freeze and/or pause, then release exactly once: from the flow, or from the watchdog at the cap.
+
+    The journal entry is written once before the window opens, recording everything the window may do; no
+    write happens inside it, so the window holds only guest-visible calls.
+    """
 
     def __init__(self, flow: SnapshotFlow, instance: Instance, entry: JournalEntry) -> None:
         self.flow = flow
@@ -154,9 +158,6 @@ class _GuestWindow:
         self.pause_ended: float | None = None
 
     def freeze(self) -> None:
-        self.entry.froze = True
-        self.entry.phase = "freezing"
-        self.flow.journal.record(self.entry)
         self.freeze_started = time.monotonic()
         self.froze = True
         self.thaw_confirmed = False
@@ -164,17 +165,23 @@ class _GuestWindow:
             self.flow.hypervisor.freeze(self.instance)
         except AgentUnavailable:
             # A freeze that timed out may still land inside the guest later: make sure it is thawed.
-            self.release()
+            with self._lock:
+                self._thaw()
+                self.froze = False
+                self.freeze_started = self.freeze_ended = None
             raise
-        self.entry.phase = "frozen"
 
     def pause(self) -> None:
-        self.entry.paused = True
-        self.entry.phase = "pausing"
-        self.flow.journal.record(self.entry)
         self.pause_started = time.monotonic()
         self.paused = True
         self.flow.hypervisor.pause(self.instance)
+
+    def _thaw(self) -> None:
+        self.thaw_confirmed = self.flow.ensure_thawed(self.instance)
+        self.freeze_ended = time.monotonic()
+        if not self.thaw_confirmed:
+            self.entry.phase = THAW_PENDING
+            self.flow.journal.record(self.entry)
 
     def release(self) -> None:
         with self._lock:
@@ -189,11 +196,7 @@ class _GuestWindow:
                     errors.append(exc)
                 self.pause_ended = time.monotonic()
             if self.froze:
-                self.thaw_confirmed = self.flow.ensure_thawed(self.instance)
-                self.freeze_ended = time.monotonic()
-                if not self.thaw_confirmed:
-                    self.entry.phase = THAW_PENDING
-                    self.flow.journal.record(self.entry)
+                self._thaw()
             if errors:
                 raise errors[0]
 
@@ -372,6 +375,10 @@ class SnapshotFlow:
     ) -> None:
         """quiesce → capture all → thaw; the copy itself runs after the window."""
         achieved, reason = snapshot_set.achieved, snapshot_set.reason
+        pause = plan.pause and instance.state is InstanceState.RUNNING
+        entry.froze, entry.paused, entry.capture_started = plan.level.freezes_filesystems, pause, True
+        entry.phase = "window"
+        self.journal.record(entry)
         window = _GuestWindow(self, instance, entry)
         watchdog = threading.Timer(self.settings.freeze_cap_s, window.expire)
         watchdog.daemon = True
@@ -383,18 +390,19 @@ class SnapshotFlow:
                         try:
                             window.freeze()
                         except AgentUnavailable as exc:
+                            if not window.thaw_confirmed:
+                                raise CaptureFailed(
+                                    f"freeze failed ({exc}) and the guest agent has not confirmed a thaw since; "
+                                    "`freezeframe repair` keeps trying"
+                                ) from exc
                             if require:
                                 raise ConsistencyUnavailable(f"--require {snapshot_set.requested}: {exc}") from exc
                             achieved, reason = Consistency.CRASH, f"freeze failed: {exc}"
-                            window = _GuestWindow(self, instance, entry)
-                    if plan.pause and instance.state is InstanceState.RUNNING:
+                    if pause:
                         window.pause()
                     self._hold_for_tests()
                     if window.expired:
                         raise FreezeWindowExceeded(self._cap_message(instance))
-                    entry.capture_started = True
-                    entry.phase = "capturing"
-                    self.journal.record(entry)
                     self.hypervisor.start_capture(instance, targets)
                 finally:
                     window.release()

@@ -1,0 +1,249 @@
+"""CLI commands to move sets across hosts: ``export``, ``import`` and ``images list|show|delete``.
+
+``register(app)`` adds them to the main Typer app. Like cli_lifecycle, this module does not import
+freezeframe.cli at the top, so cli.py can import it without a cycle. ``python -m freezeframe.cli_portable``
+runs the whole ``freezeframe`` command with these commands added, for hosts where cli.py does not add them yet.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from freezeframe.adapters.image_store import StoredImage
+from freezeframe.errors import InvalidRequest
+from freezeframe.portable import Portable
+from freezeframe.ports import ProgressCallback
+from freezeframe.service import Freezeframe, settings_for
+
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+ConnectOpt = Annotated[
+    str | None,
+    typer.Option("--connect", "-c", help="libvirt URI (env FREEZEFRAME_LIBVIRT_URI)", show_default=False),
+]
+HomeOpt = Annotated[
+    Path | None, typer.Option("--home", help="data directory (env FREEZEFRAME_HOME)", show_default=False)
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+ImageArg = Annotated[str, typer.Argument(metavar="IMAGE", help="image id, id prefix or name")]
+
+images_app = typer.Typer(help="Packages kept in the image store (FREEZEFRAME_IMAGE_STORE).", no_args_is_help=True)
+
+
+class DiskFormat(enum.StrEnum):
+    QCOW2 = "qcow2"
+    VMDK = "vmdk"
+
+
+@contextmanager
+def _portable(home: Path | None, connect: str | None) -> Iterator[Portable]:
+    with Freezeframe.open(settings_for(home, connect)) as service:
+        yield Portable(service)
+
+
+def _print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+@contextmanager
+def _progress(enabled: bool, label: str) -> Iterator[ProgressCallback | None]:
+    """A progress bar on stderr, only when stderr is a terminal (never in pipes, logs or --json runs)."""
+    if not enabled or not err.is_terminal:
+        yield None
+        return
+    columns = (TextColumn(label), BarColumn(), DownloadColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=err, transient=True) as bar:
+        task = bar.add_task(label, total=None)
+
+        def update(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total or None)
+
+        yield update
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n < 2**30 else f"{n / 2**30:.2f} GiB"
+
+
+def export(
+    set_ref: Annotated[str, typer.Argument(metavar="SET", help="set id, id prefix or name")],
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="write the OVA to FILE")] = None,
+    to_store: Annotated[bool, typer.Option("--to-store", help="keep the OVA in the image store instead")] = False,
+    name: Annotated[str | None, typer.Option("--name", help="name of the stored image (default: the set's)")] = None,
+    disk_format: Annotated[
+        DiskFormat, typer.Option("--disk-format", help="qcow2 (as captured) or vmdk (streamOptimized)")
+    ] = DiskFormat.QCOW2,
+    ovf_version: Annotated[int, typer.Option("--ovf-version", min=1, max=2, help="OVF 1.x (default) or 2.x")] = 1,
+    force: Annotated[bool, typer.Option("--force", help="replace an existing output file")] = False,
+    as_json: JsonOpt = False,
+    connect: ConnectOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Write SET as one OVA package (descriptor, SHA-256 manifest, every member disk), to a file or the store."""
+    if (output is None) == (not to_store):
+        raise InvalidRequest("say where the package goes: -o FILE.ova or --to-store")
+    if name is not None and not to_store:
+        raise InvalidRequest("--name names a stored image; use it with --to-store")
+    if force and to_store:
+        raise InvalidRequest("--force replaces an output file; the store never overwrites (each export is a new image)")
+    with _portable(home, connect) as portable, _progress(not as_json, "exporting") as progress:
+        if output is not None:
+            result = portable.export(
+                set_ref, output, disk_format=str(disk_format), ovf_version=ovf_version, force=force, progress=progress
+            )
+        else:
+            result = portable.export_to_store(
+                set_ref, name=name, disk_format=str(disk_format), ovf_version=ovf_version, progress=progress
+            )
+    if as_json:
+        _print_json(result.to_dict())
+        return
+    where = f"image {result.image.id} ({result.image.name})" if result.image is not None else result.path
+    out.print(
+        f"set {result.set_name} exported to {where}: {len(result.disks)} disks as {result.disk_format}, "
+        f"OVF {result.ovf_version}.x, {_size(result.size)} ({_size(result.allocated)} on disk) "
+        f"in {result.seconds:.1f}s",
+        markup=False,
+        highlight=False,
+    )
+
+
+def import_(
+    source: Annotated[str, typer.Argument(metavar="FILE.ova|IMAGE", help="an OVA file or a stored image")],
+    as_name: Annotated[str, typer.Option("--as", help="name of the new instance")],
+    start: Annotated[bool, typer.Option("--start", help="boot the new instance")] = False,
+    network: Annotated[
+        str | None, typer.Option("--network", help="attach every NIC to this libvirt network (must exist)")
+    ] = None,
+    as_json: JsonOpt = False,
+    connect: ConnectOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """A new instance from an OVA (ours or another tool's); its disks become qcow2 in the instance's folder."""
+    with _portable(home, connect) as portable, _progress(not as_json, "importing") as progress:
+        result = portable.import_package(source, as_name, start=start, network=network, progress=progress)
+    if as_json:
+        _print_json(result.to_dict())
+        return
+    for warning in result.warnings:
+        err.print(f"freezeframe: warning: {warning}", markup=False, highlight=False)
+    boot = "direct kernel boot" if result.direct_kernel_boot else result.firmware.upper()
+    out.print(
+        f"instance {result.name} ({result.uuid}) imported from {result.source} ({result.origin}): "
+        f"{result.vcpus} vCPU, {result.memory_kib // 1024} MiB, {result.machine or 'default machine'}, {boot}"
+        + (", started" if result.started else ", defined (not started)"),
+        markup=False,
+        highlight=False,
+    )
+    for d in result.disks:
+        out.print(f"  {d.target} ({d.bus}): {d.path} <- {d.source}", markup=False, highlight=False)
+    for nic in result.nics:
+        out.print(f"  nic: {nic}", markup=False, highlight=False)
+    for target, why in result.left_out.items():
+        out.print(f"  {target}: left out ({why})", markup=False, highlight=False)
+
+
+def _image_line(image: StoredImage) -> list[str]:
+    s = image.summary
+    return [
+        image.id[:8],
+        image.name,
+        (image.source_set_id or "-")[:8],
+        f"{s.vcpus}",
+        _size(s.memory_bytes),
+        ", ".join(f"{d.target}:{_size(d.capacity)}" for d in s.disks),
+        f"{s.disk_format}/OVF{s.ovf_version}",
+        _size(image.size),
+        f"{image.created_at:%Y-%m-%d %H:%M:%S}",
+    ]
+
+
+@images_app.command("list")
+def images_list(as_json: JsonOpt = False, connect: ConnectOpt = None, home: HomeOpt = None) -> None:
+    """List the stored images, newest first."""
+    with _portable(home, connect) as portable:
+        found = portable.images()
+    if as_json:
+        _print_json([i.to_dict() for i in found])
+        return
+    table = Table("id", "name", "set", "vcpus", "memory", "disks", "format", "size", "created")
+    for image in found:
+        table.add_row(*_image_line(image))
+    out.print(table)
+
+
+@images_app.command("show")
+def images_show(
+    image_ref: ImageArg, as_json: JsonOpt = False, connect: ConnectOpt = None, home: HomeOpt = None
+) -> None:
+    """Show one stored image: record and descriptor summary."""
+    with _portable(home, connect) as portable:
+        image = portable.image(image_ref)
+    if as_json:
+        _print_json(image.to_dict())
+        return
+    s = image.summary
+    for key, value in (
+        ("id", image.id),
+        ("name", image.name),
+        ("source set", image.source_set_id or "-"),
+        ("size", f"{image.size} bytes"),
+        ("sha256", image.sha256),
+        ("created", image.created_at.isoformat()),
+        ("location", image.location),
+        ("machine", f"{s.machine_name}: {s.vcpus} vCPU, {_size(s.memory_bytes)}, {s.arch or '-'}, {s.firmware or '-'}"),
+        ("package", f"OVF {s.ovf_version}.x, disks as {s.disk_format}"),
+    ):
+        out.print(f"[bold]{key}[/]: {escape(str(value))}", highlight=False)
+    table = Table("disk", "capacity", "format", "file size", "controller")
+    for d in s.disks:
+        size = str(d.file_size) if d.file_size is not None else "-"
+        table.add_row(str(d.target), _size(d.capacity), d.format or "-", size, d.controller or "-")
+    out.print(table)
+    for nic in s.nics:
+        out.print(f"nic: {nic.model or '-'} on {nic.network or '-'}", markup=False, highlight=False)
+
+
+@images_app.command("delete")
+def images_delete(
+    image_ref: ImageArg, as_json: JsonOpt = False, connect: ConnectOpt = None, home: HomeOpt = None
+) -> None:
+    """Delete a stored image (its record and its package)."""
+    with _portable(home, connect) as portable:
+        image = portable.delete_image(image_ref)
+    if as_json:
+        _print_json({"deleted": image.id, "name": image.name})
+        return
+    out.print(f"deleted image {image.id} ({image.name})", markup=False, highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``export``, ``import`` and ``images ...`` to the main ``freezeframe`` app."""
+    app.command("export")(export)
+    app.command("import")(import_)
+    app.add_typer(images_app, name="images")
+
+
+def _main() -> None:
+    from freezeframe.cli import app, main
+
+    if "import" not in typer.main.get_command(app).commands:  # type: ignore[attr-defined]
+        register(app)
+    main()
+
+
+if __name__ == "__main__":
+    _main()
