@@ -173,7 +173,7 @@ def machine_info(conn: Any | None = None, workdir: Path | None = None) -> dict[s
 
 def _repo_relative(path: str) -> str:
     try:
-        return str(Path(path).resolve().relative_to(REPO_ROOT))
+        return str(Path(path).absolute().relative_to(REPO_ROOT))
     except ValueError:
         return path
 

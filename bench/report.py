@@ -95,7 +95,7 @@ def provenance(report: dict[str, Any]) -> str:
 
 def machine_section(reports: dict[str, dict[str, Any]]) -> str:
     if not reports:
-        return "_No results yet._"
+        return "_No results yet: the machine is recorded in each benchmark's JSON._"
     first = next(iter(reports.values()))["machine"]
     fs = first.get("workdir_filesystem") or {}
     mem = first.get("memory_bytes")
@@ -321,7 +321,7 @@ def throughput_section(report: dict[str, Any] | None) -> str:
         f"{report['disks']} disks of {size(report['disk_size_bytes'])}, each with "
         f"{size(report['filled_bytes_per_disk'])} of random data written by the guest: "
         f"{num(report['data_bytes'] / MiB)} MiB of data in all "
-        f"({report['repeats']} repeats; MiB/s = data bytes / median seconds; ratios are medians of per-repeat "
+        f"({report['repeats']} repeat{'' if report['repeats'] == 1 else 's'}; MiB/s = data bytes / median seconds; ratios are medians of per-repeat "
         f"time ratios).\n\n"
     )  # fmt: skip
     text += table(header, rows) + "\n\n"
@@ -458,14 +458,18 @@ def verdict_section(reports: dict[str, dict[str, Any]]) -> str:
         rows.append(["concurrent snapshots stay consistent", f"{conc['violations']} / {conc['checked']} violations",
                      "met" if conc["checked"] and not conc["violations"] else "**missed**"])  # fmt: skip
     if not rows:
-        return "_No results yet._"
+        return "_No results yet: run `.venv/bin/python bench/run_all.py`, then `bench/report.py`._"
     smoke = any(r.get("mode") == "quick" for r in reports.values())
     note = smoke_warning({"mode": "quick"}) if smoke else ""
     return note + table(["target", "measured", "verdict"], rows)
 
 
 def missing(name: str) -> str:
-    return f"_No `{name}.json` in the results folder: run `.venv/bin/python bench/{name}.py` (or `bench/run_all.py`)._"
+    where = os.path.relpath(_results_dir, REPO_ROOT) if _results_dir.is_relative_to(REPO_ROOT) else _results_dir
+    return (
+        f"_No `{name}.json` in `{where}` yet: run `.venv/bin/python bench/{name}.py` (or `bench/run_all.py`), "
+        "then `bench/report.py`._"
+    )
 
 
 # ---- the document ------------------------------------------------------------------------------------------------
@@ -514,10 +518,9 @@ def main() -> int:
     _results_dir, _doc_path = args.results.resolve(), args.doc.resolve()
     reports = load(_results_dir)
     if not reports:
-        print(f"no benchmark JSON in {_results_dir}", file=sys.stderr)
-        return 1
+        print(f"warning: no benchmark JSON in {_results_dir}; every section says so", file=sys.stderr)
     _doc_path.write_text(render(_doc_path.read_text(), reports))
-    print(f"rendered {', '.join(reports)} from {_results_dir} into {_doc_path}")
+    print(f"rendered {', '.join(reports) or 'nothing'} from {_results_dir} into {_doc_path}")
     return 0
 
 

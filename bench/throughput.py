@@ -353,7 +353,7 @@ def plot(report: dict[str, Any], path: Path, note: str | None = None) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--disk-gib", type=float, default=1.0)
     args = parser.parse_args()
     if args.quick:

@@ -281,13 +281,16 @@ def plot(outcomes: list[Outcome], path: Path, note: str | None = None) -> None:
         ]
         ax_stall.bar([i + (k - 1) * third for i, _ in with_stall], med, third, yerr=[[0] * len(med), hi], capsize=3,
                      color=color, label=name)  # fmt: skip
+    for i, o in enumerate(outcomes):
+        if not o.stall:
+            ax_stall.text(i, 0, "not measured\n(no timestamps)", ha="center", va="bottom", fontsize=7)
     ax_stall.set_xticks(x, labels, rotation=12)
     ax_stall.set_ylabel("longest gap between guest writes, ms")
     ax_stall.set_title("Guest-visible stall (heartbeat workload; ledger config not measured)")
     ax_stall.legend(loc="upper left")
 
     cmap = plt.get_cmap("tab20")
-    steps = [s for s in (*STEP_ORDER, "other") if any(o.steps_median_ms.get(s) for o in outcomes)]
+    steps = [s for s in (*STEP_ORDER, "other") if any(o.steps_median_ms.get(s, 0.0) >= 0.5 for o in outcomes)]
     color_of = {step: cmap(k % 20) for k, step in enumerate(steps)}
     # Left, narrow: the floor's own two steps; right: every step inside the freezeframe window.
     for series, offset, bar_width, hatch in (("floor", -0.22, 0.22, "//"), ("window", 0.14, 0.46, None)):

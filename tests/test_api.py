@@ -20,6 +20,7 @@ import pytest
 
 from freezeframe.api.testing import ServerProcess, cli, issue_token, running_server
 from freezeframe.config import Settings
+from freezeframe.errors import FreezeframeError
 from freezeframe.lifecycle import Lifecycle
 from freezeframe.service import Freezeframe
 from freezeframe.testbed.guest import GuestImage
@@ -92,7 +93,7 @@ def _snapshot(server: ServerProcess, client: httpx.Client, instance: str, **body
 
 def _discard(home: Path, libvirt_conn: Any, name: str) -> None:
     """Remove an instance the API made (restore/import): its domain, disks and records."""
-    with Freezeframe.open(Settings.from_env(home=home)) as ff, contextlib.suppress(Exception):
+    with Freezeframe.open(Settings.from_env(home=home)) as ff, contextlib.suppress(FreezeframeError):
         Lifecycle(ff).discard(name)
     destroy_and_undefine(libvirt_conn, name)
 

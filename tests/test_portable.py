@@ -143,8 +143,11 @@ def remove_everything(pt: Portable, names: Sequence[str] = ()) -> None:
             if domain_exists(conn, name):
                 ld.remove_domain(conn, conn.lookupByName(name).UUIDString())
         shutil.rmtree(pt.instances_dir / name, ignore_errors=True)
-        if pt.service.hypervisor.uri == "qemu:///system" and not domain_exists(conn, name):
-            (LIBVIRT_LOGS / f"{name}.log").unlink(missing_ok=True)
+    # libvirt keeps a log per domain name: drop those of the instances these tests imported and removed.
+    if pt.service.hypervisor.uri == "qemu:///system":
+        for log in LIBVIRT_LOGS.glob(f"{PREFIX}*.log"):
+            if not domain_exists(conn, log.stem):
+                log.unlink(missing_ok=True)
 
 
 def assert_nothing_left(pt: Portable, name: str) -> None:
@@ -871,8 +874,15 @@ def test_foreign_package_hardware_is_mapped(ff: Freezeframe, pt: Portable, tmp_p
     assert result.firmware == "efi" and result.machine == "pc" and not result.direct_kernel_boot
     assert any("'VM Network' does not exist here" in w for w in result.warnings), result.warnings
     root = xml_of(libvirt_conn, result.name)
-    # Descriptor order is kept; targets follow controller/unit addresses; the first disk boots.
-    assert disk_rows(root) == [("sda", "scsi", "1"), ("hda", "ide", None), ("sdc", "scsi", None), ("sdb", "scsi", None)]
+    # Targets follow controller/unit addresses, whatever the item order; the descriptor's first disk boots.
+    assert [(d.target, d.bus) for d in result.disks] == [
+        ("sda", "scsi"),
+        ("hda", "ide"),
+        ("sdc", "scsi"),
+        ("sdb", "scsi"),
+    ]
+    assert sorted(disk_rows(root)) == [("hda", "ide", None), ("sda", "scsi", "1"), ("sdb", "scsi", None),
+                                       ("sdc", "scsi", None)]  # fmt: skip
     assert root.find("devices/controller[@type='scsi'][@model='virtio-scsi']") is not None
     assert root.find("os").get("firmware") == "efi"  # type: ignore[union-attr]
     nic = root.find("devices/interface")

@@ -17,6 +17,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeR
 from rich.table import Table
 
 from freezeframe.cli_lifecycle import register as register_lifecycle
+from freezeframe.cli_portable import register as register_portable
 from freezeframe.errors import FreezeframeError, InvalidRequest
 from freezeframe.flow import SnapshotRequest
 from freezeframe.model import Consistency, SetStatus
@@ -30,7 +31,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)
 
 ConnectOpt = Annotated[
     str | None,
@@ -228,6 +229,7 @@ def demo(
 
 
 register_lifecycle(app)
+register_portable(app)
 
 
 def main() -> None:

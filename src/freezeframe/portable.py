@@ -106,7 +106,8 @@ _NIC_MODELS = {
 _TARGET_RE = re.compile(r"^(vd|sd|hd)[a-z]{1,3}$")
 _MACHINE_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _ARCH_RE = re.compile(r"^[a-z0-9_]{1,16}$")
-_NET_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_NET_RE = re.compile(r"^[^/\x00-\x1f]{1,64}$")
+_MODEL_RE = re.compile(r"^[A-Za-z0-9._-]{1,32}$")
 _BRIDGE_RE = re.compile(r"^[A-Za-z0-9._-]{1,15}$")
 _SERIAL_RE = re.compile(r"^[A-Za-z0-9_ .+-]{1,64}$")
 _BOOT_DEVS = ("hd", "cdrom", "network", "fd")
@@ -1005,7 +1006,7 @@ def _check_hardware(hw: Hardware) -> None:
     for nic in hw.nics:
         _check_text(nic.source, "NIC source", 64)
         _check_text(nic.model, "NIC model", 32)
-        if nic.model is not None and not _NET_RE.match(nic.model):
+        if nic.model is not None and not _MODEL_RE.match(nic.model):
             raise OvfInvalidValue(f"the package's NIC model {nic.model!r} is not a model name")
 
 

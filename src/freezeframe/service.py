@@ -19,6 +19,7 @@ from freezeframe.config import Settings
 from freezeframe.flow import FlowSettings, SnapshotFlow, SnapshotRequest
 from freezeframe.lifecycle import Lifecycle
 from freezeframe.model import Instance, SetStatus, SnapshotSet
+from freezeframe.portable import Portable
 from freezeframe.ports import ProgressCallback
 
 
@@ -98,9 +99,14 @@ class Freezeframe:
         """Restore, revert, delete, backup rotation and verify over this service."""
         return Lifecycle(self)
 
+    @property
+    def portable(self) -> Portable:
+        """Export to OVA, the image store and import over this service."""
+        return Portable(self)
+
     def repair(self, instance: str | None = None) -> list[str]:
         reports = self.flow().repair(instance)
-        return reports if instance is not None else reports + self.lifecycle.repair()
+        return reports if instance is not None else reports + self.lifecycle.repair() + self.portable.repair()
 
     def instances(self) -> list[Instance]:
         return self.hypervisor.list_instances()

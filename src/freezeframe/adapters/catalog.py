@@ -603,6 +603,7 @@ def _restore_record(row: RestoreRow) -> RestoreRecord:
     )
 
 
-# The HTTP service's rows (jobs, tokens, projects, images) share Base: registered here so that Base.metadata,
-# which Alembic's env and the model/migration comparison read, always holds every table of revision 0003.
+# The HTTP service's rows (jobs, tokens, projects) and the image store's share Base: registered here so that
+# Base.metadata, which Alembic's env and the model/migration comparison read, always holds every table.
+import freezeframe.adapters.image_store  # noqa: E402
 import freezeframe.adapters.service_store  # noqa: E402, F401

@@ -1,4 +1,4 @@
-"""What the HTTP service keeps in the catalog beside the sets: jobs, API tokens, project mappings, images.
+"""What the HTTP service keeps in the catalog beside the sets: jobs, API tokens, project mappings, image owners.
 
 The rows share the catalog's declarative ``Base`` (so one Alembic history, revision 0003, covers them) and
 each store works over a ``SqlCatalog``'s sessions, like ``RestoreLog``: the Catalog port stays unchanged and
@@ -15,11 +15,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Integer, String, Text, delete, select, update
+from sqlalchemy import JSON, BigInteger, Integer, String, Text, delete, or_, select, update
 from sqlalchemy.orm import Mapped, mapped_column
 
-from freezeframe.adapters.catalog import Base, SqlCatalog, UtcDateTime
+from freezeframe.adapters.catalog import Base, MemberRow, SetRow, SqlCatalog, UtcDateTime
 from freezeframe.errors import InvalidRequest, NotFound
+from freezeframe.model import Consistency, Hardware, InstanceState, Member, SetStatus, SnapshotSet
 
 ROLES = ("admin", "member", "reader")
 """admin: every project and the project mapping; member: act on its project; reader: look only."""
@@ -33,10 +34,6 @@ class JobNotFound(NotFound):
 
 
 class TokenNotFound(NotFound):
-    pass
-
-
-class ImageNotFound(NotFound):
     pass
 
 
@@ -100,24 +97,15 @@ class InstanceProjectRow(Base):
     assigned_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
-class ImageRow(Base):
-    """An exported package (OVA) of a set; it outlives the set, so it keeps its own project."""
+class ImageOwnerRow(Base):
+    """Which project an image in the image store (``stored_images``) belongs to; images outlive their sets."""
 
-    __tablename__ = "images"
+    __tablename__ = "image_owners"
 
-    id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    name: Mapped[str] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(String(16), index=True)
+    image_id: Mapped[str] = mapped_column(String(36), primary_key=True)
     project: Mapped[str | None] = mapped_column(String(128), index=True)
-    set_id: Mapped[str] = mapped_column(String(36))
-    instance_name: Mapped[str] = mapped_column(Text)
-    format: Mapped[str] = mapped_column(String(16))
-    disk_format: Mapped[str] = mapped_column(String(16))
-    path: Mapped[str] = mapped_column(Text)
-    size: Mapped[int | None] = mapped_column(BigInteger)
-    error: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
-    completed_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
+    set_id: Mapped[str | None] = mapped_column(String(36))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
 # ---- jobs -------------------------------------------------------------------------------------------------
@@ -321,13 +309,19 @@ class TokenStore:
         """The active token for this bearer string, or None; unknown ids cost the same hash compare."""
         prefix, _, rest = bearer.partition("_")
         token_id, _, secret = rest.partition("_")
-        with self._catalog._session("checking a token", write=False) as session:
-            row = session.get(TokenRow, token_id) if prefix == TOKEN_PREFIX and token_id and secret else None
-            expected = row.secret_sha256 if row is not None else _DUMMY_HASH
-            matches = hmac.compare_digest(expected, _hash(secret))
-            if row is None or not matches or row.revoked_at is not None:
-                return None
-            return _token(row)
+        table = TokenRow.__table__
+        row = None
+        if prefix == TOKEN_PREFIX and token_id and secret:
+            with self._catalog._session("checking a token", write=False) as session:
+                row = session.execute(select(table).where(table.c.id == token_id)).mappings().first()
+        expected = row["secret_sha256"] if row is not None else _DUMMY_HASH
+        matches = hmac.compare_digest(expected, _hash(secret))
+        if row is None or not matches or row["revoked_at"] is not None:
+            return None
+        return Token(
+            row["id"], row["project"], row["role"], _aware(row["created_at"]) or _now(), row["description"],
+            _aware(row["revoked_at"]),
+        )  # fmt: skip
 
     def all(self, include_revoked: bool = True) -> list[Token]:
         query = select(TokenRow).order_by(TokenRow.created_at, TokenRow.id)
@@ -394,92 +388,138 @@ class ProjectMap:
             return row.project if row is not None else None
 
 
-# ---- images -----------------------------------------------------------------------------------------------
+# ---- image owners ---------------------------------------------------------------------------------------
 
 
-@dataclass
-class Image:
-    id: str
-    name: str
-    status: str
-    project: str | None
-    set_id: str
-    instance_name: str
-    format: str
-    disk_format: str
-    path: str
-    created_at: datetime
-    size: int | None = None
-    error: str | None = None
-    completed_at: datetime | None = None
+class ImageOwners:
+    """The project of each image the service exported (CLI exports have none: they follow their source set)."""
 
-
-def _image(row: ImageRow) -> Image:
-    return Image(
-        id=row.id,
-        name=row.name,
-        status=row.status,
-        project=row.project,
-        set_id=row.set_id,
-        instance_name=row.instance_name,
-        format=row.format,
-        disk_format=row.disk_format,
-        path=row.path,
-        created_at=row.created_at,
-        size=row.size,
-        error=row.error,
-        completed_at=row.completed_at,
-    )
-
-
-class ImageStore:
     def __init__(self, catalog: SqlCatalog) -> None:
         self._catalog = catalog
 
-    def add(self, image: Image) -> None:
-        with self._catalog._session(f"recording image {image.id}", write=True) as session:
-            session.add(
-                ImageRow(
-                    id=image.id,
-                    name=image.name,
-                    status=image.status,
-                    project=image.project,
-                    set_id=image.set_id,
-                    instance_name=image.instance_name,
-                    format=image.format,
-                    disk_format=image.disk_format,
-                    path=image.path,
-                    size=image.size,
-                    error=image.error,
-                    created_at=image.created_at,
-                    completed_at=image.completed_at,
+    def record(self, image_id: str, project: str | None, set_id: str | None) -> None:
+        with self._catalog._session(f"recording the owner of image {image_id}", write=True) as session:
+            row = session.get(ImageOwnerRow, image_id)
+            if row is None:
+                session.add(ImageOwnerRow(image_id=image_id, project=project, set_id=set_id, created_at=_now()))
+            else:
+                row.project, row.set_id = project, set_id
+
+    def all(self) -> dict[str, str | None]:
+        """image id -> project, for every image the service recorded."""
+        with self._catalog._session("reading image owners", write=False) as session:
+            return {r.image_id: r.project for r in session.scalars(select(ImageOwnerRow))}
+
+    def forget(self, image_id: str) -> None:
+        with self._catalog._session(f"forgetting the owner of image {image_id}", write=True) as session:
+            session.execute(delete(ImageOwnerRow).where(ImageOwnerRow.image_id == image_id))
+
+
+# ---- fast read path for listings ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SetEntry:
+    """What filtering and access checks need of a set, without its members or hardware."""
+
+    id: str
+    instance_uuid: str
+    metadata: dict[str, str]
+
+
+class SetReader:
+    """Listings for the API with plain SQL rows instead of ORM objects: a page costs what its rows cost.
+
+    ``index`` returns every matching set newest first (a few columns); ``load`` builds full ``SnapshotSet``s
+    for one page. Same filters and order as ``SqlCatalog.list_sets``.
+    """
+
+    def __init__(self, catalog: SqlCatalog) -> None:
+        self._catalog = catalog
+
+    def index(
+        self,
+        instance: str | None = None,
+        status: SetStatus | None = None,
+        backup_type: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> list[SetEntry]:
+        table = SetRow.__table__
+        query = select(table.c.id, table.c.instance_uuid, table.c.metadata)
+        if instance is not None:
+            query = query.where(or_(table.c.instance_name == instance, table.c.instance_uuid == instance))
+        if status is not None:
+            query = query.where(table.c.status == status.value)
+        if backup_type is not None:
+            query = query.where(table.c.backup_type == backup_type)
+        query = query.order_by(table.c.created_at.desc(), table.c.id)
+        with self._catalog._session("listing sets", write=False) as session:
+            rows = session.execute(query).all()
+        entries = [SetEntry(r.id, r.instance_uuid, dict(r.metadata or {})) for r in rows]
+        if metadata:
+            entries = [e for e in entries if all(e.metadata.get(k) == v for k, v in metadata.items())]
+        return entries
+
+    def load(self, ids: Sequence[str]) -> list[SnapshotSet]:
+        """The sets with these ids, in this order (ids deleted meanwhile are left out)."""
+        if not ids:
+            return []
+        sets_table, members_table = SetRow.__table__, MemberRow.__table__
+        with self._catalog._session("reading sets", write=False) as session:
+            set_rows = session.execute(select(sets_table).where(sets_table.c.id.in_(list(ids)))).mappings().all()
+            member_rows = (
+                session.execute(
+                    select(members_table).where(members_table.c.set_id.in_(list(ids))).order_by(members_table.c.id)
+                )
+                .mappings()
+                .all()
+            )
+        members: dict[str, list[Member]] = {}
+        for m in member_rows:
+            members.setdefault(m["set_id"], []).append(
+                Member(
+                    set_id=m["set_id"],
+                    target=m["target"],
+                    bus=m["bus"],
+                    boot_order=m["boot_order"],
+                    virtual_size=m["virtual_size"],
+                    format=m["format"],
+                    path=m["path"],
+                    source_path=m["source_path"],
+                    sha256=m["sha256"],
+                    metadata=dict(m["metadata"] or {}),
                 )
             )
+        by_id = {row["id"]: _set_from_mapping(row, members.get(row["id"], [])) for row in set_rows}
+        return [by_id[i] for i in ids if i in by_id]
 
-    def get(self, image_id: str) -> Image:
-        with self._catalog._session(f"looking up image {image_id}", write=False) as session:
-            row = session.get(ImageRow, image_id)
-            if row is None:
-                raise ImageNotFound(f"no image {image_id}")
-            return _image(row)
 
-    def update(self, image_id: str, **values: Any) -> None:
-        unknown = set(values) - set(ImageRow.__table__.columns.keys())
-        if unknown:
-            raise InvalidRequest(f"images have no column(s) {', '.join(sorted(unknown))}")
-        with self._catalog._session(f"updating image {image_id}", write=True) as session:
-            session.execute(update(ImageRow).where(ImageRow.id == image_id).values(**values))
+def _aware(value: datetime | None) -> datetime | None:
+    if value is None:
+        return None
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
-    def query(self, projects: Sequence[str] | None = None, status: str | None = None) -> list[Image]:
-        query = select(ImageRow)
-        if projects is not None:
-            query = query.where(ImageRow.project.in_(list(projects)))
-        if status is not None:
-            query = query.where(ImageRow.status == status)
-        query = query.order_by(ImageRow.created_at.desc(), ImageRow.id)
-        with self._catalog._session("listing images", write=False) as session:
-            return [_image(row) for row in session.scalars(query)]
 
-    def delete(self, image_id: str) -> None:
-        with self._catalog._session(f"deleting image {image_id}", write=True) as session:
-            session.execute(delete(ImageRow).where(ImageRow.id == image_id))
+def _set_from_mapping(row: Any, members: list[Member]) -> SnapshotSet:
+    created = _aware(row["created_at"])
+    assert created is not None
+    return SnapshotSet(
+        id=row["id"],
+        name=row["name"],
+        instance_name=row["instance_name"],
+        instance_uuid=row["instance_uuid"],
+        requested=Consistency(row["requested"]),
+        status=SetStatus(row["status"]),
+        created_at=created,
+        hardware=Hardware.from_dict(row["hardware"]),
+        achieved=Consistency(row["achieved"]) if row["achieved"] is not None else None,
+        reason=row["reason"],
+        completed_at=_aware(row["completed_at"]),
+        freeze_window_ms=row["freeze_window_ms"],
+        pause_window_ms=row["pause_window_ms"],
+        members=members,
+        metadata=dict(row["metadata"] or {}),
+        backup_type=row["backup_type"],
+        error=row["error"],
+        instance_state=InstanceState(row["instance_state"]) if row["instance_state"] is not None else None,
+    )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import libvirt
@@ -74,6 +75,15 @@ def project_from_metadata(metadata_xml: str | None) -> str | None:
     return text or None
 
 
+def project_from_domain_xml(xml: str) -> str | None:
+    """The project recorded in a whole domain XML (``virDomainGetXMLDesc``), if any."""
+    try:
+        metadata = etree.fromstring(xml.encode(), _PARSER).find("metadata")
+    except etree.XMLSyntaxError:
+        return None
+    return project_from_metadata(etree.tostring(metadata).decode()) if metadata is not None else None
+
+
 class ProjectResolver:
     """Projects of instances and sets; libvirt answers are cached briefly since listing sets asks for many."""
 
@@ -94,22 +104,34 @@ class ProjectResolver:
             return from_xml, "metadata"
         return None, "none"
 
-    def of_set(self, snapshot_set: SnapshotSet, mapping: dict[str, str] | None = None) -> str | None:
-        pinned = snapshot_set.metadata.get(PROJECT_KEY)
+    def of_set(self, snapshot_set: SnapshotSet) -> str | None:
+        return self.of_set_parts(snapshot_set.instance_uuid, snapshot_set.metadata)
+
+    def of_set_parts(
+        self, instance_uuid: str, metadata: dict[str, str], mapping: Callable[[], dict[str, str]] | None = None
+    ) -> str | None:
+        """``mapping``: the whole mapping, read once per listing and only if some set is not pinned."""
+        pinned = metadata.get(PROJECT_KEY)
         if pinned:
             return pinned
-        if mapping is not None:
-            if snapshot_set.instance_uuid in mapping:
-                return mapping[snapshot_set.instance_uuid]
-        else:
-            mapped = self.mapping.get(snapshot_set.instance_uuid)
-            if mapped is not None:
-                return mapped
-        return self._from_libvirt(snapshot_set.instance_uuid)
+        mapped = mapping().get(instance_uuid) if mapping is not None else self.mapping.get(instance_uuid)
+        if mapped is not None:
+            return mapped
+        return self._from_libvirt(instance_uuid)
 
     def mapping_snapshot(self) -> dict[str, str]:
         """One read of the mapping for a whole listing."""
         return {uuid: a.project for uuid, a in self.mapping.all().items()}
+
+    def lazy_mapping(self) -> Callable[[], dict[str, str]]:
+        cached: list[dict[str, str]] = []
+
+        def get() -> dict[str, str]:
+            if not cached:
+                cached.append(self.mapping_snapshot())
+            return cached[0]
+
+        return get
 
     def _from_libvirt(self, instance_uuid: str) -> str | None:
         now = time.monotonic()
@@ -117,14 +139,11 @@ class ProjectResolver:
             hit = self._cache.get(instance_uuid)
             if hit is not None and now - hit[0] < self.ttl_s:
                 return hit[1]
-        project: str | None = None
         try:
-            dom = self.service.hypervisor.conn.lookupByUUIDString(instance_uuid)
-            metadata = etree.fromstring(dom.XMLDesc(0).encode(), _PARSER).find("metadata")
+            xml = self.service.hypervisor.conn.lookupByUUIDString(instance_uuid).XMLDesc(0)
         except libvirt.libvirtError:
-            metadata = None  # the instance is gone: its CLI-made sets are the admin's to see
-        if metadata is not None:
-            project = project_from_metadata(etree.tostring(metadata).decode())
+            xml = None  # the instance is gone: its CLI-made sets are the admin's to see
+        project = project_from_domain_xml(xml) if xml is not None else None
         with self._lock:
             self._cache[instance_uuid] = (now, project)
         return project

@@ -12,11 +12,9 @@ import contextlib
 import fcntl
 import os
 import re
-import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import libvirt
@@ -24,25 +22,24 @@ from fastapi import APIRouter, Body, Depends, FastAPI, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse
+from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from freezeframe import __version__
 from freezeframe.adapters import libvirt_define as ld
+from freezeframe.adapters.image_store import ImageNotFound, StoredImage
 from freezeframe.adapters.service_store import (
     FAILED,
-    Image,
-    ImageNotFound,
-    ImageStore,
+    ImageOwners,
     Job,
     JobNotFound,
     JobStore,
     ProjectMap,
+    SetReader,
     TokenStore,
 )
-from freezeframe.api import images as image_ops
-from freezeframe.api.access import JOB_KEY, PROJECT_KEY, Principal, ProjectResolver, project_from_metadata
+from freezeframe.api.access import JOB_KEY, PROJECT_KEY, Principal, ProjectResolver, project_from_domain_xml
 from freezeframe.api.jobs import JobContext, JobRunner, JobSpec, recover
 from freezeframe.api.problems import (
     PROBLEM_JSON,
@@ -72,6 +69,7 @@ from freezeframe.api.schemas import (
     ExportRequest,
     HardwareView,
     Health,
+    ImageMachine,
     ImagePage,
     ImageView,
     ImportRequest,
@@ -99,6 +97,7 @@ from freezeframe.errors import FreezeframeError, HypervisorError, InstanceBusy, 
 from freezeframe.flow import SnapshotRequest
 from freezeframe.lifecycle import Lifecycle, SetHasDependants
 from freezeframe.model import DiskSpec, Hardware, Instance, SetStatus, SnapshotSet
+from freezeframe.portable import Portable
 from freezeframe.service import Freezeframe
 
 MAX_BODY_BYTES = 64 * 1024
@@ -143,7 +142,9 @@ class AppState:
         self.jobs = JobStore(catalog)
         self.tokens = TokenStore(catalog)
         self.projects = ProjectMap(catalog)
-        self.images = ImageStore(catalog)
+        self.portable = Portable(self.service)
+        self.owners = ImageOwners(catalog)
+        self.sets = SetReader(catalog)
         self.resolver = ProjectResolver(self.service, self.projects)
         self.runner: JobRunner | None = None
         self._lock_fd: int | None = None
@@ -155,17 +156,21 @@ class AppState:
         self._take_service_lock()
         reports: list[str] = []
         if self.service.journal.pending():
-            reports += self.service.repair()
+            reports += self.service.repair()  # the journal (thaw, abort, fail the set), then lifecycle markers
+        else:
+            try:
+                reports += self.lifecycle.repair()
+            except FreezeframeError as exc:
+                log.warning("lifecycle repair at start-up failed (`freezeframe repair` retries it): %s", exc)
         try:
-            reports += self.lifecycle.repair()
+            reports += self.portable.repair()
         except FreezeframeError as exc:
-            log.warning("lifecycle repair at start-up failed (`freezeframe repair` retries it): %s", exc)
+            log.warning("image store repair at start-up failed: %s", exc)
         for line in reports:
             log.warning("repair at start-up: %s", line)
         for job in recover(self.jobs, reports):
             log.warning("job %s (%s) was interrupted by the previous stop; marked failed", job.id, job.kind)
             self._link_interrupted_set(job)
-            self._fail_interrupted_image(job)
         self._warm_hypervisor()
         self.runner = JobRunner(self.jobs, self.config.workers)
 
@@ -191,13 +196,6 @@ class AppState:
             made = self.service.catalog.list_sets(instance=job.instance_uuid, metadata={JOB_KEY: job.id})
             if made:
                 self.jobs.update(job.id, set_id=made[0].id)
-
-    def _fail_interrupted_image(self, job: Job) -> None:
-        if job.kind == "export" and job.image_id:
-            with contextlib.suppress(NotFound):
-                image = self.images.get(job.image_id)
-                Path(image.path).unlink(missing_ok=True)
-                self.images.update(image.id, status="failed", error=job.error, completed_at=_now())
 
     def _warm_hypervisor(self) -> None:
         """Connect now so worker threads never race to open the connection; a later call retries if down."""
@@ -227,17 +225,24 @@ class AppState:
             raise conflict("the service is starting or stopping; retry in a moment")
         return self.runner
 
-    def inventory(self) -> list[Instance]:
-        """Every domain libvirt has, skipping ones that vanish while they are read (others' tests come and go)."""
+    def visible_instances(self, principal: Principal) -> list[tuple[Instance, str | None]]:
+        """The domains this token may see, read in full only once they are known to be visible.
+
+        Domains that vanish while they are read (other users' instances come and go) are skipped.
+        """
         hypervisor = self.service.hypervisor
         try:
             domains = hypervisor.conn.listAllDomains()
         except libvirt.libvirtError as exc:
             raise HypervisorError(f"listing domains failed: {exc.get_error_message()}") from exc
+        mapping = self.resolver.mapping_snapshot()
         found = []
         for dom in domains:
             try:
-                found.append(hypervisor.lookup(dom.UUIDString()))
+                uuid_ = str(dom.UUIDString())
+                project = mapping.get(uuid_) or project_from_domain_xml(dom.XMLDesc(0))
+                if principal.sees(project):
+                    found.append((hypervisor.lookup(uuid_), project))
             except (NotFound, libvirt.libvirtError):
                 continue
             except HypervisorError as exc:
@@ -257,12 +262,10 @@ class AppState:
         return instance, project, source
 
     def snapshot_set(self, set_id: str, principal: Principal) -> tuple[SnapshotSet, str | None]:
-        try:
-            snapshot_set = self.service.catalog.get_set(set_id)
-        except NotFound:
-            raise not_found(f"snapshot set {set_id}") from None
-        if snapshot_set.id != set_id:
+        found = self.sets.load([set_id])
+        if not found:
             raise not_found(f"snapshot set {set_id}")
+        snapshot_set = found[0]
         project = self.resolver.of_set(snapshot_set)
         if not principal.sees(project):
             raise not_found(f"snapshot set {set_id}")
@@ -277,14 +280,26 @@ class AppState:
             raise not_found(f"job {job_id}")
         return job
 
-    def image(self, image_id: str, principal: Principal) -> Image:
+    def image_project(self, image: StoredImage, owners: dict[str, str | None] | None = None) -> str | None:
+        """Recorded at export by the service; an image the CLI exported follows its source set, if still there."""
+        owners = self.owners.all() if owners is None else owners
+        if image.id in owners:
+            return owners[image.id]
+        if image.source_set_id:
+            found = self.sets.load([image.source_set_id])
+            if found:
+                return self.resolver.of_set(found[0])
+        return None
+
+    def image(self, image_id: str, principal: Principal) -> tuple[StoredImage, str | None]:
         try:
-            image = self.images.get(image_id)
+            image = self.portable.image(image_id)
         except ImageNotFound:
             raise not_found(f"image {image_id}") from None
-        if not principal.sees(image.project):
+        project = self.image_project(image)
+        if image.id != image_id or not principal.sees(project):
             raise not_found(f"image {image_id}")
-        return image
+        return image, project
 
 
 def _now() -> datetime:
@@ -395,20 +410,30 @@ def job_view(job: Job) -> JobView:
     )
 
 
-def image_view(image: Image) -> ImageView:
+def image_view(image: StoredImage, project: str | None, admin: bool) -> ImageView:
+    summary = image.summary
     return ImageView(
         id=image.id,
         name=image.name,
-        status=image.status,  # type: ignore[arg-type]
-        project=image.project,
-        set_id=image.set_id,
-        instance_name=image.instance_name,
-        format=image.format,
-        disk_format=image.disk_format,
+        status=image.status,
+        project=project,
+        set_id=image.source_set_id,
+        format="ova",
+        disk_format=summary.disk_format,
+        ovf_version=summary.ovf_version,
         size=image.size,
+        sha256=image.sha256,
         created_at=image.created_at,
-        completed_at=image.completed_at,
-        error=redact(image.error) if image.error else None,
+        machine=ImageMachine(
+            name=summary.machine_name,
+            vcpus=summary.vcpus,
+            memory_bytes=summary.memory_bytes,
+            arch=summary.arch,
+            firmware=summary.firmware,
+            disks=len(summary.disks),
+            nics=len(summary.nics),
+        ),
+        location=image.location if admin else None,
     )
 
 
@@ -422,7 +447,7 @@ def _page(items: Sequence[T], limit: int, offset: int) -> tuple[list[T], int | N
 _bearer = HTTPBearer(auto_error=False, description="`freezeframe token create` issues tokens")
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
     state: AppState = request.app.state.ff
     return state
 
@@ -432,7 +457,8 @@ def get_principal(
 ) -> Principal:
     if credentials is None or not credentials.credentials:
         raise unauthorized("send an 'Authorization: Bearer <token>' header; `freezeframe token create` makes one")
-    token = get_state(request).tokens.authenticate(credentials.credentials)
+    state: AppState = request.app.state.ff
+    token = state.tokens.authenticate(credentials.credentials)
     if token is None:
         raise unauthorized("the token is unknown or revoked")
     return Principal.of(token)
@@ -595,13 +621,7 @@ router = APIRouter(prefix="/v1")
 @router.get("/instances", response_model=list[InstanceView], tags=["instances"], responses=_problems())
 def list_instances(state: StateDep, principal: PrincipalDep) -> list[InstanceView]:
     """The instances libvirt has (those of the token's project; all for an admin), with their disks."""
-    mapping = state.resolver.mapping_snapshot()
-    found = []
-    for instance in state.inventory():
-        project = mapping.get(instance.uuid) or project_from_metadata(instance.hardware.metadata_xml)
-        if principal.sees(project):
-            found.append(instance_view(instance, project, principal.is_admin))
-    return found
+    return [instance_view(i, project, principal.is_admin) for i, project in state.visible_instances(principal)]
 
 
 @router.get("/instances/{instance_id}", response_model=InstanceView, tags=["instances"], responses=_problems(404))
@@ -724,16 +744,17 @@ def list_sets(
         if not sep or not re.match(META_KEY_PATTERN, key) or len(value) > 1024:
             raise ApiProblem(400, "invalid-request", "Invalid request", f"metadata filter {item[:80]!r}: use KEY=VALUE")
         wanted[key] = value
-    sets = state.service.catalog.list_sets(instance=instance, status=status, backup_type=backup_type, metadata=wanted)
-    mapping = state.resolver.mapping_snapshot()
-    visible = []
-    for s in sets:
-        owner = state.resolver.of_set(s, mapping)
+    entries = state.sets.index(instance=instance, status=status, backup_type=backup_type, metadata=wanted)
+    mapping = state.resolver.lazy_mapping()
+    visible: list[tuple[str, str | None]] = []
+    for entry in entries:
+        owner = state.resolver.of_set_parts(entry.instance_uuid, entry.metadata, mapping)
         if principal.sees(owner) and (project is None or owner == project):
-            visible.append((s, owner))
+            visible.append((entry.id, owner))
     chunk, next_offset = _page(visible, limit, offset)
+    owners = dict(chunk)
     return SetPage(
-        items=[set_view(s, owner, principal.is_admin) for s, owner in chunk],
+        items=[set_view(s, owners[s.id], principal.is_admin) for s in state.sets.load([i for i, _ in chunk])],
         total=len(visible),
         limit=limit,
         offset=offset,
@@ -868,85 +889,92 @@ def export_set(
     _require_available(s)
     runner = _set_job_guard(state, s.id)
     request = body or ExportRequest()
-    image_id = str(uuid.uuid4())
-    path = image_ops.images_dir(state.service) / f"{image_id}.ova"
-    image = Image(
-        id=image_id, name=request.name or f"{s.name}.ova", status="creating", project=project, set_id=s.id,
-        instance_name=s.instance_name, format=request.format, disk_format=request.disk_format, path=str(path),
-        created_at=_now(),
-    )  # fmt: skip
 
     def run(ctx: JobContext) -> dict[str, Any]:
         ctx.phase("exporting")
-        try:
-            exported = image_ops.export_set(state.service, s, path, request.disk_format, ctx.progress)
-        except BaseException as exc:
-            path.unlink(missing_ok=True)
-            state.images.update(image_id, status="failed", error=str(exc) or type(exc).__name__, completed_at=_now())
-            raise
-        state.images.update(image_id, status="available", size=exported.size, completed_at=_now())
-        return {"image_id": image_id, "size": exported.size}
+        exported = state.portable.export_to_store(
+            s.id,
+            name=request.name,
+            disk_format=request.disk_format,
+            ovf_version=request.ovf_version,
+            progress=ctx.progress,
+        )
+        assert exported.image is not None
+        state.owners.record(exported.image.id, project, s.id)
+        ctx.attach(image_id=exported.image.id)
+        return {
+            "image_id": exported.image.id,
+            "size": exported.size,
+            "disk_format": exported.disk_format,
+            "ovf_version": exported.ovf_version,
+            "disks": [d.target for d in exported.disks],
+        }
 
     spec = JobSpec(
         kind="export", lock_key=f"set:{s.id}", project=project, request=request.model_dump(mode="json"),
         token_id=principal.token_id, instance_uuid=s.instance_uuid, instance_name=s.instance_name, set_id=s.id,
-        image_id=image_id,
     )  # fmt: skip
-    state.images.add(image)
-    try:
-        job = runner.submit(spec, run)
-    except ApiProblem:
-        state.images.delete(image_id)
-        raise
-    return _accepted(response, job)
+    return _accepted(response, runner.submit(spec, run))
 
 
 @router.get("/images", response_model=ImagePage, tags=["images"], responses=_problems())
-def list_images(
-    state: StateDep,
-    principal: PrincipalDep,
-    status: Annotated[str | None, Query(pattern="^(creating|available|failed)$")] = None,
-    limit: Limit = 50,
-    offset: Offset = 0,
-) -> ImagePage:
-    found = state.images.query(projects=principal.visible_projects(), status=status)
-    chunk, next_offset = _page(found, limit, offset)
+def list_images(state: StateDep, principal: PrincipalDep, limit: Limit = 50, offset: Offset = 0) -> ImagePage:
+    """The image store's packages this token may see, newest first."""
+    owners = state.owners.all()
+    visible = []
+    for image in state.portable.images():
+        project = state.image_project(image, owners)
+        if principal.sees(project):
+            visible.append((image, project))
+    chunk, next_offset = _page(visible, limit, offset)
     return ImagePage(
-        items=[image_view(i) for i in chunk], total=len(found), limit=limit, offset=offset, next_offset=next_offset
+        items=[image_view(i, p, principal.is_admin) for i, p in chunk],
+        total=len(visible),
+        limit=limit,
+        offset=offset,
+        next_offset=next_offset,
     )
 
 
 @router.get("/images/{image_id}", response_model=ImageView, tags=["images"], responses=_problems(404))
 def get_image(image_id: ImageId, state: StateDep, principal: PrincipalDep) -> ImageView:
-    return image_view(state.image(image_id, principal))
+    image, project = state.image(image_id, principal)
+    return image_view(image, project, principal.is_admin)
 
 
 @router.get(
     "/images/{image_id}/file",
     tags=["images"],
-    response_class=FileResponse,
+    response_class=StreamingResponse,
     responses={
         200: {"description": "the OVA package", "content": {"application/x-tar": {}}},
         **_problems(404, 409),
     },
 )
-def download_image(image_id: ImageId, state: StateDep, principal: PrincipalDep) -> FileResponse:
-    """The OVA itself (a tar: descriptor, SHA-256 manifest, disks)."""
-    image = state.image(image_id, principal)
-    if image.status != "available" or not Path(image.path).is_file():
-        raise conflict(f"image {image.id} is {image.status}; only available images can be downloaded")
-    return FileResponse(image.path, media_type="application/x-tar", filename=f"{image.id}.ova")
+def download_image(image_id: ImageId, state: StateDep, principal: PrincipalDep) -> StreamingResponse:
+    """The OVA itself (a tar: descriptor, SHA-256 manifest, disks), streamed from the image store."""
+    image, _ = state.image(image_id, principal)
+    store = state.portable.store
+
+    def chunks() -> Iterator[bytes]:
+        with store.get_stream(image.id) as stream:
+            while chunk := stream.read(1 << 20):
+                yield chunk
+
+    headers = {"Content-Disposition": f'attachment; filename="{image.filename}"', "Content-Length": str(image.size)}
+    return StreamingResponse(chunks(), media_type="application/x-tar", headers=headers)
 
 
 @router.delete("/images/{image_id}", status_code=204, tags=["images"], responses=_problems(403, 404, 409))
 def delete_image(image_id: ImageId, state: StateDep, principal: PrincipalDep) -> Response:
+    """Remove the package from the image store (refused while an import reads it)."""
     principal.require_write()
-    image = state.image(image_id, principal)
+    image, _ = state.image(image_id, principal)
     running = state.require_runner().active_job(f"image:{image.id}")
-    if image.status == "creating" or running is not None:
-        raise conflict(f"image {image.id} is in use by a job; wait for it to finish", job_id=running)
-    Path(image.path).unlink(missing_ok=True)
-    state.images.delete(image.id)
+    if running is not None:
+        raise conflict(f"image {image.id} is in use by job {running}; wait for it to finish", job_id=running)
+    state.portable.delete_image(image.id)
+    state.owners.forget(image.id)
     return Response(status_code=204)
 
 
@@ -962,27 +990,27 @@ def import_image(
 ) -> JobView:
     """A new instance (in the image's project) from the OVA: its disks copied out, the domain defined."""
     principal.require_write()
-    image = state.image(image_id, principal)
-    if image.status != "available":
-        raise conflict(f"image {image.id} is {image.status}; only available images can be imported")
+    image, project = state.image(image_id, principal)
     runner = state.require_runner()
     _require_free_name(state, body.name)
 
     def run(ctx: JobContext) -> dict[str, Any]:
         ctx.phase("importing")
-        made = image_ops.import_package(state.service, Path(image.path), body.name, start=body.start)
-        if image.project is not None:
-            state.projects.assign(made.uuid, made.name, image.project)
+        made = state.portable.import_package(image.id, body.name, start=body.start, progress=ctx.progress)
+        if project is not None:
+            state.projects.assign(made.uuid, made.name, project)
         return {
             "instance": {"name": made.name, "uuid": made.uuid},
-            "disks": made.disks,
+            "origin": made.origin,
+            "disks": [d.target for d in made.disks],
             "started": made.started,
             "warnings": [redact(w) for w in made.warnings],
+            "left_out": {k: redact(v) for k, v in made.left_out.items()},
         }
 
     spec = JobSpec(
-        kind="import", lock_key=f"image:{image.id}", project=image.project, request=body.model_dump(mode="json"),
-        token_id=principal.token_id, set_id=image.set_id, image_id=image.id,
+        kind="import", lock_key=f"image:{image.id}", project=project, request=body.model_dump(mode="json"),
+        token_id=principal.token_id, set_id=image.source_set_id, image_id=image.id,
     )  # fmt: skip
     return _accepted(response, runner.submit(spec, run))
 

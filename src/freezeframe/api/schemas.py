@@ -113,9 +113,10 @@ class VerifyRequest(_Input):
 
 
 class ExportRequest(_Input):
-    name: Name | None = None
+    name: Name | None = Field(default=None, description="image name (default: the set's name)")
     format: Literal["ova"] = "ova"
     disk_format: Literal["qcow2", "vmdk"] = "qcow2"
+    ovf_version: Literal[1, 2] = Field(default=1, description="1: what virt-v2v and most tools read")
 
 
 class ImportRequest(_Input):
@@ -258,19 +259,32 @@ class JobPage(BaseModel):
     next_offset: int | None
 
 
+class ImageMachine(BaseModel):
+    """What the package's descriptor says about the machine."""
+
+    name: str
+    vcpus: int
+    memory_bytes: int
+    arch: str | None
+    firmware: str | None
+    disks: int
+    nics: int
+
+
 class ImageView(BaseModel):
     id: str
     name: str
-    status: Literal["creating", "available", "failed"]
+    status: str
     project: str | None
-    set_id: str
-    instance_name: str
-    format: str
+    set_id: str | None
+    format: Literal["ova"]
     disk_format: str
-    size: int | None
+    ovf_version: int
+    size: int
+    sha256: str
     created_at: datetime
-    completed_at: datetime | None
-    error: str | None
+    machine: ImageMachine
+    location: str | None = Field(default=None, description="where the store keeps it; admins only")
 
 
 class ImagePage(BaseModel):

@@ -1,4 +1,4 @@
-"""HTTP service state: jobs, API tokens (hashed), instance -> project mapping, exported images.
+"""HTTP service state: jobs, API tokens (hashed), instance -> project mapping, owners of exported images.
 
 Revision ID: 0003
 Revises: 0002
@@ -66,31 +66,18 @@ def upgrade() -> None:
     )
     op.create_index("ix_instance_projects_project", "instance_projects", ["project"])
     op.create_table(
-        "images",
-        sa.Column("id", sa.String(36), primary_key=True),
-        sa.Column("name", sa.Text(), nullable=False),
-        sa.Column("status", sa.String(16), nullable=False),
+        "image_owners",
+        sa.Column("image_id", sa.String(36), primary_key=True),
         sa.Column("project", sa.String(128), nullable=True),
-        sa.Column("set_id", sa.String(36), nullable=False),
-        sa.Column("instance_name", sa.Text(), nullable=False),
-        sa.Column("format", sa.String(16), nullable=False),
-        sa.Column("disk_format", sa.String(16), nullable=False),
-        sa.Column("path", sa.Text(), nullable=False),
-        sa.Column("size", sa.BigInteger(), nullable=True),
-        sa.Column("error", sa.Text(), nullable=True),
+        sa.Column("set_id", sa.String(36), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-        sa.Column("completed_at", sa.DateTime(timezone=True), nullable=True),
     )
-    op.create_index("ix_images_status", "images", ["status"])
-    op.create_index("ix_images_project", "images", ["project"])
-    op.create_index("ix_images_created_at", "images", ["created_at"])
+    op.create_index("ix_image_owners_project", "image_owners", ["project"])
 
 
 def downgrade() -> None:
-    op.drop_index("ix_images_created_at", table_name="images")
-    op.drop_index("ix_images_project", table_name="images")
-    op.drop_index("ix_images_status", table_name="images")
-    op.drop_table("images")
+    op.drop_index("ix_image_owners_project", table_name="image_owners")
+    op.drop_table("image_owners")
     op.drop_index("ix_instance_projects_project", table_name="instance_projects")
     op.drop_table("instance_projects")
     op.drop_table("api_tokens")

@@ -12,10 +12,6 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-# Registers StoredImageRow on the catalog's Base as soon as any catalog is migrated, so that Base.metadata
-# (which the model/migration comparison reads) holds this table even where nothing imported the store yet.
-import freezeframe.adapters.image_store  # noqa: F401
-
 revision: str = "0004"
 down_revision: str | Sequence[str] | None = "0003"
 branch_labels: str | Sequence[str] | None = None
