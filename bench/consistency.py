@@ -73,7 +73,7 @@ class Sample:
     state: int | None = None
     last_journal: int | None = None
     complete_record: bool | None = None
-    """state == last journal record: the writer was stopped between record pairs (application quiesce)."""
+    """state == last journal record: the writer was between record pairs (the fsfreeze hook pauses it there)."""
     window_ms: float | None = None
     """freezeframe: freeze window (filesystem/application level; crash level has none)."""
     call_s: float | None = None

@@ -321,8 +321,8 @@ def throughput_section(report: dict[str, Any] | None) -> str:
         f"{report['disks']} disks of {size(report['disk_size_bytes'])}, each with "
         f"{size(report['filled_bytes_per_disk'])} of random data written by the guest: "
         f"{num(report['data_bytes'] / MiB)} MiB of data in all "
-        f"({report['repeats']} repeat{'' if report['repeats'] == 1 else 's'}; MiB/s = data bytes / median seconds; ratios are medians of per-repeat "
-        f"time ratios).\n\n"
+        f"({report['repeats']} repeat{'' if report['repeats'] == 1 else 's'}; MiB/s = data bytes / median seconds; "
+        "ratios are medians of per-repeat time ratios).\n\n"
     )  # fmt: skip
     text += table(header, rows) + "\n\n"
     steps = cap["steps_median_s"]

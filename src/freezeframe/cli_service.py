@@ -22,7 +22,6 @@ from rich.table import Table
 
 from freezeframe.adapters.service_store import ProjectMap, TokenStore
 from freezeframe.api.access import ProjectResolver
-from freezeframe.api.schemas import PROJECT_PATTERN
 from freezeframe.errors import InvalidRequest
 from freezeframe.service import Freezeframe, settings_for
 
@@ -36,6 +35,8 @@ HomeOpt = Annotated[
     Path | None, typer.Option("--home", help="data directory (env FREEZEFRAME_HOME)", show_default=False)
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
+_PROJECT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+"""Same rule as the API's project names (``freezeframe.api.schemas.PROJECT_PATTERN``)."""
 
 
 class Role(enum.StrEnum):
@@ -55,7 +56,7 @@ def _print_json(data: Any) -> None:
 
 
 def _check_project(project: str) -> str:
-    if not re.fullmatch(PROJECT_PATTERN.strip("^$"), project):
+    if not _PROJECT_RE.fullmatch(project):
         raise InvalidRequest(f"project {project!r}: use 1-128 letters, digits, '.', '_' or '-', starting alphanumeric")
     return project
 

@@ -1,5 +1,5 @@
-"""The HTTP service: ``freezeframe serve`` (FastAPI + uvicorn), versioned under ``/v1``; see docs/api.md."""
+"""The HTTP service: ``freezeframe serve`` (FastAPI + uvicorn), versioned under ``/v1``; see docs/api.md.
 
-from freezeframe.api.app import ApiConfig, create_app
-
-__all__ = ["ApiConfig", "create_app"]
+``create_app`` and ``ApiConfig`` live in ``freezeframe.api.app``; importing this package stays cheap so the CLI's
+``token`` and ``project`` commands do not load the web stack.
+"""

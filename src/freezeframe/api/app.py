@@ -24,6 +24,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from freezeframe import __version__
@@ -155,8 +156,13 @@ class AppState:
         """Service lock, repair, recovery of interrupted jobs, then workers: in that order, before serving."""
         self._take_service_lock()
         reports: list[str] = []
+        repair_error: str | None = None
         if self.service.journal.pending():
-            reports += self.service.repair()  # the journal (thaw, abort, fail the set), then lifecycle markers
+            try:
+                reports += self.service.repair()  # the journal (thaw, abort, fail the set), then lifecycle markers
+            except FreezeframeError as exc:
+                repair_error = str(exc)
+                log.error("repair at start-up failed; run `freezeframe repair` once libvirt answers: %s", exc)
         else:
             try:
                 reports += self.lifecycle.repair()
@@ -168,7 +174,7 @@ class AppState:
             log.warning("image store repair at start-up failed: %s", exc)
         for line in reports:
             log.warning("repair at start-up: %s", line)
-        for job in recover(self.jobs, reports):
+        for job in recover(self.jobs, reports, repair_error):
             log.warning("job %s (%s) was interrupted by the previous stop; marked failed", job.id, job.kind)
             self._link_interrupted_set(job)
         self._warm_hypervisor()
@@ -435,6 +441,11 @@ def image_view(image: StoredImage, project: str | None, admin: bool) -> ImageVie
         ),
         location=image.location if admin else None,
     )
+
+
+def _json(model: BaseModel) -> Response:
+    """Already a validated model: serialize once (FastAPI would dump, re-validate and dump it again)."""
+    return Response(content=model.model_dump_json(), media_type="application/json")
 
 
 def _page(items: Sequence[T], limit: int, offset: int) -> tuple[list[T], int | None]:
@@ -736,7 +747,7 @@ def list_sets(
     project: Annotated[str | None, Query(pattern=PROJECT_PATTERN, max_length=128)] = None,
     limit: Limit = 50,
     offset: Offset = 0,
-) -> SetPage:
+) -> Response:
     """Newest first; filters combine; ``next_offset`` is null on the last page."""
     wanted: dict[str, str] = {}
     for item in metadata or []:
@@ -753,20 +764,21 @@ def list_sets(
             visible.append((entry.id, owner))
     chunk, next_offset = _page(visible, limit, offset)
     owners = dict(chunk)
-    return SetPage(
+    page = SetPage(
         items=[set_view(s, owners[s.id], principal.is_admin) for s in state.sets.load([i for i, _ in chunk])],
         total=len(visible),
         limit=limit,
         offset=offset,
         next_offset=next_offset,
     )
+    return _json(page)
 
 
 @router.get("/snapshot-sets/{set_id}", response_model=SetDetail, tags=["snapshot sets"], responses=_problems(404))
-def get_set(set_id: SetId, state: StateDep, principal: PrincipalDep) -> SetDetail:
+def get_set(set_id: SetId, state: StateDep, principal: PrincipalDep) -> Response:
     """The set with its members (each member's metadata carries the set's UUID) and recorded hardware."""
     s, project = state.snapshot_set(set_id, principal)
-    return set_detail(s, project, principal.is_admin)
+    return _json(set_detail(s, project, principal.is_admin))
 
 
 @router.delete("/snapshot-sets/{set_id}", status_code=204, tags=["snapshot sets"], responses=_problems(403, 404, 409))

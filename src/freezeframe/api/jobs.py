@@ -204,16 +204,19 @@ class JobRunner:
             return sorted(self._active.values())
 
 
-def recover(store: JobStore, reports: list[str]) -> list[Job]:
+def recover(store: JobStore, reports: list[str], repair_error: str | None = None) -> list[Job]:
     """At start-up (service lock held, repair done): every unfinished job belonged to a process that is gone."""
     failed = []
     summary = "; ".join(reports)
+    if repair_error is None:
+        outcome = "the guest was released and partial data removed on restart" + (f" ({summary})" if summary else "")
+    else:
+        outcome = f"repair on restart failed ({repair_error}); run `freezeframe repair` once libvirt answers"
     for job in store.unfinished():
         detail = (
             f"interrupted: the service stopped while this job was {job.state}"
             + (f" (phase {job.phase})" if job.phase else "")
-            + "; the guest was released and partial data removed on restart"
-            + (f" ({summary})" if summary else "")
+            + f"; {outcome}"
         )
         store.update(job.id, state=FAILED, error_type="interrupted", error=detail, finished_at=_now())
         job.state, job.error_type, job.error = FAILED, "interrupted", detail
