@@ -2,26 +2,30 @@
 
 from __future__ import annotations
 
-import json
 import logging
-import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import click
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from freezeframe.cli_common import (
+    ConnectOpt,
+    HomeOpt,
+    JsonOpt,
+    err,
+    open_service,
+    out,
+    parse_meta,
+    print_json,
+    progress_bar,
+)
 from freezeframe.cli_lifecycle import register as register_lifecycle
 from freezeframe.cli_portable import register as register_portable
-from freezeframe.errors import FreezeframeError, InvalidRequest
+from freezeframe.errors import FreezeframeError
 from freezeframe.flow import SnapshotRequest
 from freezeframe.model import Consistency, SetStatus
-from freezeframe.service import Freezeframe, settings_for
 from freezeframe.signals import install_termination_handler
 from freezeframe.views import instance_view, set_view
 
@@ -30,37 +34,6 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-out = Console()
-err = Console(stderr=True, soft_wrap=True)
-
-ConnectOpt = Annotated[
-    str | None,
-    typer.Option("--connect", "-c", help="libvirt URI (env FREEZEFRAME_LIBVIRT_URI)", show_default=False),
-]
-HomeOpt = Annotated[
-    Path | None, typer.Option("--home", help="data directory (env FREEZEFRAME_HOME)", show_default=False)
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
-
-
-@contextmanager
-def _service(home: Path | None, connect: str | None, freeze_cap_s: float | None = None) -> Iterator[Freezeframe]:
-    with Freezeframe.open(settings_for(home, connect, freeze_cap_s)) as service:
-        yield service
-
-
-def _print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def _parse_meta(items: list[str]) -> dict[str, str]:
-    meta = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise InvalidRequest(f"--meta {item!r}: expected KEY=VALUE")
-        meta[key] = value
-    return meta
 
 
 @app.command()
@@ -91,13 +64,13 @@ def snapshot(
         require=require,
         name=name,
         exclude_disks=tuple(exclude_disk or ()),
-        metadata=_parse_meta(meta or []),
+        metadata=parse_meta(meta or []),
         pause_vcpus=pause,
     )
-    with _service(home, connect, freeze_cap) as service, _progress(not as_json) as progress:
+    with open_service(home, connect, freeze_cap) as service, progress_bar(not as_json, "copying") as progress:
         result = service.snapshot(request, progress, wait=wait)
     if as_json:
-        _print_json(set_view(result))
+        print_json(set_view(result))
         return
     c = result
     out.print(
@@ -106,21 +79,6 @@ def snapshot(
         + (f", freeze window {c.freeze_window_ms:.0f} ms" if c.freeze_window_ms is not None else "")
         + (f", pause window {c.pause_window_ms:.0f} ms" if c.pause_window_ms is not None else "")
     )
-
-
-@contextmanager
-def _progress(enabled: bool) -> Iterator[Any]:
-    if not enabled or not err.is_terminal:
-        yield None
-        return
-    columns = (TextColumn("copying"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err, transient=True) as bar:
-        task = bar.add_task("copy", total=None)
-
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total or None)
-
-        yield update
 
 
 @app.command("list")
@@ -133,10 +91,10 @@ def list_sets(
     home: HomeOpt = None,
 ) -> None:
     """List snapshot sets, newest first."""
-    with _service(home, connect) as service:
-        sets = service.list_sets(instance=instance, status=status, metadata=_parse_meta(meta or []) or None)
+    with open_service(home, connect) as service:
+        sets = service.list_sets(instance=instance, status=status, metadata=parse_meta(meta or []) or None)
     if as_json:
-        _print_json([set_view(s, with_hardware=False) for s in sets])
+        print_json([set_view(s, with_hardware=False) for s in sets])
         return
     table = Table("id", "name", "instance", "status", "consistency", "disks", "freeze ms", "created")
     for s in sets:
@@ -161,10 +119,10 @@ def show(
     home: HomeOpt = None,
 ) -> None:
     """Show one snapshot set and its members."""
-    with _service(home, connect) as service:
+    with open_service(home, connect) as service:
         s = service.show(set_ref)
     if as_json:
-        _print_json(set_view(s))
+        print_json(set_view(s))
         return
     view = set_view(s, with_hardware=False)
     for key in ("id", "name", "status", "instance", "consistency", "freeze_window_ms", "pause_window_ms",
@@ -184,7 +142,7 @@ def complete(
     home: HomeOpt = None,
 ) -> None:
     """Internal: finish a --no-wait snapshot, holding the instance lock inherited from its parent."""
-    with _service(home, connect) as service:
+    with open_service(home, connect) as service:
         result = service.complete(set_id, lock_fd)
     out.print(f"set {result.id} {result.status}")
 
@@ -196,7 +154,7 @@ def repair(
     home: HomeOpt = None,
 ) -> None:
     """Thaw/resume guests and clean up operations that a killed freezeframe process left behind."""
-    with _service(home, connect) as service:
+    with open_service(home, connect) as service:
         reports = service.repair(instance)
     for line in reports or ["nothing to repair"]:
         out.print(line)
@@ -205,10 +163,10 @@ def repair(
 @app.command()
 def instances(as_json: JsonOpt = False, connect: ConnectOpt = None, home: HomeOpt = None) -> None:
     """List the instances libvirt has, with their disks."""
-    with _service(home, connect) as service:
+    with open_service(home, connect) as service:
         found = service.instances()
     if as_json:
-        _print_json([instance_view(i) for i in found])
+        print_json([instance_view(i) for i in found])
         return
     table = Table("name", "uuid", "state", "disks")
     for i in found:

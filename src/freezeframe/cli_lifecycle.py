@@ -1,60 +1,30 @@
 """CLI commands for a set's lifecycle (restore, revert, delete, backup, verify, discard) over freezeframe.lifecycle.
 
-``register(app)`` adds them to the main Typer app. This module does not import freezeframe.cli, so cli.py can
-import it at the top without a cycle; the few shared option types are repeated here.
+``register(app)`` adds them to the main Typer app; shared options and output helpers come from cli_common.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from freezeframe.cli_common import ConnectOpt, HomeOpt, JsonOpt, SetArg, open_service, out, parse_meta, print_json
 from freezeframe.errors import InvalidRequest
 from freezeframe.lifecycle import Lifecycle, VerifyFailed, VerifyReport
 from freezeframe.model import Consistency
-from freezeframe.service import Freezeframe, settings_for
 from freezeframe.views import set_view
-
-out = Console()
-
-ConnectOpt = Annotated[
-    str | None,
-    typer.Option("--connect", "-c", help="libvirt URI (env FREEZEFRAME_LIBVIRT_URI)", show_default=False),
-]
-HomeOpt = Annotated[
-    Path | None, typer.Option("--home", help="data directory (env FREEZEFRAME_HOME)", show_default=False)
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
-SetArg = Annotated[str, typer.Argument(metavar="SET", help="set id, id prefix or name")]
 
 
 @contextmanager
 def _lifecycle(home: Path | None, connect: str | None) -> Iterator[Lifecycle]:
-    with Freezeframe.open(settings_for(home, connect)) as service:
-        yield Lifecycle(service)
-
-
-def _print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-
-
-def _parse_meta(items: list[str]) -> dict[str, str]:
-    meta = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise InvalidRequest(f"--meta {item!r}: expected KEY=VALUE")
-        meta[key] = value
-    return meta
+    with open_service(home, connect) as service:
+        yield service.lifecycle
 
 
 def restore(
@@ -78,7 +48,7 @@ def restore(
         with _lifecycle(home, connect) as lifecycle:
             path = lifecycle.extract(set_ref, disk, to, image_format)
         if as_json:
-            _print_json({"set": set_ref, "disk": disk, "path": str(path), "format": image_format})
+            print_json({"set": set_ref, "disk": disk, "path": str(path), "format": image_format})
         else:
             out.print(f"wrote disk {disk} of set {set_ref} to {path} ({image_format})")
         return
@@ -87,7 +57,7 @@ def restore(
     with _lifecycle(home, connect) as lifecycle:
         result = lifecycle.restore(set_ref, as_name, start=start, full=full)
     if as_json:
-        _print_json(dataclasses.asdict(result))
+        print_json(dataclasses.asdict(result))
         return
     kind = "independent copies" if result.mode == "full" else "copy-on-write over the set's members"
     out.print(
@@ -111,7 +81,7 @@ def revert(
     with _lifecycle(home, connect) as lifecycle:
         result = lifecycle.revert(set_ref, safety=not no_safety)
     if as_json:
-        _print_json(dataclasses.asdict(result))
+        print_json(dataclasses.asdict(result))
         return
     out.print(
         f"{result.instance_name} reverted to set {result.set_id}: {', '.join(result.reverted)}"
@@ -133,7 +103,7 @@ def delete(
     with _lifecycle(home, connect) as lifecycle:
         result = lifecycle.delete(set_ref, force=force)
     if as_json:
-        _print_json(dataclasses.asdict(result))
+        print_json(dataclasses.asdict(result))
         return
     out.print(f"deleted set {result.set_id} ({result.set_name})")
     for d in result.flattened:
@@ -161,13 +131,13 @@ def backup(
             instance,
             backup_type,
             rotation,
-            metadata=_parse_meta(meta or []),
+            metadata=parse_meta(meta or []),
             consistency=consistency,
             require=require,
             name=name,
         )
     if as_json:
-        _print_json(
+        print_json(
             {
                 "set": set_view(result.snapshot_set, with_hardware=False),
                 "rotated_out": result.rotated_out,
@@ -203,7 +173,7 @@ def verify(
 
 def _show_report(report: VerifyReport, as_json: bool) -> None:
     if as_json:
-        _print_json({**dataclasses.asdict(report), "ok": report.ok})
+        print_json({**dataclasses.asdict(report), "ok": report.ok})
         return
     table = Table("subject", "check", "result", "detail")
     for c in report.checks:

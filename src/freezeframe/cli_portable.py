@@ -8,36 +8,20 @@ runs the whole ``freezeframe`` command with these commands added, for hosts wher
 from __future__ import annotations
 
 import enum
-import json
-import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from freezeframe.adapters.image_store import StoredImage
+from freezeframe.cli_common import ConnectOpt, HomeOpt, JsonOpt, err, open_service, out, print_json, progress_bar
 from freezeframe.errors import InvalidRequest
 from freezeframe.portable import Portable
-from freezeframe.ports import ProgressCallback
-from freezeframe.service import Freezeframe, settings_for
 
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
-
-ConnectOpt = Annotated[
-    str | None,
-    typer.Option("--connect", "-c", help="libvirt URI (env FREEZEFRAME_LIBVIRT_URI)", show_default=False),
-]
-HomeOpt = Annotated[
-    Path | None, typer.Option("--home", help="data directory (env FREEZEFRAME_HOME)", show_default=False)
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 ImageArg = Annotated[str, typer.Argument(metavar="IMAGE", help="image id, id prefix or name")]
 
 images_app = typer.Typer(help="Packages kept in the image store (FREEZEFRAME_IMAGE_STORE).", no_args_is_help=True)
@@ -50,28 +34,8 @@ class DiskFormat(enum.StrEnum):
 
 @contextmanager
 def _portable(home: Path | None, connect: str | None) -> Iterator[Portable]:
-    with Freezeframe.open(settings_for(home, connect)) as service:
-        yield Portable(service)
-
-
-def _print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-
-
-@contextmanager
-def _progress(enabled: bool, label: str) -> Iterator[ProgressCallback | None]:
-    """A progress bar on stderr, only when stderr is a terminal (never in pipes, logs or --json runs)."""
-    if not enabled or not err.is_terminal:
-        yield None
-        return
-    columns = (TextColumn(label), BarColumn(), DownloadColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err, transient=True) as bar:
-        task = bar.add_task(label, total=None)
-
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total or None)
-
-        yield update
+    with open_service(home, connect) as service:
+        yield service.portable
 
 
 def _size(n: int) -> str:
@@ -99,7 +63,7 @@ def export(
         raise InvalidRequest("--name names a stored image; use it with --to-store")
     if force and to_store:
         raise InvalidRequest("--force replaces an output file; the store never overwrites (each export is a new image)")
-    with _portable(home, connect) as portable, _progress(not as_json, "exporting") as progress:
+    with _portable(home, connect) as portable, progress_bar(not as_json, "exporting") as progress:
         if output is not None:
             result = portable.export(
                 set_ref, output, disk_format=str(disk_format), ovf_version=ovf_version, force=force, progress=progress
@@ -109,7 +73,7 @@ def export(
                 set_ref, name=name, disk_format=str(disk_format), ovf_version=ovf_version, progress=progress
             )
     if as_json:
-        _print_json(result.to_dict())
+        print_json(result.to_dict())
         return
     where = f"image {result.image.id} ({result.image.name})" if result.image is not None else result.path
     out.print(
@@ -133,10 +97,10 @@ def import_(
     home: HomeOpt = None,
 ) -> None:
     """A new instance from an OVA (ours or another tool's); its disks become qcow2 in the instance's folder."""
-    with _portable(home, connect) as portable, _progress(not as_json, "importing") as progress:
+    with _portable(home, connect) as portable, progress_bar(not as_json, "importing") as progress:
         result = portable.import_package(source, as_name, start=start, network=network, progress=progress)
     if as_json:
-        _print_json(result.to_dict())
+        print_json(result.to_dict())
         return
     for warning in result.warnings:
         err.print(f"freezeframe: warning: {warning}", markup=False, highlight=False)
@@ -177,7 +141,7 @@ def images_list(as_json: JsonOpt = False, connect: ConnectOpt = None, home: Home
     with _portable(home, connect) as portable:
         found = portable.images()
     if as_json:
-        _print_json([i.to_dict() for i in found])
+        print_json([i.to_dict() for i in found])
         return
     table = Table("id", "name", "set", "vcpus", "memory", "disks", "format", "size", "created")
     for image in found:
@@ -193,7 +157,7 @@ def images_show(
     with _portable(home, connect) as portable:
         image = portable.image(image_ref)
     if as_json:
-        _print_json(image.to_dict())
+        print_json(image.to_dict())
         return
     s = image.summary
     for key, value in (
@@ -225,7 +189,7 @@ def images_delete(
     with _portable(home, connect) as portable:
         image = portable.delete_image(image_ref)
     if as_json:
-        _print_json({"deleted": image.id, "name": image.name})
+        print_json({"deleted": image.id, "name": image.name})
         return
     out.print(f"deleted image {image.id} ({image.name})", markup=False, highlight=False)
 

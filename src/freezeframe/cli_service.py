@@ -21,7 +21,6 @@ from rich.console import Console
 from rich.table import Table
 
 from freezeframe.adapters.service_store import ProjectMap, TokenStore
-from freezeframe.api.access import ProjectResolver
 from freezeframe.errors import InvalidRequest
 from freezeframe.service import Freezeframe, settings_for
 
@@ -190,6 +189,8 @@ def project_unassign(
     home: HomeOpt = None,
 ) -> None:
     """Drop the mapping of INSTANCE; the project in its domain <metadata>, if any, applies again."""
+    from freezeframe.api.access import ProjectResolver  # loads the web stack; only this command needs it
+
     with _service(home, connect) as service:
         found = service.instance(instance)
         mapping = ProjectMap(service.catalog)
