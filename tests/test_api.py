@@ -49,10 +49,11 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(home: Path, guest: TestInstance) -> Iterator[ServerProcess]:
+def server(home: Path, guest: TestInstance, guest_image: GuestImage) -> Iterator[ServerProcess]:
     assigned = cli(home, "project", "assign", guest.name, "alpha")
     assert assigned.returncode == 0, assigned.stderr
-    with running_server(home) as srv:
+    # Imports may boot only kernels from known places; the test guest's kernel sits in the build cache.
+    with running_server(home, env={"FREEZEFRAME_BOOT_DIRS": str(guest_image.kernel.parent)}) as srv:
         yield srv
 
 
@@ -78,7 +79,7 @@ def _accepted(response: httpx.Response) -> dict[str, Any]:
 
 def _succeeded(server: ServerProcess, client: httpx.Client, job: dict[str, Any]) -> dict[str, Any]:
     done = server.wait_job(client, job["id"])
-    assert done["state"] == "succeeded", (done, server.log_tail())
+    assert done["state"] == "succeeded", (done["kind"], done["error"], server.log_tail())
     assert done["error"] is None and done["finished_at"] is not None
     return done
 

@@ -259,7 +259,7 @@ def test_job_errors_are_redacted(world: World) -> None:
 def _serve(home: Path, *args: str) -> subprocess.Popen[str]:
     env = {**os.environ, "FREEZEFRAME_HOME": str(home)}
     return subprocess.Popen(
-        [sys.executable, "-m", "freezeframe.cli_service", "serve", "--log-level", "warning", *args],
+        [sys.executable, "-m", "freezeframe.cli", "serve", "--log-level", "warning", *args],
         env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True,
     )  # fmt: skip
 

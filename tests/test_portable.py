@@ -263,9 +263,9 @@ def cli_env(home: Path, guest: GuestImage, store: Path | None = None) -> dict[st
 
 
 def run_cli(args: Sequence[str], env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess[str]:
-    """The real `freezeframe` command (with these commands added if cli.py does not add them yet)."""
+    """The real `freezeframe` command."""
     return subprocess.run(
-        [sys.executable, "-m", "freezeframe.cli_portable", *args],
+        [sys.executable, "-m", "freezeframe.cli", *args],
         capture_output=True, text=True, check=False, env=env, timeout=timeout,
     )  # fmt: skip
 

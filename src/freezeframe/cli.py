@@ -23,6 +23,7 @@ from freezeframe.cli_common import (
 )
 from freezeframe.cli_lifecycle import register as register_lifecycle
 from freezeframe.cli_portable import register as register_portable
+from freezeframe.cli_service import register as register_service
 from freezeframe.errors import FreezeframeError
 from freezeframe.flow import SnapshotRequest
 from freezeframe.model import Consistency, SetStatus
@@ -188,6 +189,7 @@ def demo(
 
 register_lifecycle(app)
 register_portable(app)
+register_service(app)
 
 
 def main() -> None:

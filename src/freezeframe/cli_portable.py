@@ -1,8 +1,6 @@
 """CLI commands to move sets across hosts: ``export``, ``import`` and ``images list|show|delete``.
 
-``register(app)`` adds them to the main Typer app. Like cli_lifecycle, this module does not import
-freezeframe.cli at the top, so cli.py can import it without a cycle. ``python -m freezeframe.cli_portable``
-runs the whole ``freezeframe`` command with these commands added, for hosts where cli.py does not add them yet.
+``register(app)`` adds them to the main Typer app; shared options and output helpers come from cli_common.
 """
 
 from __future__ import annotations
@@ -199,15 +197,3 @@ def register(app: typer.Typer) -> None:
     app.command("export")(export)
     app.command("import")(import_)
     app.add_typer(images_app, name="images")
-
-
-def _main() -> None:
-    from freezeframe.cli import app, main
-
-    if "import" not in typer.main.get_command(app).commands:  # type: ignore[attr-defined]
-        register(app)
-    main()
-
-
-if __name__ == "__main__":
-    _main()

@@ -1,39 +1,24 @@
 """CLI commands of the HTTP service: ``serve``, ``token create|list|revoke``, ``project assign|unassign|list``.
 
-``register(app)`` adds them to the main Typer app. Like cli_lifecycle, this module does not import
-freezeframe.cli at the top, so cli.py can import it without a cycle. ``python -m freezeframe.cli_service``
-runs the whole ``freezeframe`` command with these commands added, for hosts where cli.py does not add them yet.
+``register(app)`` adds them to the main Typer app; shared options and output helpers come from cli_common.
 """
 
 from __future__ import annotations
 
 import enum
-import json
 import re
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
 from freezeframe.adapters.service_store import ProjectMap, TokenStore
+from freezeframe.cli_common import ConnectOpt, HomeOpt, JsonOpt, open_service, out, print_json
 from freezeframe.errors import InvalidRequest
-from freezeframe.service import Freezeframe, settings_for
+from freezeframe.service import settings_for
 
-out = Console()
-
-ConnectOpt = Annotated[
-    str | None,
-    typer.Option("--connect", "-c", help="libvirt URI (env FREEZEFRAME_LIBVIRT_URI)", show_default=False),
-]
-HomeOpt = Annotated[
-    Path | None, typer.Option("--home", help="data directory (env FREEZEFRAME_HOME)", show_default=False)
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
 _PROJECT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 """Same rule as the API's project names (``freezeframe.api.schemas.PROJECT_PATTERN``)."""
 
@@ -42,16 +27,6 @@ class Role(enum.StrEnum):
     ADMIN = "admin"
     MEMBER = "member"
     READER = "reader"
-
-
-@contextmanager
-def _service(home: Path | None, connect: str | None) -> Iterator[Freezeframe]:
-    with Freezeframe.open(settings_for(home, connect)) as service:
-        yield service
-
-
-def _print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
 def _check_project(project: str) -> str:
@@ -113,10 +88,10 @@ def token_create(
     """Issue a token; send it as 'Authorization: Bearer <token>'."""
     if project is not None:
         _check_project(project)
-    with _service(home, None) as service:
+    with open_service(home, None) as service:
         issued = TokenStore(service.catalog).create(str(role), project, description)
     if as_json:
-        _print_json({"id": issued.token.id, "token": issued.secret, "role": issued.token.role, "project": project})
+        print_json({"id": issued.token.id, "token": issued.secret, "role": issued.token.role, "project": project})
         return
     out.print(f"token {issued.token.id} ({issued.token.role}, project {project or 'all'}); shown only now:")
     sys.stdout.write(issued.secret + "\n")
@@ -125,10 +100,10 @@ def token_create(
 @token_app.command("list")
 def token_list(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
     """Every token with its role, project and whether it is revoked (never the secrets)."""
-    with _service(home, None) as service:
+    with open_service(home, None) as service:
         tokens = TokenStore(service.catalog).all()
     if as_json:
-        _print_json(
+        print_json(
             [
                 {
                     "id": t.id,
@@ -157,7 +132,7 @@ def token_revoke(
     home: HomeOpt = None,
 ) -> None:
     """Revoke a token; requests with it get 401 from then on."""
-    with _service(home, None) as service:
+    with open_service(home, None) as service:
         token = TokenStore(service.catalog).revoke(token_id)
     out.print(f"token {token.id} revoked")
 
@@ -176,7 +151,7 @@ def project_assign(
 ) -> None:
     """Put INSTANCE in PROJECT (wins over the project in the domain's <metadata>)."""
     _check_project(project)
-    with _service(home, connect) as service:
+    with open_service(home, connect) as service:
         found = service.instance(instance)
         ProjectMap(service.catalog).assign(found.uuid, found.name, project)
     out.print(f"{found.name} ({found.uuid}) is in project {project}")
@@ -191,7 +166,7 @@ def project_unassign(
     """Drop the mapping of INSTANCE; the project in its domain <metadata>, if any, applies again."""
     from freezeframe.api.access import ProjectResolver  # loads the web stack; only this command needs it
 
-    with _service(home, connect) as service:
+    with open_service(home, connect) as service:
         found = service.instance(instance)
         mapping = ProjectMap(service.catalog)
         removed = mapping.unassign(found.uuid)
@@ -203,10 +178,10 @@ def project_unassign(
 @project_app.command("list")
 def project_list(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
     """The instance -> project mappings the admin set (projects from domain metadata are not listed)."""
-    with _service(home, None) as service:
+    with open_service(home, None) as service:
         rows = ProjectMap(service.catalog).all()
     if as_json:
-        _print_json(
+        print_json(
             [{"instance": a.instance_name, "uuid": a.instance_uuid, "project": a.project} for a in rows.values()]
         )
         return
@@ -221,15 +196,3 @@ def register(app: typer.Typer) -> None:
     app.command("serve")(serve)
     app.add_typer(token_app, name="token")
     app.add_typer(project_app, name="project")
-
-
-def _main() -> None:
-    from freezeframe.cli import app, main
-
-    if not any(c.name == "serve" for c in app.registered_commands):
-        register(app)
-    main()
-
-
-if __name__ == "__main__":
-    _main()

@@ -42,7 +42,7 @@ def cli(home: Path, *args: str, timeout: float = 120.0) -> subprocess.CompletedP
     """``freezeframe`` with the service commands, as a subprocess on ``home``."""
     env = {**os.environ, "FREEZEFRAME_HOME": str(home)}
     return subprocess.run(
-        [sys.executable, "-m", "freezeframe.cli_service", *args],
+        [sys.executable, "-m", "freezeframe.cli", *args],
         env=env, capture_output=True, text=True, check=False, timeout=timeout,
     )  # fmt: skip
 
@@ -113,7 +113,7 @@ def running_server(
     port = free_port()
     log_path = home / f"server-{port}.log"
     full_env = {**os.environ, "FREEZEFRAME_HOME": str(home), **(env or {})}
-    argv = [sys.executable, "-m", "freezeframe.cli_service", "serve", "--port", str(port), "--log-level", "warning"]
+    argv = [sys.executable, "-m", "freezeframe.cli", "serve", "--port", str(port), "--log-level", "warning"]
     with log_path.open("ab") as log_file:
         proc = subprocess.Popen(
             [*argv, *args], env=full_env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
