@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from freezeframe.adapters import libvirt_define as ld
 from freezeframe.adapters.catalog import RestoreLog, RestoreRecord
 from freezeframe.adapters.repository import MANIFEST
+from freezeframe.durable import fsync_path, write_atomically
 from freezeframe.errors import (
     FreezeframeError,
     HypervisorError,
@@ -192,22 +193,6 @@ def backing_file(path: Path | str) -> str | None:
         return None
     resolved = Path(backing) if Path(backing).is_absolute() else Path(path).parent / backing
     return str(resolved.resolve())
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _now() -> datetime:
@@ -487,7 +472,7 @@ class Lifecycle:
                     ["qemu-img", "convert", "-f", "qcow2", "-O", fmt, member.path, str(tmp)],
                     f"extracting {target} of set {snapshot_set.name} to {to}",
                 )
-                _fsync_file(tmp)
+                fsync_path(tmp)
                 try:
                     os.link(tmp, to)
                 except FileExistsError:
@@ -498,7 +483,7 @@ class Lifecycle:
                     if to.exists():  # no hard links on this filesystem: check, then rename
                         raise InvalidRequest(f"{to} appeared while extracting; it was left as it is") from None
                     tmp.rename(to)
-                _fsync_dir(to.parent)
+                fsync_path(to.parent)
             finally:
                 tmp.unlink(missing_ok=True)
         return to
@@ -590,7 +575,7 @@ class Lifecycle:
                     st = dst.stat()
                     os.chown(tmp, st.st_uid, st.st_gid)
                     tmp.chmod(st.st_mode & 0o7777)
-                _fsync_file(tmp)
+                fsync_path(tmp)
             with deferred_signals():
                 marker = self._write_marker("revert", instance_uuid, {"renames": [[str(t), str(d)] for t, d in pairs]})
                 self._rename_all(pairs)
@@ -609,7 +594,7 @@ class Lifecycle:
             if tmp.exists():
                 tmp.replace(dst)
         for directory in {dst.parent for _, dst in pairs}:
-            _fsync_dir(directory)
+            fsync_path(directory)
 
     def _finish_revert(self, instance_uuid: str) -> str | None:
         """A revert killed between its renames is rolled forward: every temp was complete before the first."""
@@ -934,15 +919,7 @@ class Lifecycle:
     def _write_marker(self, kind: str, key: str, data: dict[str, Any]) -> Path:
         self.markers_dir.mkdir(parents=True, exist_ok=True)
         path = self.markers_dir / f"{kind}-{key}.json"
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, json.dumps({"kind": kind, "pid": os.getpid(), **data}).encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        tmp.replace(path)
-        _fsync_dir(self.markers_dir)
+        write_atomically(path, json.dumps({"kind": kind, "pid": os.getpid(), **data}).encode())
         return path
 
     def repair(self) -> list[str]:

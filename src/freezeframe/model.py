@@ -13,15 +13,11 @@ from typing import Any
 
 
 class Consistency(enum.StrEnum):
-    """Consistency levels, weakest first; ``rank`` orders them."""
+    """Consistency levels, weakest first. Compare with ``is``: as strings they would order alphabetically."""
 
     CRASH = "crash"
     FILESYSTEM = "filesystem"
     APPLICATION = "application"
-
-    @property
-    def rank(self) -> int:
-        return list(Consistency).index(self)
 
     @property
     def freezes_filesystems(self) -> bool:
@@ -98,9 +94,7 @@ class Hardware:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Hardware:
-        boot = BootSpec(
-            **{**data.get("boot", {}), "boot_devices": tuple(data.get("boot", {}).get("boot_devices", ()))}
-        )
+        boot = BootSpec(**{**data.get("boot", {}), "boot_devices": tuple(data.get("boot", {}).get("boot_devices", ()))})
         disks = tuple(DiskSpec(**d) for d in data.get("disks", ()))
         nics = tuple(NicSpec(**n) for n in data.get("nics", ()))
         rest = {k: v for k, v in data.items() if k not in ("boot", "disks", "nics")}

@@ -12,7 +12,6 @@ See docs/ovf.md ("Export, import and the image store").
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -62,6 +61,7 @@ from freezeframe.adapters.ovf import (
     build_descriptor,
     parse_descriptor,
 )
+from freezeframe.durable import fsync_path, sha256_file
 from freezeframe.errors import (
     HypervisorError,
     InstanceBusy,
@@ -87,7 +87,6 @@ DEFAULT_BOOT_DIRS = ("/boot", "/var/lib/libvirt/boot", "/var/lib/libvirt/images"
 """Where an imported package's direct kernel boot may take its kernel/initrd from (plus FREEZEFRAME_HOME)."""
 FOREIGN_MACHINES = {"x86_64": "pc", "i686": "pc"}
 """i440fx: it has IDE (q35 does not) and every guest OS knows it; libvirt adds AHCI/SCSI controllers as needed."""
-PKG_CHUNK = 4 * 2**20
 
 _VMDK_ADAPTER = {"ide": "ide", "sata": "ide", "scsi": "lsilogic", "virtio": "lsilogic"}
 _BUSES = ("virtio", "scsi", "sata", "ide", "usb")
@@ -267,24 +266,6 @@ def summarize(machine: ImportedMachine, disk_format: str) -> ImageSummary:
     )
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    buf = bytearray(PKG_CHUNK)
-    view = memoryview(buf)
-    with path.open("rb") as f:
-        while n := f.readinto(view):
-            digest.update(view[:n])
-    return digest.hexdigest()
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _one_line(text: str) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return "; ".join(lines[-3:])
@@ -413,7 +394,7 @@ class Portable:
             if replacing:
                 try:
                     target.replace(out)
-                    _fsync_dir(out.parent)
+                    fsync_path(out.parent)
                 except BaseException:
                     target.unlink(missing_ok=True)
                     raise
@@ -580,7 +561,7 @@ class Portable:
         except ImageNotFound as exc:
             raise ImageNotFound(f"{exc}; no file of that name either") from None
         with self._hold(f"image-{image.id}", f"image {image.name}"), self.store.local_file(image.id) as local:
-            actual = _sha256(local)
+            actual = sha256_file(local)
             if actual != image.sha256:
                 raise OvaDigestMismatch(
                     f"stored image {image.id} ({image.name}) has SHA-256 {actual}, its record says {image.sha256}: "

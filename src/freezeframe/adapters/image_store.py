@@ -34,6 +34,7 @@ from sqlalchemy import JSON, BigInteger, String, Text, delete, or_, select, upda
 from sqlalchemy.orm import Mapped, mapped_column
 
 from freezeframe.adapters.catalog import MIN_PREFIX, Base, SqlCatalog, UtcDateTime
+from freezeframe.durable import fsync_path, sha256_file
 from freezeframe.errors import FreezeframeError, InsufficientSpace, InvalidRequest, NotFound
 
 STORE_ENV = "FREEZEFRAME_IMAGE_STORE"
@@ -317,14 +318,6 @@ def check_filename(filename: str) -> None:
         )
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
@@ -364,16 +357,6 @@ def _read_into(source: IO[bytes], view: memoryview) -> int:
     data = source.read(len(view))
     view[: len(data)] = data
     return len(data)
-
-
-def _hash_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    buf = bytearray(CHUNK)
-    view = memoryview(buf)
-    with path.open("rb") as f:
-        while n := f.readinto(view):
-            digest.update(view[:n])
-    return digest.hexdigest()
 
 
 def _storage_error(what: str, exc: OSError) -> FreezeframeError:
@@ -417,7 +400,7 @@ class DirectoryImageStore:
         def fill(dst: Path) -> tuple[int, str]:
             if staged:
                 path.rename(dst)  # same filesystem: no copy
-                return dst.stat().st_size, _hash_file(dst)
+                return dst.stat().st_size, sha256_file(dst)
             with path.open("rb") as source, dst.open("xb") as out:
                 result = _copy_sparse(source, out)
                 out.flush()
@@ -461,12 +444,12 @@ class DirectoryImageStore:
             )
             record = work / RECORD_FILE
             record.write_text(json.dumps(image.to_dict(), indent=2, sort_keys=True))
-            _fsync_path(record)
-            _fsync_path(work / new.filename)
-            _fsync_path(work)
+            fsync_path(record)
+            fsync_path(work / new.filename)
+            fsync_path(work)
             work.rename(final)
             renamed = True
-            _fsync_path(self.root)
+            fsync_path(self.root)
             self.records.add(image)
         except OSError as exc:
             shutil.rmtree(final if renamed else work, ignore_errors=True)

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
+from freezeframe.durable import write_atomically
 from freezeframe.ports import JournalEntry
 
 
@@ -21,21 +21,7 @@ class FileJournal:
         return self.directory / f"{instance_uuid}.json"
 
     def record(self, entry: JournalEntry) -> None:
-        path = self._path(entry.instance_uuid)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        data = json.dumps(dataclasses.asdict(entry)).encode()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        tmp.replace(path)
-        dir_fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        write_atomically(self._path(entry.instance_uuid), json.dumps(dataclasses.asdict(entry)).encode())
 
     def clear(self, instance_uuid: str) -> None:
         self._path(instance_uuid).unlink(missing_ok=True)

@@ -40,6 +40,7 @@ from freezeframe.adapters.ovf import (
     OvfRejected,
     parse_descriptor,
 )
+from freezeframe.durable import fsync_path
 from freezeframe.errors import InsufficientSpace
 from freezeframe.ports import ProgressCallback
 
@@ -444,14 +445,6 @@ def _manifest(entries: Sequence[tuple[str, str]]) -> bytes:
     return "".join(f"SHA256({name})= {digest}\n" for name, digest in entries).encode("ascii")
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _ovf_disk(prepared: _Prepared, size: int) -> OvfDisk:
     src = prepared.source
     fmt = "vmdk" if src.mode == "vmdk" else src.source_format
@@ -613,7 +606,7 @@ def write_ova(
                 out.flush()
                 os.fsync(out.fileno())
             tmp_path.replace(out_path)
-            _fsync_dir(parent)
+            fsync_path(parent)
         except OSError as exc:
             tmp_path.unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):

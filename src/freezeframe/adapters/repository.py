@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -11,11 +10,11 @@ import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
+from freezeframe.durable import sha256_file, write_atomically
 from freezeframe.errors import CaptureFailed, InsufficientSpace
 from freezeframe.model import DiskSpec, SnapshotSet
 from freezeframe.ports import CaptureTarget
 
-_CHUNK = 4 << 20
 MEMBER_FORMAT = "qcow2"
 MANIFEST = "set.json"
 
@@ -66,11 +65,7 @@ class DirectoryRepository:
         return self.set_dir(set_id).is_dir()
 
     def checksum(self, path: Path) -> str:
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            while chunk := handle.read(_CHUNK):
-                digest.update(chunk)
-        return digest.hexdigest()
+        return sha256_file(path)
 
     def write_manifest(self, snapshot_set: SnapshotSet) -> None:
         """A set.json beside the data lets anyone tell which images belong together without the catalog."""
@@ -92,12 +87,9 @@ class DirectoryRepository:
             "hardware": snapshot_set.hardware.to_dict(),
         }
         path = self.set_dir(snapshot_set.id) / MANIFEST
-        tmp = path.with_suffix(".tmp")
         try:
-            tmp.write_text(json.dumps(record, indent=2, sort_keys=True))
-            tmp.replace(path)
+            write_atomically(path, json.dumps(record, indent=2, sort_keys=True).encode(), 0o644)
         except OSError as exc:
-            tmp.unlink(missing_ok=True)
             if exc.errno == errno.ENOSPC:
                 raise InsufficientSpace(f"repository {self.root} is full writing {path}") from exc
             raise
