@@ -502,7 +502,6 @@ class SnapshotFlow:
         """
         deadline = time.monotonic() + self.settings.thaw_retry_s
         while True:
-            self._unblock(instance)
             try:
                 self.hypervisor.thaw(instance)
                 return True
@@ -512,6 +511,7 @@ class SnapshotFlow:
                 log.error("could not confirm %s thawed; `freezeframe repair` will retry", instance.name)
                 return False
             time.sleep(0.5)
+            self._unblock(instance)
 
     # ---- repair --------------------------------------------------------------------------------------
 
