@@ -287,15 +287,7 @@ class Lifecycle:
     ) -> tuple[str, list[RestoredDisk]]:
         """Make the disks, record them, define (and start) the domain; on any failure undo all of it."""
         conn = self.service.hypervisor.conn
-        directory.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            directory.mkdir()
-        except FileExistsError:
-            raise InvalidRequest(
-                f"{directory} already exists (left by an earlier instance named {name}?); "
-                "remove it or choose another name"
-            ) from None
-        marker = self._write_marker("restore", name, {"name": name, "dir": str(directory), "uuid": None})
+        marker = self.claim_instance_dir(name, directory)
         uuid: str | None = None
         restored: list[RestoredDisk] = []
         try:
@@ -915,6 +907,18 @@ class Lifecycle:
                     f"{what} is in use by another freezeframe operation; wait for it to finish"
                 ) from None
             yield
+
+    def claim_instance_dir(self, name: str, directory: Path) -> Path:
+        """Create a new instance's folder and its restore marker (so `repair` removes a half-made instance)."""
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            directory.mkdir()
+        except FileExistsError:
+            raise InvalidRequest(
+                f"{directory} already exists (left by an earlier instance named {name}?); "
+                "remove it or choose another name"
+            ) from None
+        return self._write_marker("restore", name, {"name": name, "dir": str(directory), "uuid": None})
 
     def _write_marker(self, kind: str, key: str, data: dict[str, Any]) -> Path:
         self.markers_dir.mkdir(parents=True, exist_ok=True)

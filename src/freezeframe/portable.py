@@ -783,16 +783,7 @@ class Portable:
         """Make the disks, define (and start) the domain; any failure removes all of it."""
         lifecycle = Lifecycle(self.service, domain_type=self.domain_type)
         directory = self.instances_dir / name
-        self.instances_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            directory.mkdir()
-        except FileExistsError:
-            raise InvalidRequest(
-                f"{directory} already exists (left by an earlier instance named {name}?); "
-                "remove it or choose another name"
-            ) from None
-        # The restore marker: after a SIGKILL, `freezeframe repair` removes the half-made instance.
-        marker = lifecycle._write_marker("restore", name, {"name": name, "dir": str(directory), "uuid": None})
+        marker = lifecycle.claim_instance_dir(name, directory)
         uuid: str | None = None
         results: list[ImportedDiskResult] = []
         try:

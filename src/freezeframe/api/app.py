@@ -12,7 +12,7 @@ import contextlib
 import fcntl
 import os
 import re
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, TypeVar
@@ -614,6 +614,24 @@ def _set_job_guard(state: AppState, set_id: str) -> JobRunner:
     return runner
 
 
+def _submit_set_job(
+    response: Response,
+    runner: JobRunner,
+    principal: Principal,
+    s: SnapshotSet,
+    project: str | None,
+    kind: str,
+    request: BaseModel,
+    run: Callable[[JobContext], dict[str, Any]],
+) -> JobView:
+    """Every job that works on one set: locked on the set, owned by the set's project."""
+    spec = JobSpec(
+        kind=kind, lock_key=f"set:{s.id}", project=project, request=request.model_dump(mode="json"),
+        token_id=principal.token_id, instance_uuid=s.instance_uuid, instance_name=s.instance_name, set_id=s.id,
+    )  # fmt: skip
+    return _accepted(response, runner.submit(spec, run))
+
+
 def _require_available(s: SnapshotSet) -> None:
     if s.status is not SetStatus.AVAILABLE:
         raise conflict(f"snapshot set {s.id} is {s.status}; only available sets can be used for this")
@@ -835,11 +853,7 @@ def restore_set(
             "left_out": {k: redact(v) for k, v in result.left_out.items()},
         }
 
-    spec = JobSpec(
-        kind="restore", lock_key=f"set:{s.id}", project=project, request=body.model_dump(mode="json"),
-        token_id=principal.token_id, instance_uuid=s.instance_uuid, instance_name=s.instance_name, set_id=s.id,
-    )  # fmt: skip
-    return _accepted(response, runner.submit(spec, run))
+    return _submit_set_job(response, runner, principal, s, project, "restore", body, run)
 
 
 @router.post(
@@ -874,11 +888,7 @@ def verify_set(
             ],
         }
 
-    spec = JobSpec(
-        kind="verify", lock_key=f"set:{s.id}", project=project, request=request.model_dump(mode="json"),
-        token_id=principal.token_id, instance_uuid=s.instance_uuid, instance_name=s.instance_name, set_id=s.id,
-    )  # fmt: skip
-    return _accepted(response, runner.submit(spec, run))
+    return _submit_set_job(response, runner, principal, s, project, "verify", request, run)
 
 
 @router.post(
@@ -922,11 +932,7 @@ def export_set(
             "disks": [d.target for d in exported.disks],
         }
 
-    spec = JobSpec(
-        kind="export", lock_key=f"set:{s.id}", project=project, request=request.model_dump(mode="json"),
-        token_id=principal.token_id, instance_uuid=s.instance_uuid, instance_name=s.instance_name, set_id=s.id,
-    )  # fmt: skip
-    return _accepted(response, runner.submit(spec, run))
+    return _submit_set_job(response, runner, principal, s, project, "export", request, run)
 
 
 @router.get("/images", response_model=ImagePage, tags=["images"], responses=_problems())
