@@ -416,7 +416,7 @@ def test_image_store_round_trip_through_the_cli(
     Lifecycle(ff).discard(imported.name)
 
     # Deleting is refused while an import reads the image; the record and data go together.
-    with pt._hold(f"image-{image['id']}", "test"):
+    with pt.service.lifecycle.hold(f"image-{image['id']}", "test"):
         busy = runner.invoke(app, ["images", "delete", image["id"], *home])
         assert busy.exception is not None and "in use" in str(busy.exception)
     gone = runner.invoke(app, ["images", "delete", "golden", "--json", *home])

@@ -244,8 +244,8 @@ class Lifecycle:
         snapshot_set = self._available(set_ref)
         conn = self.service.hypervisor.conn
         with (
-            self._hold(f"set-{snapshot_set.id}", f"set {snapshot_set.name}"),
-            self._hold(f"name-{name}", f"instance name {name}"),
+            self.hold(f"set-{snapshot_set.id}", f"set {snapshot_set.name}"),
+            self.hold(f"name-{name}", f"instance name {name}"),
         ):
             snapshot_set = self._available(snapshot_set.id)
             if ld.name_taken(conn, name):
@@ -421,7 +421,7 @@ class Lifecycle:
             )
         done = []
         conn = self.service.hypervisor.conn
-        with self._hold(f"name-{name}", f"instance name {name}"), deferred_signals():
+        with self.hold(f"name-{name}", f"instance name {name}"), deferred_signals():
             uuids = {r.instance_uuid for r in rows if r.instance_uuid}
             for uuid in sorted(uuids):
                 if ld.remove_domain(conn, uuid):
@@ -458,7 +458,7 @@ class Lifecycle:
                 f"check the set with `freezeframe verify {snapshot_set.id}`"
             )
         tmp = to.with_name(f".{to.name}.ff-{uuidlib.uuid4().hex[:8]}.tmp")
-        with self._hold(f"set-{snapshot_set.id}", f"set {snapshot_set.name}"):
+        with self.hold(f"set-{snapshot_set.id}", f"set {snapshot_set.name}"):
             try:
                 _run(
                     ["qemu-img", "convert", "-f", "qcow2", "-O", fmt, member.path, str(tmp)],
@@ -506,7 +506,7 @@ class Lifecycle:
                 )
             )
             safety_id = safety_set.id
-        with self._hold(instance.uuid, f"instance {instance.name}"):
+        with self.hold(instance.uuid, f"instance {instance.name}"):
             self._finish_revert(instance.uuid)
             instance = hypervisor.lookup(instance.uuid)
             plan, untouched = self._revert_plan(snapshot_set, instance.name, instance.state, instance.hardware.disks)
@@ -604,7 +604,7 @@ class Lifecycle:
     def delete(self, set_ref: str, *, force: bool = False) -> DeleteResult:
         """Remove the set and its data; with dependants only under ``force``, which flattens them first."""
         snapshot_set = self.service.catalog.get_set(set_ref)
-        with self._hold(f"set-{snapshot_set.id}", f"set {snapshot_set.name}"):
+        with self.hold(f"set-{snapshot_set.id}", f"set {snapshot_set.name}"):
             snapshot_set = self.service.catalog.get_set(snapshot_set.id)
             if snapshot_set.status is SetStatus.CREATING:
                 raise InvalidRequest(
@@ -754,7 +754,7 @@ class Lifecycle:
         if snapshot_set.status is not SetStatus.AVAILABLE:
             raise InvalidRequest(f"set {snapshot_set.name} is {snapshot_set.status}; only available sets have data")
         report = VerifyReport(snapshot_set.id, snapshot_set.name)
-        with self._hold(f"set-{snapshot_set.id}", f"set {snapshot_set.name}"):
+        with self.hold(f"set-{snapshot_set.id}", f"set {snapshot_set.name}"):
             self._verify_data(snapshot_set, report)
             if boot:
                 if report.ok:
@@ -794,7 +794,7 @@ class Lifecycle:
         hypervisor = self.service.hypervisor
         name = f"ff-verify-{snapshot_set.id[:8]}-{uuidlib.uuid4().hex[:6]}"
         directory = self.verify_dir / name
-        with self._hold(f"name-{name}", f"instance name {name}"):
+        with self.hold(f"name-{name}", f"instance name {name}"):
             disks = self._member_disks(snapshot_set)
             uuid: str | None = None
             try:
@@ -898,7 +898,8 @@ class Lifecycle:
     # ---- locks, markers, repair ---------------------------------------------------------------------
 
     @contextlib.contextmanager
-    def _hold(self, key: str, what: str) -> Iterator[None]:
+    def hold(self, key: str, what: str) -> Iterator[None]:
+        """The per-set/name/instance locks every lifecycle and portable operation takes, named for the user."""
         with contextlib.ExitStack() as stack:
             try:
                 stack.enter_context(self.service.locks.hold(key))
@@ -939,14 +940,14 @@ class Lifecycle:
             try:
                 if kind == "restore":
                     name = str(data["name"])
-                    with self._hold(f"name-{name}", f"instance name {name}"):
+                    with self.hold(f"name-{name}", f"instance name {name}"):
                         directory = Path(data["dir"])
                         self._undo_build(name, directory, data.get("uuid"), forget=True)
                         marker.unlink(missing_ok=True)
                         reports.append(f"{name}: removed an instance an interrupted restore/verify left half-made")
                 elif kind == "revert":
                     uuid = marker.stem.removeprefix("revert-")
-                    with self._hold(uuid, f"instance {uuid}"):
+                    with self.hold(uuid, f"instance {uuid}"):
                         done = self._finish_revert(uuid)
                         if done:
                             reports.append(done)
@@ -954,7 +955,7 @@ class Lifecycle:
                 reports.append(f"{marker.name}: its operation is still running; left alone")
         for snapshot_set in self.service.catalog.list_sets(status=SetStatus.DELETING):
             try:
-                with self._hold(f"set-{snapshot_set.id}", f"set {snapshot_set.name}"):
+                with self.hold(f"set-{snapshot_set.id}", f"set {snapshot_set.name}"):
                     self._remove_set(snapshot_set)
                     reports.append(f"set {snapshot_set.id} ({snapshot_set.name}): finished an interrupted delete")
             except InstanceBusy:

@@ -64,7 +64,6 @@ from freezeframe.adapters.ovf import (
 from freezeframe.durable import fsync_path, sha256_file
 from freezeframe.errors import (
     HypervisorError,
-    InstanceBusy,
     InsufficientSpace,
     InvalidRequest,
     PreflightFailed,
@@ -386,7 +385,7 @@ class Portable:
         if not out.parent.is_dir():
             raise InvalidRequest(f"directory {out.parent} does not exist; create it first")
         snapshot_set = self._available(set_ref)
-        with self._hold(f"set-{snapshot_set.id}", f"set {snapshot_set.name}"):
+        with self.service.lifecycle.hold(f"set-{snapshot_set.id}", f"set {snapshot_set.name}"):
             snapshot_set = self._available(snapshot_set.id)
             replacing = out.exists() or out.is_symlink()
             target = out.with_name(f".{out.name}.ff-{uuidlib.uuid4().hex[:8]}.tmp") if replacing else out
@@ -416,7 +415,7 @@ class Portable:
         snapshot_set = self._available(set_ref)
         filename = f"{package_base(snapshot_set.instance_name)}-{snapshot_set.id[:8]}.ova"
         with (
-            self._hold(f"set-{snapshot_set.id}", f"set {snapshot_set.name}"),
+            self.service.lifecycle.hold(f"set-{snapshot_set.id}", f"set {snapshot_set.name}"),
             self.store.staging(filename) as staged,
         ):
             snapshot_set = self._available(snapshot_set.id)
@@ -486,7 +485,7 @@ class Portable:
     def delete_image(self, ref: str) -> StoredImage:
         """Remove a stored image (record and package); refused while an import reads it."""
         image = self.store.find(ref)
-        with self._hold(f"image-{image.id}", f"image {image.name}"):
+        with self.service.lifecycle.hold(f"image-{image.id}", f"image {image.name}"):
             return self.store.delete(image.id)
 
     def repair(self) -> list[str]:
@@ -523,7 +522,7 @@ class Portable:
             probes = {d.name: probe_disk(d) for d in package.disks}
             plan = self._plan(conn, package, probes, network)
             self._check_space(plan)
-            with self._hold(f"name-{name}", f"instance name {name}"):
+            with self.service.lifecycle.hold(f"name-{name}", f"instance name {name}"):
                 self._check_name_free(conn, name)
                 uuid, disks = self._build(conn, name, plan, start, progress)
         hw = plan.hardware
@@ -560,7 +559,10 @@ class Portable:
             image = self.store.find(text)
         except ImageNotFound as exc:
             raise ImageNotFound(f"{exc}; no file of that name either") from None
-        with self._hold(f"image-{image.id}", f"image {image.name}"), self.store.local_file(image.id) as local:
+        with (
+            self.service.lifecycle.hold(f"image-{image.id}", f"image {image.name}"),
+            self.store.local_file(image.id) as local,
+        ):
             actual = sha256_file(local)
             if actual != image.sha256:
                 raise OvaDigestMismatch(
@@ -880,18 +882,6 @@ class Portable:
                 f"{', '.join(missing) or 'no members'}; check it with `freezeframe verify {snapshot_set.id}`"
             )
         return snapshot_set
-
-    @contextlib.contextmanager
-    def _hold(self, key: str, what: str) -> Iterator[None]:
-        """The lock keys Lifecycle uses, so a set cannot be deleted while it is exported (and so on)."""
-        with contextlib.ExitStack() as stack:
-            try:
-                stack.enter_context(self.service.locks.hold(key))
-            except InstanceBusy:
-                raise InstanceBusy(
-                    f"{what} is in use by another freezeframe operation; wait for it to finish"
-                ) from None
-            yield
 
 
 # ---- module helpers ---------------------------------------------------------------------------------------

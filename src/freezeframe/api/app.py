@@ -632,6 +632,14 @@ def _submit_set_job(
     return _accepted(response, runner.submit(spec, run))
 
 
+def _set_for_job(state: AppState, principal: Principal, set_id: str) -> tuple[SnapshotSet, str | None, JobRunner]:
+    """A job that uses an available set: writers only, the set visible to them, no other job on it."""
+    principal.require_write()
+    s, project = state.snapshot_set(set_id, principal)
+    _require_available(s)
+    return s, project, _set_job_guard(state, s.id)
+
+
 def _require_available(s: SnapshotSet) -> None:
     if s.status is not SetStatus.AVAILABLE:
         raise conflict(f"snapshot set {s.id} is {s.status}; only available sets can be used for this")
@@ -834,10 +842,7 @@ def restore_set(
     set_id: SetId, body: RestoreRequest, response: Response, state: StateDep, principal: PrincipalDep
 ) -> JobView:
     """A new instance (in the set's project) from the set: copy-on-write over the members, or full copies."""
-    principal.require_write()
-    s, project = state.snapshot_set(set_id, principal)
-    _require_available(s)
-    runner = _set_job_guard(state, s.id)
+    s, project, runner = _set_for_job(state, principal, set_id)
     _require_free_name(state, body.name)
 
     def run(ctx: JobContext) -> dict[str, Any]:
@@ -871,10 +876,7 @@ def verify_set(
     body: Annotated[VerifyRequest | None, Body()] = None,
 ) -> JobView:
     """Recompute every member's SHA-256 (``boot``: also boot a throw-away clone); the report is the result."""
-    principal.require_write()
-    s, project = state.snapshot_set(set_id, principal)
-    _require_available(s)
-    runner = _set_job_guard(state, s.id)
+    s, project, runner = _set_for_job(state, principal, set_id)
     request = body or VerifyRequest()
 
     def run(ctx: JobContext) -> dict[str, Any]:
@@ -906,10 +908,7 @@ def export_set(
     body: Annotated[ExportRequest | None, Body()] = None,
 ) -> JobView:
     """Package the set as an OVA image (``GET /v1/images/{image_id}``); the job's ``image_id`` names it."""
-    principal.require_write()
-    s, project = state.snapshot_set(set_id, principal)
-    _require_available(s)
-    runner = _set_job_guard(state, s.id)
+    s, project, runner = _set_for_job(state, principal, set_id)
     request = body or ExportRequest()
 
     def run(ctx: JobContext) -> dict[str, Any]:
