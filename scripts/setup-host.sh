@@ -20,6 +20,7 @@ DEB_PACKAGES=(
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config
   busybox-static qemu-guest-agent e2fsprogs cpio xz-utils
   gcc libc6-dev
+  ovmf
 )
 
 missing=()
