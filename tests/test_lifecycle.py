@@ -39,17 +39,11 @@ from freezeframe.errors import (
     InstanceBusy,
     InvalidRequest,
     PreflightFailed,
-)
-from freezeframe.flow import SnapshotRequest
-from freezeframe.lifecycle import (
-    COW,
-    FULL,
-    Lifecycle,
     SetHasDependants,
     VerifyFailed,
-    backing_file,
-    probe_filesystems,
 )
+from freezeframe.flow import SnapshotRequest
+from freezeframe.lifecycle import COW, FULL, Lifecycle, backing_file, probe_filesystems
 from freezeframe.model import (
     BootSpec,
     Consistency,

@@ -21,10 +21,13 @@ from pathlib import Path
 import pytest
 
 from freezeframe.adapters import ova as ova_module
-from freezeframe.adapters.ova import (
+from freezeframe.adapters.ova import OvaDiskSource, open_ova, parse_manifest, probe_disk, qemu_json_for, write_ova
+from freezeframe.adapters.ovf import OvfDisk, build_descriptor, validate_descriptor
+from freezeframe.errors import (
+    InsufficientSpace,
+    InvalidRequest,
     OvaDigestMismatch,
     OvaDiskError,
-    OvaDiskSource,
     OvaError,
     OvaLayoutError,
     OvaManifestError,
@@ -33,21 +36,10 @@ from freezeframe.adapters.ova import (
     OvaUnsafeDisk,
     OvaUnsafeMember,
     OvaWriteError,
-    open_ova,
-    parse_manifest,
-    probe_disk,
-    qemu_json_for,
-    write_ova,
-)
-from freezeframe.adapters.ovf import (
     OvfCapacityError,
-    OvfDisk,
     OvfNotOvf,
     OvfUnsafeXml,
-    build_descriptor,
-    validate_descriptor,
 )
-from freezeframe.errors import InsufficientSpace, InvalidRequest
 from freezeframe.model import BootSpec, Consistency, DiskSpec, Hardware, Member, NicSpec, SetStatus, SnapshotSet
 
 PROJECT = Path(__file__).resolve().parents[1]

@@ -15,9 +15,16 @@ from freezeframe.adapters.ovf import (
     MAX_DESCRIPTOR_BYTES,
     NS_OVF1,
     NS_RASD,
+    OvfDisk,
+    build_descriptor,
+    parse_byte_units,
+    parse_descriptor,
+    validate_descriptor,
+)
+from freezeframe.errors import (
+    InvalidRequest,
     OvfBuildError,
     OvfCapacityError,
-    OvfDisk,
     OvfError,
     OvfInvalidValue,
     OvfMalformed,
@@ -26,12 +33,7 @@ from freezeframe.adapters.ovf import (
     OvfSchemaError,
     OvfUnsafeXml,
     OvfUnsupported,
-    build_descriptor,
-    parse_byte_units,
-    parse_descriptor,
-    validate_descriptor,
 )
-from freezeframe.errors import InvalidRequest
 from freezeframe.model import (
     BootSpec,
     Consistency,

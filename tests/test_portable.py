@@ -36,26 +36,25 @@ from typer.testing import CliRunner
 
 from freezeframe import portable as portable_module
 from freezeframe.adapters import libvirt_define as ld
-from freezeframe.adapters.image_store import DirectoryImageStore, ImageNotFound, open_image_store
-from freezeframe.adapters.ova import (
+from freezeframe.adapters.image_store import DirectoryImageStore, open_image_store
+from freezeframe.adapters.ova import open_ova, qemu_json_for
+from freezeframe.adapters.ovf import OvfDisk, build_descriptor, validate_descriptor
+from freezeframe.cli_portable import register
+from freezeframe.config import Settings
+from freezeframe.errors import (
+    FreezeframeError,
+    HypervisorError,
+    ImageNotFound,
+    InvalidRequest,
     OvaDigestMismatch,
     OvaDiskError,
     OvaMissingFile,
     OvaUnsafeMember,
-    open_ova,
-    qemu_json_for,
-)
-from freezeframe.adapters.ovf import (
     OvfCapacityError,
-    OvfDisk,
     OvfNotOvf,
     OvfUnsafeXml,
-    build_descriptor,
-    validate_descriptor,
+    PreflightFailed,
 )
-from freezeframe.cli_portable import register
-from freezeframe.config import Settings
-from freezeframe.errors import FreezeframeError, HypervisorError, InvalidRequest, PreflightFailed
 from freezeframe.flow import SnapshotRequest
 from freezeframe.lifecycle import Lifecycle
 from freezeframe.model import (

@@ -15,8 +15,8 @@ import typer
 from rich.table import Table
 
 from freezeframe.cli_common import ConnectOpt, HomeOpt, JsonOpt, SetArg, open_service, out, parse_meta, print_json
-from freezeframe.errors import InvalidRequest
-from freezeframe.lifecycle import Lifecycle, VerifyFailed, VerifyReport
+from freezeframe.errors import InvalidRequest, VerifyFailed
+from freezeframe.lifecycle import Lifecycle, VerifyReport
 from freezeframe.model import Consistency
 from freezeframe.views import set_view
 

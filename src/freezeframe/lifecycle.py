@@ -36,6 +36,8 @@ from freezeframe.errors import (
     InsufficientSpace,
     InvalidRequest,
     PreflightFailed,
+    SetHasDependants,
+    VerifyFailed,
 )
 from freezeframe.flow import SnapshotRequest
 from freezeframe.model import Consistency, DiskSpec, InstanceState, Member, NicSpec, SetStatus, SnapshotSet
@@ -53,20 +55,6 @@ EXTRACT_FORMATS = ("qcow2", "raw")
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _EXT_TYPES = ("ext2", "ext3", "ext4")
 _SECTOR = 512
-
-
-class VerifyFailed(FreezeframeError):
-    """``verify`` found a member whose data no longer matches the catalog, or a clone that did not check out."""
-
-    exit_code = 10
-
-
-class SetHasDependants(InvalidRequest):
-    """Restored instances still read the set's members (copy-on-write); ``--force`` flattens them first."""
-
-    def __init__(self, message: str, dependants: Sequence[Dependant]) -> None:
-        super().__init__(message)
-        self.dependants = list(dependants)
 
 
 # ---- results ---------------------------------------------------------------------------------------

@@ -32,7 +32,6 @@ from freezeframe.adapters import libvirt_define as ld
 from freezeframe.adapters.image_store import (
     ImageDisk,
     ImageNic,
-    ImageNotFound,
     ImageStore,
     ImageSummary,
     NewImage,
@@ -41,7 +40,6 @@ from freezeframe.adapters.image_store import (
 )
 from freezeframe.adapters.ova import (
     DiskProbe,
-    OvaDigestMismatch,
     OvaDiskMember,
     OvaDiskSource,
     OvaPackage,
@@ -51,21 +49,17 @@ from freezeframe.adapters.ova import (
     qemu_json_for,
     write_ova,
 )
-from freezeframe.adapters.ovf import (
-    ImportedDisk,
-    ImportedMachine,
-    OvfDisk,
-    OvfInvalidValue,
-    OvfMissingReference,
-    OvfUnsupported,
-    build_descriptor,
-    parse_descriptor,
-)
+from freezeframe.adapters.ovf import ImportedDisk, ImportedMachine, OvfDisk, build_descriptor, parse_descriptor
 from freezeframe.durable import fsync_path, sha256_file
 from freezeframe.errors import (
     HypervisorError,
+    ImageNotFound,
     InsufficientSpace,
     InvalidRequest,
+    OvaDigestMismatch,
+    OvfInvalidValue,
+    OvfMissingReference,
+    OvfUnsupported,
     PreflightFailed,
 )
 from freezeframe.lifecycle import Lifecycle, validate_name

@@ -35,7 +35,13 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from freezeframe.adapters.catalog import MIN_PREFIX, Base, SqlCatalog, UtcDateTime
 from freezeframe.durable import fsync_path, sha256_file
-from freezeframe.errors import FreezeframeError, InsufficientSpace, InvalidRequest, NotFound
+from freezeframe.errors import (
+    FreezeframeError,
+    ImageNotFound,
+    ImageStoreError,
+    InsufficientSpace,
+    InvalidRequest,
+)
 
 STORE_ENV = "FREEZEFRAME_IMAGE_STORE"
 RECORD_FILE = "image.json"
@@ -50,16 +56,6 @@ _FILENAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}\.ova$")
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _PUT_DIR = re.compile(r"^\.put-([0-9a-f-]{36})-(\d+)$")
 _STAGING_DIR = re.compile(r"^[0-9a-f]{12}-(\d+)$")
-
-
-class ImageNotFound(NotFound):
-    """No stored image matches the reference."""
-
-
-class ImageStoreError(FreezeframeError):
-    """The store could not keep or hand back a package (I/O, missing data)."""
-
-    exit_code = 9
 
 
 # ---- records ------------------------------------------------------------------------------------------------

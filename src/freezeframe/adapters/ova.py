@@ -30,67 +30,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Literal
 
-from freezeframe.adapters.ovf import (
-    MAX_DESCRIPTOR_BYTES,
-    ImportedDisk,
-    ImportedMachine,
-    OvfDisk,
-    OvfError,
-    OvfMalformed,
-    OvfRejected,
-    parse_descriptor,
-)
+from freezeframe.adapters.ovf import MAX_DESCRIPTOR_BYTES, ImportedDisk, ImportedMachine, OvfDisk, parse_descriptor
 from freezeframe.durable import fsync_path
-from freezeframe.errors import InsufficientSpace
+from freezeframe.errors import (
+    OvaDigestMismatch,
+    OvaDiskError,
+    OvaError,
+    OvaLayoutError,
+    OvaManifestError,
+    OvaMissingFile,
+    OvaNoSpace,
+    OvaUnsafeDisk,
+    OvaUnsafeMember,
+    OvaWriteError,
+    OvfMalformed,
+)
 from freezeframe.ports import ProgressCallback
 
 # --------------------------------------------------------------------------------------------- errors
-
-
-class OvaError(OvfError):
-    """Base of every OVA package problem."""
-
-
-class OvaRejected(OvaError, OvfRejected):
-    """A package handed to us is refused."""
-
-
-class OvaUnsafeMember(OvaRejected):
-    """A tar member that could escape the package: absolute/.. paths, links, devices, fifos, dirs."""
-
-
-class OvaLayoutError(OvaRejected):
-    """Not a tar, not ustar, descriptor not first, duplicate names, truncated archive, ..."""
-
-
-class OvaManifestError(OvaRejected):
-    """A manifest we cannot read, or one listing files the package does not hold."""
-
-
-class OvaDigestMismatch(OvaRejected):
-    """A file's digest differs from the manifest: corrupt or tampered package."""
-
-
-class OvaMissingFile(OvaRejected):
-    """The descriptor references a file the package does not contain."""
-
-
-class OvaDiskError(OvaRejected):
-    """A disk member qemu cannot use: truncated, corrupt, wrong format or size."""
-
-
-class OvaUnsafeDisk(OvaDiskError):
-    """A disk image that would make qemu open files outside the package (backing, data-file, extents)."""
-
-
-class OvaWriteError(OvaError):
-    """Writing a package failed; the partial file has been removed."""
-
-
-class OvaNoSpace(OvaWriteError, InsufficientSpace):
-    """The target filesystem filled up; the partial file has been removed."""
-
-    exit_code = InsufficientSpace.exit_code
 
 
 # ------------------------------------------------------------------------------------------ constants

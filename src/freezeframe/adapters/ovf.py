@@ -19,54 +19,21 @@ from typing import cast
 from lxml import etree
 
 from freezeframe import __version__
-from freezeframe.errors import FreezeframeError, InvalidRequest
+from freezeframe.errors import (
+    OvfBuildError,
+    OvfCapacityError,
+    OvfError,
+    OvfInvalidValue,
+    OvfMalformed,
+    OvfMissingReference,
+    OvfNotOvf,
+    OvfSchemaError,
+    OvfUnsafeXml,
+    OvfUnsupported,
+)
 from freezeframe.model import Hardware, Member, NicSpec, SnapshotSet
 
 # --------------------------------------------------------------------------------------------- errors
-
-
-class OvfError(FreezeframeError):
-    """Base of every OVF/OVA problem."""
-
-
-class OvfRejected(OvfError, InvalidRequest):
-    """A descriptor or package handed to us is refused (exit code of InvalidRequest)."""
-
-
-class OvfUnsafeXml(OvfRejected):
-    """DOCTYPE/ENTITY declarations: billion laughs and external entities are refused outright."""
-
-
-class OvfMalformed(OvfRejected):
-    """Not well-formed XML (lxml refused it) or too large to be a descriptor."""
-
-
-class OvfNotOvf(OvfRejected):
-    """Well-formed XML whose root is not an OVF Envelope."""
-
-
-class OvfUnsupported(OvfRejected):
-    """An OVF we understand but do not import (pre-standard 0.9, several virtual systems, ...)."""
-
-
-class OvfInvalidValue(OvfRejected):
-    """A number, unit or attribute that is missing or cannot be believed."""
-
-
-class OvfMissingReference(OvfRejected):
-    """A disk, file or controller reference that points at nothing."""
-
-
-class OvfCapacityError(OvfRejected):
-    """A disk capacity that is absurd (<= 0, > 64 TiB) or smaller than the data it holds."""
-
-
-class OvfSchemaError(OvfRejected):
-    """The descriptor does not validate against the DMTF OVF schema."""
-
-
-class OvfBuildError(OvfError, InvalidRequest):
-    """We were asked to describe something inconsistent (unknown member, bad file name, ...)."""
 
 
 # ------------------------------------------------------------------------------------------ constants

@@ -19,7 +19,7 @@ from sqlalchemy import JSON, BigInteger, Integer, String, Text, delete, or_, sel
 from sqlalchemy.orm import Mapped, mapped_column
 
 from freezeframe.adapters.catalog import Base, MemberRow, SetRow, SqlCatalog, UtcDateTime
-from freezeframe.errors import InvalidRequest, NotFound
+from freezeframe.errors import InvalidRequest, JobNotFound, TokenNotFound
 from freezeframe.model import Consistency, Hardware, InstanceState, Member, SetStatus, SnapshotSet
 
 ROLES = ("admin", "member", "reader")
@@ -27,14 +27,6 @@ ROLES = ("admin", "member", "reader")
 
 TOKEN_PREFIX = "ffk"
 _DUMMY_HASH = hashlib.sha256(b"freezeframe: no such token").hexdigest()
-
-
-class JobNotFound(NotFound):
-    pass
-
-
-class TokenNotFound(NotFound):
-    pass
 
 
 def _now() -> datetime:

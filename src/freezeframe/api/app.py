@@ -29,17 +29,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from freezeframe import __version__
 from freezeframe.adapters import libvirt_define as ld
-from freezeframe.adapters.image_store import ImageNotFound, StoredImage
-from freezeframe.adapters.service_store import (
-    FAILED,
-    ImageOwners,
-    Job,
-    JobNotFound,
-    JobStore,
-    ProjectMap,
-    SetReader,
-    TokenStore,
-)
+from freezeframe.adapters.image_store import StoredImage
+from freezeframe.adapters.service_store import FAILED, ImageOwners, Job, JobStore, ProjectMap, SetReader, TokenStore
 from freezeframe.api.access import JOB_KEY, PROJECT_KEY, Principal, ProjectResolver, project_from_domain_xml
 from freezeframe.api.jobs import JobContext, JobRunner, JobSpec, recover
 from freezeframe.api.problems import (
@@ -94,9 +85,18 @@ from freezeframe.api.schemas import (
     VerifyRequest,
 )
 from freezeframe.config import Settings
-from freezeframe.errors import FreezeframeError, HypervisorError, InstanceBusy, InstanceNotFound, NotFound
+from freezeframe.errors import (
+    FreezeframeError,
+    HypervisorError,
+    ImageNotFound,
+    InstanceBusy,
+    InstanceNotFound,
+    JobNotFound,
+    NotFound,
+    SetHasDependants,
+)
 from freezeframe.flow import SnapshotRequest
-from freezeframe.lifecycle import Lifecycle, SetHasDependants
+from freezeframe.lifecycle import Lifecycle
 from freezeframe.model import DiskSpec, Hardware, Instance, SetStatus, SnapshotSet
 from freezeframe.portable import Portable
 from freezeframe.service import Freezeframe
