@@ -46,7 +46,11 @@ from freezeframe.model import (
 )
 
 PROJECT = Path(__file__).resolve().parents[1]
-SHARED = PROJECT.parent / "shared" / "ovf"
+# ../shared next to the project (a clone), or two levels up (a git worktree under wt/).
+SHARED = next(
+    (p / "shared" / "ovf" for p in (PROJECT.parent, PROJECT.parent.parent) if (p / "shared" / "ovf").is_dir()),
+    PROJECT.parent / "shared" / "ovf",
+)
 SAMPLES = SHARED / "samples"
 XSD = SHARED / "xsd"
 SET_ID = "0b6f3a8e-5d7c-4c1e-9a57-2f1d8e3c4b5a"
