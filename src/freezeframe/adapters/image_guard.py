@@ -121,6 +121,16 @@ def detect_format(head: bytes, tail: bytes = b"") -> str | None:
     return None
 
 
+_KINDS = {"qcow2": "qcow2", "vmdk": "streamOptimized/monolithicSparse VMDK"}
+_VMDK_REFUSED = {
+    "vmdk (text descriptor)": (
+        "is a VMDK text descriptor; its extents would be other files on the host, "
+        "only streamOptimized/monolithicSparse images with their own data are imported"
+    ),
+    "vmdk (ESX sparse COWD)": "is an ESX sparse (COWD) VMDK; only streamOptimized/monolithicSparse images are imported",
+}
+
+
 def _mismatch(image: _Image, claimed: str, detected: str) -> OvaUnsafeDisk:
     return image.unsafe(
         f"declared {claimed} but it is a {detected} image; the declared and the detected format must agree"
@@ -143,15 +153,16 @@ def verify_image(name: str, claimed: str | None, size: int, read_at: ReadAt) -> 
         if detected is not None:
             raise _mismatch(image, claimed, detected)
         return VerifiedImage("raw", None)
+    if claimed == "vmdk" and detected in _VMDK_REFUSED:
+        raise image.unsafe(_VMDK_REFUSED[detected])
+    if detected is not None and detected != claimed:
+        raise _mismatch(image, claimed, detected)
     if size < SECTOR:
         raise image.broken(f"is {size} bytes: too small to be a {claimed} image (truncated or dummy disk)")
-    if claimed == "qcow2":
-        if detected is not None and detected != "qcow2":
-            raise _mismatch(image, claimed, detected)
-        if detected is None:
-            raise image.broken("is not a qcow2 image (no QFI magic)")
-        return _verify_qcow2(image)
-    return _verify_vmdk(image, detected)
+    if detected is None:
+        magic = "QFI" if claimed == "qcow2" else "KDMV"
+        raise image.broken(f"is not a {_KINDS[claimed]} image (no {magic} magic)")
+    return _verify_qcow2(image) if claimed == "qcow2" else _verify_vmdk(image)
 
 
 def verify_bytes(name: str, claimed: str | None, data: bytes) -> VerifiedImage:
@@ -232,18 +243,7 @@ _VMDK_NEWLINE_CHECK = b"\n \r\n"
 _QEMU_DESC_SECTORS = 20  # QEMU reads the parent hint and CIDs from 20 sectors after the header
 
 
-def _verify_vmdk(image: _Image, detected: str | None) -> VerifiedImage:
-    if detected == "vmdk (text descriptor)":
-        raise image.unsafe(
-            "is a VMDK text descriptor; its extents would be other files on the host, "
-            "only streamOptimized/monolithicSparse images with their own data are imported"
-        )
-    if detected == "vmdk (ESX sparse COWD)":
-        raise image.unsafe("is an ESX sparse (COWD) VMDK; only streamOptimized/monolithicSparse images are imported")
-    if detected != "vmdk":
-        if detected is not None:
-            raise _mismatch(image, "vmdk", detected)
-        raise image.broken("is not a streamOptimized/monolithicSparse VMDK (no KDMV magic)")
+def _verify_vmdk(image: _Image) -> VerifiedImage:
     fields = _VMDK_HEADER.unpack(image.read(4, _VMDK_HEADER.size, "VMDK header"))
     version, flags, capacity, grain, desc_offset, desc_size = fields[:6]
     gd_offset, check, compression = fields[8], fields[11], fields[12]
@@ -269,6 +269,8 @@ def _verify_vmdk(image: _Image, detected: str | None) -> VerifiedImage:
             f"VMDK embedded descriptor at sector {desc_offset} ({desc_size} sectors); "
             "it must follow the header (sector 1, at most 1 MiB)"
         )
+    if (desc_offset + desc_size) * SECTOR > image.size:
+        raise image.broken("VMDK embedded descriptor runs past the end of the file (truncated)")
     text = _descriptor_text(image, desc_size)
     subformat = check_vmdk_descriptor(image.name, text, capacity)
     if (subformat == "streamOptimized") != (compression == 1):
@@ -288,8 +290,6 @@ def _descriptor_text(image: _Image, desc_size: int) -> str:
     raw = image.read(SECTOR, min(window, image.size - SECTOR), "VMDK descriptor")
     end = raw.find(b"\0")
     if end < 0 or end > desc_size * SECTOR:
-        if SECTOR + desc_size * SECTOR > image.size:
-            raise image.broken("VMDK descriptor runs past the end of the file (truncated)")
         raise image.unsafe("VMDK descriptor text runs past its declared size; refused")
     return raw[:end].decode("latin-1")  # byte for byte, as QEMU's C string functions see it
 

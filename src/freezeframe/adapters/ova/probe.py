@@ -52,7 +52,7 @@ def verify_disk(member: OvaDiskMember) -> VerifiedImage:
         os.close(fd)
 
 
-def _target(member: OvaDiskMember, image: VerifiedImage) -> str:
+def qemu_target(member: OvaDiskMember, image: VerifiedImage) -> str:
     """A qemu ``json:`` filename: the verified driver over a raw layer with the member's offset and size.
 
     The size is rounded up to 512 bytes (qemu's raw layer requires it; the tar padding provides the
@@ -73,7 +73,7 @@ def _target(member: OvaDiskMember, image: VerifiedImage) -> str:
 
 def qemu_json_for(member: OvaDiskMember) -> str:
     """The pinned QEMU target reading the member in place, after ``verify_disk`` accepted its header."""
-    return _target(member, verify_disk(member))
+    return qemu_target(member, verify_disk(member))
 
 
 def _check(member: OvaDiskMember, target: str, size_hint: str) -> str:
@@ -95,7 +95,7 @@ def _check(member: OvaDiskMember, target: str, size_hint: str) -> str:
 def probe_disk(member: OvaDiskMember) -> DiskProbe:
     """Check the header ourselves, then have qemu open and check the image; raise OvaDiskError if unusable."""
     image = verify_disk(member)
-    target = _target(member, image)
+    target = qemu_target(member, image)
     declared = member.disk.file_size
     size_hint = (
         f" (the package holds {member.size} bytes, the descriptor says {declared}: truncated?)"

@@ -121,11 +121,11 @@ def _check_texts(snapshot_set: SnapshotSet, members: Mapping[str, Member], props
         *((f"NIC {i} model", n.model or "") for i, n in enumerate(hw.nics)),
         *((f"NIC {i} MAC address", n.mac or "") for i, n in enumerate(hw.nics)),
     ]
-    for what, value in texts:
-        check_xml_text(what, value)
     for key, value in props:
         check_xml_text(f"property key {key!r}", key)
         check_xml_text(f"metadata/property {key!r}", value)
+    for what, value in texts:
+        check_xml_text(what, value)
 
 
 def build_descriptor(snapshot_set: SnapshotSet, disks: Sequence[OvfDisk], ovf_version: int = 1) -> bytes:
