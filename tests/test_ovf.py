@@ -638,3 +638,10 @@ def test_xml_safe_unusual_text_is_written_and_read_back() -> None:
     machine = parse_descriptor(build_descriptor(snapshot_set, disks_for(snapshot_set)))
     assert machine.freezeframe is not None
     assert machine.freezeframe.set_metadata["owner"].replace("\r", "") == text.replace("\r", "")
+
+
+def test_deeply_nested_xml_is_refused_in_one_line() -> None:
+    xml = f'<Envelope xmlns="{NS_OVF1}">'.encode() + b"<a>" * 100_000 + b"</a>" * 100_000 + b"</Envelope>"
+    with pytest.raises(OvfMalformed, match="Excessive depth") as caught:
+        parse_descriptor(xml)
+    assert "\n" not in str(caught.value)
