@@ -8,7 +8,10 @@ import io
 import itertools
 import json
 import os
+import re
 import shutil
+import stat
+import struct
 import subprocess
 import sys
 import tarfile
@@ -20,8 +23,18 @@ from pathlib import Path
 
 import pytest
 
-from freezeframe.adapters import ova as ova_module
-from freezeframe.adapters.ova import OvaDiskSource, open_ova, parse_manifest, probe_disk, qemu_json_for, write_ova
+from freezeframe.adapters.image_guard import VerifiedImage
+from freezeframe.adapters.ova import (
+    OvaDiskSource,
+    disk_writer,
+    open_ova,
+    parse_manifest,
+    probe_disk,
+    qemu_json_for,
+    write_ova,
+)
+from freezeframe.adapters.ova import probe as probe_module
+from freezeframe.adapters.ova.tar import ustar_header
 from freezeframe.adapters.ovf import OvfDisk, build_descriptor, validate_descriptor
 from freezeframe.errors import (
     InsufficientSpace,
@@ -43,7 +56,11 @@ from freezeframe.errors import (
 from freezeframe.model import BootSpec, Consistency, DiskSpec, Hardware, Member, NicSpec, SetStatus, SnapshotSet
 
 PROJECT = Path(__file__).resolve().parents[1]
-SHARED = PROJECT.parent / "shared" / "ovf"
+# ../shared next to the project (a clone), or two levels up (a git worktree under wt/).
+SHARED = next(
+    (p / "shared" / "ovf" for p in (PROJECT.parent, PROJECT.parent.parent) if (p / "shared" / "ovf").is_dir()),
+    PROJECT.parent / "shared" / "ovf",
+)
 OVA_SAMPLES = SHARED / "samples" / "ova"
 XSD = SHARED / "xsd"
 SET_ID = "3c2b1a09-8f7e-4d6c-b5a4-392817161514"
@@ -346,11 +363,11 @@ def test_in_place_vmdk_member_matches_a_standalone_qemu_img_conversion(tmp_path:
 
 
 def test_large_member_sizes_use_base256(tmp_path: Path) -> None:
-    header = ova_module._ustar_header("huge.vmdk", 9 * GiB, 0)
+    header = ustar_header("huge.vmdk", 9 * GiB, 0)
     info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
     assert info.size == 9 * GiB
     assert header[257:265] == b"ustar\x0000"
-    assert tarfile.TarInfo.frombuf(ova_module._ustar_header("s", 1234, 0), "utf-8", "strict").size == 1234
+    assert tarfile.TarInfo.frombuf(ustar_header("s", 1234, 0), "utf-8", "strict").size == 1234
 
 
 def test_write_refuses_bad_input_and_leaves_nothing_behind(tmp_path: Path, two_disks: tuple[Path, Path]) -> None:
@@ -399,7 +416,7 @@ def test_enospc_while_copying_is_reported_and_cleaned_up(
     def full(*args: object, **kwargs: object) -> tuple[int, str]:
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(ova_module, "_copy_hashed", full)
+    monkeypatch.setattr(disk_writer, "copy_hashed", full)
     snapshot_set = make_set([("vda", "virtio", 64 * MiB)])
     with pytest.raises(OvaNoSpace, match="no space") as caught:
         write_ova(
@@ -656,7 +673,8 @@ def test_disks_reaching_outside_the_package_are_refused(tmp_path: Path, two_disk
     package = open_ova(tar_of(tmp_path / "o.ova", [("x.ovf", descriptor), ("d.qcow2", data)]))
     with pytest.raises(OvaUnsafeDisk, match="backing"):
         probe_disk(package.disks[0])
-    assert '"backing":null' in qemu_json_for(package.disks[0])
+    with pytest.raises(OvaUnsafeDisk, match="backing"):
+        qemu_json_for(package.disks[0])  # no QEMU target at all for a disk the guard refuses
     subprocess.run(["qemu-img", "create", "-q", "-f", "vmdk", str(tmp_path / "base.vmdk"), "64M"], check=True)
     delta = tmp_path / "delta.vmdk"
     subprocess.run(
@@ -666,7 +684,7 @@ def test_disks_reaching_outside_the_package_are_refused(tmp_path: Path, two_disk
     delta_data = delta.read_bytes()
     descriptor = build_descriptor(snapshot_set, [OvfDisk("vda", "d.vmdk", len(delta_data), "vmdk", 64 * MiB)])
     package = open_ova(tar_of(tmp_path / "delta.ova", [("x.ovf", descriptor), ("d.vmdk", delta_data)]))
-    with pytest.raises(OvaUnsafeDisk, match="backing"):
+    with pytest.raises(OvaUnsafeDisk, match="parentFileNameHint"):
         probe_disk(package.disks[0])
     text_vmdk = b'# Disk DescriptorFile\nversion=1\ncreateType="monolithicFlat"\nRW 2048 FLAT "/etc/shadow" 0\n'
     text_vmdk += b"\n" * (1024 - len(text_vmdk))
@@ -676,5 +694,166 @@ def test_disks_reaching_outside_the_package_are_refused(tmp_path: Path, two_disk
         probe_disk(package.disks[0])
     raw_but_qcow2 = build_descriptor(snapshot_set, [OvfDisk("vda", "d.raw", len(data), "raw", 64 * MiB)])
     package = open_ova(tar_of(tmp_path / "r.ova", [("x.ovf", raw_but_qcow2), ("d.raw", data)]))
-    with pytest.raises(OvaDiskError, match="looks like a qcow2"):
+    with pytest.raises(OvaUnsafeDisk, match="declared raw but it is a qcow2 image"):
         probe_disk(package.disks[0])
+
+
+# ------------------------------------------------------------------------------------------ reader: the image guard
+
+
+def _kdmv_descriptor_attack(secret: Path) -> bytes:
+    """A ``KDMV`` file with capacity 0 and an embedded descriptor whose one extent is a host file."""
+    text = (
+        '# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType="monolithicFlat"\n'
+        f'RW 128 FLAT "{secret}" 0\n'
+    ).encode()
+    fields = struct.pack("<IIQQQQIQQQB4sH", 1, 3, 0, 128, 1, 1, 512, 0, 0, 0, 0, b"\n \r\n", 0)
+    return (b"KDMV" + fields).ljust(512, b"\0") + text.ljust(512, b"\0")
+
+
+def _one_disk_package(tmp_path: Path, name: str, href: str, data: bytes, fmt: str, capacity: int = MiB) -> Path:
+    snapshot_set = make_set([("vda", "virtio", capacity)])
+    descriptor = build_descriptor(snapshot_set, [OvfDisk("vda", href, len(data), fmt, capacity)])
+    return tar_of(
+        tmp_path / name, [("x.ovf", descriptor), ("x.mf", manifest({"x.ovf": descriptor, href: data})), (href, data)]
+    )
+
+
+def test_a_vmdk_naming_a_host_file_is_refused_before_qemu_opens_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    secret = tmp_path / "host-secret"
+    secret.write_bytes((b"TOP SECRET HOST DATA\n" * 4000)[: 64 * 1024])
+    attack = _kdmv_descriptor_attack(secret)
+
+    # The attack is real: qemu-img follows the extent to the host file and copies it out.
+    standalone = tmp_path / "attack.vmdk"
+    standalone.write_bytes(attack)
+    info = json.loads(qemu_img("info", "--output=json", "-f", "vmdk", str(standalone)).stdout)
+    assert [(e["filename"], e["format"]) for e in info["format-specific"]["data"]["extents"]] == [(str(secret), "FLAT")]
+    stolen = tmp_path / "stolen.raw"
+    assert qemu_img("convert", "-f", "vmdk", "-O", "raw", str(standalone), str(stolen)).returncode == 0
+    assert stolen.read_bytes() == secret.read_bytes()
+
+    package = open_ova(_one_disk_package(tmp_path, "attack.ova", "x.vmdk", attack, "vmdk"))
+    disk = package.disks[0]
+    # ... and so it is through the package: the old, unguarded qemu target (pinned vmdk, backing null,
+    # one extent) read the host file.
+    unguarded = probe_module.qemu_target(disk, VerifiedImage("vmdk", None))
+    info = json.loads(qemu_img("info", "--output=json", unguarded).stdout)
+    assert [e["filename"] for e in info["format-specific"]["data"]["extents"]] == [str(secret)]
+
+    def no_qemu(*args: object, **kwargs: object) -> None:
+        raise AssertionError(f"qemu-img ran on an unverified disk: {args}")
+
+    monkeypatch.setattr(probe_module, "run_qemu_img", no_qemu)
+    with pytest.raises(OvaUnsafeDisk, match=r"^disk x\.vmdk: VMDK header has capacity 0 and a descriptor") as caught:
+        probe_disk(disk)
+    assert "\n" not in str(caught.value)
+    with pytest.raises(OvaUnsafeDisk, match="capacity 0"):
+        qemu_json_for(disk)
+
+
+def _vmdk_with_descriptor(tmp_path: Path, subformat: str, edit: Callable[[str], str]) -> bytes:
+    src = make_qcow2(tmp_path / f"{subformat}.qcow2", "1M", [(0x5A, 0, 64 * 1024)])
+    out = tmp_path / f"{subformat}.vmdk"
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "qcow2", "-O", "vmdk", "-o", f"subformat={subformat}", str(src), str(out)],
+        check=True,
+    )
+    data = bytearray(out.read_bytes())
+    text = data[512 : 512 + 20 * 512].split(b"\0")[0].decode()
+    data[512 : 512 + 20 * 512] = edit(text).encode().ljust(20 * 512, b"\0")
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("edit", "error", "match"),
+    [
+        (
+            lambda t: re.sub(r'RW (\d+) SPARSE "[^"]*"', r'RW \1 FLAT "/etc/shadow" 0', t),
+            OvaUnsafeDisk,
+            r"^disk x\.vmdk: VMDK extent 'FLAT' names another file; only streamOptimized/monolithicSparse images "
+            r"with their own data are imported$",
+        ),
+        (lambda t: re.sub(r'SPARSE "[^"]*"', 'SPARSE "/dev/sda"', t), OvaUnsafeDisk, "plain file name"),
+        (lambda t: t + 'RW 2048 FLAT "../../other/disk.qcow2" 0\n', OvaUnsafeDisk, "'FLAT' names another file"),
+        (lambda t: t.replace("\n", "\r\n") + '\r\n  RW 8 VMFS "/dev/sdb"\r\n', OvaUnsafeDisk, "'VMFS'"),
+        (lambda t: t + 'parentFileNameHint="/etc/shadow"\n', OvaUnsafeDisk, "parentFileNameHint"),
+        (lambda t: t.replace("monolithicSparse", "twoGbMaxExtentSparse"), OvaUnsafeDisk, "createType"),
+    ],
+    ids=["flat", "device", "second-extent", "crlf-vmfs", "parent", "split-create-type"],
+)
+def test_probe_refuses_sparse_vmdks_whose_descriptor_names_other_files(
+    tmp_path: Path, edit: Callable[[str], str], error: type[OvaDiskError], match: str
+) -> None:
+    data = _vmdk_with_descriptor(tmp_path, "monolithicSparse", edit)
+    package = open_ova(_one_disk_package(tmp_path, "e.ova", "x.vmdk", data, "vmdk"))
+    with pytest.raises(error, match=match):
+        probe_disk(package.disks[0])
+
+
+@pytest.mark.parametrize(
+    ("href", "fmt", "data", "match"),
+    [
+        ("x.vmdk", "vmdk", b"COWD" + bytes(4092), "ESX sparse"),
+        ("x.raw", "raw", b"KDMV" + bytes(4092), "declared raw but it is a vmdk image"),
+        (
+            "x.raw",
+            "raw",
+            b'# Disk DescriptorFile\nRW 8 FLAT "/etc/shadow" 0\n'.ljust(4096),
+            "declared raw but it is a vmdk",
+        ),
+        ("x.vhd", "vpc", b"conectix" + bytes(4088), "format 'vpc' is not imported"),
+        ("x.vdi", "vdi", bytes(4096), "format 'vdi' is not imported"),
+        ("x.qcow2", "vmdk", None, "declared vmdk but it is a qcow2 image"),
+    ],
+)
+def test_probe_refuses_format_confusion(tmp_path: Path, href: str, fmt: str, data: bytes | None, match: str) -> None:
+    if data is None:
+        data = make_qcow2(tmp_path / "q.qcow2", "1M").read_bytes()
+    snapshot_set = make_set([("vda", "virtio", MiB)])
+    descriptor = build_descriptor(snapshot_set, [OvfDisk("vda", href, len(data), "raw", MiB)])
+    uri = {"vpc": b"http://technet.microsoft.com/vhd", "vdi": b"http://www.virtualbox.org/vdi", "vmdk": b"vmdk.html#x"}
+    if fmt in uri:
+        descriptor = descriptor.replace(b"http://en.wikipedia.org/wiki/Byte", uri[fmt])
+    package = open_ova(tar_of(tmp_path / "c.ova", [("x.ovf", descriptor), (href, data)]))
+    assert package.disks[0].format == fmt
+    with pytest.raises(OvaDiskError, match=match):
+        probe_disk(package.disks[0])
+
+
+@pytest.mark.parametrize("fmt", ["monolithicSparse", "streamOptimized", "raw", "qcow2"])
+def test_probe_accepts_self_contained_images_and_pins_the_verified_format(tmp_path: Path, fmt: str) -> None:
+    src = make_qcow2(tmp_path / "src.qcow2", "1M", [(0x5A, 0, 64 * 1024)])
+    out = tmp_path / "out.img"
+    driver = "vmdk" if fmt.endswith(("Sparse", "Optimized")) else fmt
+    options = ["-o", f"subformat={fmt}"] if driver == "vmdk" else []
+    subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", driver, *options, str(src), str(out)], check=True)
+    data = out.read_bytes()
+    package = open_ova(_one_disk_package(tmp_path, "ok.ova", f"x.{driver}", data, driver))
+    probe = probe_disk(package.disks[0])
+    assert (probe.format, probe.virtual_size) == (driver, MiB)
+    assert probe.subformat == {"vmdk": fmt, "qcow2": "qcow2 v3", "raw": ""}[driver]
+    target = json.loads(qemu_json_for(package.disks[0]).removeprefix("json:"))
+    assert target["driver"] == driver and target["backing"] is None
+    assert target["file"] == {
+        "driver": "raw",
+        "offset": package.disks[0].offset,
+        "size": -(-len(data) // 512) * 512,
+        "file": {"driver": "file", "filename": str(package.path.resolve())},
+    }
+    assert qemu_img("compare", "-f", "qcow2", str(src), qemu_json_for(package.disks[0])).returncode == 0
+
+
+def test_exported_packages_are_private_to_their_owner(tmp_path: Path, two_disks: tuple[Path, Path]) -> None:
+    snapshot_set = make_set([("vda", "virtio", 64 * MiB)])
+    previous = os.umask(0)  # the mode must not depend on the caller's umask
+    try:
+        for mode in ("copy", "vmdk"):
+            out = tmp_path / f"{mode}.ova"
+            source = OvaDiskSource(f"p.{mode}", two_disks[0], "qcow2", "vda", mode)  # type: ignore[arg-type]
+            write_ova(out, "p.ovf", factory(snapshot_set), [source])
+            assert stat.S_IMODE(out.stat().st_mode) == 0o600, mode
+    finally:
+        os.umask(previous)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import UTC, datetime
 from pathlib import Path
@@ -46,7 +47,11 @@ from freezeframe.model import (
 )
 
 PROJECT = Path(__file__).resolve().parents[1]
-SHARED = PROJECT.parent / "shared" / "ovf"
+# ../shared next to the project (a clone), or two levels up (a git worktree under wt/).
+SHARED = next(
+    (p / "shared" / "ovf" for p in (PROJECT.parent, PROJECT.parent.parent) if (p / "shared" / "ovf").is_dir()),
+    PROJECT.parent / "shared" / "ovf",
+)
 SAMPLES = SHARED / "samples"
 XSD = SHARED / "xsd"
 SET_ID = "0b6f3a8e-5d7c-4c1e-9a57-2f1d8e3c4b5a"
@@ -561,3 +566,82 @@ def test_bad_numbers_are_refused() -> None:
         parse_descriptor(xml.replace('ovf:size="123456"', 'ovf:size="12x"').encode())
     with pytest.raises(OvfInvalidValue, match="byte unit"):
         parse_descriptor(xml.replace("byte * 2^20", "hertz * 10^6").encode())
+
+
+def _with_hardware_json(value: str) -> bytes:
+    """Our descriptor with the freezeframe section's hardware.json replaced (XML-escaped) by ``value``."""
+    xml = _our_xml()
+    escaped = value.replace("&", "&amp;").replace('"', "&quot;").replace("<", "&lt;")
+    replaced, count = re.subn(
+        r'(ovf:key="hardware\.json" ovf:type="string" ovf:value=")[^"]*(")', lambda m: m[1] + escaped + m[2], xml
+    )
+    assert count == 1
+    return replaced.encode()
+
+
+@pytest.mark.parametrize(
+    "nested",
+    [
+        "[" * 100_000 + "]" * 100_000,
+        '{"a":' * 100_000 + "1" + "}" * 100_000,
+        "[" * 100_000,
+        '{"vcpus": 1, "x": ' + "[" * 33 + "]" * 33 + "}",
+    ],
+    ids=["lists-100k", "objects-100k", "unclosed-100k", "33-levels"],
+)
+def test_deeply_nested_hardware_json_is_refused_in_one_line(nested: str) -> None:
+    with pytest.raises(OvfInvalidValue, match=r"hardware\.json nests deeper than 32 levels") as caught:
+        parse_descriptor(_with_hardware_json(nested))
+    assert "\n" not in str(caught.value)
+
+
+def test_brackets_inside_json_strings_do_not_count_as_nesting() -> None:
+    hw = make_set(("virtio",)).hardware.to_dict()
+    hw["description"] = "[" * 1000 + '{"' + "\\" * 10
+    info = parse_descriptor(_with_hardware_json(json.dumps(hw))).freezeframe
+    assert info is not None and info.hardware is not None
+    assert info.hardware.description == hw["description"]
+    with pytest.raises(OvfInvalidValue, match=r"hardware\.json is unusable"):
+        parse_descriptor(_with_hardware_json('{"vcpus": '))
+
+
+@pytest.mark.parametrize("char", ["\x00", "\x01", "\x1b", "\x7f\x00", "\ufffe", "\uffff", "\ud800"])
+@pytest.mark.parametrize("where", ["set.meta.owner", "member.0.meta.note", "set.name", "instance.name"])
+def test_values_xml_cannot_carry_are_refused_by_name(char: str, where: str) -> None:
+    snapshot_set = make_set(("virtio",))
+    bad = f"a{char}b"
+    if where == "set.meta.owner":
+        snapshot_set.metadata["owner"] = bad
+    elif where == "member.0.meta.note":
+        snapshot_set.members[0].metadata["note"] = bad
+    elif where == "set.name":
+        snapshot_set.name = bad
+    else:
+        snapshot_set.instance_name = bad
+    with pytest.raises(OvfBuildError, match=re.escape(where) + r".* U\+[0-9A-F]{4}") as caught:
+        build_descriptor(snapshot_set, disks_for(snapshot_set))
+    assert isinstance(caught.value, InvalidRequest)
+    assert "\n" not in str(caught.value)
+
+
+def test_metadata_keys_xml_cannot_carry_are_refused() -> None:
+    snapshot_set = make_set(("virtio",))
+    snapshot_set.metadata["bad\x00key"] = "v"
+    with pytest.raises(OvfBuildError, match="property key"):
+        build_descriptor(snapshot_set, disks_for(snapshot_set))
+
+
+def test_xml_safe_unusual_text_is_written_and_read_back() -> None:
+    snapshot_set = make_set(("virtio",))
+    text = "tab\tnewline\ncr\r emoji \U0001f600 bmp-end \ufffd <&>\"'"
+    snapshot_set.metadata["owner"] = text
+    machine = parse_descriptor(build_descriptor(snapshot_set, disks_for(snapshot_set)))
+    assert machine.freezeframe is not None
+    assert machine.freezeframe.set_metadata["owner"].replace("\r", "") == text.replace("\r", "")
+
+
+def test_deeply_nested_xml_is_refused_in_one_line() -> None:
+    xml = f'<Envelope xmlns="{NS_OVF1}">'.encode() + b"<a>" * 100_000 + b"</a>" * 100_000 + b"</Envelope>"
+    with pytest.raises(OvfMalformed, match="Excessive depth") as caught:
+        parse_descriptor(xml)
+    assert "\n" not in str(caught.value)
