@@ -229,13 +229,22 @@ class Wiring:
         )  # fmt: skip
         return Lifecycle(restore, revert, retention, verify, self.builder, self.restores)
 
-    # ---- export / import / image store (built by the "port" helper's section) ----------------------------
-
     def portable(self, service: Freezeframe) -> Portable:
-        """Export, the image store and import; the export/import construction goes here."""
-        from freezeframe.portable import Portable
+        return portable(service)
 
-        return Portable(service)
+
+# ---- export / import / image store: the "port" helper's section (its construction replaces this body) --------
+
+
+def portable(service: Freezeframe) -> Portable:
+    """Export, the image store and import over the service's parts (``service.parts``: catalog, images, domains,
+    holds, builder...)."""
+    from freezeframe.portable import Portable
+
+    return Portable(service)
+
+
+# ---- entry points -------------------------------------------------------------------------------------------
 
 
 def build(settings: Settings, options: LifecycleOptions | None = None) -> Freezeframe:
