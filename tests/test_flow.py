@@ -362,3 +362,13 @@ def test_a_pre_assigned_set_id_is_used_and_checked(parts) -> None:  # type: igno
     assert result.id == wanted and parts[0].get_set(wanted).status is SetStatus.AVAILABLE
     with pytest.raises(InvalidRequest, match="set id"):
         SnapshotRequest("vm1", set_id="not-a-uuid")
+
+
+def test_set_data_is_private(parts) -> None:  # type: ignore[no-untyped-def]
+    """Issue 17 item 3: the repository, a set's folder, its members and set.json are readable by their owner only."""
+    result = _flow(ScriptedHypervisor(disks=_disks(2)), parts).snapshot(SnapshotRequest("vm1"))
+    folder = parts[1].set_dir(result.id)
+    assert parts[1].root.stat().st_mode & 0o777 == 0o700 and folder.stat().st_mode & 0o777 == 0o700
+    assert {p.name: p.stat().st_mode & 0o777 for p in folder.iterdir()} == {
+        "vda.qcow2": 0o600, "vdb.qcow2": 0o600, "set.json": 0o600,
+    }  # fmt: skip
