@@ -62,10 +62,9 @@ from freezeframe.errors import (
     OvfUnsupported,
     PreflightFailed,
 )
-from freezeframe.lifecycle import Lifecycle, validate_name
 from freezeframe.model import BootSpec, DiskSpec, Hardware, NicSpec, SetStatus, SnapshotSet
 from freezeframe.ports import ProgressCallback
-from freezeframe.signals import deferred_signals
+from freezeframe.validation import validate_name
 
 if TYPE_CHECKING:
     from freezeframe.service import Freezeframe
@@ -379,7 +378,7 @@ class Portable:
         if not out.parent.is_dir():
             raise InvalidRequest(f"directory {out.parent} does not exist; create it first")
         snapshot_set = self._available(set_ref)
-        with self.service.lifecycle.hold(f"set-{snapshot_set.id}", f"set {snapshot_set.name}"):
+        with self.service.parts.holds.hold(f"set-{snapshot_set.id}", f"set {snapshot_set.name}"):
             snapshot_set = self._available(snapshot_set.id)
             replacing = out.exists() or out.is_symlink()
             target = out.with_name(f".{out.name}.ff-{uuidlib.uuid4().hex[:8]}.tmp") if replacing else out
@@ -409,7 +408,7 @@ class Portable:
         snapshot_set = self._available(set_ref)
         filename = f"{package_base(snapshot_set.instance_name)}-{snapshot_set.id[:8]}.ova"
         with (
-            self.service.lifecycle.hold(f"set-{snapshot_set.id}", f"set {snapshot_set.name}"),
+            self.service.parts.holds.hold(f"set-{snapshot_set.id}", f"set {snapshot_set.name}"),
             self.store.staging(filename) as staged,
         ):
             snapshot_set = self._available(snapshot_set.id)
@@ -479,7 +478,7 @@ class Portable:
     def delete_image(self, ref: str) -> StoredImage:
         """Remove a stored image (record and package); refused while an import reads it."""
         image = self.store.find(ref)
-        with self.service.lifecycle.hold(f"image-{image.id}", f"image {image.name}"):
+        with self.service.parts.holds.hold(f"image-{image.id}", f"image {image.name}"):
             return self.store.delete(image.id)
 
     def repair(self) -> list[str]:
@@ -504,7 +503,7 @@ class Portable:
         the name, the network given with ``network`` and free space. Then the disks are converted into
         ``$FREEZEFRAME_HOME/instances/NAME/`` and the domain is defined last (and started).
         """
-        validate_name(name)
+        validate_name(name, "instance name")
         conn = self.service.hypervisor.conn
         self._check_name_free(conn, name)
         if network is not None:
@@ -516,7 +515,7 @@ class Portable:
             probes = {d.name: probe_disk(d) for d in package.disks}
             plan = self._plan(conn, package, probes, network)
             self._check_space(plan)
-            with self.service.lifecycle.hold(f"name-{name}", f"instance name {name}"):
+            with self.service.parts.holds.hold(f"name-{name}", f"instance name {name}"):
                 self._check_name_free(conn, name)
                 uuid, disks = self._build(conn, name, plan, start, progress)
         hw = plan.hardware
@@ -554,7 +553,7 @@ class Portable:
         except ImageNotFound as exc:
             raise ImageNotFound(f"{exc}; no file of that name either") from None
         with (
-            self.service.lifecycle.hold(f"image-{image.id}", f"image {image.name}"),
+            self.service.parts.holds.hold(f"image-{image.id}", f"image {image.name}"),
             self.store.local_file(image.id) as local,
         ):
             actual = sha256_file(local)
@@ -777,12 +776,10 @@ class Portable:
         self, conn: Any, name: str, plan: _Plan, start: bool, progress: ProgressCallback | None
     ) -> tuple[str, list[ImportedDiskResult]]:
         """Make the disks, define (and start) the domain; any failure removes all of it."""
-        lifecycle = Lifecycle(self.service, domain_type=self.domain_type)
+        builder = self.service.parts.builder
         directory = self.instances_dir / name
-        marker = lifecycle.claim_instance_dir(name, directory)
-        uuid: str | None = None
         results: list[ImportedDiskResult] = []
-        try:
+        with builder.building(name, directory, forget_restores=False) as build:
             total = sum(d.virtual_size for d in plan.disks if d.member is not None)
             done = 0
             defined: list[ld.DefinedDisk] = []
@@ -816,16 +813,10 @@ class Portable:
                 )
             xml = self._domain_xml(name, plan.hardware, defined, directory)
             dom = ld.define(conn, xml)
-            uuid = str(dom.UUIDString())
-            lifecycle._write_marker("restore", name, {"name": name, "dir": str(directory), "uuid": uuid})
+            uuid = build.uuid = str(dom.UUIDString())
+            builder.markers.write("restore", name, {"name": name, "dir": str(directory), "uuid": uuid})
             if start:
                 ld.start(dom)
-        except BaseException:
-            with deferred_signals():
-                lifecycle._undo_build(name, directory, uuid, forget=False)
-                marker.unlink(missing_ok=True)
-            raise
-        marker.unlink(missing_ok=True)
         return uuid, results
 
     def _domain_xml(self, name: str, hardware: Hardware, disks: Sequence[ld.DefinedDisk], directory: Path) -> str:
