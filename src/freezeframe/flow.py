@@ -70,6 +70,8 @@ class SnapshotRequest:
     backup_type: str | None = None
     pause_vcpus: bool = False
     """Pause the vCPUs around the capture even where an atomic multi-disk capture exists."""
+    set_id: str | None = None
+    """A pre-assigned set UUID (the API's job knows it before the capture starts)."""
 
 
 Handoff = Callable[[SnapshotSet, int], None]
@@ -351,7 +353,7 @@ class SnapshotFlow:
         if disks.skipped:
             metadata["freezeframe.skipped_disks"] = "; ".join(f"{k}: {v}" for k, v in sorted(disks.skipped.items()))
         return SnapshotSet(
-            id=str(uuid.uuid4()),
+            id=request.set_id or str(uuid.uuid4()),
             name=request.name or f"{instance.name}-{now:%Y%m%dT%H%M%S%fZ}",
             instance_name=instance.name,
             instance_uuid=instance.uuid,

@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import time
 import uuid as uuidlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -41,6 +41,7 @@ from freezeframe.errors import (
 )
 from freezeframe.flow import SnapshotRequest
 from freezeframe.model import Consistency, DiskSpec, InstanceState, Member, NicSpec, SetStatus, SnapshotSet
+from freezeframe.ports import ProgressCallback
 from freezeframe.signals import deferred_signals
 
 if TYPE_CHECKING:
@@ -118,6 +119,14 @@ class BackupResult:
     """Ids of the older sets of this backup type that were deleted."""
     kept_in_use: dict[str, str]
     """Sets past the rotation that were kept (id -> why), e.g. restored instances depend on them."""
+
+    @property
+    def rotated(self) -> list[str]:
+        return self.rotated_out
+
+    @property
+    def kept(self) -> dict[str, str]:
+        return self.kept_in_use
 
 
 @dataclass(frozen=True)
@@ -696,6 +705,9 @@ class Lifecycle:
         consistency: Consistency = Consistency.FILESYSTEM,
         require: bool = False,
         name: str | None = None,
+        set_id: str | None = None,
+        visible: Callable[[SnapshotSet], bool] | None = None,
+        progress: ProgressCallback | None = None,
     ) -> BackupResult:
         """Nova's createBackup: a set tagged ``backup_type``, then only the newest ``rotation`` of that type stay."""
         if rotation < 0:
@@ -712,17 +724,26 @@ class Lifecycle:
                 name=name or f"{found.name}-{backup_type}-{when:%Y%m%dT%H%M%S%fZ}",
                 metadata=dict(metadata or {}),
                 backup_type=backup_type,
-            )
+                set_id=set_id,
+            ),
+            progress,
         )
         # Only a backup that succeeded gets here (the flow raises otherwise), so a failure deletes nothing.
-        rotated, kept = self.rotate(found.uuid, backup_type, rotation)
+        rotated, kept = self.rotate(found.uuid, backup_type, rotation, visible)
         return BackupResult(snapshot_set, rotated, kept)
 
-    def rotate(self, instance_uuid: str, backup_type: str, rotation: int) -> tuple[list[str], dict[str, str]]:
-        """Delete the available sets of this type for this instance beyond the newest ``rotation``."""
+    def rotate(
+        self,
+        instance_uuid: str,
+        backup_type: str,
+        rotation: int,
+        visible: Callable[[SnapshotSet], bool] | None = None,
+    ) -> tuple[list[str], dict[str, str]]:
+        """Delete the available (and ``visible``) sets of this type for this instance beyond the newest ``rotation``."""
         sets = self.service.catalog.list_sets(
             instance=instance_uuid, status=SetStatus.AVAILABLE, backup_type=backup_type
         )
+        sets = [s for s in sets if visible is None or visible(s)]
         rotated: list[str] = []
         kept: dict[str, str] = {}
         for old in sets[rotation:]:

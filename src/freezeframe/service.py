@@ -108,6 +108,11 @@ class Freezeframe:
         reports = self.flow().repair(instance)
         return reports if instance is not None else reports + self.lifecycle.repair() + self.portable.repair()
 
+    def check_not_busy(self, instance_uuid: str) -> None:
+        """Raise InstanceBusy when another process holds the instance's lock (checked, not kept)."""
+        with self.locks.hold(instance_uuid):
+            pass
+
     def instances(self) -> list[Instance]:
         return self.hypervisor.list_instances()
 

@@ -30,10 +30,10 @@ from pathlib import Path
 from typing import IO, Any, Protocol
 from urllib.parse import unquote, urlparse
 
-from sqlalchemy import JSON, BigInteger, String, Text, delete, or_, select, update
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import delete, or_, select, update
 
-from freezeframe.adapters.catalog import MIN_PREFIX, Base, SqlCatalog, UtcDateTime
+from freezeframe.adapters.catalog import MIN_PREFIX, SqlCatalog
+from freezeframe.adapters.catalog_schema import StoredImageRow
 from freezeframe.durable import fsync_path, sha256_file
 from freezeframe.errors import (
     FreezeframeError,
@@ -160,23 +160,6 @@ class StoredImage:
             "location": self.location,
             "summary": self.summary.to_dict(),
         }
-
-
-class StoredImageRow(Base):
-    """One package in an image store (revision 0004)."""
-
-    __tablename__ = "stored_images"
-
-    id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    name: Mapped[str] = mapped_column(Text, index=True)
-    status: Mapped[str] = mapped_column(String(16))
-    store: Mapped[str] = mapped_column(Text)
-    filename: Mapped[str] = mapped_column(Text)
-    source_set_id: Mapped[str | None] = mapped_column(String(36))
-    size: Mapped[int] = mapped_column(BigInteger)
-    sha256: Mapped[str] = mapped_column(String(64))
-    created_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
-    summary: Mapped[dict[str, Any]] = mapped_column(JSON)
 
 
 def _from_row(row: StoredImageRow) -> StoredImage:

@@ -1,6 +1,6 @@
 """What the HTTP service keeps in the catalog beside the sets: jobs, API tokens, project mappings, image owners.
 
-The rows share the catalog's declarative ``Base`` (so one Alembic history, revision 0003, covers them) and
+The rows are declared with the catalog's (``catalog_schema``: one Alembic history, revision 0003, covers them) and
 each store works over a ``SqlCatalog``'s sessions, like ``RestoreLog``: the Catalog port stays unchanged and
 the CLI and the service read and write the same SQLite file (WAL) at the same time.
 """
@@ -15,12 +15,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Integer, String, Text, delete, or_, select, update
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import delete, select, update
 
-from freezeframe.adapters.catalog import Base, MemberRow, SetRow, SqlCatalog, UtcDateTime
+from freezeframe.adapters.catalog import SqlCatalog
+from freezeframe.adapters.catalog_schema import ImageOwnerRow, InstanceProjectRow, JobRow, TokenRow
 from freezeframe.errors import InvalidRequest, JobNotFound, TokenNotFound
-from freezeframe.model import Consistency, Hardware, InstanceState, Member, SetStatus, SnapshotSet
 
 ROLES = ("admin", "member", "reader")
 """admin: every project and the project mapping; member: act on its project; reader: look only."""
@@ -31,73 +30,6 @@ _DUMMY_HASH = hashlib.sha256(b"freezeframe: no such token").hexdigest()
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-# ---- rows -------------------------------------------------------------------------------------------------
-
-
-class JobRow(Base):
-    """A background operation of the service; finished rows are kept so clients can read the outcome later."""
-
-    __tablename__ = "jobs"
-
-    id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    kind: Mapped[str] = mapped_column(String(32))
-    state: Mapped[str] = mapped_column(String(16), index=True)
-    project: Mapped[str | None] = mapped_column(String(128), index=True)
-    lock_key: Mapped[str] = mapped_column(String(128))
-    instance_uuid: Mapped[str | None] = mapped_column(String(64), index=True)
-    instance_name: Mapped[str | None] = mapped_column(Text)
-    set_id: Mapped[str | None] = mapped_column(String(36))
-    image_id: Mapped[str | None] = mapped_column(String(36))
-    request: Mapped[dict[str, Any]] = mapped_column(JSON)
-    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    error_type: Mapped[str | None] = mapped_column(String(64))
-    error: Mapped[str | None] = mapped_column(Text)
-    phase: Mapped[str | None] = mapped_column(String(32))
-    progress_done: Mapped[int] = mapped_column(BigInteger)
-    progress_total: Mapped[int] = mapped_column(BigInteger)
-    token_id: Mapped[str | None] = mapped_column(String(32))
-    server_pid: Mapped[int | None] = mapped_column(Integer)
-    created_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
-    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
-    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
-
-
-class TokenRow(Base):
-    """A bearer token: only the SHA-256 of its secret is stored, so a leaked catalog grants nothing."""
-
-    __tablename__ = "api_tokens"
-
-    id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    secret_sha256: Mapped[str] = mapped_column(String(64))
-    project: Mapped[str | None] = mapped_column(String(128))
-    role: Mapped[str] = mapped_column(String(16))
-    description: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
-    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
-
-
-class InstanceProjectRow(Base):
-    """The admin's instance -> project mapping; it wins over the project in the domain's <metadata>."""
-
-    __tablename__ = "instance_projects"
-
-    instance_uuid: Mapped[str] = mapped_column(String(64), primary_key=True)
-    instance_name: Mapped[str] = mapped_column(Text)
-    project: Mapped[str] = mapped_column(String(128), index=True)
-    assigned_at: Mapped[datetime] = mapped_column(UtcDateTime)
-
-
-class ImageOwnerRow(Base):
-    """Which project an image in the image store (``stored_images``) belongs to; images outlive their sets."""
-
-    __tablename__ = "image_owners"
-
-    image_id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    project: Mapped[str | None] = mapped_column(String(128), index=True)
-    set_id: Mapped[str | None] = mapped_column(String(36))
-    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
 # ---- jobs -------------------------------------------------------------------------------------------------
@@ -407,111 +339,7 @@ class ImageOwners:
             session.execute(delete(ImageOwnerRow).where(ImageOwnerRow.image_id == image_id))
 
 
-# ---- fast read path for listings ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SetEntry:
-    """What filtering and access checks need of a set, without its members or hardware."""
-
-    id: str
-    instance_uuid: str
-    metadata: dict[str, str]
-
-
-class SetReader:
-    """Listings for the API with plain SQL rows instead of ORM objects: a page costs what its rows cost.
-
-    ``index`` returns every matching set newest first (a few columns); ``load`` builds full ``SnapshotSet``s
-    for one page. Same filters and order as ``SqlCatalog.list_sets``.
-    """
-
-    def __init__(self, catalog: SqlCatalog) -> None:
-        self._catalog = catalog
-
-    def index(
-        self,
-        instance: str | None = None,
-        status: SetStatus | None = None,
-        backup_type: str | None = None,
-        metadata: dict[str, str] | None = None,
-    ) -> list[SetEntry]:
-        table = SetRow.__table__
-        query = select(table.c.id, table.c.instance_uuid, table.c.metadata)
-        if instance is not None:
-            query = query.where(or_(table.c.instance_name == instance, table.c.instance_uuid == instance))
-        if status is not None:
-            query = query.where(table.c.status == status.value)
-        if backup_type is not None:
-            query = query.where(table.c.backup_type == backup_type)
-        query = query.order_by(table.c.created_at.desc(), table.c.id)
-        with self._catalog._session("listing sets", write=False) as session:
-            rows = session.execute(query).all()
-        entries = [SetEntry(r.id, r.instance_uuid, dict(r.metadata or {})) for r in rows]
-        if metadata:
-            entries = [e for e in entries if all(e.metadata.get(k) == v for k, v in metadata.items())]
-        return entries
-
-    def load(self, ids: Sequence[str]) -> list[SnapshotSet]:
-        """The sets with these ids, in this order (ids deleted meanwhile are left out)."""
-        if not ids:
-            return []
-        sets_table, members_table = SetRow.__table__, MemberRow.__table__
-        with self._catalog._session("reading sets", write=False) as session:
-            set_rows = session.execute(select(sets_table).where(sets_table.c.id.in_(list(ids)))).mappings().all()
-            member_rows = (
-                session.execute(
-                    select(members_table).where(members_table.c.set_id.in_(list(ids))).order_by(members_table.c.id)
-                )
-                .mappings()
-                .all()
-            )
-        members: dict[str, list[Member]] = {}
-        for m in member_rows:
-            members.setdefault(m["set_id"], []).append(
-                Member(
-                    set_id=m["set_id"],
-                    target=m["target"],
-                    bus=m["bus"],
-                    boot_order=m["boot_order"],
-                    virtual_size=m["virtual_size"],
-                    format=m["format"],
-                    path=m["path"],
-                    source_path=m["source_path"],
-                    sha256=m["sha256"],
-                    metadata=dict(m["metadata"] or {}),
-                )
-            )
-        by_id = {row["id"]: _set_from_mapping(row, members.get(row["id"], [])) for row in set_rows}
-        return [by_id[i] for i in ids if i in by_id]
-
-
 def _aware(value: datetime | None) -> datetime | None:
     if value is None:
         return None
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-def _set_from_mapping(row: Any, members: list[Member]) -> SnapshotSet:
-    created = _aware(row["created_at"])
-    assert created is not None
-    return SnapshotSet(
-        id=row["id"],
-        name=row["name"],
-        instance_name=row["instance_name"],
-        instance_uuid=row["instance_uuid"],
-        requested=Consistency(row["requested"]),
-        status=SetStatus(row["status"]),
-        created_at=created,
-        hardware=Hardware.from_dict(row["hardware"]),
-        achieved=Consistency(row["achieved"]) if row["achieved"] is not None else None,
-        reason=row["reason"],
-        completed_at=_aware(row["completed_at"]),
-        freeze_window_ms=row["freeze_window_ms"],
-        pause_window_ms=row["pause_window_ms"],
-        members=members,
-        metadata=dict(row["metadata"] or {}),
-        backup_type=row["backup_type"],
-        error=row["error"],
-        instance_state=InstanceState(row["instance_state"]) if row["instance_state"] is not None else None,
-    )

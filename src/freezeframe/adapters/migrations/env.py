@@ -9,7 +9,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection, create_engine, pool, text
 
-from freezeframe.adapters.catalog import Base
+from freezeframe.adapters.catalog_schema import Base
 
 PG_MIGRATION_LOCK = 0x66726565_7A65
 """Advisory lock key: serialises concurrent upgrades of one PostgreSQL catalog."""
