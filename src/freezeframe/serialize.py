@@ -204,7 +204,7 @@ def hardware_from_dict(record: Any, what: str = "hardware") -> Hardware:
     boot = data.pop("boot", None) or {}
     disks = data.pop("disks", None) or []
     nics = data.pop("nics", None) or []
-    if not isinstance(boot, Mapping) or not isinstance(disks, list) or not isinstance(nics, list):
+    if not isinstance(boot, Mapping) or not isinstance(disks, list | tuple) or not isinstance(nics, list | tuple):
         raise RecordInvalid(f"{what}: boot must be an object, disks and nics lists")
     boot_spec = _build(BootSpec, {**boot, "boot_devices": tuple(boot.get("boot_devices") or ())}, f"{what} boot")
     disk_specs = tuple(_build(DiskSpec, d if isinstance(d, Mapping) else {}, f"{what} disk") for d in disks)

@@ -16,9 +16,9 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import create_engine, delete, event, exc, insert, inspect, or_, select, text, update
+from sqlalchemy import Table, create_engine, delete, event, exc, insert, inspect, or_, select, text, update
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
@@ -33,8 +33,8 @@ log = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 MIN_PREFIX = 4
 """Shorter id prefixes match too many sets to be a safe way to name one."""
-SETS = SetRow.__table__
-MEMBERS = MemberRow.__table__
+SETS = cast(Table, SetRow.__table__)
+MEMBERS = cast(Table, MemberRow.__table__)
 
 __all__ = ["MIGRATIONS_DIR", "MIN_PREFIX", "Base", "RestoreLog", "RestoreRecord", "SetEntry", "SqlCatalog"]
 
@@ -280,8 +280,8 @@ class SqlCatalog:
             )
         members: dict[str, list[Mapping[str, Any]]] = {}
         for m in member_rows:
-            members.setdefault(m["set_id"], []).append(m)
-        by_id = {row["id"]: self._from_columns(row, members.get(row["id"], [])) for row in set_rows}
+            members.setdefault(m["set_id"], []).append(dict(m))
+        by_id = {row["id"]: self._from_columns(dict(row), members.get(row["id"], [])) for row in set_rows}
         return [by_id[i] for i in ids if i in by_id]
 
     def _from_columns(self, row: Mapping[str, Any], members: Sequence[Mapping[str, Any]]) -> SnapshotSet:
@@ -423,7 +423,7 @@ def _revision(connection: Connection) -> str | None:
     """The catalog's Alembic revision without Alembic: None for a database with no schema yet."""
     if not inspect(connection).has_table("alembic_version"):
         return None
-    found = connection.execute(text("SELECT version_num FROM alembic_version")).scalars().all()
+    found: list[Any] = list(connection.execute(text("SELECT version_num FROM alembic_version")).scalars())
     return str(found[0]) if len(found) == 1 else None
 
 

@@ -20,6 +20,7 @@ from sqlalchemy import delete, select, update
 from freezeframe.adapters.catalog import SqlCatalog
 from freezeframe.adapters.catalog_schema import ImageOwnerRow, InstanceProjectRow, JobRow, TokenRow
 from freezeframe.errors import InvalidRequest, JobNotFound, TokenNotFound
+from freezeframe.validation import validate_project, validate_text
 
 ROLES = ("admin", "member", "reader")
 """admin: every project and the project mapping; member: act on its project; reader: look only."""
@@ -175,10 +176,13 @@ class JobStore:
 class Token:
     id: str
     project: str | None
+    """The project a member or reader token is scoped to; always None for admin tokens (they are global)."""
     role: str
     created_at: datetime
     description: str | None = None
     revoked_at: datetime | None = None
+    ignored_project: str | None = None
+    """An admin token created by an older freezeframe with a project: the project never limited it."""
 
     @property
     def active(self) -> bool:
@@ -194,7 +198,29 @@ class IssuedToken:
 
 
 def _token(row: TokenRow) -> Token:
-    return Token(row.id, row.project, row.role, row.created_at, row.description, row.revoked_at)
+    return _scoped(row.id, row.project, row.role, _aware(row.created_at) or _now(), row.description, row.revoked_at)
+
+
+def _scoped(
+    token_id: str, project: str | None, role: str, created: datetime, description: str | None, revoked: datetime | None
+) -> Token:
+    """Admin tokens are global: a project stored with one (older versions allowed it) is reported as ignored."""
+    if role == "admin" and project is not None:
+        return Token(token_id, None, role, created, description, _aware(revoked), ignored_project=project)
+    return Token(token_id, project, role, created, description, _aware(revoked))
+
+
+def check_token_scope(role: str, project: str | None) -> None:
+    """The one rule for every way a token is made (CLI ``token create``, tests, any API path)."""
+    if role not in ROLES:
+        raise InvalidRequest(f"role {role!r} is not one of {', '.join(ROLES)}")
+    if role == "admin" and project is not None:
+        raise InvalidRequest(
+            "an admin token is global (it sees and changes every project); leave out --project, "
+            "or make a member token for that project"
+        )
+    if role != "admin" and not project:
+        raise InvalidRequest(f"a {role} token needs --project: it sees and acts on that project only")
 
 
 def _hash(secret: str) -> str:
@@ -208,10 +234,11 @@ class TokenStore:
         self._catalog = catalog
 
     def create(self, role: str, project: str | None, description: str | None = None) -> IssuedToken:
-        if role not in ROLES:
-            raise InvalidRequest(f"role {role!r} is not one of {', '.join(ROLES)}")
-        if role != "admin" and not project:
-            raise InvalidRequest(f"a {role} token needs --project: it sees and acts on that project only")
+        check_token_scope(role, project)
+        if project is not None:
+            validate_project(project)
+        if description is not None:
+            validate_text(description, "token description", limit=256)
         token_id = secrets.token_hex(8)
         secret = secrets.token_urlsafe(32)
         now = _now()
@@ -242,9 +269,9 @@ class TokenStore:
         matches = hmac.compare_digest(expected, _hash(secret))
         if row is None or not matches or row["revoked_at"] is not None:
             return None
-        return Token(
+        return _scoped(
             row["id"], row["project"], row["role"], _aware(row["created_at"]) or _now(), row["description"],
-            _aware(row["revoked_at"]),
+            row["revoked_at"],
         )  # fmt: skip
 
     def all(self, include_revoked: bool = True) -> list[Token]:

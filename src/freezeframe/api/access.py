@@ -11,16 +11,30 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
-import libvirt
 from lxml import etree
 
-from freezeframe.adapters.service_store import ProjectMap, Token
+from freezeframe.adapters.service_store import ProjectAssignment, Token
 from freezeframe.api.problems import forbidden
+from freezeframe.errors import HypervisorError, NotFound
 from freezeframe.model import Instance, SnapshotSet
-from freezeframe.service import Freezeframe
+
+
+class Instances(Protocol):
+    """The façade's instance lookup (``Freezeframe.instance``)."""
+
+    def instance(self, ref: str) -> Instance: ...
+
+
+class ProjectLookup(Protocol):
+    """The admin's instance -> project mapping (``ProjectMap``)."""
+
+    def get(self, instance_uuid: str) -> str | None: ...
+    def all(self) -> dict[str, ProjectAssignment]: ...
+
 
 PROJECT_NS = "https://freezeframe.dev/xmlns/1"
 PROJECT_KEY = "freezeframe.project"
@@ -75,28 +89,19 @@ def project_from_metadata(metadata_xml: str | None) -> str | None:
     return text or None
 
 
-def project_from_domain_xml(xml: str) -> str | None:
-    """The project recorded in a whole domain XML (``virDomainGetXMLDesc``), if any."""
-    try:
-        metadata = etree.fromstring(xml.encode(), _PARSER).find("metadata")
-    except etree.XMLSyntaxError:
-        return None
-    return project_from_metadata(etree.tostring(metadata).decode()) if metadata is not None else None
-
-
 class ProjectResolver:
     """Projects of instances and sets; libvirt answers are cached briefly since listing sets asks for many."""
 
-    def __init__(self, service: Freezeframe, mapping: ProjectMap, ttl_s: float = 5.0) -> None:
+    def __init__(self, service: Instances, mapping: ProjectLookup, ttl_s: float = 5.0) -> None:
         self.service = service
         self.mapping = mapping
         self.ttl_s = ttl_s
         self._cache: dict[str, tuple[float, str | None]] = {}
         self._lock = threading.Lock()
 
-    def of_instance(self, instance: Instance) -> tuple[str | None, str]:
-        """(project, where it came from: 'mapping', 'metadata' or 'none')."""
-        mapped = self.mapping.get(instance.uuid)
+    def of_instance(self, instance: Instance, mapping: Mapping[str, str] | None = None) -> tuple[str | None, str]:
+        """(project, where it came from: 'mapping', 'metadata' or 'none'); ``mapping``: one read for a listing."""
+        mapped = mapping.get(instance.uuid) if mapping is not None else self.mapping.get(instance.uuid)
         if mapped is not None:
             return mapped, "mapping"
         from_xml = project_from_metadata(instance.hardware.metadata_xml)
@@ -140,10 +145,10 @@ class ProjectResolver:
             if hit is not None and now - hit[0] < self.ttl_s:
                 return hit[1]
         try:
-            xml = self.service.hypervisor.conn.lookupByUUIDString(instance_uuid).XMLDesc(0)
-        except libvirt.libvirtError:
-            xml = None  # the instance is gone: its CLI-made sets are the admin's to see
-        project = project_from_domain_xml(xml) if xml is not None else None
+            metadata_xml = self.service.instance(instance_uuid).hardware.metadata_xml
+        except (NotFound, HypervisorError):
+            metadata_xml = None  # the instance is gone: its CLI-made sets are the admin's to see
+        project = project_from_metadata(metadata_xml)
         with self._lock:
             self._cache[instance_uuid] = (now, project)
         return project
