@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from freezeframe.adapters import libvirt_define as ld
-from freezeframe.adapters.catalog import RestoreLog, RestoreRecord
 from freezeframe.adapters.repository import MANIFEST
+from freezeframe.adapters.restore_log import RestoreLog, RestoreRecord
 from freezeframe.durable import fsync_path, write_atomically
 from freezeframe.errors import (
     FreezeframeError,

@@ -23,7 +23,7 @@ from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
-from freezeframe.adapters.catalog_schema import SCHEMA_HEAD, SCHEMA_REVISIONS, Base, MemberRow, RestoreRow, SetRow
+from freezeframe.adapters.catalog_schema import SCHEMA_HEAD, SCHEMA_REVISIONS, Base, MemberRow, SetRow
 from freezeframe.errors import CatalogError, InvalidRequest, RecordInvalid, SetNotFound
 from freezeframe.model import SetStatus, SnapshotSet
 from freezeframe.serialize import set_from_dict, set_to_dict
@@ -36,7 +36,7 @@ MIN_PREFIX = 4
 SETS = cast(Table, SetRow.__table__)
 MEMBERS = cast(Table, MemberRow.__table__)
 
-__all__ = ["MIGRATIONS_DIR", "MIN_PREFIX", "Base", "RestoreLog", "RestoreRecord", "SetEntry", "SqlCatalog"]
+__all__ = ["MIGRATIONS_DIR", "MIN_PREFIX", "Base", "SetEntry", "SqlCatalog"]
 
 
 class SqlCatalog:
@@ -445,93 +445,3 @@ def _upgrade(connection: Connection, display: str) -> None:
             f"catalog {display} has a schema this freezeframe does not know ({e}); "
             "it was probably written by a newer freezeframe, so upgrade freezeframe"
         ) from e
-
-
-# -- restores: which instances were built from which set members (lifecycle) ----------------------
-
-
-@dataclass(frozen=True)
-class RestoreRecord:
-    """A restored disk: ``mode`` is ``cow`` (qcow2 overlay whose backing file is the member) or ``full``."""
-
-    set_id: str
-    instance_name: str
-    target: str
-    path: str
-    mode: str
-    created_at: datetime
-    instance_uuid: str | None = None
-    id: int | None = None
-
-
-class RestoreLog:
-    """The ``restores`` table over a SqlCatalog's engine; kept apart so the Catalog port stays unchanged."""
-
-    def __init__(self, catalog: SqlCatalog) -> None:
-        self._catalog = catalog
-
-    def add(self, records: Sequence[RestoreRecord]) -> None:
-        with self._catalog._session("recording restored disks", write=True) as session:
-            session.add_all(
-                RestoreRow(
-                    set_id=r.set_id,
-                    instance_name=r.instance_name,
-                    instance_uuid=r.instance_uuid,
-                    target=r.target,
-                    path=r.path,
-                    mode=r.mode,
-                    created_at=r.created_at,
-                )
-                for r in records
-            )
-
-    def bind_uuid(self, instance_name: str, instance_uuid: str) -> None:
-        """Known only once libvirt has defined the instance, after the rows were written."""
-        with self._catalog._session(f"recording the UUID of {instance_name}", write=True) as session:
-            session.execute(
-                update(RestoreRow)
-                .where(RestoreRow.instance_name == instance_name, RestoreRow.instance_uuid.is_(None))
-                .values(instance_uuid=instance_uuid)
-            )
-
-    def for_set(self, set_id: str) -> list[RestoreRecord]:
-        query = select(RestoreRow).where(RestoreRow.set_id == set_id).order_by(RestoreRow.id)
-        with self._catalog._session(f"listing restores of set {set_id}", write=False) as session:
-            return [_restore_record(row) for row in session.scalars(query)]
-
-    def for_instance(self, ref: str) -> list[RestoreRecord]:
-        """By instance name or UUID."""
-        query = (
-            select(RestoreRow)
-            .where(or_(RestoreRow.instance_name == ref, RestoreRow.instance_uuid == ref))
-            .order_by(RestoreRow.id)
-        )
-        with self._catalog._session(f"listing restores of {ref}", write=False) as session:
-            return [_restore_record(row) for row in session.scalars(query)]
-
-    def all(self) -> list[RestoreRecord]:
-        with self._catalog._session("listing restores", write=False) as session:
-            return [_restore_record(row) for row in session.scalars(select(RestoreRow).order_by(RestoreRow.id))]
-
-    def remove_instance(self, instance_name: str) -> None:
-        with self._catalog._session(f"forgetting restores of {instance_name}", write=True) as session:
-            session.execute(delete(RestoreRow).where(RestoreRow.instance_name == instance_name))
-
-    def remove_ids(self, ids: Sequence[int]) -> None:
-        if not ids:
-            return
-        with self._catalog._session("forgetting restored disks", write=True) as session:
-            session.execute(delete(RestoreRow).where(RestoreRow.id.in_(list(ids))))
-
-
-def _restore_record(row: RestoreRow) -> RestoreRecord:
-    return RestoreRecord(
-        set_id=row.set_id,
-        instance_name=row.instance_name,
-        target=row.target,
-        path=row.path,
-        mode=row.mode,
-        created_at=row.created_at,
-        instance_uuid=row.instance_uuid,
-        id=row.id,
-    )
