@@ -97,9 +97,14 @@ def classify(exc: BaseException, error_id: str | None = None) -> Classified:
 
 
 HTTP_ONLY: dict[str, tuple[int, str]] = {
+    "bad-request": (400, "Bad request"),
     "unauthorized": (401, "Authentication required"),
     "forbidden": (403, "Not allowed"),
+    "method-not-allowed": (405, "Method not allowed"),
     "conflict": (409, "Conflict"),
+    "too-large": (413, "Request body too large"),
+    "validation-error": (422, "Invalid input"),
+    "http-error": (500, "HTTP error"),
 }
 """Problems only the HTTP layer decides on (``ApiProblem``); every other slug is a row of the error table."""
 
@@ -159,18 +164,13 @@ async def handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 async def handle_http_exception(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    titles = {404: "Not found", 405: "Method not allowed", 413: "Request body too large", 400: "Bad request"}
-    slugs = {404: "not-found", 405: "method-not-allowed", 413: "too-large", 400: "bad-request"}
+    slug = {404: "not-found", 405: "method-not-allowed", 413: "too-large", 400: "bad-request"}.get(
+        exc.status_code, "http-error"
+    )
     detail = exc.detail if isinstance(exc.detail, str) else "the request could not be handled"
     if exc.status_code == 404 and detail == "Not Found":
         detail = f"no such endpoint: {request.method} {request.url.path} (see /openapi.json)"
-    response = problem_response(
-        exc.status_code,
-        slugs.get(exc.status_code, "http-error"),
-        titles.get(exc.status_code, "HTTP error"),
-        redact(detail),
-        request.url.path,
-    )
+    response = problem_response(exc.status_code, slug, describe(slug)[1], redact(detail), request.url.path)
     for key, value in (exc.headers or {}).items():
         response.headers[key] = value
     return response
@@ -191,7 +191,7 @@ async def handle_validation_error(request: Request, exc: Exception) -> JSONRespo
     return problem_response(
         422,
         "validation-error",
-        "Invalid input",
+        describe("validation-error")[1],
         redact(summary or "the request does not match the API schema"),
         request.url.path,
         errors=errors,
@@ -226,9 +226,9 @@ class BodyLimit:
                     declared = -1
                 if declared < 0:
                     path = scope.get("path")
-                    await problem_response(400, "bad-request", "Bad request", "invalid Content-Length", path)(
-                        scope, receive, send
-                    )
+                    await problem_response(
+                        400, "bad-request", describe("bad-request")[1], "invalid Content-Length", path
+                    )(scope, receive, send)
                     return
                 if declared > self.max_bytes:
                     await self._too_large(scope, receive, send)
@@ -250,5 +250,6 @@ class BodyLimit:
         return f"request bodies are limited to {self.max_bytes} bytes"
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = problem_response(413, "too-large", "Request body too large", self._detail(), scope.get("path"))
+        title = describe("too-large")[1]
+        response = problem_response(413, "too-large", title, self._detail(), scope.get("path"))
         await response(scope, receive, send)

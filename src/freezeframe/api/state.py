@@ -7,7 +7,7 @@ import fcntl
 import os
 import re
 
-from freezeframe.adapters.image_store import StoredImage
+from freezeframe.adapters.image_records import StoredImage
 from freezeframe.adapters.service_store import ImageOwners, Job, JobStore, ProjectMap, TokenStore
 from freezeframe.api.access import Principal, ProjectResolver
 from freezeframe.api.jobs import JobRunner, recover

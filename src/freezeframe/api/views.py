@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from freezeframe.adapters.image_store import StoredImage
+from freezeframe.adapters.image_records import StoredImage
 from freezeframe.adapters.service_store import FAILED, Job
 from freezeframe.api.problems import TYPE_BASE, describe, redact
 from freezeframe.api.schemas import (
