@@ -293,8 +293,8 @@ def test_admin_tokens_are_global(tmp_path: Path) -> None:
         assert "\n" not in str(caught.value)
         issued = tokens.create("admin", None)
         # A token an older version stored with a project: reported as global, the project as ignored.
-        with catalog._session("test", write=True) as session:
-            session.execute(text("UPDATE api_tokens SET project = 'alpha' WHERE id = :i"), {"i": issued.token.id})
+        with catalog.connect("test", write=True) as connection:
+            connection.execute(text("UPDATE api_tokens SET project = 'alpha' WHERE id = :i"), {"i": issued.token.id})
         listed = next(t for t in tokens.all() if t.id == issued.token.id)
         assert listed.project is None and listed.ignored_project == "alpha"
         token = tokens.authenticate(issued.secret)
@@ -350,10 +350,12 @@ def test_catalog_adapters_import_without_cycles_or_alembic(tmp_path: Path) -> No
     for module in ("catalog", "image_store", "service_store"):
         loaded = _python(
             f"import sys, freezeframe.adapters.{module}; "
-            "print(sorted(m for m in sys.modules if m.startswith('freezeframe.adapters.') or m == 'alembic'))"
+            "print(sorted(m for m in sys.modules if m.startswith('freezeframe.adapters.') or m in ('alembic', "
+            "'sqlalchemy.orm')))"
         )
+        assert "alembic" not in loaded and "sqlalchemy.orm" not in loaded, (module, loaded)
         if module == "catalog":
-            assert "image_store" not in loaded and "service_store" not in loaded and "alembic" not in loaded
+            assert "image_store" not in loaded and "service_store" not in loaded
     url = f"sqlite:///{tmp_path / 'c.sqlite'}"
     assert _python(f"import sys; from freezeframe.adapters.catalog import SqlCatalog; SqlCatalog('{url}').close(); "
                    "print('alembic' in sys.modules)") == "True"  # fmt: skip

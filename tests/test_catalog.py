@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import create_engine
 
-from freezeframe.adapters.catalog import MIGRATIONS_DIR, Base, SqlCatalog
+from freezeframe.adapters.catalog import METADATA, MIGRATIONS_DIR, SqlCatalog
 from freezeframe.adapters.catalog_schema import SCHEMA_HEAD, SCHEMA_REVISIONS
 from freezeframe.errors import CatalogError, InvalidRequest, SetNotFound
 from freezeframe.model import (
@@ -345,7 +345,7 @@ def test_models_match_migrations(catalog: SqlCatalog, db_path: Path) -> None:
     engine = create_engine(url_for(db_path))
     try:
         with engine.connect() as con:
-            diff = compare_metadata(MigrationContext.configure(con, opts={"compare_type": True}), Base.metadata)
+            diff = compare_metadata(MigrationContext.configure(con, opts={"compare_type": True}), METADATA)
     finally:
         engine.dispose()
     assert diff == []

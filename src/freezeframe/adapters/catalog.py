@@ -1,8 +1,10 @@
-"""The catalog of snapshot sets, stored with SQLAlchemy (SQLite by default, PostgreSQL-ready).
+"""The catalog of snapshot sets, stored with SQLAlchemy Core (SQLite by default, PostgreSQL-ready).
 
 Opening a catalog brings its schema to the newest Alembic revision, so a database written by an
-older freezeframe is migrated in place. SQLite runs in WAL mode with a busy timeout so the CLI and
-a long-running service can share one file.
+older freezeframe is migrated in place; a catalog already there costs one query and Alembic is not even
+imported. SQLite runs in WAL mode with a busy timeout so the CLI and a long-running service can share one
+file. Sets are written and read in the one serialised form of ``freezeframe.serialize``; a row holding a
+value that form refuses is a one-line ``CatalogError``.
 """
 
 from __future__ import annotations
@@ -16,14 +18,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
-from sqlalchemy import Table, create_engine, delete, event, exc, insert, inspect, or_, select, text, update
+from sqlalchemy import create_engine, delete, event, exc, insert, inspect, or_, select, text, update
 from sqlalchemy.engine import URL, Connection, Engine, make_url
-from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import StaticPool
 
-from freezeframe.adapters.catalog_schema import SCHEMA_HEAD, SCHEMA_REVISIONS, Base, MemberRow, SetRow
+from freezeframe.adapters.catalog_schema import MEMBERS, METADATA, SCHEMA_HEAD, SCHEMA_REVISIONS, SETS
 from freezeframe.errors import CatalogError, InvalidRequest, RecordInvalid, SetNotFound
 from freezeframe.model import SetStatus, SnapshotSet
 from freezeframe.serialize import set_from_dict, set_to_dict
@@ -33,10 +34,8 @@ log = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 MIN_PREFIX = 4
 """Shorter id prefixes match too many sets to be a safe way to name one."""
-SETS = cast(Table, SetRow.__table__)
-MEMBERS = cast(Table, MemberRow.__table__)
 
-__all__ = ["MIGRATIONS_DIR", "MIN_PREFIX", "Base", "SetEntry", "SqlCatalog"]
+__all__ = ["METADATA", "MIGRATIONS_DIR", "MIN_PREFIX", "SetEntry", "SqlCatalog"]
 
 
 class SqlCatalog:
@@ -62,7 +61,6 @@ class SqlCatalog:
                     "fix the path or its permissions, or set FREEZEFRAME_CATALOG_URL / FREEZEFRAME_HOME"
                 ) from e
         self._engine = self._create_engine()
-        self._sessions = sessionmaker(self._engine, expire_on_commit=False)
         try:
             self._migrate()
         except BaseException:
@@ -171,37 +169,35 @@ class SqlCatalog:
         return f"catalog {self._display} failed while {action}: {detail}"
 
     @contextmanager
-    def _session(self, action: str, *, write: bool) -> Iterator[Session]:
-        with self._errors(action), self._sessions() as session:
-            if write:
-                with session.begin():
-                    yield session
-            else:
-                yield session
+    def connect(self, action: str, *, write: bool) -> Iterator[Connection]:
+        """A connection for the adapters that keep rows here (one transaction when ``write``); driver errors
+        become a CatalogError naming ``action``."""
+        with self._errors(action), self._engine.begin() if write else self._engine.connect() as connection:
+            yield connection
 
     # -- Catalog port ------------------------------------------------------------------------
 
     def add_set(self, snapshot_set: SnapshotSet) -> None:
         _validate(snapshot_set)
         values, members = _columns(snapshot_set)
-        with self._session(f"adding set {snapshot_set.id}", write=True) as session:
-            if session.scalar(select(SETS.c.id).where(SETS.c.id == snapshot_set.id)) is not None:
+        with self.connect(f"adding set {snapshot_set.id}", write=True) as connection:
+            if connection.scalar(select(SETS.c.id).where(SETS.c.id == snapshot_set.id)) is not None:
                 raise InvalidRequest(f"snapshot set {snapshot_set.id} is already in the catalog")
-            session.execute(insert(SETS).values(**values))
+            connection.execute(insert(SETS).values(**values))
             if members:
-                session.execute(insert(MEMBERS), members)
+                connection.execute(insert(MEMBERS), members)
 
     def update_set(self, snapshot_set: SnapshotSet) -> None:
         _validate(snapshot_set)
         values, members = _columns(snapshot_set)
-        with self._session(f"updating set {snapshot_set.id}", write=True) as session:
-            if session.scalar(select(SETS.c.id).where(SETS.c.id == snapshot_set.id)) is None:
+        with self.connect(f"updating set {snapshot_set.id}", write=True) as connection:
+            if connection.scalar(select(SETS.c.id).where(SETS.c.id == snapshot_set.id)) is None:
                 raise SetNotFound(f"snapshot set {snapshot_set.id} is not in the catalog; add it first")
-            session.execute(update(SETS).where(SETS.c.id == snapshot_set.id).values(**values))
+            connection.execute(update(SETS).where(SETS.c.id == snapshot_set.id).values(**values))
             # Delete the old members before inserting new ones so (set_id, target) stays unique.
-            session.execute(delete(MEMBERS).where(MEMBERS.c.set_id == snapshot_set.id))
+            connection.execute(delete(MEMBERS).where(MEMBERS.c.set_id == snapshot_set.id))
             if members:
-                session.execute(insert(MEMBERS), members)
+                connection.execute(insert(MEMBERS), members)
 
     def get_set(self, ref: str) -> SnapshotSet:
         found = self.load_sets([ref])
@@ -211,8 +207,8 @@ class SqlCatalog:
         if len(ref) >= MIN_PREFIX:
             conditions += [SETS.c.id.startswith(p, autoescape=True) for p in {ref, ref.lower()}]
         query = select(SETS.c.id, SETS.c.name).where(or_(*conditions)).order_by(SETS.c.created_at.desc(), SETS.c.id)
-        with self._session(f"looking up set {ref!r}", write=False) as session:
-            rows = session.execute(query).all()
+        with self.connect(f"looking up set {ref!r}", write=False) as connection:
+            rows = connection.execute(query).all()
         if not rows:
             raise SetNotFound(
                 f"no snapshot set matches {ref!r} (give a full id, an id prefix of at least "
@@ -235,11 +231,11 @@ class SqlCatalog:
 
     def delete_set(self, set_id: str) -> None:
         """Delete by exact id only: a prefix is too easy to get wrong for a destructive call."""
-        with self._session(f"deleting set {set_id}", write=True) as session:
-            if session.scalar(select(SETS.c.id).where(SETS.c.id == set_id)) is None:
+        with self.connect(f"deleting set {set_id}", write=True) as connection:
+            if connection.scalar(select(SETS.c.id).where(SETS.c.id == set_id)) is None:
                 raise SetNotFound(f"snapshot set {set_id} is not in the catalog")
             # Members go with it through ON DELETE CASCADE.
-            session.execute(delete(SETS).where(SETS.c.id == set_id))
+            connection.execute(delete(SETS).where(SETS.c.id == set_id))
 
     # -- listings: an index of a few columns, then whole sets for one page ------------------------
 
@@ -259,8 +255,8 @@ class SqlCatalog:
         if backup_type is not None:
             query = query.where(SETS.c.backup_type == backup_type)
         query = query.order_by(SETS.c.created_at.desc(), SETS.c.id)
-        with self._session("listing sets", write=False) as session:
-            rows = session.execute(query).all()
+        with self.connect("listing sets", write=False) as connection:
+            rows = connection.execute(query).all()
         entries = [SetEntry(r.id, r.instance_uuid, dict(r.metadata or {})) for r in rows]
         if metadata:
             # JSON path queries differ between SQLite and PostgreSQL; the index is small.
@@ -271,10 +267,10 @@ class SqlCatalog:
         """The sets with these exact ids, in this order (ids not in the catalog are left out)."""
         if not ids:
             return []
-        with self._session("reading sets", write=False) as session:
-            set_rows = session.execute(select(SETS).where(SETS.c.id.in_(list(ids)))).mappings().all()
+        with self.connect("reading sets", write=False) as connection:
+            set_rows = connection.execute(select(SETS).where(SETS.c.id.in_(list(ids)))).mappings().all()
             member_rows = (
-                session.execute(select(MEMBERS).where(MEMBERS.c.set_id.in_(list(ids))).order_by(MEMBERS.c.id))
+                connection.execute(select(MEMBERS).where(MEMBERS.c.set_id.in_(list(ids))).order_by(MEMBERS.c.id))
                 .mappings()
                 .all()
             )

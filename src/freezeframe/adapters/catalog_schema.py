@@ -1,8 +1,9 @@
-"""The catalog's tables, one declarative ``Base`` for all of them, and the schema revision they make up.
+"""The catalog's tables, one ``MetaData`` for all of them, and the schema revision they make up.
 
 Every adapter that keeps rows in the catalog (sets, restores, jobs, tokens, project mappings, image owners,
-stored images) declares them here, so ``Base.metadata`` (what Alembic's environment and the model/migration test
-read) holds every table without the adapters importing one another.
+stored images) declares its table here, so ``METADATA`` (what Alembic's environment and the model/migration test
+read) holds every table without the adapters importing one another. Plain SQLAlchemy Core tables, no ORM: the
+adapters read and write rows with Core statements, and ``freezeframe list`` does not pay for the ORM's import.
 """
 
 from __future__ import annotations
@@ -10,8 +11,21 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, DateTime, Dialect, Float, ForeignKey, Integer, String, Text, UniqueConstraint
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.types import TypeDecorator
 
 SCHEMA_REVISIONS = ("0001", "0002", "0003", "0004")
@@ -41,160 +55,152 @@ class UtcDateTime(TypeDecorator[datetime]):
         return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
-class Base(DeclarativeBase):
-    pass
+METADATA = MetaData()
+"""Every table of the catalog (what Alembic's environment and the model/migration test compare)."""
 
 
-class SetRow(Base):
-    __tablename__ = "snapshot_sets"
-
-    id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    name: Mapped[str] = mapped_column(Text)
-    instance_name: Mapped[str] = mapped_column(Text)
-    instance_uuid: Mapped[str] = mapped_column(String(64), index=True)
-    requested: Mapped[str] = mapped_column(String(16))
-    achieved: Mapped[str | None] = mapped_column(String(16))
-    reason: Mapped[str | None] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(String(16), index=True)
-    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
-    completed_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
-    freeze_window_ms: Mapped[float | None] = mapped_column(Float)
-    pause_window_ms: Mapped[float | None] = mapped_column(Float)
-    hardware: Mapped[dict[str, Any]] = mapped_column(JSON)
-    # ``metadata`` is reserved on declarative classes, hence the attribute name.
-    meta: Mapped[dict[str, str]] = mapped_column("metadata", JSON)
-    backup_type: Mapped[str | None] = mapped_column(String(255), index=True)
-    error: Mapped[str | None] = mapped_column(Text)
-    instance_state: Mapped[str | None] = mapped_column(String(16))
-
-    members: Mapped[list[MemberRow]] = relationship(
-        back_populates="snapshot_set",
-        cascade="all, delete-orphan",
-        passive_deletes=True,
-        order_by="MemberRow.id",
-    )
+def _req(name: str, kind: Any, *args: Any, **kw: Any) -> Column[Any]:
+    return Column(name, kind, *args, nullable=False, **kw)
 
 
-class MemberRow(Base):
-    __tablename__ = "members"
-    __table_args__ = (UniqueConstraint("set_id", "target", name="uq_members_set_id_target"),)
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    set_id: Mapped[str] = mapped_column(
-        String(36), ForeignKey("snapshot_sets.id", name="fk_members_set_id", ondelete="CASCADE")
-    )
-    target: Mapped[str] = mapped_column(String(64))
-    bus: Mapped[str] = mapped_column(String(32))
-    boot_order: Mapped[int | None] = mapped_column(Integer)
-    virtual_size: Mapped[int] = mapped_column(BigInteger)
-    format: Mapped[str] = mapped_column(String(32))
-    path: Mapped[str] = mapped_column(Text)
-    source_path: Mapped[str | None] = mapped_column(Text)
-    sha256: Mapped[str | None] = mapped_column(String(64))
-    meta: Mapped[dict[str, str]] = mapped_column("metadata", JSON)
-
-    snapshot_set: Mapped[SetRow] = relationship(back_populates="members")
+def _opt(name: str, kind: Any, *args: Any, **kw: Any) -> Column[Any]:
+    return Column(name, kind, *args, nullable=True, **kw)
 
 
-class RestoreRow(Base):
-    """One disk of an instance restored from a set member; copy-on-write rows make the member a dependency."""
+SETS = Table(
+    "snapshot_sets",
+    METADATA,
+    Column("id", String(36), primary_key=True),
+    _req("name", Text),
+    _req("instance_name", Text),
+    _req("instance_uuid", String(64), index=True),
+    _req("requested", String(16)),
+    _opt("achieved", String(16)),
+    _opt("reason", Text),
+    _req("status", String(16), index=True),
+    _req("created_at", UtcDateTime),
+    _opt("completed_at", UtcDateTime),
+    _opt("freeze_window_ms", Float),
+    _opt("pause_window_ms", Float),
+    _req("hardware", JSON),
+    _req("metadata", JSON),
+    _opt("backup_type", String(255), index=True),
+    _opt("error", Text),
+    _opt("instance_state", String(16)),
+)
 
-    __tablename__ = "restores"
+MEMBERS = Table(
+    "members",
+    METADATA,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    _req("set_id", String(36), ForeignKey("snapshot_sets.id", name="fk_members_set_id", ondelete="CASCADE")),
+    _req("target", String(64)),
+    _req("bus", String(32)),
+    _opt("boot_order", Integer),
+    _req("virtual_size", BigInteger),
+    _req("format", String(32)),
+    _req("path", Text),
+    _opt("source_path", Text),
+    _opt("sha256", String(64)),
+    _req("metadata", JSON),
+    UniqueConstraint("set_id", "target", name="uq_members_set_id_target"),
+)
 
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    set_id: Mapped[str] = mapped_column(
-        String(36), ForeignKey("snapshot_sets.id", name="fk_restores_set_id", ondelete="CASCADE"), index=True
-    )
-    instance_name: Mapped[str] = mapped_column(Text)
-    instance_uuid: Mapped[str | None] = mapped_column(String(64))
-    target: Mapped[str] = mapped_column(String(64))
-    path: Mapped[str] = mapped_column(Text)
-    mode: Mapped[str] = mapped_column(String(16))
-    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
-
+RESTORES = Table(
+    "restores",
+    METADATA,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    _req(
+        "set_id",
+        String(36),
+        ForeignKey("snapshot_sets.id", name="fk_restores_set_id", ondelete="CASCADE"),
+        index=True,
+    ),
+    _req("instance_name", Text),
+    _opt("instance_uuid", String(64)),
+    _req("target", String(64)),
+    _req("path", Text),
+    _req("mode", String(16)),
+    _req("created_at", UtcDateTime),
+)
+"""One disk of an instance restored from a set member; copy-on-write rows make the member a dependency."""
 
 # ---- the HTTP service (revision 0003) ----------------------------------------------------------------
 
+JOBS = Table(
+    "jobs",
+    METADATA,
+    Column("id", String(36), primary_key=True),
+    _req("kind", String(32)),
+    _req("state", String(16), index=True),
+    _opt("project", String(128), index=True),
+    _req("lock_key", String(128)),
+    _opt("instance_uuid", String(64), index=True),
+    _opt("instance_name", Text),
+    _opt("set_id", String(36)),
+    _opt("image_id", String(36)),
+    _req("request", JSON),
+    _opt("result", JSON),
+    _opt("error_type", String(64)),
+    _opt("error", Text),
+    _opt("phase", String(32)),
+    _req("progress_done", BigInteger),
+    _req("progress_total", BigInteger),
+    _opt("token_id", String(32)),
+    _opt("server_pid", Integer),
+    _req("created_at", UtcDateTime, index=True),
+    _opt("started_at", UtcDateTime),
+    _opt("finished_at", UtcDateTime),
+)
+"""Background operations of the service; finished rows are kept so clients can read the outcome later."""
 
-class JobRow(Base):
-    """A background operation of the service; finished rows are kept so clients can read the outcome later."""
+TOKENS = Table(
+    "api_tokens",
+    METADATA,
+    Column("id", String(32), primary_key=True),
+    _req("secret_sha256", String(64)),
+    _opt("project", String(128)),
+    _req("role", String(16)),
+    _opt("description", Text),
+    _req("created_at", UtcDateTime),
+    _opt("revoked_at", UtcDateTime),
+)
+"""Bearer tokens: only the SHA-256 of each secret is stored, so a leaked catalog grants nothing."""
 
-    __tablename__ = "jobs"
+INSTANCE_PROJECTS = Table(
+    "instance_projects",
+    METADATA,
+    Column("instance_uuid", String(64), primary_key=True),
+    _req("instance_name", Text),
+    _req("project", String(128), index=True),
+    _req("assigned_at", UtcDateTime),
+)
+"""The admin's instance -> project mapping; it wins over the project in the domain's <metadata>."""
 
-    id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    kind: Mapped[str] = mapped_column(String(32))
-    state: Mapped[str] = mapped_column(String(16), index=True)
-    project: Mapped[str | None] = mapped_column(String(128), index=True)
-    lock_key: Mapped[str] = mapped_column(String(128))
-    instance_uuid: Mapped[str | None] = mapped_column(String(64), index=True)
-    instance_name: Mapped[str | None] = mapped_column(Text)
-    set_id: Mapped[str | None] = mapped_column(String(36))
-    image_id: Mapped[str | None] = mapped_column(String(36))
-    request: Mapped[dict[str, Any]] = mapped_column(JSON)
-    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    error_type: Mapped[str | None] = mapped_column(String(64))
-    error: Mapped[str | None] = mapped_column(Text)
-    phase: Mapped[str | None] = mapped_column(String(32))
-    progress_done: Mapped[int] = mapped_column(BigInteger)
-    progress_total: Mapped[int] = mapped_column(BigInteger)
-    token_id: Mapped[str | None] = mapped_column(String(32))
-    server_pid: Mapped[int | None] = mapped_column(Integer)
-    created_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
-    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
-    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
-
-
-class TokenRow(Base):
-    """A bearer token: only the SHA-256 of its secret is stored, so a leaked catalog grants nothing."""
-
-    __tablename__ = "api_tokens"
-
-    id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    secret_sha256: Mapped[str] = mapped_column(String(64))
-    project: Mapped[str | None] = mapped_column(String(128))
-    role: Mapped[str] = mapped_column(String(16))
-    description: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
-    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
-
-
-class InstanceProjectRow(Base):
-    """The admin's instance -> project mapping; it wins over the project in the domain's <metadata>."""
-
-    __tablename__ = "instance_projects"
-
-    instance_uuid: Mapped[str] = mapped_column(String(64), primary_key=True)
-    instance_name: Mapped[str] = mapped_column(Text)
-    project: Mapped[str] = mapped_column(String(128), index=True)
-    assigned_at: Mapped[datetime] = mapped_column(UtcDateTime)
-
-
-class ImageOwnerRow(Base):
-    """Which project an image in the image store (``stored_images``) belongs to; images outlive their sets."""
-
-    __tablename__ = "image_owners"
-
-    image_id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    project: Mapped[str | None] = mapped_column(String(128), index=True)
-    set_id: Mapped[str | None] = mapped_column(String(36))
-    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
-
+IMAGE_OWNERS = Table(
+    "image_owners",
+    METADATA,
+    Column("image_id", String(36), primary_key=True),
+    _opt("project", String(128), index=True),
+    _opt("set_id", String(36)),
+    _req("created_at", UtcDateTime),
+)
+"""Which project an image in the image store belongs to; images outlive their sets."""
 
 # ---- the image store (revision 0004) --------------------------------------------------------------------
 
-
-class StoredImageRow(Base):
-    """One package in an image store (revision 0004)."""
-
-    __tablename__ = "stored_images"
-
-    id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    name: Mapped[str] = mapped_column(Text, index=True)
-    status: Mapped[str] = mapped_column(String(16))
-    store: Mapped[str] = mapped_column(Text)
-    filename: Mapped[str] = mapped_column(Text)
-    source_set_id: Mapped[str | None] = mapped_column(String(36))
-    size: Mapped[int] = mapped_column(BigInteger)
-    sha256: Mapped[str] = mapped_column(String(64))
-    created_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
-    summary: Mapped[dict[str, Any]] = mapped_column(JSON)
+STORED_IMAGES = Table(
+    "stored_images",
+    METADATA,
+    Column("id", String(36), primary_key=True),
+    _req("name", Text, index=True),
+    _req("status", String(16)),
+    _req("store", Text),
+    _req("filename", Text),
+    _opt("source_set_id", String(36)),
+    _req("size", BigInteger),
+    _req("sha256", String(64)),
+    _req("created_at", UtcDateTime, index=True),
+    _req("summary", JSON),
+)
+"""One package in an image store."""

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, or_, select, update
+from sqlalchemy import Row, delete, insert, or_, select, update
 
 from freezeframe.adapters.catalog import MIN_PREFIX, SqlCatalog
-from freezeframe.adapters.catalog_schema import StoredImageRow
+from freezeframe.adapters.catalog_schema import STORED_IMAGES as IMAGES
 from freezeframe.errors import ImageNotFound, InvalidRequest
 
 STORE_ENV = "FREEZEFRAME_IMAGE_STORE"
@@ -125,7 +125,7 @@ class StoredImage:
         }
 
 
-def _from_row(row: StoredImageRow) -> StoredImage:
+def _from_row(row: Row[Any]) -> StoredImage:
     return StoredImage(
         id=row.id,
         name=row.name,
@@ -141,16 +141,16 @@ def _from_row(row: StoredImageRow) -> StoredImage:
 
 
 class ImageRecords:
-    """The ``stored_images`` table over a SqlCatalog's sessions; any store backend keeps its records here."""
+    """The ``stored_images`` table over a SqlCatalog's connections; any store backend keeps its records here."""
 
     def __init__(self, catalog: SqlCatalog, store: str) -> None:
         self._catalog = catalog
         self.store = store
 
     def add(self, image: StoredImage) -> None:
-        with self._catalog._session(f"recording image {image.id}", write=True) as session:
-            session.add(
-                StoredImageRow(
+        with self._catalog.connect(f"recording image {image.id}", write=True) as connection:
+            connection.execute(
+                insert(IMAGES).values(
                     id=image.id,
                     name=image.name,
                     status=image.status,
@@ -166,20 +166,20 @@ class ImageRecords:
 
     def find(self, ref: str) -> StoredImage:
         """By full id, unique id prefix (at least 4 characters) or unique name, within this store."""
-        with self._catalog._session(f"looking up image {ref!r}", write=False) as session:
-            row = session.get(StoredImageRow, ref)
+        with self._catalog.connect(f"looking up image {ref!r}", write=False) as connection:
+            row = connection.execute(select(IMAGES).where(IMAGES.c.id == ref)).first()
             if row is not None and row.store == self.store:
                 return _from_row(row)
-            conditions = [StoredImageRow.name == ref]
+            conditions = [IMAGES.c.name == ref]
             if len(ref) >= MIN_PREFIX:
-                conditions += [StoredImageRow.id.startswith(p, autoescape=True) for p in {ref, ref.lower()}]
+                conditions += [IMAGES.c.id.startswith(p, autoescape=True) for p in {ref, ref.lower()}]
             query = (
-                select(StoredImageRow)
-                .where(StoredImageRow.store == self.store, or_(*conditions))
-                .order_by(StoredImageRow.created_at.desc(), StoredImageRow.id)
+                select(IMAGES)
+                .where(IMAGES.c.store == self.store, or_(*conditions))
+                .order_by(IMAGES.c.created_at.desc(), IMAGES.c.id)
             )
-            rows = list(session.scalars(query))
-            others = 0 if rows else len(list(session.scalars(select(StoredImageRow.id).where(or_(*conditions)))))
+            rows = list(connection.execute(query))
+            others = 0 if rows else len(list(connection.scalars(select(IMAGES.c.id).where(or_(*conditions)))))
         if not rows:
             elsewhere = f"; {others} image(s) of another store match (see {STORE_ENV})" if others else ""
             raise ImageNotFound(
@@ -192,21 +192,21 @@ class ImageRecords:
         return _from_row(rows[0])
 
     def all(self, status: str | None = None) -> list[StoredImage]:
-        query = select(StoredImageRow).where(StoredImageRow.store == self.store)
+        query = select(IMAGES).where(IMAGES.c.store == self.store)
         if status is not None:
-            query = query.where(StoredImageRow.status == status)
-        query = query.order_by(StoredImageRow.created_at.desc(), StoredImageRow.id)
-        with self._catalog._session("listing stored images", write=False) as session:
-            return [_from_row(row) for row in session.scalars(query)]
+            query = query.where(IMAGES.c.status == status)
+        query = query.order_by(IMAGES.c.created_at.desc(), IMAGES.c.id)
+        with self._catalog.connect("listing stored images", write=False) as connection:
+            return [_from_row(row) for row in connection.execute(query)]
 
     def ids(self) -> set[str]:
-        with self._catalog._session("listing stored images", write=False) as session:
-            return set(session.scalars(select(StoredImageRow.id).where(StoredImageRow.store == self.store)))
+        with self._catalog.connect("listing stored images", write=False) as connection:
+            return set(connection.scalars(select(IMAGES.c.id).where(IMAGES.c.store == self.store)))
 
     def mark(self, image_id: str, status: str) -> None:
-        with self._catalog._session(f"marking image {image_id} {status}", write=True) as session:
-            session.execute(update(StoredImageRow).where(StoredImageRow.id == image_id).values(status=status))
+        with self._catalog.connect(f"marking image {image_id} {status}", write=True) as connection:
+            connection.execute(update(IMAGES).where(IMAGES.c.id == image_id).values(status=status))
 
     def remove(self, image_id: str) -> None:
-        with self._catalog._session(f"deleting image {image_id}", write=True) as session:
-            session.execute(delete(StoredImageRow).where(StoredImageRow.id == image_id))
+        with self._catalog.connect(f"deleting image {image_id}", write=True) as connection:
+            connection.execute(delete(IMAGES).where(IMAGES.c.id == image_id))

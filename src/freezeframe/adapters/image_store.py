@@ -30,7 +30,6 @@ from typing import IO, Protocol
 from urllib.parse import unquote, urlparse
 
 from freezeframe.adapters.catalog import SqlCatalog
-from freezeframe.adapters.catalog_schema import StoredImageRow
 from freezeframe.adapters.image_records import (
     AVAILABLE,
     DELETING,
@@ -359,7 +358,6 @@ __all__ = [
     "ImageSummary",
     "NewImage",
     "StoredImage",
-    "StoredImageRow",
     "check_filename",
     "open_image_store",
 ]

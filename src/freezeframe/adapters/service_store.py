@@ -1,7 +1,7 @@
 """What the HTTP service keeps in the catalog beside the sets: jobs, API tokens, project mappings, image owners.
 
 The rows are declared with the catalog's (``catalog_schema``: one Alembic history, revision 0003, covers them) and
-each store works over a ``SqlCatalog``'s sessions, like ``RestoreLog``: the Catalog port stays unchanged and
+each store works over a ``SqlCatalog``'s connections, like ``RestoreLog``: the Catalog port stays unchanged and
 the CLI and the service read and write the same SQLite file (WAL) at the same time.
 """
 
@@ -15,10 +15,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import Row, delete, insert, select, update
 
 from freezeframe.adapters.catalog import SqlCatalog
-from freezeframe.adapters.catalog_schema import ImageOwnerRow, InstanceProjectRow, JobRow, TokenRow
+from freezeframe.adapters.catalog_schema import IMAGE_OWNERS, INSTANCE_PROJECTS, JOBS, TOKENS
 from freezeframe.errors import InvalidRequest, JobNotFound, TokenNotFound
 from freezeframe.validation import validate_project, validate_text
 
@@ -70,30 +70,12 @@ JOB_STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED)
 FINISHED_STATES = (SUCCEEDED, FAILED)
 
 
-def _job(row: JobRow) -> Job:
-    return Job(
-        id=row.id,
-        kind=row.kind,
-        state=row.state,
-        project=row.project,
-        lock_key=row.lock_key,
-        request=dict(row.request),
-        created_at=row.created_at,
-        instance_uuid=row.instance_uuid,
-        instance_name=row.instance_name,
-        set_id=row.set_id,
-        image_id=row.image_id,
-        result=dict(row.result) if row.result is not None else None,
-        error_type=row.error_type,
-        error=row.error,
-        phase=row.phase,
-        progress_done=row.progress_done,
-        progress_total=row.progress_total,
-        token_id=row.token_id,
-        server_pid=row.server_pid,
-        started_at=row.started_at,
-        finished_at=row.finished_at,
-    )
+def _job(row: Row[Any]) -> Job:
+    """A row of ``jobs`` (its columns are the fields of Job)."""
+    values = dict(row._mapping)
+    values["request"] = dict(values["request"])
+    values["result"] = dict(values["result"]) if values["result"] is not None else None
+    return Job(**values)
 
 
 class JobStore:
@@ -103,47 +85,23 @@ class JobStore:
         self._catalog = catalog
 
     def add(self, job: Job) -> None:
-        with self._catalog._session(f"recording job {job.id}", write=True) as session:
-            session.add(
-                JobRow(
-                    id=job.id,
-                    kind=job.kind,
-                    state=job.state,
-                    project=job.project,
-                    lock_key=job.lock_key,
-                    instance_uuid=job.instance_uuid,
-                    instance_name=job.instance_name,
-                    set_id=job.set_id,
-                    image_id=job.image_id,
-                    request=dict(job.request),
-                    result=job.result,
-                    error_type=job.error_type,
-                    error=job.error,
-                    phase=job.phase,
-                    progress_done=job.progress_done,
-                    progress_total=job.progress_total,
-                    token_id=job.token_id,
-                    server_pid=job.server_pid,
-                    created_at=job.created_at,
-                    started_at=job.started_at,
-                    finished_at=job.finished_at,
-                )
-            )
+        with self._catalog.connect(f"recording job {job.id}", write=True) as connection:
+            connection.execute(insert(JOBS).values(**{**vars(job), "request": dict(job.request)}))
 
     def get(self, job_id: str) -> Job:
-        with self._catalog._session(f"looking up job {job_id}", write=False) as session:
-            row = session.get(JobRow, job_id)
+        with self._catalog.connect(f"looking up job {job_id}", write=False) as connection:
+            row = connection.execute(select(JOBS).where(JOBS.c.id == job_id)).first()
             if row is None:
                 raise JobNotFound(f"no job {job_id}")
             return _job(row)
 
     def update(self, job_id: str, **values: Any) -> None:
         """Set the given columns (state, phase, progress_done, set_id, result, error, ...)."""
-        unknown = set(values) - set(JobRow.__table__.columns.keys())
+        unknown = set(values) - set(JOBS.c.keys())
         if unknown:
             raise InvalidRequest(f"jobs have no column(s) {', '.join(sorted(unknown))}")
-        with self._catalog._session(f"updating job {job_id}", write=True) as session:
-            session.execute(update(JobRow).where(JobRow.id == job_id).values(**values))
+        with self._catalog.connect(f"updating job {job_id}", write=True) as connection:
+            connection.execute(update(JOBS).where(JOBS.c.id == job_id).values(**values))
 
     def query(
         self,
@@ -152,21 +110,21 @@ class JobStore:
         kind: str | None = None,
     ) -> list[Job]:
         """Newest first; ``projects=None`` means every project (admin), ``[]`` none."""
-        query = select(JobRow)
+        query = select(JOBS)
         if projects is not None:
-            query = query.where(JobRow.project.in_(list(projects)))
+            query = query.where(JOBS.c.project.in_(list(projects)))
         if state is not None:
-            query = query.where(JobRow.state == state)
+            query = query.where(JOBS.c.state == state)
         if kind is not None:
-            query = query.where(JobRow.kind == kind)
-        query = query.order_by(JobRow.created_at.desc(), JobRow.id)
-        with self._catalog._session("listing jobs", write=False) as session:
-            return [_job(row) for row in session.scalars(query)]
+            query = query.where(JOBS.c.kind == kind)
+        query = query.order_by(JOBS.c.created_at.desc(), JOBS.c.id)
+        with self._catalog.connect("listing jobs", write=False) as connection:
+            return [_job(row) for row in connection.execute(query)]
 
     def unfinished(self) -> list[Job]:
-        query = select(JobRow).where(JobRow.state.in_([QUEUED, RUNNING])).order_by(JobRow.created_at)
-        with self._catalog._session("listing unfinished jobs", write=False) as session:
-            return [_job(row) for row in session.scalars(query)]
+        query = select(JOBS).where(JOBS.c.state.in_([QUEUED, RUNNING])).order_by(JOBS.c.created_at)
+        with self._catalog.connect("listing unfinished jobs", write=False) as connection:
+            return [_job(row) for row in connection.execute(query)]
 
 
 # ---- tokens -----------------------------------------------------------------------------------------------
@@ -197,7 +155,7 @@ class IssuedToken:
     secret: str = field(repr=False)
 
 
-def _token(row: TokenRow) -> Token:
+def _token(row: Row[Any]) -> Token:
     return _scoped(row.id, row.project, row.role, _aware(row.created_at) or _now(), row.description, row.revoked_at)
 
 
@@ -242,9 +200,9 @@ class TokenStore:
         token_id = secrets.token_hex(8)
         secret = secrets.token_urlsafe(32)
         now = _now()
-        with self._catalog._session("creating a token", write=True) as session:
-            session.add(
-                TokenRow(
+        with self._catalog.connect("creating a token", write=True) as connection:
+            connection.execute(
+                insert(TOKENS).values(
                     id=token_id,
                     secret_sha256=_hash(secret),
                     project=project,
@@ -260,11 +218,11 @@ class TokenStore:
         """The active token for this bearer string, or None; unknown ids cost the same hash compare."""
         prefix, _, rest = bearer.partition("_")
         token_id, _, secret = rest.partition("_")
-        table = TokenRow.__table__
+        table = TOKENS
         row = None
         if prefix == TOKEN_PREFIX and token_id and secret:
-            with self._catalog._session("checking a token", write=False) as session:
-                row = session.execute(select(table).where(table.c.id == token_id)).mappings().first()
+            with self._catalog.connect("checking a token", write=False) as connection:
+                row = connection.execute(select(table).where(table.c.id == token_id)).mappings().first()
         expected = row["secret_sha256"] if row is not None else _DUMMY_HASH
         matches = hmac.compare_digest(expected, _hash(secret))
         if row is None or not matches or row["revoked_at"] is not None:
@@ -275,22 +233,23 @@ class TokenStore:
         )  # fmt: skip
 
     def all(self, include_revoked: bool = True) -> list[Token]:
-        query = select(TokenRow).order_by(TokenRow.created_at, TokenRow.id)
+        query = select(TOKENS).order_by(TOKENS.c.created_at, TOKENS.c.id)
         if not include_revoked:
-            query = query.where(TokenRow.revoked_at.is_(None))
-        with self._catalog._session("listing tokens", write=False) as session:
-            return [_token(row) for row in session.scalars(query)]
+            query = query.where(TOKENS.c.revoked_at.is_(None))
+        with self._catalog.connect("listing tokens", write=False) as connection:
+            return [_token(row) for row in connection.execute(query)]
 
     def revoke(self, token_id: str) -> Token:
         """Idempotent: revoking a revoked token keeps its first revocation time."""
         if token_id.startswith(f"{TOKEN_PREFIX}_"):
             token_id = token_id.split("_")[1]
-        with self._catalog._session(f"revoking token {token_id}", write=True) as session:
-            row = session.get(TokenRow, token_id)
+        with self._catalog.connect(f"revoking token {token_id}", write=True) as connection:
+            row = connection.execute(select(TOKENS).where(TOKENS.c.id == token_id)).first()
             if row is None:
                 raise TokenNotFound(f"no token with id {token_id!r}; `freezeframe token list` shows the ids")
             if row.revoked_at is None:
-                row.revoked_at = _now()
+                connection.execute(update(TOKENS).where(TOKENS.c.id == token_id).values(revoked_at=_now()))
+                row = connection.execute(select(TOKENS).where(TOKENS.c.id == token_id)).one()
             return _token(row)
 
 
@@ -311,32 +270,30 @@ class ProjectMap:
 
     def assign(self, instance_uuid: str, instance_name: str, project: str) -> ProjectAssignment:
         now = _now()
-        with self._catalog._session(f"assigning {instance_name} to {project}", write=True) as session:
-            row = session.get(InstanceProjectRow, instance_uuid)
-            if row is None:
-                session.add(InstanceProjectRow(
-                    instance_uuid=instance_uuid, instance_name=instance_name, project=project, assigned_at=now
-                ))  # fmt: skip
-            else:
-                row.instance_name, row.project, row.assigned_at = instance_name, project, now
+        with self._catalog.connect(f"assigning {instance_name} to {project}", write=True) as connection:
+            values = {"instance_name": instance_name, "project": project, "assigned_at": now}
+            where = INSTANCE_PROJECTS.c.instance_uuid == instance_uuid
+            if connection.execute(update(INSTANCE_PROJECTS).where(where).values(**values)).rowcount == 0:
+                connection.execute(insert(INSTANCE_PROJECTS).values(instance_uuid=instance_uuid, **values))
         return ProjectAssignment(instance_uuid, instance_name, project, now)
 
     def unassign(self, instance_uuid: str) -> bool:
-        with self._catalog._session(f"unassigning {instance_uuid}", write=True) as session:
-            query = delete(InstanceProjectRow).where(InstanceProjectRow.instance_uuid == instance_uuid)
-            return bool(getattr(session.execute(query), "rowcount", 0))
+        with self._catalog.connect(f"unassigning {instance_uuid}", write=True) as connection:
+            query = delete(INSTANCE_PROJECTS).where(INSTANCE_PROJECTS.c.instance_uuid == instance_uuid)
+            return bool(getattr(connection.execute(query), "rowcount", 0))
 
     def all(self) -> dict[str, ProjectAssignment]:
-        with self._catalog._session("reading the project mapping", write=False) as session:
+        with self._catalog.connect("reading the project mapping", write=False) as connection:
             return {
                 r.instance_uuid: ProjectAssignment(r.instance_uuid, r.instance_name, r.project, r.assigned_at)
-                for r in session.scalars(select(InstanceProjectRow).order_by(InstanceProjectRow.instance_name))
+                for r in connection.execute(select(INSTANCE_PROJECTS).order_by(INSTANCE_PROJECTS.c.instance_name))
             }
 
     def get(self, instance_uuid: str) -> str | None:
-        with self._catalog._session("reading the project mapping", write=False) as session:
-            row = session.get(InstanceProjectRow, instance_uuid)
-            return row.project if row is not None else None
+        with self._catalog.connect("reading the project mapping", write=False) as connection:
+            where = INSTANCE_PROJECTS.c.instance_uuid == instance_uuid
+            project: str | None = connection.scalar(select(INSTANCE_PROJECTS.c.project).where(where))
+            return project
 
 
 # ---- image owners ---------------------------------------------------------------------------------------
@@ -349,21 +306,24 @@ class ImageOwners:
         self._catalog = catalog
 
     def record(self, image_id: str, project: str | None, set_id: str | None) -> None:
-        with self._catalog._session(f"recording the owner of image {image_id}", write=True) as session:
-            row = session.get(ImageOwnerRow, image_id)
-            if row is None:
-                session.add(ImageOwnerRow(image_id=image_id, project=project, set_id=set_id, created_at=_now()))
-            else:
-                row.project, row.set_id = project, set_id
+        with self._catalog.connect(f"recording the owner of image {image_id}", write=True) as connection:
+            where = IMAGE_OWNERS.c.image_id == image_id
+            if (
+                connection.execute(update(IMAGE_OWNERS).where(where).values(project=project, set_id=set_id)).rowcount
+                == 0
+            ):
+                connection.execute(
+                    insert(IMAGE_OWNERS).values(image_id=image_id, project=project, set_id=set_id, created_at=_now())
+                )
 
     def all(self) -> dict[str, str | None]:
         """image id -> project, for every image the service recorded."""
-        with self._catalog._session("reading image owners", write=False) as session:
-            return {r.image_id: r.project for r in session.scalars(select(ImageOwnerRow))}
+        with self._catalog.connect("reading image owners", write=False) as connection:
+            return {r.image_id: r.project for r in connection.execute(select(IMAGE_OWNERS))}
 
     def forget(self, image_id: str) -> None:
-        with self._catalog._session(f"forgetting the owner of image {image_id}", write=True) as session:
-            session.execute(delete(ImageOwnerRow).where(ImageOwnerRow.image_id == image_id))
+        with self._catalog.connect(f"forgetting the owner of image {image_id}", write=True) as connection:
+            connection.execute(delete(IMAGE_OWNERS).where(IMAGE_OWNERS.c.image_id == image_id))
 
 
 def _aware(value: datetime | None) -> datetime | None:
