@@ -493,3 +493,13 @@ def test_round_trip_property(
     catalog.add_set(s)
     assert catalog.get_set(s.id) == s
     assert s in catalog.list_sets(metadata=metadata)
+
+
+def test_listings_read_in_batches_and_keep_their_order(catalog: SqlCatalog, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large catalogs are read a batch of ids at a time (a statement holds only so many parameters)."""
+    monkeypatch.setattr("freezeframe.adapters.catalog.LOAD_BATCH", 3)
+    made = [make_set(f"s{i}", created_at=T0 + timedelta(minutes=i)) for i in range(7)]
+    for s in made:
+        catalog.add_set(s)
+    assert catalog.list_sets() == made[::-1]
+    assert catalog.load_sets([made[5].id, "nope", made[0].id]) == [made[5], made[0]]

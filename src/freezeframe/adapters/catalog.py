@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 MIN_PREFIX = 4
 """Shorter id prefixes match too many sets to be a safe way to name one."""
+LOAD_BATCH = 500
 
 __all__ = ["METADATA", "MIGRATIONS_DIR", "MIN_PREFIX", "SetEntry", "SqlCatalog"]
 
@@ -265,19 +266,19 @@ class SqlCatalog:
 
     def load_sets(self, ids: Sequence[str]) -> list[SnapshotSet]:
         """The sets with these exact ids, in this order (ids not in the catalog are left out)."""
-        if not ids:
-            return []
+        set_rows: list[Mapping[str, Any]] = []
+        member_rows: list[Mapping[str, Any]] = []
         with self.connect("reading sets", write=False) as connection:
-            set_rows = connection.execute(select(SETS).where(SETS.c.id.in_(list(ids)))).mappings().all()
-            member_rows = (
-                connection.execute(select(MEMBERS).where(MEMBERS.c.set_id.in_(list(ids))).order_by(MEMBERS.c.id))
-                .mappings()
-                .all()
-            )
+            # In batches: a statement may hold only so many parameters (SQLite: 32766, older builds 999).
+            for start in range(0, len(ids), LOAD_BATCH):
+                batch = list(ids[start : start + LOAD_BATCH])
+                set_rows += [dict(r) for r in connection.execute(select(SETS).where(SETS.c.id.in_(batch))).mappings()]
+                query = select(MEMBERS).where(MEMBERS.c.set_id.in_(batch)).order_by(MEMBERS.c.id)
+                member_rows += [dict(r) for r in connection.execute(query).mappings()]
         members: dict[str, list[Mapping[str, Any]]] = {}
         for m in member_rows:
-            members.setdefault(m["set_id"], []).append(dict(m))
-        by_id = {row["id"]: self._from_columns(dict(row), members.get(row["id"], [])) for row in set_rows}
+            members.setdefault(m["set_id"], []).append(m)
+        by_id = {row["id"]: self._from_columns(row, members.get(row["id"], [])) for row in set_rows}
         return [by_id[i] for i in ids if i in by_id]
 
     def _from_columns(self, row: Mapping[str, Any], members: Sequence[Mapping[str, Any]]) -> SnapshotSet:
