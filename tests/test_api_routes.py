@@ -20,9 +20,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from freezeframe.adapters.catalog import SqlCatalog
-from freezeframe.api.access import ProjectResolver
 from freezeframe.api.app import ApiConfig, create_app
 from freezeframe.api.jobs import JobRunner
+from freezeframe.api.projects import ProjectResolver
 from freezeframe.api.state import AppState
 from freezeframe.config import Settings
 from freezeframe.errors import InstanceBusy, InstanceNotFound

@@ -21,9 +21,10 @@ from sqlalchemy import text
 from freezeframe import errors
 from freezeframe.adapters.catalog import SqlCatalog
 from freezeframe.adapters.service_store import ProjectAssignment, TokenStore
-from freezeframe.api.access import PROJECT_KEY, Principal, ProjectResolver
+from freezeframe.api.access import Principal
 from freezeframe.api.app import ApiConfig, create_app
 from freezeframe.api.problems import classify, describe
+from freezeframe.api.projects import PROJECT_KEY, ProjectResolver
 from freezeframe.api.schemas import CreateBackup, SnapshotCreate
 from freezeframe.config import Settings
 from freezeframe.errors import (

@@ -13,10 +13,11 @@ from typing import Any
 from fastapi import APIRouter, Response
 
 from freezeframe.adapters.service_store import Job
-from freezeframe.api.access import JOB_KEY, PROJECT_KEY, Principal
+from freezeframe.api.access import Principal
 from freezeframe.api.deps import InstanceId, PrincipalDep, StateDep, accepted, problems
 from freezeframe.api.jobs import JobContext, JobSpec
 from freezeframe.api.problems import conflict, redact
+from freezeframe.api.projects import JOB_KEY, PROJECT_KEY
 from freezeframe.api.schemas import BackupAction, JobView, ServerAction, SnapshotCreate
 from freezeframe.api.state import AppState
 from freezeframe.model import Instance

@@ -9,9 +9,10 @@ import re
 
 from freezeframe.adapters.image_records import StoredImage
 from freezeframe.adapters.service_store import ImageOwners, Job, JobStore, ProjectMap, TokenStore
-from freezeframe.api.access import Principal, ProjectResolver
+from freezeframe.api.access import Principal
 from freezeframe.api.jobs import JobRunner, recover
 from freezeframe.api.problems import conflict, log, not_found
+from freezeframe.api.projects import ProjectResolver
 from freezeframe.api.schemas import UUID_PATTERN
 from freezeframe.config import Settings
 from freezeframe.errors import FreezeframeError, HypervisorError, ImageNotFound, InstanceBusy, JobNotFound, NotFound
