@@ -85,8 +85,8 @@ def _record(catalog: SqlCatalog, request: SnapshotRequest, backup_type: str | No
 @dataclass(frozen=True)
 class Backup:
     snapshot_set: SnapshotSet
-    rotated: list[str]
-    kept: dict[str, str]
+    rotated_out: list[str]
+    kept_in_use: dict[str, str]
 
 
 @dataclass

@@ -209,8 +209,8 @@ class FakeBackups:
         @dataclass
         class Result:
             snapshot_set: SnapshotSet
-            rotated: list[str]
-            kept: dict[str, str]
+            rotated_out: list[str]
+            kept_in_use: dict[str, str]
 
         return Result(made, rotated, {})
 

@@ -120,14 +120,6 @@ class BackupResult:
     kept_in_use: dict[str, str]
     """Sets past the rotation that were kept (id -> why), e.g. restored instances depend on them."""
 
-    @property
-    def rotated(self) -> list[str]:
-        return self.rotated_out
-
-    @property
-    def kept(self) -> dict[str, str]:
-        return self.kept_in_use
-
 
 @dataclass(frozen=True)
 class Check:

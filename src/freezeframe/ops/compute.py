@@ -20,14 +20,14 @@ Visible = Callable[[SnapshotSet], bool]
 
 
 class BackupOutcome(Protocol):
-    """``lifecycle.BackupResult``: the new set, the rotated-out ids and the kept ones (id -> why)."""
+    """``BackupResult``: the new set, the rotated-out ids and the kept ones (id -> why)."""
 
     @property
     def snapshot_set(self) -> SnapshotSet: ...
     @property
-    def rotated(self) -> list[str]: ...
+    def rotated_out(self) -> list[str]: ...
     @property
-    def kept(self) -> dict[str, str]: ...
+    def kept_in_use(self) -> dict[str, str]: ...
 
 
 class Backups(Protocol):
@@ -136,7 +136,7 @@ def take(
             visible=visible,
             progress=progress,
         )
-        return Taken(result.snapshot_set, list(result.rotated), dict(result.kept))
+        return Taken(result.snapshot_set, list(result.rotated_out), dict(result.kept_in_use))
     request = SnapshotRequest(
         instance=instance.uuid,
         consistency=order.consistency,
