@@ -230,12 +230,13 @@ class FakeService:
 def test_take_uses_the_assigned_set_id_for_snapshots_and_backups() -> None:
     service = FakeService(FakeBackups([]))
     vm = _instance(_disk("vda"), _disk("vdb"))
-    made = take(service, vm, Order(exclude_disks=("vdb",), pause=True), set_id="sid-1", visible=lambda s: True)
-    assert made.snapshot_set.id == "sid-1" and not made.rotated
-    assert service.requests[0].set_id == "sid-1" and service.requests[0].exclude_disks == ("vdb",)
+    sid1, sid2 = str(uuid.uuid4()), str(uuid.uuid4())
+    made = take(service, vm, Order(exclude_disks=("vdb",), pause=True), set_id=sid1, visible=lambda s: True)
+    assert made.snapshot_set.id == sid1 and not made.rotated
+    assert service.requests[0].set_id == sid1 and service.requests[0].exclude_disks == ("vdb",)
     assert service.requests[0].pause_vcpus
-    backed = take(service, vm, Order(backup_type="daily", rotation=2), set_id="sid-2", visible=lambda s: True)
-    assert backed.snapshot_set.id == "sid-2" and service.lifecycle.calls[0]["set_id"] == "sid-2"
+    backed = take(service, vm, Order(backup_type="daily", rotation=2), set_id=sid2, visible=lambda s: True)
+    assert backed.snapshot_set.id == sid2 and service.lifecycle.calls[0]["set_id"] == sid2
 
 
 # ---- rotation acts only on the caller's sets (issue 17, item 2) ---------------------------------------------
@@ -274,9 +275,9 @@ def test_backup_rotation_after_a_remap_spares_and_hides_the_old_projects_sets() 
     backups = FakeBackups(list(old))
     service = FakeService(backups)
     order = Order(backup_type="daily", rotation=1, metadata={PROJECT_KEY: "beta"})
-    first = take(service, vm, order, set_id="b1", visible=visible)
-    second = take(service, vm, order, set_id="b2", visible=visible)
-    assert first.rotated == [] and second.rotated == ["b1"]  # only beta's own backup rotates out
+    first = take(service, vm, order, set_id=str(uuid.uuid4()), visible=visible)
+    second = take(service, vm, order, set_id=str(uuid.uuid4()), visible=visible)
+    assert first.rotated == [] and second.rotated == [first.snapshot_set.id]  # only beta's own backup rotates out
     assert {s.id for s in old} <= {s.id for s in backups.sets}  # alpha's sets are all still there
     assert not {s.id for s in old} & set(first.rotated + second.rotated + list(second.kept))
     admin = Principal("t-admin", "admin", None)
