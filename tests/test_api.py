@@ -217,6 +217,34 @@ def test_create_backup_alias_rotates(server: ServerProcess, member: httpx.Client
     assert [s["id"] for s in kept["items"]] == [native["id"]]
 
 
+def test_rotation_after_a_remap_spares_the_old_projects_backups(
+    server: ServerProcess, admin: httpx.Client, member: httpx.Client, guest: TestInstance
+) -> None:
+    """Issue 17, item 2: a new project's createBackup rotates its own backups only, and names no other set."""
+    backup = {"backup_type": "weekly", "rotation": 5}
+    alpha_sets = [_snapshot(server, member, guest.name, **backup)["id"] for _ in range(2)]
+    assert admin.put(f"/v1/instances/{guest.name}/project", json={"project": "beta"}).status_code == 200
+    try:
+        with server.client(issue_token(server.home, "member", "beta")) as beta:
+            results = []
+            for i in range(2):
+                body = {"createBackup": {"name": f"beta-{i}", "backup_type": "weekly", "rotation": 1}}
+                results.append(
+                    _succeeded(server, beta, _accepted(beta.post(f"/v1/servers/{guest.name}/action", json=body)))
+                )
+            assert results[0]["result"]["rotated_out"] == []
+            assert results[1]["result"]["rotated_out"] == [results[0]["result"]["set_id"]]
+            named = {i for r in results for i in [*r["result"]["rotated_out"], *r["result"]["kept_in_use"]]}
+            assert not named & set(alpha_sets)
+            listed = {s["id"] for s in beta.get("/v1/snapshot-sets", params={"limit": 500}).json()["items"]}
+            assert listed == {results[1]["result"]["set_id"]}
+        for set_id in alpha_sets:
+            assert admin.get(f"/v1/snapshot-sets/{set_id}").json()["project"] == "alpha"
+            assert member.get(f"/v1/snapshot-sets/{set_id}").status_code == 200
+    finally:
+        assert admin.put(f"/v1/instances/{guest.name}/project", json={"project": "alpha"}).status_code == 200
+
+
 def _freeze_status(inst: TestInstance) -> str:
     status: str = inst.agent({"execute": "guest-fsfreeze-status"})["return"]
     return status

@@ -193,6 +193,12 @@ def test_token_cli_and_revocation(world: World) -> None:
         assert client.get(f"/v1/snapshot-sets/{world.set_beta}").status_code == 401
     bad = cli(home, "token", "create", "--role", "member")
     assert bad.returncode != 0 and "--project" in bad.stderr
+    # An admin token is global: one with a project would claim a scope it does not have (issue 17, item 5).
+    scoped_admin = cli(home, "token", "create", "--role", "admin", "--project", "alpha")
+    assert scoped_admin.returncode != 0 and "admin token is global" in scoped_admin.stderr
+    assert "Traceback" not in scoped_admin.stderr and len(scoped_admin.stderr.strip().splitlines()) == 1
+    admins = [t for t in json.loads(cli(home, "token", "list", "--json").stdout) if t["role"] == "admin"]
+    assert admins and all(t["project"] is None for t in admins)
 
 
 def test_errors_are_problem_details_without_internals(world: World) -> None:
@@ -234,6 +240,11 @@ def test_errors_are_problem_details_without_internals(world: World) -> None:
             body = response.json()
             assert body["status"] == status and body["title"] and body["detail"]
             assert home not in response.text and "qemu:///" not in response.text and "Traceback" not in response.text
+        # Metadata must be XML-safe text (it ends up in OVF descriptors), names the same as on the CLI.
+        for bad in ({"metadata": {"note": "nul\x00"}}, {"metadata": {"note": "\uffff"}}, {"name": "web\n"}):
+            refused = client.post(f"/v1/instances/{world.domains.alpha}/snapshots", json=bad)
+            assert refused.status_code == 422 and refused.headers["content-type"] == "application/problem+json"
+        assert client.get("/docs").status_code == 404 and client.get("/openapi.json").status_code == 200
         # Members see no host paths in resources either.
         shown = client.get(f"/v1/snapshot-sets/{world.set_alpha}").json()
         assert all(m["path"] is None for m in shown["members"]) and home not in json.dumps(shown)

@@ -12,13 +12,15 @@ from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
+from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import create_engine
 
-from freezeframe.adapters.catalog import MIGRATIONS_DIR, Base, SqlCatalog
+from freezeframe.adapters.catalog import METADATA, MIGRATIONS_DIR, SqlCatalog
+from freezeframe.adapters.catalog_schema import SCHEMA_HEAD, SCHEMA_REVISIONS
 from freezeframe.errors import CatalogError, InvalidRequest, SetNotFound
 from freezeframe.model import (
     BootSpec,
@@ -343,10 +345,43 @@ def test_models_match_migrations(catalog: SqlCatalog, db_path: Path) -> None:
     engine = create_engine(url_for(db_path))
     try:
         with engine.connect() as con:
-            diff = compare_metadata(MigrationContext.configure(con, opts={"compare_type": True}), Base.metadata)
+            diff = compare_metadata(MigrationContext.configure(con, opts={"compare_type": True}), METADATA)
     finally:
         engine.dispose()
     assert diff == []
+
+
+def test_schema_revisions_list_every_migration() -> None:
+    """Opening a catalog at SCHEMA_HEAD skips Alembic, so the list must match the scripts exactly."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    scripts = ScriptDirectory.from_config(config)
+    assert [r.revision for r in reversed(list(scripts.walk_revisions()))] == list(SCHEMA_REVISIONS)
+    assert scripts.get_current_head() == SCHEMA_HEAD
+
+
+@pytest.mark.parametrize(
+    ("column", "value", "message"),
+    [
+        ("status", "bogus", "status"),
+        ("requested", "perfect", "requested consistency"),
+        ("achieved", "total", "achieved consistency"),
+        ("instance_state", "levitating", "instance state"),
+        ("hardware", '{"vcpus": "two"}', "hardware"),
+    ],
+)
+def test_rows_with_bad_values_are_one_line_catalog_errors(
+    catalog: SqlCatalog, db_path: Path, column: str, value: str, message: str
+) -> None:
+    s = make_set()
+    catalog.add_set(s)
+    with sqlite3.connect(db_path) as con:
+        con.execute(f"UPDATE snapshot_sets SET {column} = ? WHERE id = ?", (value, s.id))
+    for read in (lambda: catalog.get_set(s.id), catalog.list_sets, lambda: catalog.load_sets([s.id])):
+        with pytest.raises(CatalogError, match=message) as caught:
+            read()
+        assert "\n" not in str(caught.value) and s.id in str(caught.value)
+        assert caught.value.__cause__ is None
 
 
 def test_newer_schema_is_reported(db_path: Path) -> None:
@@ -458,3 +493,13 @@ def test_round_trip_property(
     catalog.add_set(s)
     assert catalog.get_set(s.id) == s
     assert s in catalog.list_sets(metadata=metadata)
+
+
+def test_listings_read_in_batches_and_keep_their_order(catalog: SqlCatalog, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Large catalogs are read a batch of ids at a time (a statement holds only so many parameters)."""
+    monkeypatch.setattr("freezeframe.adapters.catalog.LOAD_BATCH", 3)
+    made = [make_set(f"s{i}", created_at=T0 + timedelta(minutes=i)) for i in range(7)]
+    for s in made:
+        catalog.add_set(s)
+    assert catalog.list_sets() == made[::-1]
+    assert catalog.load_sets([made[5].id, "nope", made[0].id]) == [made[5], made[0]]

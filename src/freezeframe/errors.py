@@ -1,19 +1,53 @@
-"""Typed errors. Each message says what went wrong and what the user can do about it."""
+"""Typed errors, and the one table of what each category means to a person, a shell and an HTTP client.
+
+Every category carries its CLI exit code, its HTTP status, the slug of its problem type
+(``https://freezeframe.dev/problems/<slug>``), a title, and whether its message may be shown to an API client
+(``public``: after host paths and URIs are redacted) or must be replaced by a generic message with an error id
+(hypervisor, catalog, anything unexpected: their messages name hosts, files and drivers). Subclasses inherit their
+category; ``category()`` answers for any exception, ``by_slug()`` for a slug recorded earlier (a failed job).
+The CLI reads ``exit_code``; ``api/problems.py`` reads the rest.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+
+@dataclass(frozen=True)
+class Category:
+    exit_code: int
+    http_status: int
+    slug: str
+    title: str
+    public: bool
+    """True: the message may reach API clients (redacted); False: a generic message with an error id instead."""
 
 
 class FreezeframeError(Exception):
-    """Base of every error the CLI turns into one line and an exit code."""
+    """Base of every error the CLI turns into one line and an exit code; unclassified failures land here."""
 
-    exit_code = 1
+    # Set from TABLE at the bottom of this module; read them on the class or on an instance.
+    exit_code: ClassVar[int]
+    http_status: ClassVar[int]
+    slug: ClassVar[str]
+    title: ClassVar[str]
+    public: ClassVar[bool]
+
+    @classmethod
+    def category(cls) -> Category:
+        return Category(cls.exit_code, cls.http_status, cls.slug, cls.title, cls.public)
+
+
+INTERNAL = Category(1, 500, "internal-error", "Internal error", public=False)
+"""Anything that is not a FreezeframeError: a bug. Clients get an error id, the log gets the traceback."""
+INTERRUPTED = Category(130, 500, "interrupted", "Interrupted", public=False)
+"""Ctrl-C, or a stop of the service while a job ran."""
 
 
 class NotFound(FreezeframeError):
-    exit_code = 2
+    pass
 
 
 class InstanceNotFound(NotFound):
@@ -25,27 +59,27 @@ class SetNotFound(NotFound):
 
 
 class InvalidRequest(FreezeframeError):
-    exit_code = 3
+    pass
+
+
+class RecordInvalid(InvalidRequest):
+    """A stored or handed-over record of a set (catalog row, set.json, OVF section) holds a value we cannot use."""
 
 
 class InstanceBusy(FreezeframeError):
     """Another freezeframe operation on the same instance is in flight."""
 
-    exit_code = 4
-
 
 class PreflightFailed(FreezeframeError):
-    exit_code = 5
+    pass
 
 
 class ConsistencyUnavailable(FreezeframeError):
     """--require was given and the requested level cannot be reached."""
 
-    exit_code = 6
-
 
 class CaptureFailed(FreezeframeError):
-    exit_code = 7
+    pass
 
 
 class FreezeWindowExceeded(CaptureFailed):
@@ -57,7 +91,7 @@ class RepositoryFull(CaptureFailed):
 
 
 class HypervisorError(FreezeframeError):
-    exit_code = 8
+    pass
 
 
 class AgentUnavailable(HypervisorError):
@@ -69,7 +103,7 @@ class InsufficientSpace(PreflightFailed):
 
 
 class CatalogError(FreezeframeError):
-    exit_code = 9
+    pass
 
 
 # ---- lifecycle.py ----------------------------------------------------------------------------------------
@@ -77,8 +111,6 @@ class CatalogError(FreezeframeError):
 
 class VerifyFailed(FreezeframeError):
     """``verify`` found a member whose data no longer matches the catalog, or a clone that did not check out."""
-
-    exit_code = 10
 
 
 class SetHasDependants(InvalidRequest):
@@ -180,9 +212,7 @@ class OvaWriteError(OvaError):
 
 
 class OvaNoSpace(OvaWriteError, InsufficientSpace):
-    """The target filesystem filled up; the partial file has been removed."""
-
-    exit_code = InsufficientSpace.exit_code
+    """The target filesystem filled up; the partial file has been removed (InsufficientSpace's category)."""
 
 
 # ---- adapters/image_store.py -----------------------------------------------------------------------------
@@ -195,8 +225,6 @@ class ImageNotFound(NotFound):
 class ImageStoreError(FreezeframeError):
     """The store could not keep or hand back a package (I/O, missing data)."""
 
-    exit_code = 9
-
 
 # ---- adapters/service_store.py ---------------------------------------------------------------------------
 
@@ -207,3 +235,60 @@ class JobNotFound(NotFound):
 
 class TokenNotFound(NotFound):
     pass
+
+
+# ---- the table ---------------------------------------------------------------------------------------------
+
+_NO_SPACE = Category(5, 409, "preflight-failed", "Preflight check failed", public=True)
+
+TABLE: dict[type[FreezeframeError], Category] = {
+    FreezeframeError: Category(1, 500, "operation-failed", "Operation failed", public=True),
+    NotFound: Category(2, 404, "not-found", "Not found", public=True),
+    InvalidRequest: Category(3, 400, "invalid-request", "Invalid request", public=True),
+    InstanceBusy: Category(4, 409, "busy", "Busy", public=True),
+    PreflightFailed: _NO_SPACE,
+    ConsistencyUnavailable: Category(6, 409, "consistency-unavailable", "Consistency level not reachable", public=True),
+    CaptureFailed: Category(7, 500, "capture-failed", "Capture failed", public=True),
+    HypervisorError: Category(8, 502, "hypervisor-error", "Hypervisor error", public=False),
+    CatalogError: Category(9, 503, "catalog-unavailable", "Catalog unavailable", public=False),
+    ImageStoreError: Category(9, 503, "image-store-unavailable", "Image store unavailable", public=False),
+    VerifyFailed: Category(10, 500, "verify-failed", "Verification failed", public=True),
+    OvaNoSpace: _NO_SPACE,
+}
+"""The categories. Every other class inherits the row of its nearest listed ancestor (Python's MRO). OvfError,
+OvaError and OvaWriteError have no row on purpose: their subclasses also derive from InvalidRequest or
+InsufficientSpace, whose rows they must inherit; OvaNoSpace is listed because OvaWriteError comes first in its MRO."""
+
+for _cls, _row in TABLE.items():
+    _cls.exit_code, _cls.http_status, _cls.slug, _cls.title, _cls.public = (
+        _row.exit_code, _row.http_status, _row.slug, _row.title, _row.public,
+    )  # fmt: skip
+
+
+def category(exc: BaseException) -> Category:
+    """The row for any exception: its class's, ``INTERRUPTED`` for Ctrl-C, ``INTERNAL`` for anything else."""
+    if isinstance(exc, FreezeframeError):
+        return exc.category()
+    if isinstance(exc, KeyboardInterrupt):
+        return INTERRUPTED
+    return INTERNAL
+
+
+def _all_classes(root: type[FreezeframeError] = FreezeframeError) -> list[type[FreezeframeError]]:
+    found = [root]
+    for sub in root.__subclasses__():
+        found += [c for c in _all_classes(sub) if c not in found]
+    return found
+
+
+def table() -> dict[type[FreezeframeError], Category]:
+    """Every error class with its category (for docs and tests)."""
+    return {cls: cls.category() for cls in _all_classes()}
+
+
+def by_slug(slug: str) -> Category | None:
+    """The category a slug stands for (a failed job stores only the slug)."""
+    for row in (*table().values(), INTERNAL, INTERRUPTED):
+        if row.slug == slug:
+            return row
+    return None

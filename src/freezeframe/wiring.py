@@ -30,7 +30,7 @@ from freezeframe.ports import ProgressCallback
 from freezeframe.service import Freezeframe
 
 if TYPE_CHECKING:
-    from freezeframe.adapters.catalog import RestoreLog, SqlCatalog
+    from freezeframe.adapters.catalog import SqlCatalog
     from freezeframe.adapters.host_fs import HostTools
     from freezeframe.adapters.journal import FileJournal
     from freezeframe.adapters.libvirt_domains import LibvirtDomains
@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     from freezeframe.adapters.locks import FileLocks
     from freezeframe.adapters.qemu_img import QemuImg
     from freezeframe.adapters.repository import DirectoryRepository
+    from freezeframe.adapters.restore_log import RestoreLog
     from freezeframe.lifecycle import Lifecycle
     from freezeframe.ops.common import Holds, Markers, Stores
     from freezeframe.ops.instances import InstanceBuilder
@@ -99,7 +100,7 @@ class Wiring:
 
     @cached_property
     def restores(self) -> RestoreLog:
-        from freezeframe.adapters.catalog import RestoreLog
+        from freezeframe.adapters.restore_log import RestoreLog
 
         return RestoreLog(self.catalog)
 

@@ -1,8 +1,10 @@
-"""The catalog of snapshot sets, stored with SQLAlchemy (SQLite by default, PostgreSQL-ready).
+"""The catalog of snapshot sets, stored with SQLAlchemy Core (SQLite by default, PostgreSQL-ready).
 
 Opening a catalog brings its schema to the newest Alembic revision, so a database written by an
-older freezeframe is migrated in place. SQLite runs in WAL mode with a busy timeout so the CLI and
-a long-running service can share one file.
+older freezeframe is migrated in place; a catalog already there costs one query and Alembic is not even
+imported. SQLite runs in WAL mode with a busy timeout so the CLI and a long-running service can share one
+file. Sets are written and read in the one serialised form of ``freezeframe.serialize``; a row holding a
+value that form refuses is a one-line ``CatalogError``.
 """
 
 from __future__ import annotations
@@ -11,140 +13,30 @@ import fcntl
 import logging
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from alembic import command
-from alembic.config import Config
-from alembic.script.revision import RevisionError
-from alembic.util import CommandError
-from sqlalchemy import (
-    JSON,
-    BigInteger,
-    DateTime,
-    Dialect,
-    Float,
-    ForeignKey,
-    Integer,
-    String,
-    Text,
-    UniqueConstraint,
-    create_engine,
-    delete,
-    event,
-    exc,
-    or_,
-    select,
-    update,
-)
-from sqlalchemy.engine import URL, Engine, make_url
-from sqlalchemy.orm import (
-    DeclarativeBase,
-    Mapped,
-    Session,
-    mapped_column,
-    relationship,
-    selectinload,
-    sessionmaker,
-)
+from sqlalchemy import create_engine, delete, event, exc, insert, inspect, or_, select, text, update
+from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.pool import StaticPool
-from sqlalchemy.types import TypeDecorator
 
-from freezeframe.errors import CatalogError, InvalidRequest, SetNotFound
-from freezeframe.model import (
-    Consistency,
-    Hardware,
-    InstanceState,
-    Member,
-    RestoreRecord,
-    SetStatus,
-    SnapshotSet,
-)
+from freezeframe.adapters.catalog_schema import MEMBERS, METADATA, SCHEMA_HEAD, SCHEMA_REVISIONS, SETS
+from freezeframe.errors import CatalogError, InvalidRequest, RecordInvalid, SetNotFound
+from freezeframe.model import SetStatus, SnapshotSet
+from freezeframe.serialize import set_from_dict, set_to_dict
 
 log = logging.getLogger(__name__)
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 MIN_PREFIX = 4
 """Shorter id prefixes match too many sets to be a safe way to name one."""
+LOAD_BATCH = 500
 
-
-class UtcDateTime(TypeDecorator[datetime]):
-    """Aware UTC datetimes in and out, whatever the backend keeps (SQLite drops the offset)."""
-
-    impl = DateTime(timezone=True)
-    cache_ok = True
-
-    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        if value.utcoffset() is None:
-            raise ValueError(f"naive datetime {value.isoformat()} cannot be stored; use an aware UTC datetime")
-        value = value.astimezone(UTC)
-        # Naive UTC text on SQLite sorts correctly, which list_sets' ORDER BY relies on.
-        return value if dialect.name == "postgresql" else value.replace(tzinfo=None)
-
-    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is None:
-            return None
-        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-class Base(DeclarativeBase):
-    pass
-
-
-class SetRow(Base):
-    __tablename__ = "snapshot_sets"
-
-    id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    name: Mapped[str] = mapped_column(Text)
-    instance_name: Mapped[str] = mapped_column(Text)
-    instance_uuid: Mapped[str] = mapped_column(String(64), index=True)
-    requested: Mapped[str] = mapped_column(String(16))
-    achieved: Mapped[str | None] = mapped_column(String(16))
-    reason: Mapped[str | None] = mapped_column(Text)
-    status: Mapped[str] = mapped_column(String(16), index=True)
-    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
-    completed_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
-    freeze_window_ms: Mapped[float | None] = mapped_column(Float)
-    pause_window_ms: Mapped[float | None] = mapped_column(Float)
-    hardware: Mapped[dict[str, Any]] = mapped_column(JSON)
-    # ``metadata`` is reserved on declarative classes, hence the attribute name.
-    meta: Mapped[dict[str, str]] = mapped_column("metadata", JSON)
-    backup_type: Mapped[str | None] = mapped_column(String(255), index=True)
-    error: Mapped[str | None] = mapped_column(Text)
-    instance_state: Mapped[str | None] = mapped_column(String(16))
-
-    members: Mapped[list[MemberRow]] = relationship(
-        back_populates="snapshot_set",
-        cascade="all, delete-orphan",
-        passive_deletes=True,
-        order_by="MemberRow.id",
-    )
-
-
-class MemberRow(Base):
-    __tablename__ = "members"
-    __table_args__ = (UniqueConstraint("set_id", "target", name="uq_members_set_id_target"),)
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    set_id: Mapped[str] = mapped_column(
-        String(36), ForeignKey("snapshot_sets.id", name="fk_members_set_id", ondelete="CASCADE")
-    )
-    target: Mapped[str] = mapped_column(String(64))
-    bus: Mapped[str] = mapped_column(String(32))
-    boot_order: Mapped[int | None] = mapped_column(Integer)
-    virtual_size: Mapped[int] = mapped_column(BigInteger)
-    format: Mapped[str] = mapped_column(String(32))
-    path: Mapped[str] = mapped_column(Text)
-    source_path: Mapped[str | None] = mapped_column(Text)
-    sha256: Mapped[str | None] = mapped_column(String(64))
-    meta: Mapped[dict[str, str]] = mapped_column("metadata", JSON)
-
-    snapshot_set: Mapped[SetRow] = relationship(back_populates="members")
+__all__ = ["METADATA", "MIGRATIONS_DIR", "MIN_PREFIX", "SetEntry", "SqlCatalog"]
 
 
 class SqlCatalog:
@@ -170,7 +62,6 @@ class SqlCatalog:
                     "fix the path or its permissions, or set FREEZEFRAME_CATALOG_URL / FREEZEFRAME_HOME"
                 ) from e
         self._engine = self._create_engine()
-        self._sessions = sessionmaker(self._engine, expire_on_commit=False)
         try:
             self._migrate()
         except BaseException:
@@ -211,22 +102,27 @@ class SqlCatalog:
         return engine
 
     def _migrate(self) -> None:
-        """Bring the schema to head; a file lock keeps processes opening a new file from racing."""
-        config = Config()
-        config.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
-        config.set_main_option("path_separator", "os")
-        with _file_lock(self._lock_path(), self._busy_timeout_s), self._errors("opening the catalog"):
+        """Bring the schema to head. At head (every open but the first after an upgrade) this is one cheap query
+        and Alembic is never imported; otherwise a file lock keeps processes opening a new file from racing."""
+        with self._errors("opening the catalog"):
             if self._sqlite_path is not None:
                 self._enable_wal()
-            with self._engine.begin() as connection:
-                config.attributes["connection"] = connection
-                try:
-                    command.upgrade(config, "head")
-                except (CommandError, RevisionError) as e:
-                    raise CatalogError(
-                        f"catalog {self._display} has a schema this freezeframe does not know ({e}); "
-                        "it was probably written by a newer freezeframe, so upgrade freezeframe"
-                    ) from e
+            with self._engine.connect() as connection:
+                if _revision(connection) == SCHEMA_HEAD:
+                    return
+        with (
+            _file_lock(self._lock_path(), self._busy_timeout_s),
+            self._errors("opening the catalog"),
+            self._engine.begin() as connection,
+        ):
+            current = _revision(connection)
+            if current is not None and current not in SCHEMA_REVISIONS:
+                raise CatalogError(
+                    f"catalog {self._display} has schema revision {current[:40]!r}, which this freezeframe does "
+                    "not know; it was probably written by a newer freezeframe, so upgrade freezeframe"
+                )
+            if current != SCHEMA_HEAD:
+                _upgrade(connection, self._display)
 
     def _enable_wal(self) -> None:
         with self._engine.connect() as connection:
@@ -274,53 +170,46 @@ class SqlCatalog:
         return f"catalog {self._display} failed while {action}: {detail}"
 
     @contextmanager
-    def _session(self, action: str, *, write: bool) -> Iterator[Session]:
-        with self._errors(action), self._sessions() as session:
-            if write:
-                with session.begin():
-                    yield session
-            else:
-                yield session
+    def connect(self, action: str, *, write: bool) -> Iterator[Connection]:
+        """A connection for the adapters that keep rows here (one transaction when ``write``); driver errors
+        become a CatalogError naming ``action``."""
+        with self._errors(action), self._engine.begin() if write else self._engine.connect() as connection:
+            yield connection
 
     # -- Catalog port ------------------------------------------------------------------------
 
     def add_set(self, snapshot_set: SnapshotSet) -> None:
         _validate(snapshot_set)
-        with self._session(f"adding set {snapshot_set.id}", write=True) as session:
-            if session.get(SetRow, snapshot_set.id) is not None:
+        values, members = _columns(snapshot_set)
+        with self.connect(f"adding set {snapshot_set.id}", write=True) as connection:
+            if connection.scalar(select(SETS.c.id).where(SETS.c.id == snapshot_set.id)) is not None:
                 raise InvalidRequest(f"snapshot set {snapshot_set.id} is already in the catalog")
-            row = SetRow(id=snapshot_set.id)
-            _fill_row(row, snapshot_set)
-            row.members = [_member_row(m) for m in snapshot_set.members]
-            session.add(row)
+            connection.execute(insert(SETS).values(**values))
+            if members:
+                connection.execute(insert(MEMBERS), members)
 
     def update_set(self, snapshot_set: SnapshotSet) -> None:
         _validate(snapshot_set)
-        with self._session(f"updating set {snapshot_set.id}", write=True) as session:
-            row = session.get(SetRow, snapshot_set.id, options=[selectinload(SetRow.members)])
-            if row is None:
+        values, members = _columns(snapshot_set)
+        with self.connect(f"updating set {snapshot_set.id}", write=True) as connection:
+            if connection.scalar(select(SETS.c.id).where(SETS.c.id == snapshot_set.id)) is None:
                 raise SetNotFound(f"snapshot set {snapshot_set.id} is not in the catalog; add it first")
-            _fill_row(row, snapshot_set)
-            row.members.clear()
+            connection.execute(update(SETS).where(SETS.c.id == snapshot_set.id).values(**values))
             # Delete the old members before inserting new ones so (set_id, target) stays unique.
-            session.flush()
-            row.members.extend(_member_row(m) for m in snapshot_set.members)
+            connection.execute(delete(MEMBERS).where(MEMBERS.c.set_id == snapshot_set.id))
+            if members:
+                connection.execute(insert(MEMBERS), members)
 
     def get_set(self, ref: str) -> SnapshotSet:
-        with self._session(f"looking up set {ref!r}", write=False) as session:
-            row = session.get(SetRow, ref, options=[selectinload(SetRow.members)])
-            if row is not None:
-                return _from_row(row)
-            conditions = [SetRow.name == ref]
-            if len(ref) >= MIN_PREFIX:
-                conditions += [SetRow.id.startswith(p, autoescape=True) for p in {ref, ref.lower()}]
-            query = (
-                select(SetRow)
-                .where(or_(*conditions))
-                .options(selectinload(SetRow.members))
-                .order_by(SetRow.created_at.desc(), SetRow.id)
-            )
-            rows = list(session.scalars(query))
+        found = self.load_sets([ref])
+        if found:
+            return found[0]
+        conditions = [SETS.c.name == ref]
+        if len(ref) >= MIN_PREFIX:
+            conditions += [SETS.c.id.startswith(p, autoescape=True) for p in {ref, ref.lower()}]
+        query = select(SETS.c.id, SETS.c.name).where(or_(*conditions)).order_by(SETS.c.created_at.desc(), SETS.c.id)
+        with self.connect(f"looking up set {ref!r}", write=False) as connection:
+            rows = connection.execute(query).all()
         if not rows:
             raise SetNotFound(
                 f"no snapshot set matches {ref!r} (give a full id, an id prefix of at least "
@@ -329,7 +218,7 @@ class SqlCatalog:
         if len(rows) > 1:
             candidates = ", ".join(f"{r.id} ({r.name})" for r in rows)
             raise InvalidRequest(f"{ref!r} matches several snapshot sets: {candidates}; use the full id")
-        return _from_row(rows[0])
+        return self.load_sets([rows[0].id])[0]
 
     def list_sets(
         self,
@@ -338,28 +227,76 @@ class SqlCatalog:
         backup_type: str | None = None,
         metadata: dict[str, str] | None = None,
     ) -> list[SnapshotSet]:
-        query = select(SetRow).options(selectinload(SetRow.members))
-        if instance is not None:
-            query = query.where(or_(SetRow.instance_name == instance, SetRow.instance_uuid == instance))
-        if status is not None:
-            query = query.where(SetRow.status == status.value)
-        if backup_type is not None:
-            query = query.where(SetRow.backup_type == backup_type)
-        query = query.order_by(SetRow.created_at.desc(), SetRow.id)
-        with self._session("listing sets", write=False) as session:
-            sets = [_from_row(row) for row in session.scalars(query)]
-        if metadata:
-            # JSON path queries differ between SQLite and PostgreSQL; the catalog is small.
-            sets = [s for s in sets if all(s.metadata.get(k) == v for k, v in metadata.items())]
-        return sets
+        entries = self.index_sets(instance=instance, status=status, backup_type=backup_type, metadata=metadata)
+        return self.load_sets([e.id for e in entries])
 
     def delete_set(self, set_id: str) -> None:
         """Delete by exact id only: a prefix is too easy to get wrong for a destructive call."""
-        with self._session(f"deleting set {set_id}", write=True) as session:
-            if session.scalar(select(SetRow.id).where(SetRow.id == set_id)) is None:
+        with self.connect(f"deleting set {set_id}", write=True) as connection:
+            if connection.scalar(select(SETS.c.id).where(SETS.c.id == set_id)) is None:
                 raise SetNotFound(f"snapshot set {set_id} is not in the catalog")
             # Members go with it through ON DELETE CASCADE.
-            session.execute(delete(SetRow).where(SetRow.id == set_id).execution_options(synchronize_session=False))
+            connection.execute(delete(SETS).where(SETS.c.id == set_id))
+
+    # -- listings: an index of a few columns, then whole sets for one page ------------------------
+
+    def index_sets(
+        self,
+        instance: str | None = None,
+        status: SetStatus | None = None,
+        backup_type: str | None = None,
+        metadata: dict[str, str] | None = None,
+    ) -> list[SetEntry]:
+        """Every matching set, newest first, with what filtering and access checks need (no members/hardware)."""
+        query = select(SETS.c.id, SETS.c.instance_uuid, SETS.c.metadata)
+        if instance is not None:
+            query = query.where(or_(SETS.c.instance_name == instance, SETS.c.instance_uuid == instance))
+        if status is not None:
+            query = query.where(SETS.c.status == status.value)
+        if backup_type is not None:
+            query = query.where(SETS.c.backup_type == backup_type)
+        query = query.order_by(SETS.c.created_at.desc(), SETS.c.id)
+        with self.connect("listing sets", write=False) as connection:
+            rows = connection.execute(query).all()
+        entries = [SetEntry(r.id, r.instance_uuid, dict(r.metadata or {})) for r in rows]
+        if metadata:
+            # JSON path queries differ between SQLite and PostgreSQL; the index is small.
+            entries = [e for e in entries if all(e.metadata.get(k) == v for k, v in metadata.items())]
+        return entries
+
+    def load_sets(self, ids: Sequence[str]) -> list[SnapshotSet]:
+        """The sets with these exact ids, in this order (ids not in the catalog are left out)."""
+        set_rows: list[Mapping[str, Any]] = []
+        member_rows: list[Mapping[str, Any]] = []
+        with self.connect("reading sets", write=False) as connection:
+            # In batches: a statement may hold only so many parameters (SQLite: 32766, older builds 999).
+            for start in range(0, len(ids), LOAD_BATCH):
+                batch = list(ids[start : start + LOAD_BATCH])
+                set_rows += [dict(r) for r in connection.execute(select(SETS).where(SETS.c.id.in_(batch))).mappings()]
+                query = select(MEMBERS).where(MEMBERS.c.set_id.in_(batch)).order_by(MEMBERS.c.id)
+                member_rows += [dict(r) for r in connection.execute(query).mappings()]
+        members: dict[str, list[Mapping[str, Any]]] = {}
+        for m in member_rows:
+            members.setdefault(m["set_id"], []).append(m)
+        by_id = {row["id"]: self._from_columns(row, members.get(row["id"], [])) for row in set_rows}
+        return [by_id[i] for i in ids if i in by_id]
+
+    def _from_columns(self, row: Mapping[str, Any], members: Sequence[Mapping[str, Any]]) -> SnapshotSet:
+        try:
+            return set_from_dict(_record(row, members))
+        except RecordInvalid as e:
+            raise CatalogError(
+                f"catalog {self._display}: {e}; the row was changed outside freezeframe or by a newer version"
+            ) from None
+
+
+@dataclass(frozen=True)
+class SetEntry:
+    """What filtering and access checks need of a set, without its members or hardware."""
+
+    id: str
+    instance_uuid: str
+    metadata: dict[str, str]
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -425,171 +362,83 @@ def _validate(snapshot_set: SnapshotSet) -> None:
         seen.add(member.target)
 
 
-def _fill_row(row: SetRow, s: SnapshotSet) -> None:
-    row.name = s.name
-    row.instance_name = s.instance_name
-    row.instance_uuid = s.instance_uuid
-    row.requested = s.requested.value
-    row.achieved = s.achieved.value if s.achieved is not None else None
-    row.reason = s.reason
-    row.status = s.status.value
-    row.created_at = s.created_at
-    row.completed_at = s.completed_at
-    row.freeze_window_ms = s.freeze_window_ms
-    row.pause_window_ms = s.pause_window_ms
-    row.hardware = s.hardware.to_dict()
-    row.meta = dict(s.metadata)
-    row.backup_type = s.backup_type
-    row.error = s.error
-    row.instance_state = s.instance_state.value if s.instance_state is not None else None
+def _columns(snapshot_set: SnapshotSet) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The serialized set (``freezeframe.serialize``) spread over the table's flat columns."""
+    record = set_to_dict(snapshot_set)
+    consistency, instance = record["consistency"], record["instance"]
+    values = {
+        "id": record["id"],
+        "name": record["name"],
+        "instance_name": instance["name"],
+        "instance_uuid": instance["uuid"],
+        "requested": consistency["requested"],
+        "achieved": consistency["achieved"],
+        "reason": consistency["reason"],
+        "status": record["status"],
+        "created_at": snapshot_set.created_at,
+        "completed_at": snapshot_set.completed_at,
+        "freeze_window_ms": record["freeze_window_ms"],
+        "pause_window_ms": record["pause_window_ms"],
+        "hardware": record["hardware"],
+        "metadata": record["metadata"],
+        "backup_type": record["backup_type"],
+        "error": record["error"],
+        "instance_state": record["instance_state"],
+    }
+    members = [
+        {**{k: m[k] for k in _MEMBER_KEYS}, "set_id": snapshot_set.id, "virtual_size": m["size"]}
+        for m in record["members"]
+    ]
+    return values, members
 
 
-def _member_row(m: Member) -> MemberRow:
-    return MemberRow(
-        set_id=m.set_id,
-        target=m.target,
-        bus=m.bus,
-        boot_order=m.boot_order,
-        virtual_size=m.virtual_size,
-        format=m.format,
-        path=m.path,
-        source_path=m.source_path,
-        sha256=m.sha256,
-        meta=dict(m.metadata),
-    )
+_MEMBER_KEYS = ("target", "bus", "boot_order", "format", "path", "source_path", "sha256", "metadata")
 
 
-def _from_row(row: SetRow) -> SnapshotSet:
-    return SnapshotSet(
-        id=row.id,
-        name=row.name,
-        instance_name=row.instance_name,
-        instance_uuid=row.instance_uuid,
-        requested=Consistency(row.requested),
-        status=SetStatus(row.status),
-        created_at=row.created_at,
-        hardware=Hardware.from_dict(row.hardware),
-        achieved=Consistency(row.achieved) if row.achieved is not None else None,
-        reason=row.reason,
-        completed_at=row.completed_at,
-        freeze_window_ms=row.freeze_window_ms,
-        pause_window_ms=row.pause_window_ms,
-        members=[
-            Member(
-                set_id=m.set_id,
-                target=m.target,
-                bus=m.bus,
-                boot_order=m.boot_order,
-                virtual_size=m.virtual_size,
-                format=m.format,
-                path=m.path,
-                source_path=m.source_path,
-                sha256=m.sha256,
-                metadata=dict(m.meta),
-            )
-            for m in row.members
-        ],
-        metadata=dict(row.meta),
-        backup_type=row.backup_type,
-        error=row.error,
-        instance_state=InstanceState(row.instance_state) if row.instance_state is not None else None,
-    )
+def _record(row: Mapping[str, Any], members: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """The inverse of ``_columns``: flat columns back into the serialized form ``set_from_dict`` reads."""
+    return {
+        "id": row["id"],
+        "name": row["name"],
+        "status": row["status"],
+        "instance": {"name": row["instance_name"], "uuid": row["instance_uuid"]},
+        "instance_state": row["instance_state"],
+        "consistency": {"requested": row["requested"], "achieved": row["achieved"], "reason": row["reason"]},
+        "freeze_window_ms": row["freeze_window_ms"],
+        "pause_window_ms": row["pause_window_ms"],
+        "created_at": row["created_at"],
+        "completed_at": row["completed_at"],
+        "backup_type": row["backup_type"],
+        "metadata": row["metadata"],
+        "error": row["error"],
+        "hardware": row["hardware"],
+        "members": [{**{k: m[k] for k in _MEMBER_KEYS}, "size": m["virtual_size"]} for m in members],
+    }
 
 
-# -- restores: which instances were built from which set members (lifecycle) ----------------------
+def _revision(connection: Connection) -> str | None:
+    """The catalog's Alembic revision without Alembic: None for a database with no schema yet."""
+    if not inspect(connection).has_table("alembic_version"):
+        return None
+    found: list[Any] = list(connection.execute(text("SELECT version_num FROM alembic_version")).scalars())
+    return str(found[0]) if len(found) == 1 else None
 
 
-class RestoreRow(Base):
-    """One disk of an instance restored from a set member; copy-on-write rows make the member a dependency."""
+def _upgrade(connection: Connection, display: str) -> None:
+    """Run the migrations: the one place that imports Alembic (about 0.3 s), and only when there is work."""
+    from alembic import command
+    from alembic.config import Config
+    from alembic.script.revision import RevisionError
+    from alembic.util import CommandError
 
-    __tablename__ = "restores"
-
-    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    set_id: Mapped[str] = mapped_column(
-        String(36), ForeignKey("snapshot_sets.id", name="fk_restores_set_id", ondelete="CASCADE"), index=True
-    )
-    instance_name: Mapped[str] = mapped_column(Text)
-    instance_uuid: Mapped[str | None] = mapped_column(String(64))
-    target: Mapped[str] = mapped_column(String(64))
-    path: Mapped[str] = mapped_column(Text)
-    mode: Mapped[str] = mapped_column(String(16))
-    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
-
-
-class RestoreLog:
-    """The ``restores`` table over a SqlCatalog's engine; kept apart so the Catalog port stays unchanged."""
-
-    def __init__(self, catalog: SqlCatalog) -> None:
-        self._catalog = catalog
-
-    def add(self, records: Sequence[RestoreRecord]) -> None:
-        with self._catalog._session("recording restored disks", write=True) as session:
-            session.add_all(
-                RestoreRow(
-                    set_id=r.set_id,
-                    instance_name=r.instance_name,
-                    instance_uuid=r.instance_uuid,
-                    target=r.target,
-                    path=r.path,
-                    mode=r.mode,
-                    created_at=r.created_at,
-                )
-                for r in records
-            )
-
-    def bind_uuid(self, instance_name: str, instance_uuid: str) -> None:
-        """Known only once libvirt has defined the instance, after the rows were written."""
-        with self._catalog._session(f"recording the UUID of {instance_name}", write=True) as session:
-            session.execute(
-                update(RestoreRow)
-                .where(RestoreRow.instance_name == instance_name, RestoreRow.instance_uuid.is_(None))
-                .values(instance_uuid=instance_uuid)
-            )
-
-    def for_set(self, set_id: str) -> list[RestoreRecord]:
-        query = select(RestoreRow).where(RestoreRow.set_id == set_id).order_by(RestoreRow.id)
-        with self._catalog._session(f"listing restores of set {set_id}", write=False) as session:
-            return [_restore_record(row) for row in session.scalars(query)]
-
-    def for_instance(self, ref: str) -> list[RestoreRecord]:
-        """By instance name or UUID."""
-        query = (
-            select(RestoreRow)
-            .where(or_(RestoreRow.instance_name == ref, RestoreRow.instance_uuid == ref))
-            .order_by(RestoreRow.id)
-        )
-        with self._catalog._session(f"listing restores of {ref}", write=False) as session:
-            return [_restore_record(row) for row in session.scalars(query)]
-
-    def all(self) -> list[RestoreRecord]:
-        with self._catalog._session("listing restores", write=False) as session:
-            return [_restore_record(row) for row in session.scalars(select(RestoreRow).order_by(RestoreRow.id))]
-
-    def remove_instance(self, instance_name: str) -> None:
-        with self._catalog._session(f"forgetting restores of {instance_name}", write=True) as session:
-            session.execute(delete(RestoreRow).where(RestoreRow.instance_name == instance_name))
-
-    def remove_ids(self, ids: Sequence[int]) -> None:
-        if not ids:
-            return
-        with self._catalog._session("forgetting restored disks", write=True) as session:
-            session.execute(delete(RestoreRow).where(RestoreRow.id.in_(list(ids))))
-
-
-def _restore_record(row: RestoreRow) -> RestoreRecord:
-    return RestoreRecord(
-        set_id=row.set_id,
-        instance_name=row.instance_name,
-        target=row.target,
-        path=row.path,
-        mode=row.mode,
-        created_at=row.created_at,
-        instance_uuid=row.instance_uuid,
-        id=row.id,
-    )
-
-
-# The HTTP service's rows (jobs, tokens, projects) and the image store's share Base: registered here so that
-# Base.metadata, which Alembic's env and the model/migration comparison read, always holds every table.
-import freezeframe.adapters.image_store  # noqa: E402
-import freezeframe.adapters.service_store  # noqa: E402, F401
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS_DIR).replace("%", "%%"))
+    config.set_main_option("path_separator", "os")
+    config.attributes["connection"] = connection
+    try:
+        command.upgrade(config, "head")
+    except (CommandError, RevisionError) as e:
+        raise CatalogError(
+            f"catalog {display} has a schema this freezeframe does not know ({e}); "
+            "it was probably written by a newer freezeframe, so upgrade freezeframe"
+        ) from e

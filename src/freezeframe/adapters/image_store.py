@@ -3,12 +3,12 @@
 The proposal's "image service". A store keeps whole packages (blobs) and answers for them by id; the
 records (name, source set, size, SHA-256 of the package, descriptor summary) live in the catalog's
 ``stored_images`` table whatever the backend, so ``images list`` needs no I/O on the blobs. The
-``ImageStore`` Protocol is what the operations use: put a package (as a file or a stream), get it back (as
+``ImageStore`` Protocol is what the operations use: put a package (a file), get it back (as
 a stream, or as a seekable local file, which import needs since qemu-img reads disks in place inside the
 tar), list, find, delete, repair. ``DirectoryImageStore`` is the local backend:
 ``<root>/<image-id>/<file>.ova`` plus ``image.json`` (the record, so a store directory can be understood
 without the catalog). An S3-compatible backend would implement the same Protocol over ``ImageRecords``
-(multipart upload in ``put_stream``, a ranged GET in ``get_stream``, a download to a temp file in
+(multipart upload in ``put_file``, a ranged GET in ``get_stream``, a download to a temp file in
 ``local_file``). See docs/ovf.md, "Image store".
 """
 
@@ -24,16 +24,23 @@ import shutil
 import time
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, Protocol
 from urllib.parse import unquote, urlparse
 
-from sqlalchemy import JSON, BigInteger, String, Text, delete, or_, select, update
-from sqlalchemy.orm import Mapped, mapped_column
-
-from freezeframe.adapters.catalog import MIN_PREFIX, Base, SqlCatalog, UtcDateTime
+from freezeframe.adapters.catalog import SqlCatalog
+from freezeframe.adapters.image_records import (
+    AVAILABLE,
+    DELETING,
+    STORE_ENV,
+    ImageDisk,
+    ImageNic,
+    ImageRecords,
+    ImageSummary,
+    NewImage,
+    StoredImage,
+)
 from freezeframe.durable import fsync_path, sha256_file
 from freezeframe.errors import (
     FreezeframeError,
@@ -43,10 +50,7 @@ from freezeframe.errors import (
     InvalidRequest,
 )
 
-STORE_ENV = "FREEZEFRAME_IMAGE_STORE"
 RECORD_FILE = "image.json"
-AVAILABLE = "available"
-DELETING = "deleting"
 CHUNK = 4 * 2**20
 ORPHAN_AGE_S = 600.0
 """A store folder without a catalog row is removed by repair only when older than this (a put may be
@@ -56,214 +60,6 @@ _FILENAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}\.ova$")
 _UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$")
 _PUT_DIR = re.compile(r"^\.put-([0-9a-f-]{36})-(\d+)$")
 _STAGING_DIR = re.compile(r"^[0-9a-f]{12}-(\d+)$")
-
-
-# ---- records ------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ImageDisk:
-    """One disk of a stored package, in the descriptor's order."""
-
-    target: str | None
-    capacity: int
-    format: str | None
-    file_size: int | None
-    controller: str | None
-
-
-@dataclass(frozen=True)
-class ImageNic:
-    network: str | None
-    model: str | None
-
-
-@dataclass(frozen=True)
-class ImageSummary:
-    """What the package's descriptor says, so a listing needs no package I/O."""
-
-    machine_name: str
-    vcpus: int
-    memory_bytes: int
-    ovf_version: int
-    disk_format: str
-    disks: tuple[ImageDisk, ...] = ()
-    nics: tuple[ImageNic, ...] = ()
-    arch: str | None = None
-    firmware: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "machine_name": self.machine_name,
-            "vcpus": self.vcpus,
-            "memory_bytes": self.memory_bytes,
-            "ovf_version": self.ovf_version,
-            "disk_format": self.disk_format,
-            "arch": self.arch,
-            "firmware": self.firmware,
-            "disks": [vars(d) for d in self.disks],
-            "nics": [vars(n) for n in self.nics],
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ImageSummary:
-        return cls(
-            machine_name=str(data.get("machine_name", "")),
-            vcpus=int(data["vcpus"]),
-            memory_bytes=int(data["memory_bytes"]),
-            ovf_version=int(data["ovf_version"]),
-            disk_format=str(data["disk_format"]),
-            arch=data.get("arch"),
-            firmware=data.get("firmware"),
-            disks=tuple(ImageDisk(**d) for d in data.get("disks", ())),
-            nics=tuple(ImageNic(**n) for n in data.get("nics", ())),
-        )
-
-
-@dataclass(frozen=True)
-class NewImage:
-    """What the caller knows about a package it hands to ``put_file``/``put_stream``."""
-
-    name: str
-    filename: str
-    summary: ImageSummary
-    source_set_id: str | None = None
-
-
-@dataclass(frozen=True)
-class StoredImage:
-    id: str
-    name: str
-    filename: str
-    store: str
-    """The store's URI (``file:///var/lib/freezeframe/images``); a record belongs to exactly one store."""
-    size: int
-    sha256: str
-    created_at: datetime
-    summary: ImageSummary
-    source_set_id: str | None = None
-    status: str = AVAILABLE
-    location: str = ""
-    """Where the package is, for people (a path for the directory store)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "name": self.name,
-            "status": self.status,
-            "source_set_id": self.source_set_id,
-            "size": self.size,
-            "sha256": self.sha256,
-            "created_at": self.created_at.isoformat(),
-            "filename": self.filename,
-            "store": self.store,
-            "location": self.location,
-            "summary": self.summary.to_dict(),
-        }
-
-
-class StoredImageRow(Base):
-    """One package in an image store (revision 0004)."""
-
-    __tablename__ = "stored_images"
-
-    id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    name: Mapped[str] = mapped_column(Text, index=True)
-    status: Mapped[str] = mapped_column(String(16))
-    store: Mapped[str] = mapped_column(Text)
-    filename: Mapped[str] = mapped_column(Text)
-    source_set_id: Mapped[str | None] = mapped_column(String(36))
-    size: Mapped[int] = mapped_column(BigInteger)
-    sha256: Mapped[str] = mapped_column(String(64))
-    created_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
-    summary: Mapped[dict[str, Any]] = mapped_column(JSON)
-
-
-def _from_row(row: StoredImageRow) -> StoredImage:
-    return StoredImage(
-        id=row.id,
-        name=row.name,
-        filename=row.filename,
-        store=row.store,
-        size=row.size,
-        sha256=row.sha256,
-        created_at=row.created_at,
-        summary=ImageSummary.from_dict(row.summary),
-        source_set_id=row.source_set_id,
-        status=row.status,
-    )
-
-
-class ImageRecords:
-    """The ``stored_images`` table over a SqlCatalog's sessions; any store backend keeps its records here."""
-
-    def __init__(self, catalog: SqlCatalog, store: str) -> None:
-        self._catalog = catalog
-        self.store = store
-
-    def add(self, image: StoredImage) -> None:
-        with self._catalog._session(f"recording image {image.id}", write=True) as session:
-            session.add(
-                StoredImageRow(
-                    id=image.id,
-                    name=image.name,
-                    status=image.status,
-                    store=image.store,
-                    filename=image.filename,
-                    source_set_id=image.source_set_id,
-                    size=image.size,
-                    sha256=image.sha256,
-                    created_at=image.created_at,
-                    summary=image.summary.to_dict(),
-                )
-            )
-
-    def find(self, ref: str) -> StoredImage:
-        """By full id, unique id prefix (at least 4 characters) or unique name, within this store."""
-        with self._catalog._session(f"looking up image {ref!r}", write=False) as session:
-            row = session.get(StoredImageRow, ref)
-            if row is not None and row.store == self.store:
-                return _from_row(row)
-            conditions = [StoredImageRow.name == ref]
-            if len(ref) >= MIN_PREFIX:
-                conditions += [StoredImageRow.id.startswith(p, autoescape=True) for p in {ref, ref.lower()}]
-            query = (
-                select(StoredImageRow)
-                .where(StoredImageRow.store == self.store, or_(*conditions))
-                .order_by(StoredImageRow.created_at.desc(), StoredImageRow.id)
-            )
-            rows = list(session.scalars(query))
-            others = 0 if rows else len(list(session.scalars(select(StoredImageRow.id).where(or_(*conditions)))))
-        if not rows:
-            elsewhere = f"; {others} image(s) of another store match (see {STORE_ENV})" if others else ""
-            raise ImageNotFound(
-                f"no stored image matches {ref!r} in {self.store} (give an id, an id prefix of at least "
-                f"{MIN_PREFIX} characters, or a name; `freezeframe images list`){elsewhere}"
-            )
-        if len(rows) > 1:
-            candidates = ", ".join(f"{r.id} ({r.name})" for r in rows)
-            raise InvalidRequest(f"{ref!r} matches several stored images: {candidates}; use the full id")
-        return _from_row(rows[0])
-
-    def all(self, status: str | None = None) -> list[StoredImage]:
-        query = select(StoredImageRow).where(StoredImageRow.store == self.store)
-        if status is not None:
-            query = query.where(StoredImageRow.status == status)
-        query = query.order_by(StoredImageRow.created_at.desc(), StoredImageRow.id)
-        with self._catalog._session("listing stored images", write=False) as session:
-            return [_from_row(row) for row in session.scalars(query)]
-
-    def ids(self) -> set[str]:
-        with self._catalog._session("listing stored images", write=False) as session:
-            return set(session.scalars(select(StoredImageRow.id).where(StoredImageRow.store == self.store)))
-
-    def mark(self, image_id: str, status: str) -> None:
-        with self._catalog._session(f"marking image {image_id} {status}", write=True) as session:
-            session.execute(update(StoredImageRow).where(StoredImageRow.id == image_id).values(status=status))
-
-    def remove(self, image_id: str) -> None:
-        with self._catalog._session(f"deleting image {image_id}", write=True) as session:
-            session.execute(delete(StoredImageRow).where(StoredImageRow.id == image_id))
 
 
 # ---- the port -----------------------------------------------------------------------------------------------
@@ -282,9 +78,6 @@ class ImageStore(Protocol):
 
     def put_file(self, path: Path, new: NewImage) -> StoredImage:
         """Store the package at ``path`` (moved when it came from ``staging``, else copied) and record it."""
-
-    def put_stream(self, stream: IO[bytes], new: NewImage) -> StoredImage:
-        """Store a package read from ``stream`` (hashed on the way) and record it."""
 
     def get_stream(self, image_id: str) -> contextlib.AbstractContextManager[IO[bytes]]:
         """The package's bytes as a readable binary stream."""
@@ -399,18 +192,6 @@ class DirectoryImageStore:
                 return dst.stat().st_size, sha256_file(dst)
             with path.open("rb") as source, dst.open("xb") as out:
                 result = _copy_sparse(source, out)
-                out.flush()
-                os.fsync(out.fileno())
-            return result
-
-        return self._put(new, fill)
-
-    def put_stream(self, stream: IO[bytes], new: NewImage) -> StoredImage:
-        check_filename(new.filename)
-
-        def fill(dst: Path) -> tuple[int, str]:
-            with dst.open("xb") as out:
-                result = _copy_sparse(stream, out)
                 out.flush()
                 os.fsync(out.fileno())
             return result
@@ -577,7 +358,6 @@ __all__ = [
     "ImageSummary",
     "NewImage",
     "StoredImage",
-    "StoredImageRow",
     "check_filename",
     "open_image_store",
 ]

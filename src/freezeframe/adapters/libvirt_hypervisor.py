@@ -119,7 +119,25 @@ class LibvirtHypervisor:
         )
 
     def list_instances(self) -> list[Instance]:
-        return [self.lookup(dom.UUIDString()) for dom in self.conn.listAllDomains()]
+        """Every domain that still exists once read: others' domains may vanish while the list is taken."""
+        found = []
+        for dom in self.conn.listAllDomains():
+            uuid = dom.UUIDString()
+            try:
+                found.append(self.lookup(uuid))
+            except (InstanceNotFound, HypervisorError, libvirt.libvirtError):
+                if self._still_defined(uuid):
+                    raise
+        return found
+
+    def _still_defined(self, uuid: str) -> bool:
+        try:
+            self.conn.lookupByUUIDString(uuid)
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+                return False
+            raise HypervisorError(f"looking up {uuid!r}: {exc.get_error_message()}") from exc
+        return True
 
     @staticmethod
     def _state(dom: libvirt.virDomain) -> InstanceState:

@@ -1,7 +1,7 @@
 """What the HTTP service keeps in the catalog beside the sets: jobs, API tokens, project mappings, image owners.
 
-The rows share the catalog's declarative ``Base`` (so one Alembic history, revision 0003, covers them) and
-each store works over a ``SqlCatalog``'s sessions, like ``RestoreLog``: the Catalog port stays unchanged and
+The rows are declared with the catalog's (``catalog_schema``: one Alembic history, revision 0003, covers them) and
+each store works over a ``SqlCatalog``'s connections, like ``RestoreLog``: the Catalog port stays unchanged and
 the CLI and the service read and write the same SQLite file (WAL) at the same time.
 """
 
@@ -15,12 +15,12 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Integer, String, Text, delete, or_, select, update
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy import Row, delete, insert, select, update
 
-from freezeframe.adapters.catalog import Base, MemberRow, SetRow, SqlCatalog, UtcDateTime
+from freezeframe.adapters.catalog import SqlCatalog
+from freezeframe.adapters.catalog_schema import IMAGE_OWNERS, INSTANCE_PROJECTS, JOBS, TOKENS
 from freezeframe.errors import InvalidRequest, JobNotFound, TokenNotFound
-from freezeframe.model import Consistency, Hardware, InstanceState, Member, SetStatus, SnapshotSet
+from freezeframe.validation import validate_project, validate_text
 
 ROLES = ("admin", "member", "reader")
 """admin: every project and the project mapping; member: act on its project; reader: look only."""
@@ -31,73 +31,6 @@ _DUMMY_HASH = hashlib.sha256(b"freezeframe: no such token").hexdigest()
 
 def _now() -> datetime:
     return datetime.now(UTC)
-
-
-# ---- rows -------------------------------------------------------------------------------------------------
-
-
-class JobRow(Base):
-    """A background operation of the service; finished rows are kept so clients can read the outcome later."""
-
-    __tablename__ = "jobs"
-
-    id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    kind: Mapped[str] = mapped_column(String(32))
-    state: Mapped[str] = mapped_column(String(16), index=True)
-    project: Mapped[str | None] = mapped_column(String(128), index=True)
-    lock_key: Mapped[str] = mapped_column(String(128))
-    instance_uuid: Mapped[str | None] = mapped_column(String(64), index=True)
-    instance_name: Mapped[str | None] = mapped_column(Text)
-    set_id: Mapped[str | None] = mapped_column(String(36))
-    image_id: Mapped[str | None] = mapped_column(String(36))
-    request: Mapped[dict[str, Any]] = mapped_column(JSON)
-    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
-    error_type: Mapped[str | None] = mapped_column(String(64))
-    error: Mapped[str | None] = mapped_column(Text)
-    phase: Mapped[str | None] = mapped_column(String(32))
-    progress_done: Mapped[int] = mapped_column(BigInteger)
-    progress_total: Mapped[int] = mapped_column(BigInteger)
-    token_id: Mapped[str | None] = mapped_column(String(32))
-    server_pid: Mapped[int | None] = mapped_column(Integer)
-    created_at: Mapped[datetime] = mapped_column(UtcDateTime, index=True)
-    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
-    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
-
-
-class TokenRow(Base):
-    """A bearer token: only the SHA-256 of its secret is stored, so a leaked catalog grants nothing."""
-
-    __tablename__ = "api_tokens"
-
-    id: Mapped[str] = mapped_column(String(32), primary_key=True)
-    secret_sha256: Mapped[str] = mapped_column(String(64))
-    project: Mapped[str | None] = mapped_column(String(128))
-    role: Mapped[str] = mapped_column(String(16))
-    description: Mapped[str | None] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
-    revoked_at: Mapped[datetime | None] = mapped_column(UtcDateTime)
-
-
-class InstanceProjectRow(Base):
-    """The admin's instance -> project mapping; it wins over the project in the domain's <metadata>."""
-
-    __tablename__ = "instance_projects"
-
-    instance_uuid: Mapped[str] = mapped_column(String(64), primary_key=True)
-    instance_name: Mapped[str] = mapped_column(Text)
-    project: Mapped[str] = mapped_column(String(128), index=True)
-    assigned_at: Mapped[datetime] = mapped_column(UtcDateTime)
-
-
-class ImageOwnerRow(Base):
-    """Which project an image in the image store (``stored_images``) belongs to; images outlive their sets."""
-
-    __tablename__ = "image_owners"
-
-    image_id: Mapped[str] = mapped_column(String(36), primary_key=True)
-    project: Mapped[str | None] = mapped_column(String(128), index=True)
-    set_id: Mapped[str | None] = mapped_column(String(36))
-    created_at: Mapped[datetime] = mapped_column(UtcDateTime)
 
 
 # ---- jobs -------------------------------------------------------------------------------------------------
@@ -137,30 +70,12 @@ JOB_STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED)
 FINISHED_STATES = (SUCCEEDED, FAILED)
 
 
-def _job(row: JobRow) -> Job:
-    return Job(
-        id=row.id,
-        kind=row.kind,
-        state=row.state,
-        project=row.project,
-        lock_key=row.lock_key,
-        request=dict(row.request),
-        created_at=row.created_at,
-        instance_uuid=row.instance_uuid,
-        instance_name=row.instance_name,
-        set_id=row.set_id,
-        image_id=row.image_id,
-        result=dict(row.result) if row.result is not None else None,
-        error_type=row.error_type,
-        error=row.error,
-        phase=row.phase,
-        progress_done=row.progress_done,
-        progress_total=row.progress_total,
-        token_id=row.token_id,
-        server_pid=row.server_pid,
-        started_at=row.started_at,
-        finished_at=row.finished_at,
-    )
+def _job(row: Row[Any]) -> Job:
+    """A row of ``jobs`` (its columns are the fields of Job)."""
+    values = dict(row._mapping)
+    values["request"] = dict(values["request"])
+    values["result"] = dict(values["result"]) if values["result"] is not None else None
+    return Job(**values)
 
 
 class JobStore:
@@ -170,47 +85,23 @@ class JobStore:
         self._catalog = catalog
 
     def add(self, job: Job) -> None:
-        with self._catalog._session(f"recording job {job.id}", write=True) as session:
-            session.add(
-                JobRow(
-                    id=job.id,
-                    kind=job.kind,
-                    state=job.state,
-                    project=job.project,
-                    lock_key=job.lock_key,
-                    instance_uuid=job.instance_uuid,
-                    instance_name=job.instance_name,
-                    set_id=job.set_id,
-                    image_id=job.image_id,
-                    request=dict(job.request),
-                    result=job.result,
-                    error_type=job.error_type,
-                    error=job.error,
-                    phase=job.phase,
-                    progress_done=job.progress_done,
-                    progress_total=job.progress_total,
-                    token_id=job.token_id,
-                    server_pid=job.server_pid,
-                    created_at=job.created_at,
-                    started_at=job.started_at,
-                    finished_at=job.finished_at,
-                )
-            )
+        with self._catalog.connect(f"recording job {job.id}", write=True) as connection:
+            connection.execute(insert(JOBS).values(**{**vars(job), "request": dict(job.request)}))
 
     def get(self, job_id: str) -> Job:
-        with self._catalog._session(f"looking up job {job_id}", write=False) as session:
-            row = session.get(JobRow, job_id)
+        with self._catalog.connect(f"looking up job {job_id}", write=False) as connection:
+            row = connection.execute(select(JOBS).where(JOBS.c.id == job_id)).first()
             if row is None:
                 raise JobNotFound(f"no job {job_id}")
             return _job(row)
 
     def update(self, job_id: str, **values: Any) -> None:
         """Set the given columns (state, phase, progress_done, set_id, result, error, ...)."""
-        unknown = set(values) - set(JobRow.__table__.columns.keys())
+        unknown = set(values) - set(JOBS.c.keys())
         if unknown:
             raise InvalidRequest(f"jobs have no column(s) {', '.join(sorted(unknown))}")
-        with self._catalog._session(f"updating job {job_id}", write=True) as session:
-            session.execute(update(JobRow).where(JobRow.id == job_id).values(**values))
+        with self._catalog.connect(f"updating job {job_id}", write=True) as connection:
+            connection.execute(update(JOBS).where(JOBS.c.id == job_id).values(**values))
 
     def query(
         self,
@@ -219,21 +110,21 @@ class JobStore:
         kind: str | None = None,
     ) -> list[Job]:
         """Newest first; ``projects=None`` means every project (admin), ``[]`` none."""
-        query = select(JobRow)
+        query = select(JOBS)
         if projects is not None:
-            query = query.where(JobRow.project.in_(list(projects)))
+            query = query.where(JOBS.c.project.in_(list(projects)))
         if state is not None:
-            query = query.where(JobRow.state == state)
+            query = query.where(JOBS.c.state == state)
         if kind is not None:
-            query = query.where(JobRow.kind == kind)
-        query = query.order_by(JobRow.created_at.desc(), JobRow.id)
-        with self._catalog._session("listing jobs", write=False) as session:
-            return [_job(row) for row in session.scalars(query)]
+            query = query.where(JOBS.c.kind == kind)
+        query = query.order_by(JOBS.c.created_at.desc(), JOBS.c.id)
+        with self._catalog.connect("listing jobs", write=False) as connection:
+            return [_job(row) for row in connection.execute(query)]
 
     def unfinished(self) -> list[Job]:
-        query = select(JobRow).where(JobRow.state.in_([QUEUED, RUNNING])).order_by(JobRow.created_at)
-        with self._catalog._session("listing unfinished jobs", write=False) as session:
-            return [_job(row) for row in session.scalars(query)]
+        query = select(JOBS).where(JOBS.c.state.in_([QUEUED, RUNNING])).order_by(JOBS.c.created_at)
+        with self._catalog.connect("listing unfinished jobs", write=False) as connection:
+            return [_job(row) for row in connection.execute(query)]
 
 
 # ---- tokens -----------------------------------------------------------------------------------------------
@@ -243,10 +134,13 @@ class JobStore:
 class Token:
     id: str
     project: str | None
+    """The project a member or reader token is scoped to; always None for admin tokens (they are global)."""
     role: str
     created_at: datetime
     description: str | None = None
     revoked_at: datetime | None = None
+    ignored_project: str | None = None
+    """An admin token created by an older freezeframe with a project: the project never limited it."""
 
     @property
     def active(self) -> bool:
@@ -261,8 +155,30 @@ class IssuedToken:
     secret: str = field(repr=False)
 
 
-def _token(row: TokenRow) -> Token:
-    return Token(row.id, row.project, row.role, row.created_at, row.description, row.revoked_at)
+def _token(row: Row[Any]) -> Token:
+    return _scoped(row.id, row.project, row.role, _aware(row.created_at) or _now(), row.description, row.revoked_at)
+
+
+def _scoped(
+    token_id: str, project: str | None, role: str, created: datetime, description: str | None, revoked: datetime | None
+) -> Token:
+    """Admin tokens are global: a project stored with one (older versions allowed it) is reported as ignored."""
+    if role == "admin" and project is not None:
+        return Token(token_id, None, role, created, description, _aware(revoked), ignored_project=project)
+    return Token(token_id, project, role, created, description, _aware(revoked))
+
+
+def check_token_scope(role: str, project: str | None) -> None:
+    """The one rule for every way a token is made (CLI ``token create``, tests, any API path)."""
+    if role not in ROLES:
+        raise InvalidRequest(f"role {role!r} is not one of {', '.join(ROLES)}")
+    if role == "admin" and project is not None:
+        raise InvalidRequest(
+            "an admin token is global (it sees and changes every project); leave out --project, "
+            "or make a member token for that project"
+        )
+    if role != "admin" and not project:
+        raise InvalidRequest(f"a {role} token needs --project: it sees and acts on that project only")
 
 
 def _hash(secret: str) -> str:
@@ -276,16 +192,17 @@ class TokenStore:
         self._catalog = catalog
 
     def create(self, role: str, project: str | None, description: str | None = None) -> IssuedToken:
-        if role not in ROLES:
-            raise InvalidRequest(f"role {role!r} is not one of {', '.join(ROLES)}")
-        if role != "admin" and not project:
-            raise InvalidRequest(f"a {role} token needs --project: it sees and acts on that project only")
+        check_token_scope(role, project)
+        if project is not None:
+            validate_project(project)
+        if description is not None:
+            validate_text(description, "token description", limit=256)
         token_id = secrets.token_hex(8)
         secret = secrets.token_urlsafe(32)
         now = _now()
-        with self._catalog._session("creating a token", write=True) as session:
-            session.add(
-                TokenRow(
+        with self._catalog.connect("creating a token", write=True) as connection:
+            connection.execute(
+                insert(TOKENS).values(
                     id=token_id,
                     secret_sha256=_hash(secret),
                     project=project,
@@ -301,37 +218,38 @@ class TokenStore:
         """The active token for this bearer string, or None; unknown ids cost the same hash compare."""
         prefix, _, rest = bearer.partition("_")
         token_id, _, secret = rest.partition("_")
-        table = TokenRow.__table__
+        table = TOKENS
         row = None
         if prefix == TOKEN_PREFIX and token_id and secret:
-            with self._catalog._session("checking a token", write=False) as session:
-                row = session.execute(select(table).where(table.c.id == token_id)).mappings().first()
+            with self._catalog.connect("checking a token", write=False) as connection:
+                row = connection.execute(select(table).where(table.c.id == token_id)).mappings().first()
         expected = row["secret_sha256"] if row is not None else _DUMMY_HASH
         matches = hmac.compare_digest(expected, _hash(secret))
         if row is None or not matches or row["revoked_at"] is not None:
             return None
-        return Token(
+        return _scoped(
             row["id"], row["project"], row["role"], _aware(row["created_at"]) or _now(), row["description"],
-            _aware(row["revoked_at"]),
+            row["revoked_at"],
         )  # fmt: skip
 
     def all(self, include_revoked: bool = True) -> list[Token]:
-        query = select(TokenRow).order_by(TokenRow.created_at, TokenRow.id)
+        query = select(TOKENS).order_by(TOKENS.c.created_at, TOKENS.c.id)
         if not include_revoked:
-            query = query.where(TokenRow.revoked_at.is_(None))
-        with self._catalog._session("listing tokens", write=False) as session:
-            return [_token(row) for row in session.scalars(query)]
+            query = query.where(TOKENS.c.revoked_at.is_(None))
+        with self._catalog.connect("listing tokens", write=False) as connection:
+            return [_token(row) for row in connection.execute(query)]
 
     def revoke(self, token_id: str) -> Token:
         """Idempotent: revoking a revoked token keeps its first revocation time."""
         if token_id.startswith(f"{TOKEN_PREFIX}_"):
             token_id = token_id.split("_")[1]
-        with self._catalog._session(f"revoking token {token_id}", write=True) as session:
-            row = session.get(TokenRow, token_id)
+        with self._catalog.connect(f"revoking token {token_id}", write=True) as connection:
+            row = connection.execute(select(TOKENS).where(TOKENS.c.id == token_id)).first()
             if row is None:
                 raise TokenNotFound(f"no token with id {token_id!r}; `freezeframe token list` shows the ids")
             if row.revoked_at is None:
-                row.revoked_at = _now()
+                connection.execute(update(TOKENS).where(TOKENS.c.id == token_id).values(revoked_at=_now()))
+                row = connection.execute(select(TOKENS).where(TOKENS.c.id == token_id)).one()
             return _token(row)
 
 
@@ -352,32 +270,30 @@ class ProjectMap:
 
     def assign(self, instance_uuid: str, instance_name: str, project: str) -> ProjectAssignment:
         now = _now()
-        with self._catalog._session(f"assigning {instance_name} to {project}", write=True) as session:
-            row = session.get(InstanceProjectRow, instance_uuid)
-            if row is None:
-                session.add(InstanceProjectRow(
-                    instance_uuid=instance_uuid, instance_name=instance_name, project=project, assigned_at=now
-                ))  # fmt: skip
-            else:
-                row.instance_name, row.project, row.assigned_at = instance_name, project, now
+        with self._catalog.connect(f"assigning {instance_name} to {project}", write=True) as connection:
+            values = {"instance_name": instance_name, "project": project, "assigned_at": now}
+            where = INSTANCE_PROJECTS.c.instance_uuid == instance_uuid
+            if connection.execute(update(INSTANCE_PROJECTS).where(where).values(**values)).rowcount == 0:
+                connection.execute(insert(INSTANCE_PROJECTS).values(instance_uuid=instance_uuid, **values))
         return ProjectAssignment(instance_uuid, instance_name, project, now)
 
     def unassign(self, instance_uuid: str) -> bool:
-        with self._catalog._session(f"unassigning {instance_uuid}", write=True) as session:
-            query = delete(InstanceProjectRow).where(InstanceProjectRow.instance_uuid == instance_uuid)
-            return bool(getattr(session.execute(query), "rowcount", 0))
+        with self._catalog.connect(f"unassigning {instance_uuid}", write=True) as connection:
+            query = delete(INSTANCE_PROJECTS).where(INSTANCE_PROJECTS.c.instance_uuid == instance_uuid)
+            return bool(getattr(connection.execute(query), "rowcount", 0))
 
     def all(self) -> dict[str, ProjectAssignment]:
-        with self._catalog._session("reading the project mapping", write=False) as session:
+        with self._catalog.connect("reading the project mapping", write=False) as connection:
             return {
                 r.instance_uuid: ProjectAssignment(r.instance_uuid, r.instance_name, r.project, r.assigned_at)
-                for r in session.scalars(select(InstanceProjectRow).order_by(InstanceProjectRow.instance_name))
+                for r in connection.execute(select(INSTANCE_PROJECTS).order_by(INSTANCE_PROJECTS.c.instance_name))
             }
 
     def get(self, instance_uuid: str) -> str | None:
-        with self._catalog._session("reading the project mapping", write=False) as session:
-            row = session.get(InstanceProjectRow, instance_uuid)
-            return row.project if row is not None else None
+        with self._catalog.connect("reading the project mapping", write=False) as connection:
+            where = INSTANCE_PROJECTS.c.instance_uuid == instance_uuid
+            project: str | None = connection.scalar(select(INSTANCE_PROJECTS.c.project).where(where))
+            return project
 
 
 # ---- image owners ---------------------------------------------------------------------------------------
@@ -390,128 +306,27 @@ class ImageOwners:
         self._catalog = catalog
 
     def record(self, image_id: str, project: str | None, set_id: str | None) -> None:
-        with self._catalog._session(f"recording the owner of image {image_id}", write=True) as session:
-            row = session.get(ImageOwnerRow, image_id)
-            if row is None:
-                session.add(ImageOwnerRow(image_id=image_id, project=project, set_id=set_id, created_at=_now()))
-            else:
-                row.project, row.set_id = project, set_id
+        with self._catalog.connect(f"recording the owner of image {image_id}", write=True) as connection:
+            where = IMAGE_OWNERS.c.image_id == image_id
+            if (
+                connection.execute(update(IMAGE_OWNERS).where(where).values(project=project, set_id=set_id)).rowcount
+                == 0
+            ):
+                connection.execute(
+                    insert(IMAGE_OWNERS).values(image_id=image_id, project=project, set_id=set_id, created_at=_now())
+                )
 
     def all(self) -> dict[str, str | None]:
         """image id -> project, for every image the service recorded."""
-        with self._catalog._session("reading image owners", write=False) as session:
-            return {r.image_id: r.project for r in session.scalars(select(ImageOwnerRow))}
+        with self._catalog.connect("reading image owners", write=False) as connection:
+            return {r.image_id: r.project for r in connection.execute(select(IMAGE_OWNERS))}
 
     def forget(self, image_id: str) -> None:
-        with self._catalog._session(f"forgetting the owner of image {image_id}", write=True) as session:
-            session.execute(delete(ImageOwnerRow).where(ImageOwnerRow.image_id == image_id))
-
-
-# ---- fast read path for listings ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class SetEntry:
-    """What filtering and access checks need of a set, without its members or hardware."""
-
-    id: str
-    instance_uuid: str
-    metadata: dict[str, str]
-
-
-class SetReader:
-    """Listings for the API with plain SQL rows instead of ORM objects: a page costs what its rows cost.
-
-    ``index`` returns every matching set newest first (a few columns); ``load`` builds full ``SnapshotSet``s
-    for one page. Same filters and order as ``SqlCatalog.list_sets``.
-    """
-
-    def __init__(self, catalog: SqlCatalog) -> None:
-        self._catalog = catalog
-
-    def index(
-        self,
-        instance: str | None = None,
-        status: SetStatus | None = None,
-        backup_type: str | None = None,
-        metadata: dict[str, str] | None = None,
-    ) -> list[SetEntry]:
-        table = SetRow.__table__
-        query = select(table.c.id, table.c.instance_uuid, table.c.metadata)
-        if instance is not None:
-            query = query.where(or_(table.c.instance_name == instance, table.c.instance_uuid == instance))
-        if status is not None:
-            query = query.where(table.c.status == status.value)
-        if backup_type is not None:
-            query = query.where(table.c.backup_type == backup_type)
-        query = query.order_by(table.c.created_at.desc(), table.c.id)
-        with self._catalog._session("listing sets", write=False) as session:
-            rows = session.execute(query).all()
-        entries = [SetEntry(r.id, r.instance_uuid, dict(r.metadata or {})) for r in rows]
-        if metadata:
-            entries = [e for e in entries if all(e.metadata.get(k) == v for k, v in metadata.items())]
-        return entries
-
-    def load(self, ids: Sequence[str]) -> list[SnapshotSet]:
-        """The sets with these ids, in this order (ids deleted meanwhile are left out)."""
-        if not ids:
-            return []
-        sets_table, members_table = SetRow.__table__, MemberRow.__table__
-        with self._catalog._session("reading sets", write=False) as session:
-            set_rows = session.execute(select(sets_table).where(sets_table.c.id.in_(list(ids)))).mappings().all()
-            member_rows = (
-                session.execute(
-                    select(members_table).where(members_table.c.set_id.in_(list(ids))).order_by(members_table.c.id)
-                )
-                .mappings()
-                .all()
-            )
-        members: dict[str, list[Member]] = {}
-        for m in member_rows:
-            members.setdefault(m["set_id"], []).append(
-                Member(
-                    set_id=m["set_id"],
-                    target=m["target"],
-                    bus=m["bus"],
-                    boot_order=m["boot_order"],
-                    virtual_size=m["virtual_size"],
-                    format=m["format"],
-                    path=m["path"],
-                    source_path=m["source_path"],
-                    sha256=m["sha256"],
-                    metadata=dict(m["metadata"] or {}),
-                )
-            )
-        by_id = {row["id"]: _set_from_mapping(row, members.get(row["id"], [])) for row in set_rows}
-        return [by_id[i] for i in ids if i in by_id]
+        with self._catalog.connect(f"forgetting the owner of image {image_id}", write=True) as connection:
+            connection.execute(delete(IMAGE_OWNERS).where(IMAGE_OWNERS.c.image_id == image_id))
 
 
 def _aware(value: datetime | None) -> datetime | None:
     if value is None:
         return None
     return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-def _set_from_mapping(row: Any, members: list[Member]) -> SnapshotSet:
-    created = _aware(row["created_at"])
-    assert created is not None
-    return SnapshotSet(
-        id=row["id"],
-        name=row["name"],
-        instance_name=row["instance_name"],
-        instance_uuid=row["instance_uuid"],
-        requested=Consistency(row["requested"]),
-        status=SetStatus(row["status"]),
-        created_at=created,
-        hardware=Hardware.from_dict(row["hardware"]),
-        achieved=Consistency(row["achieved"]) if row["achieved"] is not None else None,
-        reason=row["reason"],
-        completed_at=_aware(row["completed_at"]),
-        freeze_window_ms=row["freeze_window_ms"],
-        pause_window_ms=row["pause_window_ms"],
-        members=members,
-        metadata=dict(row["metadata"] or {}),
-        backup_type=row["backup_type"],
-        error=row["error"],
-        instance_state=InstanceState(row["instance_state"]) if row["instance_state"] is not None else None,
-    )

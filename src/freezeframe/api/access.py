@@ -1,31 +1,18 @@
-"""Who is calling and what they may see: bearer tokens, roles, and the project every resource belongs to.
+"""Who is calling and what they may see: the principal behind a bearer token, its role and its project.
 
-An instance's project is the admin's mapping if there is one, else the ``<ff:project>`` element of the domain's
-``<metadata>`` (namespace ``https://freezeframe.dev/xmlns/1``). A set is pinned to the project it was taken under
-(``freezeframe.project`` in its metadata); a set the CLI made without one follows its instance. Jobs and images
-record their project when they are created. A token of another project gets 404, exactly as for a missing
-resource, so ids cannot be probed.
+Which project a resource belongs to is ``projects.py``'s (the CLI uses it too, without the web stack). A token of
+another project gets 404, exactly as for a missing resource, so ids cannot be probed.
 """
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 
-import libvirt
-from lxml import etree
-
-from freezeframe.adapters.service_store import ProjectMap, Token
+from freezeframe.adapters.service_store import Token
 from freezeframe.api.problems import forbidden
-from freezeframe.model import Instance, SnapshotSet
-from freezeframe.service import Freezeframe
+from freezeframe.api.projects import JOB_KEY, PROJECT_KEY, ProjectResolver
 
-PROJECT_NS = "https://freezeframe.dev/xmlns/1"
-PROJECT_KEY = "freezeframe.project"
-JOB_KEY = "freezeframe.job_id"
-_PARSER = etree.XMLParser(resolve_entities=False, no_network=True)
+__all__ = ["JOB_KEY", "PROJECT_KEY", "Principal", "ProjectResolver"]
 
 
 @dataclass(frozen=True)
@@ -58,92 +45,3 @@ class Principal:
         if self.is_admin:
             return None
         return [self.project] if self.project else []
-
-
-def project_from_metadata(metadata_xml: str | None) -> str | None:
-    """The ``<ff:project>`` text of a domain's ``<metadata>``, if any."""
-    if not metadata_xml:
-        return None
-    try:
-        root = etree.fromstring(metadata_xml.encode(), _PARSER)
-    except etree.XMLSyntaxError:
-        return None
-    found = root.find(f"{{{PROJECT_NS}}}project") if root.tag == "metadata" else None
-    if found is None and root.tag == f"{{{PROJECT_NS}}}project":
-        found = root
-    text = (found.text or "").strip() if found is not None else ""
-    return text or None
-
-
-def project_from_domain_xml(xml: str) -> str | None:
-    """The project recorded in a whole domain XML (``virDomainGetXMLDesc``), if any."""
-    try:
-        metadata = etree.fromstring(xml.encode(), _PARSER).find("metadata")
-    except etree.XMLSyntaxError:
-        return None
-    return project_from_metadata(etree.tostring(metadata).decode()) if metadata is not None else None
-
-
-class ProjectResolver:
-    """Projects of instances and sets; libvirt answers are cached briefly since listing sets asks for many."""
-
-    def __init__(self, service: Freezeframe, mapping: ProjectMap, ttl_s: float = 5.0) -> None:
-        self.service = service
-        self.mapping = mapping
-        self.ttl_s = ttl_s
-        self._cache: dict[str, tuple[float, str | None]] = {}
-        self._lock = threading.Lock()
-
-    def of_instance(self, instance: Instance) -> tuple[str | None, str]:
-        """(project, where it came from: 'mapping', 'metadata' or 'none')."""
-        mapped = self.mapping.get(instance.uuid)
-        if mapped is not None:
-            return mapped, "mapping"
-        from_xml = project_from_metadata(instance.hardware.metadata_xml)
-        if from_xml is not None:
-            return from_xml, "metadata"
-        return None, "none"
-
-    def of_set(self, snapshot_set: SnapshotSet) -> str | None:
-        return self.of_set_parts(snapshot_set.instance_uuid, snapshot_set.metadata)
-
-    def of_set_parts(
-        self, instance_uuid: str, metadata: dict[str, str], mapping: Callable[[], dict[str, str]] | None = None
-    ) -> str | None:
-        """``mapping``: the whole mapping, read once per listing and only if some set is not pinned."""
-        pinned = metadata.get(PROJECT_KEY)
-        if pinned:
-            return pinned
-        mapped = mapping().get(instance_uuid) if mapping is not None else self.mapping.get(instance_uuid)
-        if mapped is not None:
-            return mapped
-        return self._from_libvirt(instance_uuid)
-
-    def mapping_snapshot(self) -> dict[str, str]:
-        """One read of the mapping for a whole listing."""
-        return {uuid: a.project for uuid, a in self.mapping.all().items()}
-
-    def lazy_mapping(self) -> Callable[[], dict[str, str]]:
-        cached: list[dict[str, str]] = []
-
-        def get() -> dict[str, str]:
-            if not cached:
-                cached.append(self.mapping_snapshot())
-            return cached[0]
-
-        return get
-
-    def _from_libvirt(self, instance_uuid: str) -> str | None:
-        now = time.monotonic()
-        with self._lock:
-            hit = self._cache.get(instance_uuid)
-            if hit is not None and now - hit[0] < self.ttl_s:
-                return hit[1]
-        try:
-            xml = self.service.hypervisor.conn.lookupByUUIDString(instance_uuid).XMLDesc(0)
-        except libvirt.libvirtError:
-            xml = None  # the instance is gone: its CLI-made sets are the admin's to see
-        project = project_from_domain_xml(xml) if xml is not None else None
-        with self._lock:
-            self._cache[instance_uuid] = (now, project)
-        return project

@@ -20,7 +20,7 @@ from typing import Any
 
 from freezeframe.adapters.service_store import FAILED, QUEUED, RUNNING, SUCCEEDED, Job, JobStore
 from freezeframe.api.problems import classify, conflict, log
-from freezeframe.errors import FreezeframeError
+from freezeframe.errors import INTERRUPTED, FreezeframeError
 
 PROGRESS_EVERY_S = 0.5
 
@@ -190,7 +190,7 @@ class JobRunner:
                 self._active.pop(job.lock_key, None)
             try:
                 self.store.update(
-                    job.id, state=FAILED, error_type="interrupted",
+                    job.id, state=FAILED, error_type=INTERRUPTED.slug,
                     error="the service stopped before this job started; submit it again", finished_at=_now(),
                 )  # fmt: skip
             except FreezeframeError:
@@ -218,7 +218,7 @@ def recover(store: JobStore, reports: list[str], repair_error: str | None = None
             + (f" (phase {job.phase})" if job.phase else "")
             + f"; {outcome}"
         )
-        store.update(job.id, state=FAILED, error_type="interrupted", error=detail, finished_at=_now())
-        job.state, job.error_type, job.error = FAILED, "interrupted", detail
+        store.update(job.id, state=FAILED, error_type=INTERRUPTED.slug, error=detail, finished_at=_now())
+        job.state, job.error_type, job.error = FAILED, INTERRUPTED.slug, detail
         failed.append(job)
     return failed

@@ -19,16 +19,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from freezeframe.errors import (
-    CatalogError,
-    ConsistencyUnavailable,
-    FreezeframeError,
-    HypervisorError,
-    InstanceBusy,
-    InvalidRequest,
-    NotFound,
-    PreflightFailed,
-)
+from freezeframe.errors import by_slug, category
 
 log = logging.getLogger("freezeframe.api")
 
@@ -57,21 +48,30 @@ class ApiProblem(Exception):
         self.extra = extra
 
 
+def _problem(slug: str, detail: str, **extra: Any) -> ApiProblem:
+    status, title = describe(slug)
+    return ApiProblem(status, slug, title, detail, **extra)
+
+
 def unauthorized(detail: str) -> ApiProblem:
-    return ApiProblem(401, "unauthorized", "Authentication required", detail)
+    return _problem("unauthorized", detail)
 
 
 def forbidden(detail: str) -> ApiProblem:
-    return ApiProblem(403, "forbidden", "Not allowed", detail)
+    return _problem("forbidden", detail)
 
 
 def not_found(what: str) -> ApiProblem:
     """The same answer whether it does not exist or belongs to another project: nothing leaks either way."""
-    return ApiProblem(404, "not-found", "Not found", f"{what} does not exist or is not visible to this token")
+    return _problem("not-found", f"{what} does not exist or is not visible to this token")
 
 
 def conflict(detail: str, **extra: Any) -> ApiProblem:
-    return ApiProblem(409, "conflict", "Conflict", detail, **extra)
+    return _problem("conflict", detail, **extra)
+
+
+def invalid(detail: str) -> ApiProblem:
+    return _problem("invalid-request", detail)
 
 
 @dataclass(frozen=True)
@@ -83,29 +83,38 @@ class Classified:
 
 
 def classify(exc: BaseException, error_id: str | None = None) -> Classified:
-    """Map an error to what a client sees; hypervisor, catalog and unknown errors are not passed through."""
-    ref = f" (error id {error_id}; the server log has the details)" if error_id else " (see the server log)"
+    """What a client sees of an error, from the error table (``freezeframe.errors``).
+
+    A public category keeps its message (redacted); hypervisor, catalog and unexpected errors get a generic one.
+    """
     if isinstance(exc, ApiProblem):
         return Classified(exc.status, exc.slug, exc.title, exc.detail)
-    if isinstance(exc, NotFound):
-        return Classified(404, "not-found", "Not found", redact(str(exc)))
-    if isinstance(exc, InstanceBusy):
-        return Classified(409, "busy", "Busy", redact(str(exc)))
-    if isinstance(exc, ConsistencyUnavailable):
-        return Classified(409, "consistency-unavailable", "Consistency level not reachable", redact(str(exc)))
-    if isinstance(exc, PreflightFailed):
-        return Classified(409, "preflight-failed", "Preflight check failed", redact(str(exc)))
-    if isinstance(exc, InvalidRequest):
-        return Classified(400, "invalid-request", "Invalid request", redact(str(exc)))
-    if isinstance(exc, HypervisorError):
-        return Classified(502, "hypervisor-error", "Hypervisor error", "the hypervisor reported an error" + ref)
-    if isinstance(exc, CatalogError):
-        return Classified(503, "catalog-unavailable", "Catalog unavailable", "the catalog could not be used" + ref)
-    if isinstance(exc, FreezeframeError):
-        return Classified(500, "operation-failed", "Operation failed", redact(str(exc)) or type(exc).__name__)
-    if isinstance(exc, KeyboardInterrupt):
-        return Classified(500, "interrupted", "Interrupted", "the operation was interrupted")
-    return Classified(500, "internal-error", "Internal error", "an unexpected error occurred" + ref)
+    row = category(exc)
+    if row.public:
+        return Classified(row.http_status, row.slug, row.title, redact(str(exc)) or type(exc).__name__)
+    ref = f" (error id {error_id}; the server log has the details)" if error_id else " (see the server log)"
+    return Classified(row.http_status, row.slug, row.title, f"{row.title.lower()}: the details are not shown" + ref)
+
+
+HTTP_ONLY: dict[str, tuple[int, str]] = {
+    "bad-request": (400, "Bad request"),
+    "unauthorized": (401, "Authentication required"),
+    "forbidden": (403, "Not allowed"),
+    "method-not-allowed": (405, "Method not allowed"),
+    "conflict": (409, "Conflict"),
+    "too-large": (413, "Request body too large"),
+    "validation-error": (422, "Invalid input"),
+    "http-error": (500, "HTTP error"),
+}
+"""Problems only the HTTP layer decides on (``ApiProblem``); every other slug is a row of the error table."""
+
+
+def describe(slug: str) -> tuple[int, str]:
+    """(status, title) of a slug stored earlier, e.g. in a failed job's row."""
+    row = by_slug(slug)
+    if row is not None:
+        return row.http_status, row.title
+    return HTTP_ONLY.get(slug, (500, "Operation failed"))
 
 
 def problem_body(
@@ -155,18 +164,13 @@ async def handle_unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 async def handle_http_exception(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    titles = {404: "Not found", 405: "Method not allowed", 413: "Request body too large", 400: "Bad request"}
-    slugs = {404: "not-found", 405: "method-not-allowed", 413: "too-large", 400: "bad-request"}
+    slug = {404: "not-found", 405: "method-not-allowed", 413: "too-large", 400: "bad-request"}.get(
+        exc.status_code, "http-error"
+    )
     detail = exc.detail if isinstance(exc.detail, str) else "the request could not be handled"
     if exc.status_code == 404 and detail == "Not Found":
         detail = f"no such endpoint: {request.method} {request.url.path} (see /openapi.json)"
-    response = problem_response(
-        exc.status_code,
-        slugs.get(exc.status_code, "http-error"),
-        titles.get(exc.status_code, "HTTP error"),
-        redact(detail),
-        request.url.path,
-    )
+    response = problem_response(exc.status_code, slug, describe(slug)[1], redact(detail), request.url.path)
     for key, value in (exc.headers or {}).items():
         response.headers[key] = value
     return response
@@ -187,7 +191,7 @@ async def handle_validation_error(request: Request, exc: Exception) -> JSONRespo
     return problem_response(
         422,
         "validation-error",
-        "Invalid input",
+        describe("validation-error")[1],
         redact(summary or "the request does not match the API schema"),
         request.url.path,
         errors=errors,
@@ -222,9 +226,9 @@ class BodyLimit:
                     declared = -1
                 if declared < 0:
                     path = scope.get("path")
-                    await problem_response(400, "bad-request", "Bad request", "invalid Content-Length", path)(
-                        scope, receive, send
-                    )
+                    await problem_response(
+                        400, "bad-request", describe("bad-request")[1], "invalid Content-Length", path
+                    )(scope, receive, send)
                     return
                 if declared > self.max_bytes:
                     await self._too_large(scope, receive, send)
@@ -246,5 +250,6 @@ class BodyLimit:
         return f"request bodies are limited to {self.max_bytes} bytes"
 
     async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = problem_response(413, "too-large", "Request body too large", self._detail(), scope.get("path"))
+        title = describe("too-large")[1]
+        response = problem_response(413, "too-large", title, self._detail(), scope.get("path"))
         await response(scope, receive, send)

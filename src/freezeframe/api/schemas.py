@@ -6,44 +6,64 @@ end up as libvirt names, directory names and catalog rows; outputs never carry h
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
+from freezeframe import validation
+from freezeframe.errors import InvalidRequest
 from freezeframe.model import Consistency, InstanceState, SetStatus
 
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$"
-"""Instance, set and image names: a libvirt name and a directory name (same rule as ``lifecycle.validate_name``)."""
+T = TypeVar("T")
+
+NAME_PATTERN = f"^{validation.NAME_PATTERN}$"
+"""Instance, set and image names and backup types: the rule of ``freezeframe.validation`` (CLI and API alike)."""
 REF_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 """An instance given by name or UUID in a path."""
 UUID_PATTERN = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
-PROJECT_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
+PROJECT_PATTERN = f"^{validation.PROJECT_PATTERN}$"
 TARGET_PATTERN = r"^[a-z]{2,4}[a-z0-9]{0,12}$"
-META_KEY_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$"
-RESERVED_META_PREFIX = "freezeframe."
-MAX_META_ENTRIES = 32
-MAX_META_VALUE = 1024
+META_KEY_PATTERN = f"^{validation.META_KEY_PATTERN}$"
 
-Name = Annotated[str, Field(pattern=NAME_PATTERN, min_length=1, max_length=63)]
-Project = Annotated[str, Field(pattern=PROJECT_PATTERN, min_length=1, max_length=128)]
-BackupType = Annotated[str, Field(pattern=NAME_PATTERN, min_length=1, max_length=63, examples=["daily"])]
+
+def _checked(check: Callable[[T], T]) -> Callable[[T], T]:
+    """A ``freezeframe.validation`` check as a pydantic validator: its one-line message becomes a 422 entry."""
+
+    def validate(value: T) -> T:
+        try:
+            return check(value)
+        except InvalidRequest as exc:
+            raise ValueError(str(exc)) from None
+
+    return validate
+
+
+Name = Annotated[
+    str, Field(pattern=NAME_PATTERN, min_length=1, max_length=63), AfterValidator(_checked(validation.validate_name))
+]
+Project = Annotated[
+    str,
+    Field(pattern=PROJECT_PATTERN, min_length=1, max_length=128),
+    AfterValidator(_checked(validation.validate_project)),
+]
+BackupType = Annotated[
+    str,
+    Field(pattern=NAME_PATTERN, min_length=1, max_length=63, examples=["daily"]),
+    AfterValidator(_checked(validation.validate_backup_type)),
+]
 Target = Annotated[str, Field(pattern=TARGET_PATTERN, min_length=2, max_length=16, examples=["vdb"])]
 MetaKey = Annotated[str, Field(pattern=META_KEY_PATTERN, min_length=1, max_length=128)]
-MetaValue = Annotated[str, Field(max_length=MAX_META_VALUE)]
-
-
-def _user_metadata(value: dict[str, str]) -> dict[str, str]:
-    reserved = sorted(k for k in value if k.startswith(RESERVED_META_PREFIX))
-    if reserved:
-        raise ValueError(f"metadata keys starting with '{RESERVED_META_PREFIX}' are reserved: {', '.join(reserved)}")
-    return value
-
-
+MetaValue = Annotated[str, Field(max_length=validation.MAX_META_VALUE)]
 Metadata = Annotated[
     dict[MetaKey, MetaValue],
-    Field(max_length=MAX_META_ENTRIES, description=f"at most {MAX_META_ENTRIES} entries; keys not 'freezeframe.*'"),
-    AfterValidator(_user_metadata),
+    Field(
+        max_length=validation.MAX_META_ENTRIES,
+        description=f"at most {validation.MAX_META_ENTRIES} entries; keys not 'freezeframe.*'; values printable "
+        "text (no NUL or other control characters except tab and newline)",
+    ),
+    AfterValidator(_checked(validation.validate_metadata)),
 ]
 
 

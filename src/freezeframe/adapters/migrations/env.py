@@ -9,7 +9,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import Connection, create_engine, pool, text
 
-from freezeframe.adapters.catalog import Base
+from freezeframe.adapters.catalog_schema import METADATA
 
 PG_MIGRATION_LOCK = 0x66726565_7A65
 """Advisory lock key: serialises concurrent upgrades of one PostgreSQL catalog."""
@@ -17,7 +17,7 @@ PG_MIGRATION_LOCK = 0x66726565_7A65
 
 def _run(connection: Connection) -> None:
     # Batch mode lets later revisions ALTER tables on SQLite, which cannot alter in place.
-    context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
+    context.configure(connection=connection, target_metadata=METADATA, render_as_batch=True)
     with context.begin_transaction():
         if connection.dialect.name == "postgresql":
             # SQLite is guarded by a file lock in SqlCatalog; PostgreSQL needs its own guard.
@@ -28,9 +28,7 @@ def _run(connection: Connection) -> None:
 def run() -> None:
     config = context.config
     if context.is_offline_mode():
-        context.configure(
-            url=config.get_main_option("sqlalchemy.url"), target_metadata=Base.metadata, literal_binds=True
-        )
+        context.configure(url=config.get_main_option("sqlalchemy.url"), target_metadata=METADATA, literal_binds=True)
         with context.begin_transaction():
             context.run_migrations()
         return

@@ -1,0 +1,206 @@
+"""The catalog's tables, one ``MetaData`` for all of them, and the schema revision they make up.
+
+Every adapter that keeps rows in the catalog (sets, restores, jobs, tokens, project mappings, image owners,
+stored images) declares its table here, so ``METADATA`` (what Alembic's environment and the model/migration test
+read) holds every table without the adapters importing one another. Plain SQLAlchemy Core tables, no ORM: the
+adapters read and write rows with Core statements, and ``freezeframe list`` does not pay for the ORM's import.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.types import TypeDecorator
+
+SCHEMA_REVISIONS = ("0001", "0002", "0003", "0004")
+"""Every Alembic revision in ``migrations/versions``, oldest first; the last is what these tables describe.
+Opening a catalog at the last one needs no Alembic at all (tests check this list against the scripts)."""
+SCHEMA_HEAD = SCHEMA_REVISIONS[-1]
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in and out, whatever the backend keeps (SQLite drops the offset)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.utcoffset() is None:
+            raise ValueError(f"naive datetime {value.isoformat()} cannot be stored; use an aware UTC datetime")
+        value = value.astimezone(UTC)
+        # Naive UTC text on SQLite sorts correctly, which list_sets' ORDER BY relies on.
+        return value if dialect.name == "postgresql" else value.replace(tzinfo=None)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+METADATA = MetaData()
+"""Every table of the catalog (what Alembic's environment and the model/migration test compare)."""
+
+
+def _req(name: str, kind: Any, *args: Any, **kw: Any) -> Column[Any]:
+    return Column(name, kind, *args, nullable=False, **kw)
+
+
+def _opt(name: str, kind: Any, *args: Any, **kw: Any) -> Column[Any]:
+    return Column(name, kind, *args, nullable=True, **kw)
+
+
+SETS = Table(
+    "snapshot_sets",
+    METADATA,
+    Column("id", String(36), primary_key=True),
+    _req("name", Text),
+    _req("instance_name", Text),
+    _req("instance_uuid", String(64), index=True),
+    _req("requested", String(16)),
+    _opt("achieved", String(16)),
+    _opt("reason", Text),
+    _req("status", String(16), index=True),
+    _req("created_at", UtcDateTime),
+    _opt("completed_at", UtcDateTime),
+    _opt("freeze_window_ms", Float),
+    _opt("pause_window_ms", Float),
+    _req("hardware", JSON),
+    _req("metadata", JSON),
+    _opt("backup_type", String(255), index=True),
+    _opt("error", Text),
+    _opt("instance_state", String(16)),
+)
+
+MEMBERS = Table(
+    "members",
+    METADATA,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    _req("set_id", String(36), ForeignKey("snapshot_sets.id", name="fk_members_set_id", ondelete="CASCADE")),
+    _req("target", String(64)),
+    _req("bus", String(32)),
+    _opt("boot_order", Integer),
+    _req("virtual_size", BigInteger),
+    _req("format", String(32)),
+    _req("path", Text),
+    _opt("source_path", Text),
+    _opt("sha256", String(64)),
+    _req("metadata", JSON),
+    UniqueConstraint("set_id", "target", name="uq_members_set_id_target"),
+)
+
+RESTORES = Table(
+    "restores",
+    METADATA,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    _req(
+        "set_id",
+        String(36),
+        ForeignKey("snapshot_sets.id", name="fk_restores_set_id", ondelete="CASCADE"),
+        index=True,
+    ),
+    _req("instance_name", Text),
+    _opt("instance_uuid", String(64)),
+    _req("target", String(64)),
+    _req("path", Text),
+    _req("mode", String(16)),
+    _req("created_at", UtcDateTime),
+)
+"""One disk of an instance restored from a set member; copy-on-write rows make the member a dependency."""
+
+# ---- the HTTP service (revision 0003) ----------------------------------------------------------------
+
+JOBS = Table(
+    "jobs",
+    METADATA,
+    Column("id", String(36), primary_key=True),
+    _req("kind", String(32)),
+    _req("state", String(16), index=True),
+    _opt("project", String(128), index=True),
+    _req("lock_key", String(128)),
+    _opt("instance_uuid", String(64), index=True),
+    _opt("instance_name", Text),
+    _opt("set_id", String(36)),
+    _opt("image_id", String(36)),
+    _req("request", JSON),
+    _opt("result", JSON),
+    _opt("error_type", String(64)),
+    _opt("error", Text),
+    _opt("phase", String(32)),
+    _req("progress_done", BigInteger),
+    _req("progress_total", BigInteger),
+    _opt("token_id", String(32)),
+    _opt("server_pid", Integer),
+    _req("created_at", UtcDateTime, index=True),
+    _opt("started_at", UtcDateTime),
+    _opt("finished_at", UtcDateTime),
+)
+"""Background operations of the service; finished rows are kept so clients can read the outcome later."""
+
+TOKENS = Table(
+    "api_tokens",
+    METADATA,
+    Column("id", String(32), primary_key=True),
+    _req("secret_sha256", String(64)),
+    _opt("project", String(128)),
+    _req("role", String(16)),
+    _opt("description", Text),
+    _req("created_at", UtcDateTime),
+    _opt("revoked_at", UtcDateTime),
+)
+"""Bearer tokens: only the SHA-256 of each secret is stored, so a leaked catalog grants nothing."""
+
+INSTANCE_PROJECTS = Table(
+    "instance_projects",
+    METADATA,
+    Column("instance_uuid", String(64), primary_key=True),
+    _req("instance_name", Text),
+    _req("project", String(128), index=True),
+    _req("assigned_at", UtcDateTime),
+)
+"""The admin's instance -> project mapping; it wins over the project in the domain's <metadata>."""
+
+IMAGE_OWNERS = Table(
+    "image_owners",
+    METADATA,
+    Column("image_id", String(36), primary_key=True),
+    _opt("project", String(128), index=True),
+    _opt("set_id", String(36)),
+    _req("created_at", UtcDateTime),
+)
+"""Which project an image in the image store belongs to; images outlive their sets."""
+
+# ---- the image store (revision 0004) --------------------------------------------------------------------
+
+STORED_IMAGES = Table(
+    "stored_images",
+    METADATA,
+    Column("id", String(36), primary_key=True),
+    _req("name", Text, index=True),
+    _req("status", String(16)),
+    _req("store", Text),
+    _req("filename", Text),
+    _opt("source_set_id", String(36)),
+    _req("size", BigInteger),
+    _req("sha256", String(64)),
+    _req("created_at", UtcDateTime, index=True),
+    _req("summary", JSON),
+)
+"""One package in an image store."""

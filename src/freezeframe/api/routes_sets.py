@@ -1,0 +1,248 @@
+"""``/v1/snapshot-sets``: list, show and delete sets; restore, verify and export them as jobs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from enum import Enum
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Query, Response
+from pydantic import BaseModel
+
+from freezeframe.api.access import Principal
+from freezeframe.api.deps import Limit, Offset, PrincipalDep, SetId, StateDep, accepted, json_response, page, problems
+from freezeframe.api.jobs import JobContext, JobRunner, JobSpec
+from freezeframe.api.problems import conflict, invalid, redact
+from freezeframe.api.schemas import (
+    NAME_PATTERN,
+    PROJECT_PATTERN,
+    REF_PATTERN,
+    ExportRequest,
+    JobView,
+    RestoreRequest,
+    SetDetail,
+    SetPage,
+    VerifyRequest,
+)
+from freezeframe.api.state import AppState
+from freezeframe.api.views import set_detail, set_view
+from freezeframe.errors import InvalidRequest, SetHasDependants
+from freezeframe.model import SetStatus, SnapshotSet
+from freezeframe.validation import validate_metadata
+
+router = APIRouter(prefix="/v1")
+TAGS: list[str | Enum] = ["snapshot sets"]
+
+
+def _metadata_filter(items: list[str]) -> dict[str, str]:
+    """``KEY=VALUE`` filters, held to the metadata rules (reserved ``freezeframe.*`` keys may be searched)."""
+    wanted: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise invalid(f"metadata filter {item[:80]!r}: use KEY=VALUE")
+        wanted[key] = value
+    try:
+        return validate_metadata(wanted, allow_reserved=True)
+    except InvalidRequest as exc:
+        raise invalid(f"metadata filter: {exc}") from None
+
+
+@router.get("/snapshot-sets", response_model=SetPage, tags=TAGS, responses=problems(400))
+def list_sets(
+    state: StateDep,
+    principal: PrincipalDep,
+    instance: Annotated[str | None, Query(pattern=REF_PATTERN, max_length=64)] = None,
+    status: SetStatus | None = None,
+    backup_type: Annotated[str | None, Query(pattern=NAME_PATTERN, max_length=63)] = None,
+    metadata: Annotated[
+        list[str] | None,
+        Query(description="KEY=VALUE; repeat for several (all must match)", max_length=16),
+    ] = None,
+    project: Annotated[str | None, Query(pattern=PROJECT_PATTERN, max_length=128)] = None,
+    limit: Limit = 50,
+    offset: Offset = 0,
+) -> Response:
+    """Newest first; filters combine; ``next_offset`` is null on the last page."""
+    wanted = _metadata_filter(metadata or [])
+    catalog = state.service.catalog
+    entries = catalog.index_sets(instance=instance, status=status, backup_type=backup_type, metadata=wanted)
+    mapping = state.resolver.lazy_mapping()
+    visible: list[tuple[str, str | None]] = []
+    for entry in entries:
+        owner = state.resolver.of_set_parts(entry.instance_uuid, entry.metadata, mapping)
+        if principal.sees(owner) and (project is None or owner == project):
+            visible.append((entry.id, owner))
+    chunk, next_offset = page(visible, limit, offset)
+    owners = dict(chunk)
+    items = [set_view(s, owners[s.id], principal.is_admin) for s in catalog.load_sets([i for i, _ in chunk])]
+    return json_response(SetPage(items=items, total=len(visible), limit=limit, offset=offset, next_offset=next_offset))
+
+
+@router.get("/snapshot-sets/{set_id}", response_model=SetDetail, tags=TAGS, responses=problems(404))
+def get_set(set_id: SetId, state: StateDep, principal: PrincipalDep) -> Response:
+    """The set with its members (each member's metadata carries the set's UUID) and recorded hardware."""
+    s, project = state.snapshot_set(set_id, principal)
+    return json_response(set_detail(s, project, principal.is_admin))
+
+
+def _set_job_guard(state: AppState, set_id: str) -> JobRunner:
+    runner = state.require_runner()
+    running = runner.active_job(f"set:{set_id}")
+    if running is not None:
+        raise conflict(f"job {running} is still running on this snapshot set; wait for it to finish", job_id=running)
+    return runner
+
+
+@router.delete("/snapshot-sets/{set_id}", status_code=204, tags=TAGS, responses=problems(403, 404, 409))
+def delete_set(
+    set_id: SetId,
+    state: StateDep,
+    principal: PrincipalDep,
+    force: Annotated[bool, Query(description="flatten copy-on-write dependants first")] = False,
+) -> Response:
+    """Remove the set and its data; restored instances still on it are a 409 unless ``force``."""
+    principal.require_write()
+    s, _ = state.snapshot_set(set_id, principal)
+    _set_job_guard(state, s.id)
+    if s.status is SetStatus.CREATING:
+        raise conflict(f"snapshot set {s.id} is still being created; wait for its job to finish")
+    try:
+        state.service.lifecycle.delete(s.id, force=force)
+    except SetHasDependants as exc:
+        names = sorted({d.instance_name for d in exc.dependants})
+        raise conflict(
+            f"snapshot set {s.id} is still the copy-on-write base of instance(s) {', '.join(names)}; delete with "
+            "force=true to copy the data into them first, or remove those instances"
+        ) from None
+    return Response(status_code=204)
+
+
+def _set_for_job(state: AppState, principal: Principal, set_id: str) -> tuple[SnapshotSet, str | None, JobRunner]:
+    """A job that uses an available set: writers only, the set visible to them, no other job on it."""
+    principal.require_write()
+    s, project = state.snapshot_set(set_id, principal)
+    if s.status is not SetStatus.AVAILABLE:
+        raise conflict(f"snapshot set {s.id} is {s.status}; only available sets can be used for this")
+    return s, project, _set_job_guard(state, s.id)
+
+
+def _submit_set_job(
+    response: Response,
+    runner: JobRunner,
+    principal: Principal,
+    s: SnapshotSet,
+    project: str | None,
+    kind: str,
+    request: BaseModel,
+    run: Callable[[JobContext], dict[str, Any]],
+) -> JobView:
+    """Every job that works on one set: locked on the set, owned by the set's project."""
+    spec = JobSpec(
+        kind=kind, lock_key=f"set:{s.id}", project=project, request=request.model_dump(mode="json"),
+        token_id=principal.token_id, instance_uuid=s.instance_uuid, instance_name=s.instance_name, set_id=s.id,
+    )  # fmt: skip
+    return accepted(response, runner.submit(spec, run))
+
+
+@router.post(
+    "/snapshot-sets/{set_id}/restore",
+    status_code=202,
+    response_model=JobView,
+    tags=TAGS,
+    responses=problems(400, 403, 404, 409, 413),
+)
+def restore_set(
+    set_id: SetId, body: RestoreRequest, response: Response, state: StateDep, principal: PrincipalDep
+) -> JobView:
+    """A new instance (in the set's project) from the set: copy-on-write over the members, or full copies."""
+    s, project, runner = _set_for_job(state, principal, set_id)
+    state.require_free_name(body.name)
+
+    def run(ctx: JobContext) -> dict[str, Any]:
+        ctx.phase("restoring")
+        result = state.service.lifecycle.restore(s.id, body.name, start=body.start, full=body.full)
+        if project is not None:
+            state.projects.assign(result.uuid, result.name, project)
+        return {
+            "instance": {"name": result.name, "uuid": result.uuid},
+            "mode": result.mode,
+            "disks": [d.target for d in result.disks],
+            "started": result.started,
+            "left_out": {k: redact(v) for k, v in result.left_out.items()},
+        }
+
+    return _submit_set_job(response, runner, principal, s, project, "restore", body, run)
+
+
+@router.post(
+    "/snapshot-sets/{set_id}/verify",
+    status_code=202,
+    response_model=JobView,
+    tags=TAGS,
+    responses=problems(403, 404, 409, 413),
+)
+def verify_set(
+    set_id: SetId,
+    response: Response,
+    state: StateDep,
+    principal: PrincipalDep,
+    body: Annotated[VerifyRequest | None, Body()] = None,
+) -> JobView:
+    """Recompute every member's SHA-256 (``boot``: also boot a throw-away clone); the report is the result."""
+    s, project, runner = _set_for_job(state, principal, set_id)
+    request = body or VerifyRequest()
+
+    def run(ctx: JobContext) -> dict[str, Any]:
+        ctx.phase("verifying")
+        report = state.service.lifecycle.verify(s.id, boot=request.boot)
+        return {
+            "ok": report.ok,
+            "booted": report.booted,
+            "checks": [
+                {"subject": c.subject, "check": c.what, "ok": c.ok, "detail": redact(c.detail)} for c in report.checks
+            ],
+        }
+
+    return _submit_set_job(response, runner, principal, s, project, "verify", request, run)
+
+
+@router.post(
+    "/snapshot-sets/{set_id}/export",
+    status_code=202,
+    response_model=JobView,
+    tags=["images"],
+    responses=problems(403, 404, 409, 413),
+)
+def export_set(
+    set_id: SetId,
+    response: Response,
+    state: StateDep,
+    principal: PrincipalDep,
+    body: Annotated[ExportRequest | None, Body()] = None,
+) -> JobView:
+    """Package the set as an OVA image (``GET /v1/images/{image_id}``); the job's ``image_id`` names it."""
+    s, project, runner = _set_for_job(state, principal, set_id)
+    request = body or ExportRequest()
+
+    def run(ctx: JobContext) -> dict[str, Any]:
+        ctx.phase("exporting")
+        exported = state.portable.export_to_store(
+            s.id,
+            name=request.name,
+            disk_format=request.disk_format,
+            ovf_version=request.ovf_version,
+            progress=ctx.progress,
+        )
+        assert exported.image is not None
+        state.owners.record(exported.image.id, project, s.id)
+        ctx.attach(image_id=exported.image.id)
+        return {
+            "image_id": exported.image.id,
+            "size": exported.size,
+            "disk_format": exported.disk_format,
+            "ovf_version": exported.ovf_version,
+            "disks": [d.target for d in exported.disks],
+        }
+
+    return _submit_set_job(response, runner, principal, s, project, "export", request, run)
