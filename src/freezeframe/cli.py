@@ -117,10 +117,10 @@ SET_COLUMNS = (
     Col("name", wraps=True),
     Col("instance", wraps=True),
     Col("status"),
-    Col("consistency", optional=True),
-    Col("disks", optional=True),
-    Col("freeze ms", optional=True),
-    Col("created"),
+    Col("consistency", drop=1),
+    Col("disks", drop=3),
+    Col("freeze ms", drop=4),
+    Col("created", drop=2),
 )
 
 

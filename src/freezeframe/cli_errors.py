@@ -95,8 +95,8 @@ def _usage_line(exc: UsageError) -> str:
 
 
 def _describe_os_error(exc: OSError) -> str:
-    where = f": {exc.filename}" if exc.filename is not None else ""
-    return f"{exc.strerror or exc}{where}"
+    where = f"{exc.filename}: " if exc.filename is not None else ""
+    return f"{where}{exc.strerror or exc}"
 
 
 def _silence_stdout() -> None:

@@ -91,7 +91,7 @@ def say(*pieces: Piece, stderr: bool = False) -> None:
 GAP = 2
 """Spaces between two columns."""
 MIN_WRAPPED = 10
-"""Narrowest a wrapping column gets before optional columns are left out."""
+"""Narrowest a wrapping column gets before droppable columns are left out."""
 
 
 @dataclass(frozen=True)
@@ -99,8 +99,8 @@ class Col:
     header: str
     wraps: bool = False
     """A long value continues on the next line (names); other columns are never cut and never wrapped."""
-    optional: bool = False
-    """Left out, last first, when the terminal is too narrow for every column."""
+    drop: int = 0
+    """When the terminal is too narrow for every column: 0 never left out, else the highest number goes first."""
 
 
 def _plain(piece: Piece) -> str:
@@ -125,10 +125,10 @@ def fit(cols: Sequence[Col], rows: Sequence[Sequence[Piece]], width: int) -> lis
                 widths[widest] += 1
                 spare -= 1
             return [(widths.get(i, natural[i]) if i in kept else None) for i in range(len(cols))]
-        optional = [i for i in kept if cols[i].optional]
-        if not optional:
+        droppable = [i for i in kept if cols[i].drop]
+        if not droppable:
             return None
-        kept.remove(optional[-1])
+        kept.remove(max(droppable, key=lambda i: cols[i].drop))
 
 
 def print_table(cols: Sequence[Col], rows: Sequence[Sequence[Piece]], plain_rows: Sequence[Sequence[str]]) -> None:
@@ -141,7 +141,6 @@ def print_table(cols: Sequence[Col], rows: Sequence[Sequence[Piece]], plain_rows
     if widths is None:
         print_plain_rows(plain_rows)
         return
-    from rich.box import SIMPLE_HEAD
     from rich.table import Column, Table
 
     kept = [i for i, w in enumerate(widths) if w is not None]
@@ -149,7 +148,7 @@ def print_table(cols: Sequence[Col], rows: Sequence[Sequence[Piece]], plain_rows
         Column(cols[i].header, width=widths[i], no_wrap=not cols[i].wraps, overflow="fold", header_style="bold")
         for i in kept
     ]
-    table = Table(*columns, box=SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1), show_header=True)
+    table = Table(*columns, box=None, pad_edge=False, padding=(0, 1), show_header=True)
     for row in rows:
         table.add_row(*(text(row[i]) for i in kept))
     console().print(table)

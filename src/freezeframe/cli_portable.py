@@ -127,13 +127,13 @@ def import_(
 IMAGE_COLUMNS = (
     Col("id"),
     Col("name", wraps=True),
-    Col("set", optional=True),
-    Col("vcpus", optional=True),
-    Col("memory", optional=True),
+    Col("set", drop=5),
+    Col("vcpus", drop=3),
+    Col("memory", drop=2),
     Col("disks", wraps=True),
-    Col("format", optional=True),
+    Col("format", drop=4),
     Col("size"),
-    Col("created", optional=True),
+    Col("created", drop=1),
 )
 
 

@@ -129,7 +129,7 @@ def token_list(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
 
 
 TOKEN_COLUMNS = (
-    Col("id"), Col("role"), Col("project", wraps=True), Col("description", wraps=True), Col("created", optional=True),
+    Col("id"), Col("role"), Col("project", wraps=True), Col("description", wraps=True), Col("created", drop=1),
     Col("revoked"),
 )  # fmt: skip
 
@@ -209,7 +209,7 @@ def project_list(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
     print_table(PROJECT_COLUMNS, rows, rows)
 
 
-PROJECT_COLUMNS = (Col("instance", wraps=True), Col("uuid"), Col("project", wraps=True), Col("assigned", optional=True))
+PROJECT_COLUMNS = (Col("instance", wraps=True), Col("uuid"), Col("project", wraps=True), Col("assigned", drop=1))
 
 
 def register(app: typer.Typer) -> None:
