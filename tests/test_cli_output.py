@@ -292,3 +292,26 @@ def test_progress_bars_only_on_a_terminal_and_never_with_json(
     run_cli(capsys, "restore", "s1", "--as", "copy")
     assert fake.calls.progress.pop("restore") is None
     assert fake.calls.args["restore"] == ("s1", "copy", False, False)
+
+
+def test_list_and_show_through_the_real_catalog(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """No scripted service: what `cut -f1` takes from `list` in a pipe, `show` finds in the catalog (short or full)."""
+    from freezeframe.config import Settings
+    from freezeframe.service import Freezeframe
+
+    with Freezeframe.open(Settings.from_env(home=tmp_path)) as service:
+        for n, text in enumerate(("first", "[/x]\x1b[2J")):
+            service.catalog.add_set(sample_set(n + 1, name=text, metadata={"note": text}))
+    pipe(monkeypatch)
+    listed = run_cli(capsys, "list", "--home", str(tmp_path))
+    assert listed.code == 0, listed.err
+    ids = [line.split("\t")[0] for line in listed.out.splitlines()]
+    assert len(ids) == 2 and "\x1b" not in listed.out and "[/x]" in listed.out
+    for ref in (ids[0], ids[0][:8]):
+        shown = run_cli(capsys, "show", ref, "--home", str(tmp_path))
+        assert shown.code == 0 and re.search(rf"^id: +{ids[0]}$", shown.out, re.M), shown.out
+    terminal(monkeypatch)
+    table = run_cli(capsys, "list", "--home", str(tmp_path))
+    assert table.code == 0 and ids[1][:8] in visible(table.out).split() and "\x1b[2J" not in table.out
