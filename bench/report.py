@@ -429,7 +429,7 @@ def startup_section(report: dict[str, Any] | None) -> str:
                      ", ".join(f"{p['package']} {num(p['cumulative_ms'])}" for p in i["packages"][:4])]
                     for name, i in imports.items()]  # fmt: skip
     text += "Imports, from one run under `python -X importtime` (ms, nested imports included):\n\n"
-    text += table(["command", "import ms", "modules", "largest outside packages (ms)"], summary_rows) + "\n\n"
+    text += table(["command", "import ms", "modules", "largest third-party packages (ms)"], summary_rows) + "\n\n"
     pulls = [[f"`{p['module']}`", p["package"], num(p["cumulative_ms"])] for p in imports["list"]["pulled_in_by"][:8]]
     if pulls:
         text += "Which freezeframe module pulls in what, for `freezeframe list`:\n\n"

@@ -103,7 +103,7 @@ def parse_importtime(stderr: str) -> list[tuple[str, int, int, int]]:
 
 
 def import_costs(rows: list[tuple[str, int, int, int]]) -> dict[str, Any]:
-    """Where the import time goes: per outside package, per freezeframe module that pulls it in, per module."""
+    """Where the import time goes: per third-party package, per freezeframe module that pulls it in, per module."""
     by_package: dict[str, int] = defaultdict(int)
     pulled_in: dict[tuple[str, str], int] = defaultdict(int)
     # Python writes a module's line after its children's; walking backwards, a parent comes before its children.
@@ -113,7 +113,7 @@ def import_costs(rows: list[tuple[str, int, int, int]]) -> dict[str, Any]:
             parents.pop()
         package = module.split(".")[0]
         parent = parents[-1][1] if parents else ""
-        if package != parent.split(".")[0] and package != OURS:
+        if package != parent.split(".")[0] and package != OURS and package not in sys.stdlib_module_names:
             by_package[package] += cumulative
             if parent.startswith(f"{OURS}."):
                 pulled_in[(parent, package)] += cumulative
@@ -158,7 +158,7 @@ def plot(report: dict[str, Any], path: Path, note: str | None) -> None:
     right.barh([c["package"] for c in costs][::-1], [c["cumulative_ms"] for c in costs][::-1],
                color=COLORS["baseline"])  # fmt: skip
     right.set_xlabel("ms (cumulative, nested imports included)")
-    right.set_title("import time of `freezeframe list` by outside package")
+    right.set_title("import time of `freezeframe list` by third-party package")
     save_figure(fig, path, note)
 
 

@@ -40,6 +40,10 @@ USAGE_ERRORS = [
     (["backup", "vm1", "--type", "daily"], "Missing option '--rotation'"),
     (["export", "s1", "--ovf-version", "3"], "--ovf-version"),
     (["restore", "s1", "extra-argument", "--as", "x"], "unexpected extra argument"),
+    (["serve", "--shutdown-grace", "nan"], "--shutdown-grace"),
+    (["serve", "--shutdown-grace", "inf"], "--shutdown-grace"),
+    (["serve", "--port", "0"], "--port"),
+    (["serve", "--workers", "many"], "--workers"),
 ]
 
 

@@ -55,7 +55,7 @@ def export(
     disk_format: Annotated[
         DiskFormat, typer.Option("--disk-format", help="qcow2 (as captured) or vmdk (streamOptimized)")
     ] = DiskFormat.QCOW2,
-    ovf_version: Annotated[int, typer.Option("--ovf-version", min=1, max=2, help="OVF 1.x (default) or 2.x")] = 1,
+    ovf_version: Annotated[int, typer.Option("--ovf-version", metavar="1|2", min=1, max=2, help="OVF 1.x or 2.x")] = 1,
     force: Annotated[bool, typer.Option("--force", help="replace an existing output file")] = False,
     as_json: JsonOpt = False,
     connect: ConnectOpt = None,

@@ -31,20 +31,30 @@ class Role(enum.StrEnum):
 
 
 def serve(
-    host: Annotated[str, typer.Option("--host", help="address to listen on")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8774,
-    tls_cert: Annotated[Path | None, typer.Option("--tls-cert", help="PEM certificate (with --tls-key)")] = None,
-    tls_key: Annotated[Path | None, typer.Option("--tls-key", help="PEM private key")] = None,
+    host: Annotated[str, typer.Option("--host", metavar="ADDRESS", help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", metavar="PORT", min=1, max=65535, help="TCP port")] = 8774,
+    tls_cert: Annotated[
+        Path | None, typer.Option("--tls-cert", metavar="FILE", help="PEM certificate (with --tls-key)")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option("--tls-key", metavar="FILE", help="PEM private key")] = None,
     insecure_listen: Annotated[
         bool, typer.Option("--insecure-listen", help="allow clear-text HTTP beyond loopback (TLS terminated in front)")
     ] = False,
-    workers: Annotated[int, typer.Option("--workers", min=1, max=64, help="jobs running at the same time")] = 2,
-    max_body: Annotated[int, typer.Option("--max-body", min=1024, max=16 << 20, help="request body limit, bytes")] = 64
-    * 1024,
+    workers: Annotated[
+        int, typer.Option("--workers", metavar="N", min=1, max=64, help="jobs running at the same time")
+    ] = 2,
+    max_body: Annotated[
+        int, typer.Option("--max-body", metavar="BYTES", min=1024, max=16 << 20, help="request body limit")
+    ] = 64 * 1024,
     shutdown_grace: Annotated[
-        float, typer.Option("--shutdown-grace", min=0, help="seconds a stop waits for running jobs")
+        float,
+        typer.Option(
+            "--shutdown-grace", metavar="SECONDS", min=0, max=3600, help="how long a stop waits for running jobs"
+        ),
     ] = 60.0,
-    log_level: Annotated[str, typer.Option("--log-level", help="debug | info | warning | error")] = "info",
+    log_level: Annotated[
+        str, typer.Option("--log-level", metavar="LEVEL", help="debug | info | warning | error")
+    ] = "info",
     connect: ConnectOpt = None,
     home: HomeOpt = None,
 ) -> None:
@@ -71,11 +81,14 @@ token_app = typer.Typer(
 
 @token_app.command("create")
 def token_create(
-    role: Annotated[Role, typer.Option("--role", help="admin | member | reader")],
+    role: Annotated[Role, typer.Option("--role", help="what it may do")],
     project: Annotated[
-        str | None, typer.Option("--project", help="the project it sees and acts on (not needed for admin)")
+        str | None,
+        typer.Option("--project", metavar="PROJECT", help="the project it sees and acts on (not needed for admin)"),
     ] = None,
-    description: Annotated[str | None, typer.Option("--description", help="who or what uses it")] = None,
+    description: Annotated[
+        str | None, typer.Option("--description", metavar="TEXT", help="who or what uses it")
+    ] = None,
     as_json: JsonOpt = False,
     home: HomeOpt = None,
 ) -> None:
