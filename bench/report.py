@@ -432,8 +432,8 @@ def startup_section(report: dict[str, Any] | None) -> str:
     text += table(["command", "import ms", "modules", "largest third-party packages (ms)"], summary_rows) + "\n\n"
     pulls = [[f"`{p['module']}`", p["package"], num(p["cumulative_ms"])] for p in imports["list"]["pulled_in_by"][:8]]
     if pulls:
-        text += "Which freezeframe module pulls in what, for `freezeframe list`:\n\n"
-        text += table(["freezeframe module", "imports", "ms"], pulls) + "\n\n"
+        text += "Which module pulls in each third-party package, for `freezeframe list`:\n\n"
+        text += table(["module", "imports", "ms"], pulls) + "\n\n"
     return text + f"![startup]({image_link('startup')})"
 
 

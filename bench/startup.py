@@ -103,7 +103,7 @@ def parse_importtime(stderr: str) -> list[tuple[str, int, int, int]]:
 
 
 def import_costs(rows: list[tuple[str, int, int, int]]) -> dict[str, Any]:
-    """Where the import time goes: per third-party package, per freezeframe module that pulls it in, per module."""
+    """Where the import time goes: per third-party package, per module that pulls one in, per module's own time."""
     by_package: dict[str, int] = defaultdict(int)
     pulled_in: dict[tuple[str, str], int] = defaultdict(int)
     # Python writes a module's line after its children's; walking backwards, a parent comes before its children.
@@ -115,8 +115,7 @@ def import_costs(rows: list[tuple[str, int, int, int]]) -> dict[str, Any]:
         parent = parents[-1][1] if parents else ""
         if package != parent.split(".")[0] and package != OURS and package not in sys.stdlib_module_names:
             by_package[package] += cumulative
-            if parent.startswith(f"{OURS}."):
-                pulled_in[(parent, package)] += cumulative
+            pulled_in[(parent or "(a function, at run time)", package)] += cumulative
         parents.append((depth, module))
     total = sum(cumulative for _m, _o, cumulative, depth in rows if depth == 0)
     packages = sorted(by_package.items(), key=lambda kv: -kv[1])[:TOP]
