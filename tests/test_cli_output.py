@@ -222,23 +222,26 @@ def test_hostile_text_prints_as_data_in_every_listing(
     assert_printed_as_data("".join(outputs))
 
 
-def test_hostile_text_in_errors_and_tokens(
+def test_hostile_text_in_tokens_projects_and_errors(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """Through the real catalog: token descriptions stored by an older version, a name quoted in an error."""
-    from freezeframe.adapters.service_store import TokenStore
+    """Through the real catalog: token descriptions stored by an older version, libvirt's instance names in the
+    project map, a name quoted in an error."""
+    from freezeframe.adapters.service_store import ProjectMap, TokenStore
     from freezeframe.config import Settings
     from freezeframe.service import Freezeframe
 
     with Freezeframe.open(Settings.from_env(home=tmp_path)) as service:
-        for text in HOSTILE:
+        for n, text in enumerate(HOSTILE):
             TokenStore(service.catalog).create("reader", "alpha", text)
+            ProjectMap(service.catalog).assign(f"{n:08x}-0000-4000-8000-000000000000", text, "alpha")
     for mode in (terminal, pipe):
         mode(monkeypatch)
         monkeypatch.setenv("COLUMNS", "200")
-        result = run_cli(capsys, "token", "list", "--home", str(tmp_path))
-        assert result.code == 0, result.err
-        assert_printed_as_data(result.out)
+        for listing in (["token", "list"], ["project", "list"]):
+            result = run_cli(capsys, *listing, "--home", str(tmp_path))
+            assert result.code == 0, result.err
+            assert_printed_as_data(result.out)
         result = run_cli(capsys, "show", "\x1b]8;;http://evil\x07[/x]\x1b[2J", "--home", str(tmp_path))
         assert result.code == 2 and result.err.count("\n") == 1
         for raw in RAW_SEQUENCES:
