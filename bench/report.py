@@ -21,6 +21,8 @@ from typing import Any
 from common import REPO_ROOT, RESULTS, MiB
 
 WINDOW_TARGET = 1.3
+STARTUP_TARGET_S = 0.3
+STARTUP_TARGETS = ("--help", "list")
 EXPORT_TARGET = 0.9
 FF_METHODS = ("ff_crash", "ff_filesystem", "ff_application")
 NAIVE_METHODS = ("naive", "naive_gap")
@@ -409,6 +411,32 @@ def concurrency_section(report: dict[str, Any] | None) -> str:
     return text
 
 
+def startup_section(report: dict[str, Any] | None) -> str:
+    if report is None:
+        return missing("startup")
+    rows = [
+        [f"`{' '.join(w['argv'])}`", num(w["summary"]["median"], 3), num(w["summary"]["p95"], 3),
+         num(w["summary"]["min"], 3), num(w["summary"]["max"], 3)]
+        for w in report["wall"].values()
+    ]  # fmt: skip
+    text = smoke_warning(report) + provenance(report)
+    text += (
+        f"{report['runs']} runs of each command, interleaved, after one warm-up run each; code measured: "
+        f"`{report['src']}`.\n\n" + table(["command", "median s", "p95 s", "min s", "max s"], rows) + "\n\n"
+    )
+    imports = report["imports"]
+    summary_rows = [[f"`freezeframe {name}`", num(i["total_ms"]), str(i["modules_imported"]),
+                     ", ".join(f"{p['package']} {num(p['cumulative_ms'])}" for p in i["packages"][:4])]
+                    for name, i in imports.items()]  # fmt: skip
+    text += "Imports, from one run under `python -X importtime` (ms, nested imports included):\n\n"
+    text += table(["command", "import ms", "modules", "largest third-party packages (ms)"], summary_rows) + "\n\n"
+    pulls = [[f"`{p['module']}`", p["package"], num(p["cumulative_ms"])] for p in imports["list"]["pulled_in_by"][:8]]
+    if pulls:
+        text += "Which module pulls in each third-party package, for `freezeframe list`:\n\n"
+        text += table(["module", "imports", "ms"], pulls) + "\n\n"
+    return text + f"![startup]({image_link('startup')})"
+
+
 def verdict_section(reports: dict[str, dict[str, Any]]) -> str:
     """The acceptance targets, each with the measured number and met / missed."""
     rows: list[list[str]] = []
@@ -457,6 +485,14 @@ def verdict_section(reports: dict[str, dict[str, Any]]) -> str:
     if conc:
         rows.append(["concurrent snapshots stay consistent", f"{conc['violations']} / {conc['checked']} violations",
                      "met" if conc["checked"] and not conc["violations"] else "**missed**"])  # fmt: skip
+    start = reports.get("startup")
+    if start:
+        for name in STARTUP_TARGETS:
+            stats = start["wall"][name]["summary"]
+            met = stats["median"] is not None and stats["median"] < start["target_s"]
+            rows.append([f"`freezeframe {name}` starts in < {start['target_s']} s (median)",
+                         f"{num(stats['median'], 2)} s (p95 {num(stats['p95'], 2)} s)",
+                         "met" if met else "**missed**"])  # fmt: skip
     if not rows:
         return "_No results yet: run `.venv/bin/python bench/run_all.py`, then `bench/report.py`._"
     smoke = any(r.get("mode") == "quick" for r in reports.values())
@@ -484,7 +520,7 @@ def image_link(name: str) -> str:
 
 def load(results: Path) -> dict[str, dict[str, Any]]:
     reports = {}
-    for name in ("consistency", "window", "throughput", "concurrency"):
+    for name in ("consistency", "window", "throughput", "concurrency", "startup"):
         path = results / f"{name}.json"
         if path.is_file():
             reports[name] = json.loads(path.read_text())
@@ -499,6 +535,7 @@ def render(doc: str, reports: dict[str, dict[str, Any]]) -> str:
         "window": lambda: window_section(reports.get("window")),
         "throughput": lambda: throughput_section(reports.get("throughput")),
         "concurrency": lambda: concurrency_section(reports.get("concurrency")),
+        "startup": lambda: startup_section(reports.get("startup")),
     }
     for name, build in sections.items():
         pattern = re.compile(rf"(<!-- report:{name} -->).*?(<!-- /report:{name} -->)", re.DOTALL)

@@ -25,6 +25,7 @@ EXPECTED_KEYS = {
     "window": {"outcomes", "by_disk_count", "by_disk_size"},
     "throughput": {"data_bytes", "storage", "seconds", "capture", "export"},
     "concurrency": {"instances", "per_instance", "alone", "together", "ratio_of_medians", "violations", "checked"},
+    "startup": {"runs", "target_s", "src", "wall", "imports"},
 }
 METHODS = {"naive", "naive_gap", "diy_snapshot", "diy_backup", "ff_crash", "ff_filesystem", "ff_application"}
 METHOD_KEYS = {"label", "checked", "violations", "errors", "window_ms", "call_s", "total_s", "samples"}

@@ -1,55 +1,83 @@
-"""The `freezeframe` command: a thin Typer layer over freezeframe.service."""
+"""The `freezeframe` command: a thin Typer layer over freezeframe.service.
+
+Starting must be quick (``--help``, ``list``): this module imports only Typer, the model's enums and the CLI's
+own helpers. The service, its adapters, the HTTP API and Rich are imported inside the commands that use them.
+"""
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import click
 import typer
-from rich.table import Table
 
+from freezeframe import __version__
 from freezeframe.cli_common import (
     ConnectOpt,
     HomeOpt,
     JsonOpt,
-    err,
+    MetaOpt,
+    NameOpt,
+    SetArg,
+    check_name,
+    freeze_cap,
     open_service,
-    out,
     parse_meta,
     print_json,
-    progress_bar,
 )
 from freezeframe.cli_lifecycle import register as register_lifecycle
+from freezeframe.cli_output import Col, Piece, print_fields, print_table, progress_bar, say
 from freezeframe.cli_portable import register as register_portable
 from freezeframe.cli_service import register as register_service
-from freezeframe.errors import FreezeframeError
-from freezeframe.flow import SnapshotRequest
 from freezeframe.model import Consistency, SetStatus
-from freezeframe.signals import install_termination_handler
-from freezeframe.views import instance_view, set_view
+
+if TYPE_CHECKING:
+    from freezeframe.model import Instance, Member, SnapshotSet
+
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+"""``-h`` everywhere: subcommands inherit their parent's help options."""
 
 app = typer.Typer(
     help="Instance-level snapshots: every disk of a libvirt/QEMU instance at one point in time.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings=CONTEXT,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"freezeframe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="print the version and exit")
+    ] = False,
+) -> None:
+    """Instance-level snapshots: every disk of a libvirt/QEMU instance at one point in time."""
 
 
 @app.command()
 def snapshot(
-    instance: Annotated[str, typer.Argument(help="instance name or UUID")],
-    consistency: Annotated[
-        Consistency, typer.Option("--consistency", help="crash | filesystem | application")
-    ] = Consistency.FILESYSTEM,
+    instance: Annotated[str, typer.Argument(metavar="INSTANCE", help="instance name or UUID")],
+    consistency: Annotated[Consistency, typer.Option("--consistency", help="how consistent")] = Consistency.FILESYSTEM,
     require: Annotated[bool, typer.Option("--require", help="fail instead of falling back to a lower level")] = False,
-    name: Annotated[str | None, typer.Option("--name", help="set name")] = None,
-    exclude_disk: Annotated[list[str] | None, typer.Option("--exclude-disk", help="leave out disk TARGET")] = None,
-    meta: Annotated[list[str] | None, typer.Option("--meta", help="KEY=VALUE metadata on the set")] = None,
+    name: NameOpt = None,
+    exclude_disk: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--exclude-disk", metavar="TARGET", help="leave out this disk; repeat for more", show_default=False
+        ),
+    ] = None,
+    meta: MetaOpt = None,
     pause: Annotated[bool, typer.Option("--pause", help="also pause the vCPUs around the capture")] = False,
-    freeze_cap: Annotated[
-        float | None, typer.Option("--freeze-cap", help="hard cap on the freeze window, seconds (default 10)")
+    cap: Annotated[
+        str | None,
+        typer.Option("--freeze-cap", metavar="SECONDS", help="hard cap on the freeze window, 0.1-300 (default 10)"),
     ] = None,
     wait: Annotated[
         bool, typer.Option("--wait/--no-wait", help="wait for the copy; --no-wait returns once the guest is released")
@@ -59,80 +87,119 @@ def snapshot(
     home: HomeOpt = None,
 ) -> None:
     """Snapshot the root disk and every attached volume of INSTANCE as one set."""
+    from freezeframe.flow import SnapshotRequest
+
     request = SnapshotRequest(
         instance=instance,
         consistency=consistency,
         require=require,
-        name=name,
+        name=check_name(name, "set name"),
         exclude_disks=tuple(exclude_disk or ()),
-        metadata=parse_meta(meta or []),
+        metadata=parse_meta(meta),
         pause_vcpus=pause,
     )
-    with open_service(home, connect, freeze_cap) as service, progress_bar(not as_json, "copying") as progress:
+    with open_service(home, connect, freeze_cap(cap)) as service, progress_bar(not as_json, "copying") as progress:
         result = service.snapshot(request, progress, wait=wait)
     if as_json:
-        print_json(set_view(result))
+        print_json(_set_view(result))
         return
     c = result
-    out.print(
-        f"set [bold]{c.id}[/] ({c.name}) {c.status}: {len(c.members)} disks, consistency {c.achieved}"
-        + (f" (asked {c.requested}: {c.reason})" if c.achieved != c.requested else "")
-        + (f", freeze window {c.freeze_window_ms:.0f} ms" if c.freeze_window_ms is not None else "")
-        + (f", pause window {c.pause_window_ms:.0f} ms" if c.pause_window_ms is not None else "")
-    )
+    say(
+        "set ", (c.id, "bold"), f" ({c.name}) {c.status}: {len(c.members)} disks, consistency {c.achieved}",
+        f" (asked {c.requested}: {c.reason})" if c.achieved != c.requested else "",
+        f", freeze window {c.freeze_window_ms:.0f} ms" if c.freeze_window_ms is not None else "",
+        f", pause window {c.pause_window_ms:.0f} ms" if c.pause_window_ms is not None else "",
+    )  # fmt: skip
+
+
+SET_COLUMNS = (
+    Col("id"),
+    Col("name", wraps=True),
+    Col("instance", wraps=True),
+    Col("status"),
+    Col("consistency", drop=1),
+    Col("disks", drop=3),
+    Col("freeze ms", drop=4),
+    Col("created", drop=2),
+)
 
 
 @app.command("list")
 def list_sets(
-    instance: Annotated[str | None, typer.Option("--instance", help="only sets of this instance")] = None,
-    status: Annotated[SetStatus | None, typer.Option("--status")] = None,
-    meta: Annotated[list[str] | None, typer.Option("--meta", help="KEY=VALUE filter")] = None,
+    instance: Annotated[
+        str | None, typer.Option("--instance", metavar="INSTANCE", help="only sets of this instance (name or UUID)")
+    ] = None,
+    status: Annotated[SetStatus | None, typer.Option("--status", help="only sets in this state")] = None,
+    meta: Annotated[
+        list[str] | None,
+        typer.Option("--meta", metavar="KEY=VALUE", help="only sets with this metadata; repeat for more"),
+    ] = None,
     as_json: JsonOpt = False,
     connect: ConnectOpt = None,
     home: HomeOpt = None,
 ) -> None:
-    """List snapshot sets, newest first."""
+    """List snapshot sets, newest first.
+
+    On a terminal: a table with 8-character ids (`show` accepts them). Into a pipe: one tab-separated line per
+    set, no header: id, name, instance, status, consistency, disks, freeze window ms, created (ISO 8601 UTC).
+    """
     with open_service(home, connect) as service:
-        sets = service.list_sets(instance=instance, status=status, metadata=parse_meta(meta or []) or None)
+        sets = service.list_sets(instance=instance, status=status, metadata=parse_meta(meta) or None)
     if as_json:
-        print_json([set_view(s, with_hardware=False) for s in sets])
+        print_json([_set_view(s, with_hardware=False) for s in sets])
         return
-    table = Table("id", "name", "instance", "status", "consistency", "disks", "freeze ms", "created")
-    for s in sets:
-        table.add_row(
-            s.id[:8],
-            s.name,
-            s.instance_name,
-            str(s.status),
-            str(s.achieved or "-"),
-            str(len(s.members)),
-            f"{s.freeze_window_ms:.0f}" if s.freeze_window_ms is not None else "-",
-            f"{s.created_at:%Y-%m-%d %H:%M:%S}",
-        )
-    out.print(table)
+    rows = [_set_row(s, s.id[:8], f"{s.created_at:%Y-%m-%d %H:%M}") for s in sets]
+    print_table(SET_COLUMNS, rows, [_set_row(s, s.id, s.created_at.isoformat(timespec="seconds")) for s in sets])
+
+
+def _set_row(s: SnapshotSet, set_id: str, created: str) -> list[str]:
+    window = f"{s.freeze_window_ms:.0f}" if s.freeze_window_ms is not None else "-"
+    achieved = str(s.achieved or "-")
+    return [set_id, s.name, s.instance_name, str(s.status), achieved, str(len(s.members)), window, created]
 
 
 @app.command()
-def show(
-    set_ref: Annotated[str, typer.Argument(metavar="SET", help="set id, id prefix or name")],
-    as_json: JsonOpt = False,
-    connect: ConnectOpt = None,
-    home: HomeOpt = None,
-) -> None:
+def show(set_ref: SetArg, as_json: JsonOpt = False, connect: ConnectOpt = None, home: HomeOpt = None) -> None:
     """Show one snapshot set and its members."""
     with open_service(home, connect) as service:
         s = service.show(set_ref)
     if as_json:
-        print_json(set_view(s))
+        print_json(_set_view(s))
         return
-    view = set_view(s, with_hardware=False)
-    for key in ("id", "name", "status", "instance", "consistency", "freeze_window_ms", "pause_window_ms",
-                "created_at", "completed_at", "metadata", "error"):  # fmt: skip
-        out.print(f"[bold]{key}[/]: {view[key]}")
-    table = Table("target", "size", "format", "sha256", "path")
-    for m in s.members:
-        table.add_row(m.target, f"{m.virtual_size / 2**20:.0f} MiB", m.format, (m.sha256 or "-")[:16], m.path)
-    out.print(table)
+    print_fields(set_fields(s))
+
+
+def set_fields(s: SnapshotSet) -> list[tuple[str, Piece | list[Piece]]]:
+    """A set for people: nested fields on their own lines, optional ones only when they have a value."""
+    consistency = str(s.achieved or "-")
+    if s.achieved != s.requested:
+        consistency += f" (asked {s.requested}" + (f": {s.reason})" if s.reason else ")")
+    fields: list[tuple[str, Piece | list[Piece]]] = [
+        ("id", (s.id, "bold")),
+        ("name", s.name),
+        ("status", str(s.status)),
+        ("instance", f"{s.instance_name} ({s.instance_uuid})" + (f", {s.instance_state}" if s.instance_state else "")),
+        ("consistency", consistency),
+    ]
+    if s.backup_type:
+        fields.append(("backup type", s.backup_type))
+    for key, ms in (("freeze window", s.freeze_window_ms), ("pause window", s.pause_window_ms)):
+        if ms is not None:
+            fields.append((key, f"{ms:.0f} ms"))
+    fields.append(("created", f"{s.created_at:%Y-%m-%d %H:%M:%S %Z}".strip()))
+    if s.completed_at:
+        fields.append(("completed", f"{s.completed_at:%Y-%m-%d %H:%M:%S %Z}".strip()))
+    if s.metadata:
+        fields.append(("metadata", [f"{key}: {value}" for key, value in sorted(s.metadata.items())]))
+    if s.error:
+        fields.append(("error", (s.error, "red")))
+    fields.append(("members", [_member_line(m) for m in s.members] or ["none"]))
+    return fields
+
+
+def _member_line(m: Member) -> str:
+    size = f"{m.virtual_size / 2**20:.0f} MiB"
+    return f"{m.target} ({m.bus}): {size} {m.format}, {m.path}, sha256 {m.sha256 or '-'}"
 
 
 @app.command("_complete", hidden=True)
@@ -145,12 +212,12 @@ def complete(
     """Internal: finish a --no-wait snapshot, holding the instance lock inherited from its parent."""
     with open_service(home, connect) as service:
         result = service.complete(set_id, lock_fd)
-    out.print(f"set {result.id} {result.status}")
+    say(f"set {result.id} {result.status}")
 
 
 @app.command()
 def repair(
-    instance: Annotated[str | None, typer.Argument(help="only this instance")] = None,
+    instance: Annotated[str | None, typer.Argument(metavar="INSTANCE", help="only this instance")] = None,
     connect: ConnectOpt = None,
     home: HomeOpt = None,
 ) -> None:
@@ -158,33 +225,49 @@ def repair(
     with open_service(home, connect) as service:
         reports = service.repair(instance)
     for line in reports or ["nothing to repair"]:
-        out.print(line)
+        say(line)
+
+
+INSTANCE_COLUMNS = (Col("name", wraps=True), Col("uuid"), Col("state"), Col("disks", wraps=True))
 
 
 @app.command()
 def instances(as_json: JsonOpt = False, connect: ConnectOpt = None, home: HomeOpt = None) -> None:
-    """List the instances libvirt has, with their disks."""
+    """List the instances libvirt has, with their disks.
+
+    Into a pipe: one tab-separated line per instance, no header: name, uuid, state, disk targets (comma-separated).
+    """
     with open_service(home, connect) as service:
         found = service.instances()
     if as_json:
+        from freezeframe.views import instance_view
+
         print_json([instance_view(i) for i in found])
         return
-    table = Table("name", "uuid", "state", "disks")
-    for i in found:
-        table.add_row(i.name, i.uuid, str(i.state), ", ".join(d.target for d in i.hardware.disks))
-    out.print(table)
+    rows = [_instance_row(i, ", ") for i in found]
+    print_table(INSTANCE_COLUMNS, rows, [_instance_row(i, ",") for i in found])
+
+
+def _instance_row(i: Instance, comma: str) -> list[str]:
+    return [i.name, i.uuid, str(i.state), comma.join(d.target for d in i.hardware.disks) or "-"]
 
 
 @app.command()
 def demo(
     workdir: Annotated[
-        Path | None, typer.Option("--workdir", help="where the demo disks go (default: a temp dir)")
+        Path | None, typer.Option("--workdir", metavar="DIR", help="where the demo disks go (default: a temp dir)")
     ] = None,
 ) -> None:
     """Boot a 3-disk demo instance under the ledger workload, snapshot it at each level, check the images."""
     from freezeframe.demo import run_demo
 
-    run_demo(out, workdir)
+    run_demo(workdir)
+
+
+def _set_view(s: SnapshotSet, with_hardware: bool = True) -> dict[str, object]:
+    from freezeframe.views import set_view
+
+    return set_view(s, with_hardware=with_hardware)
 
 
 register_lifecycle(app)
@@ -193,25 +276,13 @@ register_service(app)
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.WARNING, format="freezeframe: %(levelname)s: %(message)s")
+    """The console script: one line and an exit code for anything that goes wrong (see cli_errors)."""
+    from freezeframe.cli_errors import configure_logging, run
+    from freezeframe.signals import install_termination_handler
+
+    configure_logging()
     install_termination_handler()
-    command = typer.main.get_command(app)
-    try:
-        code = command.main(standalone_mode=False)
-        raise SystemExit(code if isinstance(code, int) else 0)
-    except click.exceptions.ClickException as exc:
-        exc.show()
-        raise SystemExit(exc.exit_code) from None
-    except click.exceptions.Exit as exc:
-        raise SystemExit(exc.exit_code) from None
-    except (click.exceptions.Abort, EOFError):
-        raise SystemExit(130) from None
-    except FreezeframeError as exc:
-        err.print(f"freezeframe: error: {exc}", markup=False, highlight=False)
-        raise SystemExit(exc.exit_code) from None
-    except KeyboardInterrupt as exc:
-        err.print(f"freezeframe: {exc or 'interrupted'}", markup=False, highlight=False)
-        raise SystemExit(130) from None
+    raise SystemExit(run(typer.main.get_command(app)))
 
 
 if __name__ == "__main__":

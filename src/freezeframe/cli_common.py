@@ -1,68 +1,82 @@
-"""What every `freezeframe` command module shares: consoles, common options, JSON output, progress bars."""
+"""What every `freezeframe` command module shares: common options, reaching the service, input checks, JSON.
+
+Importing this module must stay cheap (``--help`` loads it): the service, its adapters and Rich are imported
+inside the functions that need them, when a command runs.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-from freezeframe.errors import InvalidRequest
-from freezeframe.ports import ProgressCallback
-from freezeframe.service import Freezeframe, settings_for
+from freezeframe.config import Settings
+from freezeframe.validation import parse_metadata_items, validate_freeze_cap, validate_name
 
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
-"""soft_wrap: an error stays one line even when stderr is not a terminal (rich would wrap at 80 columns)."""
+if TYPE_CHECKING:
+    from freezeframe.service import Freezeframe
 
 ConnectOpt = Annotated[
     str | None,
-    typer.Option("--connect", "-c", help="libvirt URI (env FREEZEFRAME_LIBVIRT_URI)", show_default=False),
+    typer.Option(
+        "--connect", "-c", metavar="URI", help="libvirt URI (env FREEZEFRAME_LIBVIRT_URI)", show_default=False
+    ),
 ]
 HomeOpt = Annotated[
-    Path | None, typer.Option("--home", help="data directory (env FREEZEFRAME_HOME)", show_default=False)
+    Path | None,
+    typer.Option("--home", metavar="DIR", help="data directory (env FREEZEFRAME_HOME)", show_default=False),
 ]
-JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output")]
-SetArg = Annotated[str, typer.Argument(metavar="SET", help="set id, id prefix or name")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output (JSON on stdout)")]
+SetArg = Annotated[str, typer.Argument(metavar="SET", help="set id, id prefix (8 characters) or name")]
+MetaOpt = Annotated[
+    list[str] | None,
+    typer.Option("--meta", metavar="KEY=VALUE", help="metadata on the set; repeat for more", show_default=False),
+]
+NameOpt = Annotated[str | None, typer.Option("--name", metavar="NAME", help="set name", show_default=False)]
+
+
+def _open_freezeframe(settings: Settings) -> AbstractContextManager[Freezeframe]:
+    from freezeframe.service import Freezeframe
+
+    return Freezeframe.open(settings)
+
+
+service_factory: Callable[[Settings], AbstractContextManager[Freezeframe]] = _open_freezeframe
+"""How commands reach the service; tests put a scripted one here."""
+
+
+def settings_for(home: Path | None, connect: str | None, freeze_cap_s: float | None = None) -> Settings:
+    settings = Settings.from_env(home=home, libvirt_uri=connect)
+    return settings if freeze_cap_s is None else replace(settings, freeze_cap_s=freeze_cap_s)
 
 
 @contextmanager
 def open_service(home: Path | None, connect: str | None, freeze_cap_s: float | None = None) -> Iterator[Freezeframe]:
-    with Freezeframe.open(settings_for(home, connect, freeze_cap_s)) as service:
+    with service_factory(settings_for(home, connect, freeze_cap_s)) as service:
         yield service
 
 
 def print_json(data: Any) -> None:
+    """The machine form: JSON escapes control characters, so nothing in it can reach a terminal raw."""
     sys.stdout.write(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
 
 
-def parse_meta(items: list[str]) -> dict[str, str]:
-    meta = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise InvalidRequest(f"--meta {item!r}: expected KEY=VALUE")
-        meta[key] = value
-    return meta
+def parse_meta(items: list[str] | None) -> dict[str, str]:
+    """``--meta KEY=VALUE`` options, held to the API's metadata rules."""
+    return parse_metadata_items(list(items or []))
 
 
-@contextmanager
-def progress_bar(enabled: bool, label: str) -> Iterator[ProgressCallback | None]:
-    """A progress bar on stderr, only when stderr is a terminal (never in pipes, logs or --json runs)."""
-    if not enabled or not err.is_terminal:
-        yield None
-        return
-    columns = (TextColumn(label), BarColumn(), DownloadColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=err, transient=True) as bar:
-        task = bar.add_task(label, total=None)
+def check_name(value: str | None, what: str = "name") -> str | None:
+    """A name the user gave (set, instance, image): the API's rule, so the CLI accepts nothing the API refuses."""
+    return None if value is None else validate_name(value, what)
 
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total or None)
 
-        yield update
+def freeze_cap(value: str | None) -> float | None:
+    """``--freeze-cap``: finite and within bounds; the watchdog can be tuned, never switched off."""
+    return None if value is None else validate_freeze_cap(value, "--freeze-cap")

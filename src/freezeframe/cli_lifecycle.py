@@ -1,6 +1,7 @@
 """CLI commands for a set's lifecycle (restore, revert, delete, backup, verify, discard) over freezeframe.lifecycle.
 
-``register(app)`` adds them to the main Typer app; shared options and output helpers come from cli_common.
+``register(app)`` adds them to the main Typer app; shared options and output helpers come from cli_common and
+cli_output. The lifecycle itself is imported when a command runs, not when the CLI starts.
 """
 
 from __future__ import annotations
@@ -9,16 +10,32 @@ import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.table import Table
 
-from freezeframe.cli_common import ConnectOpt, HomeOpt, JsonOpt, SetArg, open_service, out, parse_meta, print_json
+from freezeframe.cli_common import (
+    ConnectOpt,
+    HomeOpt,
+    JsonOpt,
+    MetaOpt,
+    NameOpt,
+    SetArg,
+    check_name,
+    open_service,
+    parse_meta,
+    print_json,
+)
+from freezeframe.cli_output import Col, Piece, print_table, progress_bar, say
 from freezeframe.errors import InvalidRequest, VerifyFailed
-from freezeframe.lifecycle import Lifecycle, VerifyReport
 from freezeframe.model import Consistency
-from freezeframe.views import set_view
+from freezeframe.validation import validate_backup_type, validate_int, validate_name
+
+if TYPE_CHECKING:
+    from freezeframe.lifecycle import Lifecycle, VerifyReport
+
+ROTATION_MAX = 1000
+"""Same bound as the API's ``rotation``."""
 
 
 @contextmanager
@@ -29,12 +46,14 @@ def _lifecycle(home: Path | None, connect: str | None) -> Iterator[Lifecycle]:
 
 def restore(
     set_ref: SetArg,
-    as_name: Annotated[str | None, typer.Option("--as", help="name of the new instance")] = None,
+    as_name: Annotated[str | None, typer.Option("--as", metavar="NAME", help="name of the new instance")] = None,
     start: Annotated[bool, typer.Option("--start", help="boot the new instance")] = False,
     full: Annotated[bool, typer.Option("--full", help="independent copies instead of copy-on-write")] = False,
-    disk: Annotated[str | None, typer.Option("--disk", help="restore only this disk TARGET ...")] = None,
-    to: Annotated[Path | None, typer.Option("--to", help="... as a standalone image at PATH")] = None,
-    image_format: Annotated[str, typer.Option("--format", help="image format for --disk/--to")] = "qcow2",
+    disk: Annotated[str | None, typer.Option("--disk", metavar="TARGET", help="restore only this disk ...")] = None,
+    to: Annotated[Path | None, typer.Option("--to", metavar="PATH", help="... as a standalone image at PATH")] = None,
+    image_format: Annotated[str, typer.Option("--format", metavar="FORMAT", help="image format for --disk/--to")] = (
+        "qcow2"
+    ),
     as_json: JsonOpt = False,
     connect: ConnectOpt = None,
     home: HomeOpt = None,
@@ -50,24 +69,25 @@ def restore(
         if as_json:
             print_json({"set": set_ref, "disk": disk, "path": str(path), "format": image_format})
         else:
-            out.print(f"wrote disk {disk} of set {set_ref} to {path} ({image_format})")
+            say(f"wrote disk {disk} of set {set_ref} to {path} ({image_format})")
         return
     if not as_name:
         raise InvalidRequest("say what to restore: --as NAME (a new instance) or --disk TARGET --to PATH")
-    with _lifecycle(home, connect) as lifecycle:
-        result = lifecycle.restore(set_ref, as_name, start=start, full=full)
+    name = validate_name(as_name, "instance name")
+    with _lifecycle(home, connect) as lifecycle, progress_bar(full and not as_json, "copying") as progress:
+        result = lifecycle.restore(set_ref, name, start=start, full=full, progress=progress)
     if as_json:
         print_json(dataclasses.asdict(result))
         return
     kind = "independent copies" if result.mode == "full" else "copy-on-write over the set's members"
-    out.print(
-        f"instance [bold]{result.name}[/] ({result.uuid}) restored from set {result.set_name}: "
-        f"{len(result.disks)} disks, {kind}" + (", started" if result.started else ", defined (not started)")
-    )
+    say(
+        "instance ", (result.name, "bold"), f" ({result.uuid}) restored from set {result.set_name}: ",
+        f"{len(result.disks)} disks, {kind}", ", started" if result.started else ", defined (not started)",
+    )  # fmt: skip
     for d in result.disks:
-        out.print(f"  {d.target}: {d.path}")
+        say(f"  {d.target}: {d.path}")
     for target, why in result.left_out.items():
-        out.print(f"  {target}: left out ({why})")
+        say(f"  {target}: left out ({why})")
 
 
 def revert(
@@ -83,10 +103,10 @@ def revert(
     if as_json:
         print_json(dataclasses.asdict(result))
         return
-    out.print(
-        f"{result.instance_name} reverted to set {result.set_id}: {', '.join(result.reverted)}"
-        + (f"; state before the revert saved as set {result.safety_set_id}" if result.safety_set_id else "")
-        + (f"; not in the set, left as they were: {', '.join(result.untouched)}" if result.untouched else "")
+    say(
+        f"{result.instance_name} reverted to set {result.set_id}: {', '.join(result.reverted)}",
+        f"; state before the revert saved as set {result.safety_set_id}" if result.safety_set_id else "",
+        f"; not in the set, left as they were: {', '.join(result.untouched)}" if result.untouched else "",
     )
 
 
@@ -105,52 +125,46 @@ def delete(
     if as_json:
         print_json(dataclasses.asdict(result))
         return
-    out.print(f"deleted set {result.set_id} ({result.set_name})")
+    say(f"deleted set {result.set_id} ({result.set_name})")
     for d in result.flattened:
         how = "blockpull (running)" if d.active else "qemu-img rebase"
-        out.print(f"  flattened {d.instance_name} {d.target} ({d.path}) by {how}")
+        say(f"  flattened {d.instance_name} {d.target} ({d.path}) by {how}")
 
 
 def backup(
-    instance: Annotated[str, typer.Argument(help="instance name or UUID")],
-    backup_type: Annotated[str, typer.Option("--type", help="backup type, e.g. daily or weekly")],
-    rotation: Annotated[int, typer.Option("--rotation", help="how many backups of this type to keep")],
-    consistency: Annotated[
-        Consistency, typer.Option("--consistency", help="crash | filesystem | application")
-    ] = Consistency.FILESYSTEM,
+    instance: Annotated[str, typer.Argument(metavar="INSTANCE", help="instance name or UUID")],
+    backup_type: Annotated[str, typer.Option("--type", metavar="TYPE", help="backup type, e.g. daily or weekly")],
+    rotation: Annotated[
+        str, typer.Option("--rotation", metavar="N", help=f"how many backups of this type to keep, 0-{ROTATION_MAX}")
+    ],
+    consistency: Annotated[Consistency, typer.Option("--consistency", help="how consistent")] = Consistency.FILESYSTEM,
     require: Annotated[bool, typer.Option("--require", help="fail instead of falling back")] = False,
-    name: Annotated[str | None, typer.Option("--name", help="set name")] = None,
-    meta: Annotated[list[str] | None, typer.Option("--meta", help="KEY=VALUE metadata on the set")] = None,
+    name: NameOpt = None,
+    meta: MetaOpt = None,
     as_json: JsonOpt = False,
     connect: ConnectOpt = None,
     home: HomeOpt = None,
 ) -> None:
     """Take a backup set of INSTANCE tagged --type, then keep only the newest --rotation of that type."""
+    kind = validate_backup_type(backup_type)
+    keep = validate_int(rotation, "--rotation", 0, ROTATION_MAX)
+    metadata, set_name = parse_meta(meta), check_name(name, "set name")
     with _lifecycle(home, connect) as lifecycle:
         result = lifecycle.backup(
-            instance,
-            backup_type,
-            rotation,
-            metadata=parse_meta(meta or []),
-            consistency=consistency,
-            require=require,
-            name=name,
+            instance, kind, keep, metadata=metadata, consistency=consistency, require=require, name=set_name
         )
     if as_json:
-        print_json(
-            {
-                "set": set_view(result.snapshot_set, with_hardware=False),
-                "rotated_out": result.rotated_out,
-                "kept_in_use": result.kept_in_use,
-            }
-        )
+        from freezeframe.views import set_view
+
+        rotated = {"rotated_out": result.rotated_out, "kept_in_use": result.kept_in_use}
+        print_json({"set": set_view(result.snapshot_set, with_hardware=False), **rotated})
         return
     s = result.snapshot_set
-    out.print(f"backup set [bold]{s.id}[/] ({s.name}, {s.backup_type}): {len(s.members)} disks, {s.achieved}")
+    say("backup set ", (s.id, "bold"), f" ({s.name}, {s.backup_type}): {len(s.members)} disks, {s.achieved}")
     for old in result.rotated_out:
-        out.print(f"  rotated out {old}")
+        say(f"  rotated out {old}")
     for old, why in result.kept_in_use.items():
-        out.print(f"  kept {old}: {why}")
+        say(f"  kept {old}: {why}")
 
 
 def verify(
@@ -171,28 +185,33 @@ def verify(
         raise VerifyFailed(f"set {report.set_name} failed verification: {bad}")
 
 
+VERIFY_COLUMNS = (Col("subject"), Col("check"), Col("result"), Col("detail", wraps=True))
+
+
 def _show_report(report: VerifyReport, as_json: bool) -> None:
     if as_json:
         print_json({**dataclasses.asdict(report), "ok": report.ok})
         return
-    table = Table("subject", "check", "result", "detail")
+    say(f"set {report.set_id} ({report.set_name})", ", booted a clone" if report.booted else "")
+    rows: list[list[Piece]] = []
+    plain: list[list[str]] = []
     for c in report.checks:
-        result = "ok" if c.ok else ("-" if c.ok is None else "[red]FAILED[/]")
-        table.add_row(c.subject, c.what, result, c.detail)
-    out.print(f"set {report.set_id} ({report.set_name})" + (", booted a clone" if report.booted else ""))
-    out.print(table)
+        result = "ok" if c.ok else ("-" if c.ok is None else "FAILED")
+        rows.append([c.subject, c.what, (result, "bold red") if c.ok is False else result, c.detail])
+        plain.append([c.subject, c.what, result, c.detail])
+    print_table(VERIFY_COLUMNS, rows, plain)
 
 
 def discard(
-    name: Annotated[str, typer.Argument(help="name of an instance that `restore` made")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="name of an instance that `restore` or `import` made")],
     connect: ConnectOpt = None,
     home: HomeOpt = None,
 ) -> None:
-    """Remove an instance that `restore` made: the domain, its disks and its restore records."""
+    """Remove an instance that `restore` or `import` made: the domain, its disks and its records."""
     with _lifecycle(home, connect) as lifecycle:
         done = lifecycle.discard(name)
     for line in done or [f"{name}: nothing left to remove"]:
-        out.print(line)
+        say(line)
 
 
 def register(app: typer.Typer) -> None:

@@ -1,6 +1,7 @@
 """CLI commands to move sets across hosts: ``export``, ``import`` and ``images list|show|delete``.
 
-``register(app)`` adds them to the main Typer app; shared options and output helpers come from cli_common.
+``register(app)`` adds them to the main Typer app; shared options and output helpers come from cli_common and
+cli_output. The export/import code is imported when a command runs, not when the CLI starts.
 """
 
 from __future__ import annotations
@@ -9,20 +10,24 @@ import enum
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.markup import escape
-from rich.table import Table
 
-from freezeframe.adapters.image_store import StoredImage
-from freezeframe.cli_common import ConnectOpt, HomeOpt, JsonOpt, err, open_service, out, print_json, progress_bar
+from freezeframe.cli_common import ConnectOpt, HomeOpt, JsonOpt, SetArg, check_name, open_service, print_json
+from freezeframe.cli_output import Col, print_fields, print_table, progress_bar, say
 from freezeframe.errors import InvalidRequest
-from freezeframe.portable import Portable
+from freezeframe.validation import validate_name
 
-ImageArg = Annotated[str, typer.Argument(metavar="IMAGE", help="image id, id prefix or name")]
+if TYPE_CHECKING:
+    from freezeframe.adapters.image_store import StoredImage
+    from freezeframe.portable import Portable
 
-images_app = typer.Typer(help="Packages kept in the image store (FREEZEFRAME_IMAGE_STORE).", no_args_is_help=True)
+ImageArg = Annotated[str, typer.Argument(metavar="IMAGE", help="image id, id prefix (8 characters) or name")]
+
+images_app = typer.Typer(
+    help="Packages kept in the image store (FREEZEFRAME_IMAGE_STORE).", no_args_is_help=True, rich_markup_mode=None
+)
 
 
 class DiskFormat(enum.StrEnum):
@@ -41,14 +46,16 @@ def _size(n: int) -> str:
 
 
 def export(
-    set_ref: Annotated[str, typer.Argument(metavar="SET", help="set id, id prefix or name")],
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="write the OVA to FILE")] = None,
+    set_ref: SetArg,
+    output: Annotated[Path | None, typer.Option("--output", "-o", metavar="FILE", help="write the OVA to FILE")] = None,
     to_store: Annotated[bool, typer.Option("--to-store", help="keep the OVA in the image store instead")] = False,
-    name: Annotated[str | None, typer.Option("--name", help="name of the stored image (default: the set's)")] = None,
+    name: Annotated[
+        str | None, typer.Option("--name", metavar="NAME", help="name of the stored image (default: the set's)")
+    ] = None,
     disk_format: Annotated[
         DiskFormat, typer.Option("--disk-format", help="qcow2 (as captured) or vmdk (streamOptimized)")
     ] = DiskFormat.QCOW2,
-    ovf_version: Annotated[int, typer.Option("--ovf-version", min=1, max=2, help="OVF 1.x (default) or 2.x")] = 1,
+    ovf_version: Annotated[int, typer.Option("--ovf-version", metavar="1|2", min=1, max=2, help="OVF 1.x or 2.x")] = 1,
     force: Annotated[bool, typer.Option("--force", help="replace an existing output file")] = False,
     as_json: JsonOpt = False,
     connect: ConnectOpt = None,
@@ -61,6 +68,7 @@ def export(
         raise InvalidRequest("--name names a stored image; use it with --to-store")
     if force and to_store:
         raise InvalidRequest("--force replaces an output file; the store never overwrites (each export is a new image)")
+    image_name = check_name(name, "image name")
     with _portable(home, connect) as portable, progress_bar(not as_json, "exporting") as progress:
         if output is not None:
             result = portable.export(
@@ -68,83 +76,96 @@ def export(
             )
         else:
             result = portable.export_to_store(
-                set_ref, name=name, disk_format=str(disk_format), ovf_version=ovf_version, progress=progress
+                set_ref, name=image_name, disk_format=str(disk_format), ovf_version=ovf_version, progress=progress
             )
     if as_json:
         print_json(result.to_dict())
         return
-    where = f"image {result.image.id} ({result.image.name})" if result.image is not None else result.path
-    out.print(
+    where = f"image {result.image.id} ({result.image.name})" if result.image is not None else str(result.path)
+    say(
         f"set {result.set_name} exported to {where}: {len(result.disks)} disks as {result.disk_format}, "
         f"OVF {result.ovf_version}.x, {_size(result.size)} ({_size(result.allocated)} on disk) "
-        f"in {result.seconds:.1f}s",
-        markup=False,
-        highlight=False,
+        f"in {result.seconds:.1f}s"
     )
 
 
 def import_(
     source: Annotated[str, typer.Argument(metavar="FILE.ova|IMAGE", help="an OVA file or a stored image")],
-    as_name: Annotated[str, typer.Option("--as", help="name of the new instance")],
+    as_name: Annotated[str, typer.Option("--as", metavar="NAME", help="name of the new instance")],
     start: Annotated[bool, typer.Option("--start", help="boot the new instance")] = False,
     network: Annotated[
-        str | None, typer.Option("--network", help="attach every NIC to this libvirt network (must exist)")
+        str | None,
+        typer.Option("--network", metavar="NETWORK", help="attach every NIC to this libvirt network (must exist)"),
     ] = None,
     as_json: JsonOpt = False,
     connect: ConnectOpt = None,
     home: HomeOpt = None,
 ) -> None:
     """A new instance from an OVA (ours or another tool's); its disks become qcow2 in the instance's folder."""
+    name = validate_name(as_name, "instance name")
     with _portable(home, connect) as portable, progress_bar(not as_json, "importing") as progress:
-        result = portable.import_package(source, as_name, start=start, network=network, progress=progress)
+        result = portable.import_package(source, name, start=start, network=network, progress=progress)
     if as_json:
         print_json(result.to_dict())
         return
     for warning in result.warnings:
-        err.print(f"freezeframe: warning: {warning}", markup=False, highlight=False)
+        say(f"freezeframe: warning: {warning}", stderr=True)
     boot = "direct kernel boot" if result.direct_kernel_boot else result.firmware.upper()
-    out.print(
-        f"instance {result.name} ({result.uuid}) imported from {result.source} ({result.origin}): "
-        f"{result.vcpus} vCPU, {result.memory_kib // 1024} MiB, {result.machine or 'default machine'}, {boot}"
-        + (", started" if result.started else ", defined (not started)"),
-        markup=False,
-        highlight=False,
-    )
+    say(
+        "instance ", (result.name, "bold"), f" ({result.uuid}) imported from {result.source} ({result.origin}): ",
+        f"{result.vcpus} vCPU, {result.memory_kib // 1024} MiB, {result.machine or 'default machine'}, {boot}",
+        ", started" if result.started else ", defined (not started)",
+    )  # fmt: skip
     for d in result.disks:
-        out.print(f"  {d.target} ({d.bus}): {d.path} <- {d.source}", markup=False, highlight=False)
+        say(f"  {d.target} ({d.bus}): {d.path} <- {d.source}")
     for nic in result.nics:
-        out.print(f"  nic: {nic}", markup=False, highlight=False)
+        say(f"  nic: {nic}")
     for target, why in result.left_out.items():
-        out.print(f"  {target}: left out ({why})", markup=False, highlight=False)
+        say(f"  {target}: left out ({why})")
 
 
-def _image_line(image: StoredImage) -> list[str]:
+IMAGE_COLUMNS = (
+    Col("id"),
+    Col("name", wraps=True),
+    Col("set", drop=5),
+    Col("vcpus", drop=3),
+    Col("memory", drop=2),
+    Col("disks", wraps=True),
+    Col("format", drop=4),
+    Col("size"),
+    Col("created", drop=1),
+)
+
+
+def _image_row(image: StoredImage, short: bool) -> list[str]:
     s = image.summary
+    cut = 8 if short else None
     return [
-        image.id[:8],
+        image.id[:cut],
         image.name,
-        (image.source_set_id or "-")[:8],
+        (image.source_set_id or "-")[:cut],
         f"{s.vcpus}",
         _size(s.memory_bytes),
         ", ".join(f"{d.target}:{_size(d.capacity)}" for d in s.disks),
         f"{s.disk_format}/OVF{s.ovf_version}",
         _size(image.size),
-        f"{image.created_at:%Y-%m-%d %H:%M:%S}",
+        f"{image.created_at:%Y-%m-%d %H:%M}" if short else image.created_at.isoformat(timespec="seconds"),
     ]
 
 
 @images_app.command("list")
 def images_list(as_json: JsonOpt = False, connect: ConnectOpt = None, home: HomeOpt = None) -> None:
-    """List the stored images, newest first."""
+    """List the stored images, newest first.
+
+    Into a pipe: one tab-separated line per image, no header: id, name, source set id, vcpus, memory, disks,
+    format, size, created (ISO 8601 UTC).
+    """
     with _portable(home, connect) as portable:
         found = portable.images()
     if as_json:
         print_json([i.to_dict() for i in found])
         return
-    table = Table("id", "name", "set", "vcpus", "memory", "disks", "format", "size", "created")
-    for image in found:
-        table.add_row(*_image_line(image))
-    out.print(table)
+    print_table(IMAGE_COLUMNS, [_image_row(i, True) for i in found], [_image_row(i, False) for i in found])
 
 
 @images_app.command("show")
@@ -158,25 +179,24 @@ def images_show(
         print_json(image.to_dict())
         return
     s = image.summary
-    for key, value in (
-        ("id", image.id),
+    disks = [
+        f"{d.target}: {_size(d.capacity)}, {d.format or '-'}, file "
+        f"{d.file_size if d.file_size is not None else '-'} bytes, controller {d.controller or '-'}"
+        for d in s.disks
+    ]
+    print_fields([
+        ("id", (image.id, "bold")),
         ("name", image.name),
         ("source set", image.source_set_id or "-"),
         ("size", f"{image.size} bytes"),
         ("sha256", image.sha256),
         ("created", image.created_at.isoformat()),
-        ("location", image.location),
+        ("location", str(image.location)),
         ("machine", f"{s.machine_name}: {s.vcpus} vCPU, {_size(s.memory_bytes)}, {s.arch or '-'}, {s.firmware or '-'}"),
         ("package", f"OVF {s.ovf_version}.x, disks as {s.disk_format}"),
-    ):
-        out.print(f"[bold]{key}[/]: {escape(str(value))}", highlight=False)
-    table = Table("disk", "capacity", "format", "file size", "controller")
-    for d in s.disks:
-        size = str(d.file_size) if d.file_size is not None else "-"
-        table.add_row(str(d.target), _size(d.capacity), d.format or "-", size, d.controller or "-")
-    out.print(table)
-    for nic in s.nics:
-        out.print(f"nic: {nic.model or '-'} on {nic.network or '-'}", markup=False, highlight=False)
+        ("disks", disks or ["none"]),
+        ("nics", [f"{nic.model or '-'} on {nic.network or '-'}" for nic in s.nics] or ["none"]),
+    ])  # fmt: skip
 
 
 @images_app.command("delete")
@@ -189,7 +209,7 @@ def images_delete(
     if as_json:
         print_json({"deleted": image.id, "name": image.name})
         return
-    out.print(f"deleted image {image.id} ({image.name})", markup=False, highlight=False)
+    say(f"deleted image {image.id} ({image.name})")
 
 
 def register(app: typer.Typer) -> None:

@@ -1,26 +1,24 @@
 """CLI commands of the HTTP service: ``serve``, ``token create|list|revoke``, ``project assign|unassign|list``.
 
-``register(app)`` adds them to the main Typer app; shared options and output helpers come from cli_common.
+``register(app)`` adds them to the main Typer app; shared options and output helpers come from cli_common and
+cli_output. The web stack and the service stores are imported when a command runs, not when the CLI starts.
 """
 
 from __future__ import annotations
 
 import enum
-import re
 import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from freezeframe.adapters.service_store import ProjectMap, TokenStore
-from freezeframe.cli_common import ConnectOpt, HomeOpt, JsonOpt, open_service, out, print_json
+from freezeframe.cli_common import ConnectOpt, HomeOpt, JsonOpt, open_service, print_json, settings_for
+from freezeframe.cli_output import Col, print_table, say
 from freezeframe.errors import InvalidRequest
-from freezeframe.service import settings_for
+from freezeframe.validation import validate_project, validate_text
 
-_PROJECT_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
-"""Same rule as the API's project names (``freezeframe.api.schemas.PROJECT_PATTERN``)."""
+DESCRIPTION_MAX = 256
 
 
 class Role(enum.StrEnum):
@@ -29,30 +27,34 @@ class Role(enum.StrEnum):
     READER = "reader"
 
 
-def _check_project(project: str) -> str:
-    if not _PROJECT_RE.fullmatch(project):
-        raise InvalidRequest(f"project {project!r}: use 1-128 letters, digits, '.', '_' or '-', starting alphanumeric")
-    return project
-
-
 # ---- serve -------------------------------------------------------------------------------------------------
 
 
 def serve(
-    host: Annotated[str, typer.Option("--host", help="address to listen on")] = "127.0.0.1",
-    port: Annotated[int, typer.Option("--port", min=1, max=65535)] = 8774,
-    tls_cert: Annotated[Path | None, typer.Option("--tls-cert", help="PEM certificate (with --tls-key)")] = None,
-    tls_key: Annotated[Path | None, typer.Option("--tls-key", help="PEM private key")] = None,
+    host: Annotated[str, typer.Option("--host", metavar="ADDRESS", help="address to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", metavar="PORT", min=1, max=65535, help="TCP port")] = 8774,
+    tls_cert: Annotated[
+        Path | None, typer.Option("--tls-cert", metavar="FILE", help="PEM certificate (with --tls-key)")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option("--tls-key", metavar="FILE", help="PEM private key")] = None,
     insecure_listen: Annotated[
         bool, typer.Option("--insecure-listen", help="allow clear-text HTTP beyond loopback (TLS terminated in front)")
     ] = False,
-    workers: Annotated[int, typer.Option("--workers", min=1, max=64, help="jobs running at the same time")] = 2,
-    max_body: Annotated[int, typer.Option("--max-body", min=1024, max=16 << 20, help="request body limit, bytes")] = 64
-    * 1024,
+    workers: Annotated[
+        int, typer.Option("--workers", metavar="N", min=1, max=64, help="jobs running at the same time")
+    ] = 2,
+    max_body: Annotated[
+        int, typer.Option("--max-body", metavar="BYTES", min=1024, max=16 << 20, help="request body limit")
+    ] = 64 * 1024,
     shutdown_grace: Annotated[
-        float, typer.Option("--shutdown-grace", min=0, help="seconds a stop waits for running jobs")
+        float,
+        typer.Option(
+            "--shutdown-grace", metavar="SECONDS", min=0, max=3600, help="how long a stop waits for running jobs"
+        ),
     ] = 60.0,
-    log_level: Annotated[str, typer.Option("--log-level", help="debug | info | warning | error")] = "info",
+    log_level: Annotated[
+        str, typer.Option("--log-level", metavar="LEVEL", help="debug | info | warning | error")
+    ] = "info",
     connect: ConnectOpt = None,
     home: HomeOpt = None,
 ) -> None:
@@ -72,34 +74,48 @@ def serve(
 
 # ---- tokens --------------------------------------------------------------------------------------------------
 
-token_app = typer.Typer(help="API bearer tokens (stored hashed; the secret is shown once).", no_args_is_help=True)
+token_app = typer.Typer(
+    help="API bearer tokens (stored hashed; the secret is shown once).", no_args_is_help=True, rich_markup_mode=None
+)
 
 
 @token_app.command("create")
 def token_create(
-    role: Annotated[Role, typer.Option("--role", help="admin | member | reader")],
+    role: Annotated[Role, typer.Option("--role", help="what it may do")],
     project: Annotated[
-        str | None, typer.Option("--project", help="the project it sees and acts on (not needed for admin)")
+        str | None,
+        typer.Option("--project", metavar="PROJECT", help="the project it sees and acts on (not needed for admin)"),
     ] = None,
-    description: Annotated[str | None, typer.Option("--description", help="who or what uses it")] = None,
+    description: Annotated[
+        str | None, typer.Option("--description", metavar="TEXT", help="who or what uses it")
+    ] = None,
     as_json: JsonOpt = False,
     home: HomeOpt = None,
 ) -> None:
     """Issue a token; send it as 'Authorization: Bearer <token>'."""
+    from freezeframe.adapters.service_store import TokenStore
+
     if project is not None:
-        _check_project(project)
+        validate_project(project)
+    if description is not None:
+        validate_text(description, "--description", DESCRIPTION_MAX)
     with open_service(home, None) as service:
         issued = TokenStore(service.catalog).create(str(role), project, description)
     if as_json:
         print_json({"id": issued.token.id, "token": issued.secret, "role": issued.token.role, "project": project})
         return
-    out.print(f"token {issued.token.id} ({issued.token.role}, project {project or 'all'}); shown only now:")
+    say(f"token {issued.token.id} ({issued.token.role}, project {project or 'all'}); shown only now:")
     sys.stdout.write(issued.secret + "\n")
 
 
 @token_app.command("list")
 def token_list(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
-    """Every token with its role, project and whether it is revoked (never the secrets)."""
+    """Every token with its role, project and whether it is revoked (never the secrets).
+
+    Into a pipe: one tab-separated line per token, no header: id, role, project, description, created, revoked.
+    """
+    from freezeframe.adapters.service_store import TokenStore
+
     with open_service(home, None) as service:
         tokens = TokenStore(service.catalog).all()
     if as_json:
@@ -117,13 +133,18 @@ def token_list(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
             ]
         )
         return
-    table = Table("id", "role", "project", "description", "created", "revoked")
-    for t in tokens:
-        table.add_row(
-            t.id, t.role, t.project or "(all)", t.description or "", f"{t.created_at:%Y-%m-%d %H:%M}",
-            f"{t.revoked_at:%Y-%m-%d %H:%M}" if t.revoked_at else "",
-        )  # fmt: skip
-    out.print(table)
+    rows = [
+        [t.id, t.role, t.project or "(all)", t.description or "-", f"{t.created_at:%Y-%m-%d %H:%M}",
+         f"{t.revoked_at:%Y-%m-%d %H:%M}" if t.revoked_at else "-"]
+        for t in tokens
+    ]  # fmt: skip
+    print_table(TOKEN_COLUMNS, rows, rows)
+
+
+TOKEN_COLUMNS = (
+    Col("id"), Col("role"), Col("project", wraps=True), Col("description", wraps=True), Col("created", drop=1),
+    Col("revoked"),
+)  # fmt: skip
 
 
 @token_app.command("revoke")
@@ -132,14 +153,18 @@ def token_revoke(
     home: HomeOpt = None,
 ) -> None:
     """Revoke a token; requests with it get 401 from then on."""
+    from freezeframe.adapters.service_store import TokenStore
+
     with open_service(home, None) as service:
         token = TokenStore(service.catalog).revoke(token_id)
-    out.print(f"token {token.id} revoked")
+    say(f"token {token.id} revoked")
 
 
 # ---- projects -------------------------------------------------------------------------------------------------
 
-project_app = typer.Typer(help="Which project an instance belongs to (for API tokens).", no_args_is_help=True)
+project_app = typer.Typer(
+    help="Which project an instance belongs to (for API tokens).", no_args_is_help=True, rich_markup_mode=None
+)
 
 
 @project_app.command("assign")
@@ -150,11 +175,13 @@ def project_assign(
     home: HomeOpt = None,
 ) -> None:
     """Put INSTANCE in PROJECT (wins over the project in the domain's <metadata>)."""
-    _check_project(project)
+    from freezeframe.adapters.service_store import ProjectMap
+
+    validate_project(project)
     with open_service(home, connect) as service:
         found = service.instance(instance)
         ProjectMap(service.catalog).assign(found.uuid, found.name, project)
-    out.print(f"{found.name} ({found.uuid}) is in project {project}")
+    say(f"{found.name} ({found.uuid}) is in project {project}")
 
 
 @project_app.command("unassign")
@@ -164,7 +191,8 @@ def project_unassign(
     home: HomeOpt = None,
 ) -> None:
     """Drop the mapping of INSTANCE; the project in its domain <metadata>, if any, applies again."""
-    from freezeframe.api.access import ProjectResolver  # loads the web stack; only this command needs it
+    from freezeframe.adapters.service_store import ProjectMap
+    from freezeframe.api.access import ProjectResolver
 
     with open_service(home, connect) as service:
         found = service.instance(instance)
@@ -172,23 +200,29 @@ def project_unassign(
         removed = mapping.unassign(found.uuid)
         project, source = ProjectResolver(service, mapping).of_instance(found)
     what = "removed the mapping" if removed else "had no mapping"
-    out.print(f"{found.name}: {what}; project now {project or 'none'} ({source})")
+    say(f"{found.name}: {what}; project now {project or 'none'} ({source})")
 
 
 @project_app.command("list")
 def project_list(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
-    """The instance -> project mappings the admin set (projects from domain metadata are not listed)."""
+    """The instance -> project mappings the admin set (projects from domain metadata are not listed).
+
+    Into a pipe: one tab-separated line per mapping, no header: instance, uuid, project, assigned.
+    """
+    from freezeframe.adapters.service_store import ProjectMap
+
     with open_service(home, None) as service:
-        rows = ProjectMap(service.catalog).all()
+        mappings = ProjectMap(service.catalog).all()
     if as_json:
         print_json(
-            [{"instance": a.instance_name, "uuid": a.instance_uuid, "project": a.project} for a in rows.values()]
+            [{"instance": a.instance_name, "uuid": a.instance_uuid, "project": a.project} for a in mappings.values()]
         )
         return
-    table = Table("instance", "uuid", "project", "assigned")
-    for a in rows.values():
-        table.add_row(a.instance_name, a.instance_uuid, a.project, f"{a.assigned_at:%Y-%m-%d %H:%M}")
-    out.print(table)
+    rows = [[a.instance_name, a.instance_uuid, a.project, f"{a.assigned_at:%Y-%m-%d %H:%M}"] for a in mappings.values()]
+    print_table(PROJECT_COLUMNS, rows, rows)
+
+
+PROJECT_COLUMNS = (Col("instance", wraps=True), Col("uuid"), Col("project", wraps=True), Col("assigned", drop=1))
 
 
 def register(app: typer.Typer) -> None:

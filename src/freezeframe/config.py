@@ -6,7 +6,16 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from freezeframe.validation import validate_freeze_cap, validate_int
+
 DEFAULT_URI = "qemu:///system"
+AGENT_TIMEOUT_MIN_S = 1
+AGENT_TIMEOUT_MAX_S = 300
+
+
+def _env(name: str) -> str | None:
+    """An environment variable; set but empty counts as unset."""
+    return os.environ.get(name) or None
 
 
 def default_home() -> Path:
@@ -25,15 +34,19 @@ class Settings:
     """Hard cap on the freeze/pause window; past it the watchdog thaws/resumes and fails the set."""
     agent_timeout_s: int = 5
     """Bounded wait for each guest-agent call (libvirt agent response timeout)."""
-    capture_timeout_s: float = 3600.0
 
     @classmethod
     def from_env(cls, home: Path | None = None, libvirt_uri: str | None = None) -> Settings:
+        """Settings from FREEZEFRAME_* variables; a value that is not a usable number is an ``InvalidRequest``."""
+        cap = _env("FREEZEFRAME_FREEZE_CAP_S")
+        timeout = _env("FREEZEFRAME_AGENT_TIMEOUT_S")
         return cls(
             home=home or default_home(),
-            libvirt_uri=libvirt_uri or os.environ.get("FREEZEFRAME_LIBVIRT_URI", DEFAULT_URI),
-            freeze_cap_s=float(os.environ.get("FREEZEFRAME_FREEZE_CAP_S", "10")),
-            agent_timeout_s=int(os.environ.get("FREEZEFRAME_AGENT_TIMEOUT_S", "5")),
+            libvirt_uri=libvirt_uri or _env("FREEZEFRAME_LIBVIRT_URI") or DEFAULT_URI,
+            freeze_cap_s=10.0 if cap is None else validate_freeze_cap(cap, "FREEZEFRAME_FREEZE_CAP_S"),
+            agent_timeout_s=5
+            if timeout is None
+            else validate_int(timeout, "FREEZEFRAME_AGENT_TIMEOUT_S", AGENT_TIMEOUT_MIN_S, AGENT_TIMEOUT_MAX_S),
         )
 
     @property
