@@ -42,9 +42,9 @@ NameOpt = Annotated[str | None, typer.Option("--name", metavar="NAME", help="set
 
 
 def _open_freezeframe(settings: Settings) -> AbstractContextManager[Freezeframe]:
-    from freezeframe.service import Freezeframe
+    from freezeframe.wiring import open_service
 
-    return Freezeframe.open(settings)
+    return open_service(settings)
 
 
 service_factory: Callable[[Settings], AbstractContextManager[Freezeframe]] = _open_freezeframe

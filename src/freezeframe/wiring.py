@@ -55,6 +55,20 @@ class LifecycleOptions:
     shutdown_timeout_s: float = 60.0
 
 
+def make_private(home: Path) -> None:
+    """Guests' disks are in here: no other local account may read them (issue 17).
+
+    The home becomes 0700 even when an older version made it 0755, and the process umask becomes 077 so that
+    every file made from now on - catalog, members, journals, qemu-img outputs, packages - is 0600.
+    """
+    os.umask(0o077)
+    try:
+        if home.stat().st_mode & 0o077:
+            home.chmod(0o700)
+    except PermissionError:
+        raise PreflightFailed(f"freezeframe home {home} is readable by others and cannot be made private") from None
+
+
 def open_home(home: Path) -> None:
     """Create the home (0700) if needed and prove it takes files; one clear error line if it cannot."""
     hint = "point --home or FREEZEFRAME_HOME at a directory freezeframe may write"
@@ -66,6 +80,7 @@ def open_home(home: Path) -> None:
         raise PreflightFailed(f"freezeframe home {home} cannot be created ({exc.strerror}); {hint}") from None
     if not home.is_dir():
         raise PreflightFailed(f"freezeframe home {home} is not a directory; {hint}")
+    make_private(home)
     try:
         fd, probe = tempfile.mkstemp(prefix=".ff-probe-", dir=home)
         os.close(fd)
