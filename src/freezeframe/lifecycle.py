@@ -25,8 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from freezeframe.adapters import libvirt_define as ld
-from freezeframe.adapters.catalog import RestoreLog, RestoreRecord
-from freezeframe.adapters.repository import MANIFEST
+from freezeframe.adapters.catalog import RestoreLog
 from freezeframe.durable import fsync_path, write_atomically
 from freezeframe.errors import (
     FreezeframeError,
@@ -40,7 +39,17 @@ from freezeframe.errors import (
     VerifyFailed,
 )
 from freezeframe.flow import SnapshotRequest
-from freezeframe.model import Consistency, DiskSpec, InstanceState, Member, NicSpec, SetStatus, SnapshotSet
+from freezeframe.model import (
+    Consistency,
+    DiskSpec,
+    InstanceState,
+    Member,
+    NicSpec,
+    RestoreRecord,
+    SetStatus,
+    SnapshotSet,
+)
+from freezeframe.ports import MANIFEST
 from freezeframe.signals import deferred_signals
 
 if TYPE_CHECKING:

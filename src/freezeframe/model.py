@@ -111,6 +111,11 @@ class Instance:
     """For a shut-off instance: it was shut down by its guest (disks at rest), not destroyed or crashed."""
 
 
+STORE_KEY = "freezeframe.store"
+"""Member metadata naming the kind of store that holds the member's data; absent: ``file``."""
+FILE_STORE = "file"
+
+
 @dataclass
 class Member:
     """One captured disk of a set. ``metadata`` always carries the set UUID (the proposal's naming scheme)."""
@@ -125,6 +130,12 @@ class Member:
     source_path: str | None = None
     sha256: str | None = None
     metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def store(self) -> str:
+        """Where the data lives (``file``: a qcow2 file in the repository); kept in metadata, so every record of a
+        member (catalog, set.json, OVF section) carries it without a schema change."""
+        return self.metadata.get(STORE_KEY, FILE_STORE)
 
 
 @dataclass
@@ -147,3 +158,17 @@ class SnapshotSet:
     backup_type: str | None = None
     error: str | None = None
     instance_state: InstanceState | None = None
+
+
+@dataclass(frozen=True)
+class RestoreRecord:
+    """A restored disk: ``mode`` is ``cow`` (qcow2 overlay whose backing file is the member) or ``full``."""
+
+    set_id: str
+    instance_name: str
+    target: str
+    path: str
+    mode: str
+    created_at: datetime
+    instance_uuid: str | None = None
+    id: int | None = None

@@ -1,4 +1,8 @@
-"""The outside systems the snapshot flow talks to, as Protocols. Adapters implement them."""
+"""The outside systems every operation talks to, as Protocols (and the plain records they exchange).
+
+The flow and the operations under ``freezeframe.ops`` import only these, the model and the errors; adapters
+implement them and ``freezeframe.wiring`` plugs them in, so a scripted stand-in can drive any operation in a test.
+"""
 
 from __future__ import annotations
 
@@ -9,10 +13,22 @@ from datetime import datetime
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from freezeframe.model import DiskSpec, Hardware, Instance, InstanceState, SetStatus, SnapshotSet
+from freezeframe.model import (
+    DiskSpec,
+    Hardware,
+    Instance,
+    InstanceState,
+    Member,
+    NicSpec,
+    RestoreRecord,
+    SetStatus,
+    SnapshotSet,
+)
 
 ProgressCallback = Callable[[int, int], None]
 """Called with (bytes done, bytes total) while data is copied."""
+MANIFEST = "set.json"
+"""The self-describing record of a set kept next to its data."""
 
 
 @dataclass(frozen=True)
@@ -106,6 +122,12 @@ class Repository(Protocol):
     def write_manifest(self, snapshot_set: SnapshotSet) -> None:
         """Store a self-describing record of the set next to its data."""
 
+    def exists(self, set_id: str) -> bool:
+        """Any data of the set is still there (a removal that failed leaves it)."""
+
+    def manifest_checksums(self, set_id: str) -> dict[str, str | None]:
+        """target -> SHA-256 as the set's manifest records it; PreflightFailed if it is missing or unreadable."""
+
 
 @dataclass
 class JournalEntry:
@@ -136,6 +158,267 @@ class InstanceLocks(Protocol):
 
         Yields a file descriptor that a child process can inherit to keep holding the lock.
         """
+
+
+# ---- images on host files ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """An image QEMU may open, its format always pinned: a whole file, or a byte range of one (a disk in an OVA)."""
+
+    path: Path
+    format: str
+    offset: int = 0
+    size: int | None = None
+    """Bytes of the range from ``offset``; None: to the end of the file."""
+    backing: bool = True
+    """False: never open a backing file, whatever the image's header names (images from outside)."""
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    format: str
+    virtual_size: int
+    actual_size: int
+    backing: str | None
+    """The backing file, resolved to an absolute path; None for a standalone image."""
+    backing_format: str | None
+    extents: int | None = None
+    """VMDK: how many extents the image names (None for other formats)."""
+
+
+@dataclass(frozen=True)
+class ImageCheck:
+    """What ``qemu-img check`` found: ``ok``, ``leaks`` (harmless), ``corrupt`` or ``unsupported`` (no checker)."""
+
+    status: str
+    detail: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.status != "corrupt"
+
+
+class Images(Protocol):
+    """Image operations on host files (one adapter over ``qemu-img``); every call pins the image format.
+
+    Errors: HypervisorError (tool missing, timeout, failure, with the tool's message); InsufficientSpace when the
+    target filesystem is full.
+    """
+
+    def info(self, image: ImageRef) -> ImageInfo:
+        """Works on images a running domain holds (shared read)."""
+
+    def create(
+        self,
+        path: Path,
+        fmt: str,
+        size: int | None = None,
+        *,
+        backing: ImageRef | None = None,
+        options: Mapping[str, str] | None = None,
+    ) -> None:
+        """A new image; with ``backing`` a copy-on-write child (``size`` None: the backing image's size)."""
+
+    def convert(
+        self,
+        source: ImageRef,
+        target: ImageRef,
+        *,
+        existing: bool = False,
+        compress: bool = False,
+        options: Mapping[str, str] | None = None,
+        progress: ProgressCallback | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Copy guest data; ``existing``: the target exists and reads as zeros (written in place, e.g. at an offset).
+
+        ``options`` are creation options (``subformat=streamOptimized``, ``adapter_type``); progress is reported in
+        bytes of the source's virtual size.
+        """
+
+    def rebase(self, path: Path, fmt: str, backing: ImageRef | None) -> None:
+        """Put ``path`` over another backing image, copying what differs; ``None`` flattens it (copies all data in)."""
+
+    def resize(self, path: Path, fmt: str, size: int) -> None: ...
+
+    def check(self, image: ImageRef, timeout: float | None = None) -> ImageCheck: ...
+
+    def measure(self, source: ImageRef, target_format: str) -> int:
+        """Bytes a conversion of ``source`` to ``target_format`` needs at most."""
+
+    def data_bytes(self, image: ImageRef) -> int:
+        """Bytes of guest data the image holds (allocated, non-zero extents)."""
+
+
+# ---- libvirt domains (beyond the snapshot primitives of Hypervisor) ------------------------------------
+
+
+@dataclass(frozen=True)
+class DomainDisk:
+    """A disk of a domain to build: the recorded disk, and where its data now lives."""
+
+    spec: DiskSpec
+    path: Path
+    format: str
+
+
+@dataclass(frozen=True)
+class DomainPlan:
+    """A machine to define, in model terms; the adapter writes the hypervisor's own description of it."""
+
+    name: str
+    hardware: Hardware
+    """vCPUs, memory, architecture, machine, boot method, description and metadata, NICs."""
+    disks: tuple[DomainDisk, ...]
+    directory: Path
+    """The instance's folder (its serial console log goes there)."""
+    nics: tuple[NicSpec, ...] | None = None
+    """None: the hardware's NICs (with new MACs); ``()``: no network."""
+    domain_type: str = "qemu"
+    scsi_model: str | None = None
+    """SCSI controller model to add when a disk is on the scsi bus (None: the hypervisor's default)."""
+
+
+@dataclass(frozen=True)
+class DiskUser:
+    """A defined domain whose disk is a given file."""
+
+    instance_name: str
+    instance_uuid: str
+    target: str
+    active: bool
+
+
+@dataclass(frozen=True)
+class HostCapabilities:
+    """What this host offers a guest of one architecture / machine type / domain type."""
+
+    efi: bool
+    max_vcpus: int | None
+    disk_buses: frozenset[str]
+    """Empty: not reported (anything goes)."""
+
+
+class Domains(Protocol):
+    """Defining, starting, inspecting and removing whole domains (restore, verify, import)."""
+
+    def name_taken(self, name: str) -> bool: ...
+
+    def uuid_of(self, name: str) -> str | None:
+        """The UUID of the domain called ``name``, None if there is none."""
+
+    def check_nics(self, nics: Sequence[NicSpec]) -> None:
+        """Raise InvalidRequest unless every network/bridge the NICs need exists (and a network is active)."""
+
+    def network_state(self, name: str) -> str:
+        """``active``, ``inactive`` or ``missing``."""
+
+    def bridge_exists(self, name: str) -> bool: ...
+
+    def capabilities(self, arch: str, machine: str | None, domain_type: str) -> HostCapabilities:
+        """Raise PreflightFailed when the host cannot run such a guest at all."""
+
+    def define(self, plan: DomainPlan) -> str:
+        """Define (not start) the domain; return its new UUID."""
+
+    def start(self, uuid: str) -> None: ...
+
+    def remove(self, uuid: str) -> bool:
+        """Destroy if running, undefine (with its NVRAM); False if there was no such domain. Idempotent."""
+
+    def disk_sources(self, uuid: str) -> dict[str, str]:
+        """target -> source file of each file-backed disk of the domain's persistent definition."""
+
+    def users_of(self, paths: Sequence[str]) -> dict[str, DiskUser]:
+        """path (as given) -> the defined domain using it as a disk."""
+
+    def block_pull(self, uuid: str, target: str, timeout_s: float = 3600.0) -> None:
+        """Copy the backing data into a running domain's top image and wait for it."""
+
+    def shutdown_via_agent(self, uuid: str, timeout_s: float) -> bool:
+        """Power off through the guest agent (filesystems unmounted); True if it stopped in time."""
+
+    def guest_mounts(self, uuid: str, targets: Sequence[str]) -> dict[str, list[str]]:
+        """target -> mount points the guest agent reports on that disk (``/ (ext4)``); {} if it cannot tell."""
+
+    def forget_log(self, name: str) -> None:
+        """Drop the log the hypervisor keeps per domain name (for throw-away domains)."""
+
+
+# ---- records of restored disks ------------------------------------------------------------------------
+
+
+class Restores(Protocol):
+    """Which restored disks exist and of which set (copy-on-write children depend on the set's members)."""
+
+    def add(self, records: Sequence[RestoreRecord]) -> None: ...
+
+    def bind_uuid(self, instance_name: str, instance_uuid: str) -> None: ...
+
+    def for_set(self, set_id: str) -> list[RestoreRecord]: ...
+
+    def for_instance(self, ref: str) -> list[RestoreRecord]: ...
+
+    def all(self) -> list[RestoreRecord]: ...
+
+    def remove_instance(self, instance_name: str) -> None: ...
+
+    def remove_ids(self, ids: Sequence[int]) -> None: ...
+
+
+# ---- where a member's data lives -----------------------------------------------------------------------
+
+
+class MemberStore(Protocol):
+    """How one kind of member (``Member.store``) is restored, exported, verified and removed.
+
+    The kind ``file`` is a qcow2 file in the directory repository. A backend-native kind (a Ceph RBD snapshot next
+    to its parent: restore = clone) or an incremental one (changed blocks over a parent member) implements the same
+    calls; operations pick the store per member and never look at where the data is.
+    """
+
+    @property
+    def kind(self) -> str: ...
+
+    def present(self, member: Member) -> bool:
+        """The member's data is there to be read."""
+
+    def source(self, member: Member) -> ImageRef:
+        """A readable image of the member's full guest data (export, extract, revert, verify)."""
+
+    def restore(self, member: Member, dst: Path, *, full: bool, progress: ProgressCallback | None = None) -> ImageRef:
+        """A new disk at ``dst`` with the member's data: a copy-on-write child, or with ``full`` a standalone copy."""
+
+    def base_of(self, member: Member) -> str:
+        """The key children made by ``restore`` name as their base (a resolved path for files)."""
+
+    def checksum(self, member: Member) -> str: ...
+
+    def remove(self, member: Member) -> None:
+        """Remove the member's data (idempotent)."""
+
+
+# ---- host-side filesystem checks ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Filesystem:
+    type: str
+    offset: int
+    where: str
+    """'whole disk' or 'partition N'."""
+
+
+class HostFilesystems(Protocol):
+    """Read-only checks of the filesystems on a raw disk image, run on the host."""
+
+    def probe(self, raw: Path) -> list[Filesystem]:
+        """Filesystems on the whole disk, or in each partition of its partition table."""
+
+    def fsck(self, raw: Path, fs: Filesystem) -> tuple[bool | None, str]:
+        """(clean?, detail); None when no read-only checker exists for the type."""
 
 
 # ---- holds: the named locks every export/import/image operation takes ------------------------------------

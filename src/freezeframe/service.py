@@ -14,6 +14,7 @@ from freezeframe.adapters.catalog import SqlCatalog
 from freezeframe.adapters.journal import FileJournal
 from freezeframe.adapters.libvirt_hypervisor import LibvirtHypervisor
 from freezeframe.adapters.locks import FileLocks
+from freezeframe.adapters.qemu_img import QemuImg
 from freezeframe.adapters.repository import DirectoryRepository
 from freezeframe.config import Settings
 from freezeframe.flow import FlowSettings, SnapshotFlow, SnapshotRequest
@@ -30,7 +31,8 @@ class Freezeframe:
         self.settings = settings
         settings.home.mkdir(parents=True, exist_ok=True)
         self.catalog = SqlCatalog(settings.catalog_url)
-        self.repository = DirectoryRepository(settings.repository_dir)
+        self.images = QemuImg()
+        self.repository = DirectoryRepository(settings.repository_dir, self.images)
         self.journal = FileJournal(settings.journal_dir)
         self.locks = FileLocks(settings.locks_dir)
         self._hypervisor: LibvirtHypervisor | None = None
@@ -53,7 +55,9 @@ class Freezeframe:
     def hypervisor(self) -> LibvirtHypervisor:
         """Connected on first use, so catalog-only commands work without libvirt."""
         if self._hypervisor is None:
-            self._hypervisor = LibvirtHypervisor(self.settings.libvirt_uri, self.settings.agent_timeout_s)
+            self._hypervisor = LibvirtHypervisor(
+                self.settings.libvirt_uri, self.images, self.settings.agent_timeout_s
+            )
         return self._hypervisor
 
     def flow(self) -> SnapshotFlow:

@@ -13,7 +13,6 @@ import os
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -60,6 +59,7 @@ from freezeframe.model import (
     Hardware,
     InstanceState,
     Member,
+    RestoreRecord,
     SetStatus,
     SnapshotSet,
 )
@@ -514,20 +514,6 @@ class RestoreRow(Base):
     path: Mapped[str] = mapped_column(Text)
     mode: Mapped[str] = mapped_column(String(16))
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
-
-
-@dataclass(frozen=True)
-class RestoreRecord:
-    """A restored disk: ``mode`` is ``cow`` (qcow2 overlay whose backing file is the member) or ``full``."""
-
-    set_id: str
-    instance_name: str
-    target: str
-    path: str
-    mode: str
-    created_at: datetime
-    instance_uuid: str | None = None
-    id: int | None = None
 
 
 class RestoreLog:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -24,9 +23,10 @@ from freezeframe.errors import (
     CaptureFailed,
     HypervisorError,
     InstanceNotFound,
+    InvalidRequest,
 )
 from freezeframe.model import BootSpec, DiskSpec, Hardware, Instance, InstanceState, NicSpec
-from freezeframe.ports import CaptureTarget, ProgressCallback
+from freezeframe.ports import CaptureTarget, ImageRef, Images, ProgressCallback
 
 _STATES = {
     libvirt.VIR_DOMAIN_RUNNING: InstanceState.RUNNING,
@@ -60,28 +60,10 @@ def _start_event_loop() -> None:
         _event_loop_started = True
 
 
-def _run(argv: Sequence[str], timeout: float | None = None) -> subprocess.CompletedProcess[str]:
-    try:
-        return subprocess.run(list(argv), capture_output=True, text=True, check=True, timeout=timeout)
-    except FileNotFoundError as exc:
-        raise HypervisorError(f"{argv[0]} is not installed; run scripts/setup-host.sh") from exc
-    except subprocess.CalledProcessError as exc:
-        raise HypervisorError(f"{' '.join(argv[:2])} failed: {exc.stderr.strip() or exc.stdout.strip()}") from exc
-    except subprocess.TimeoutExpired as exc:
-        raise HypervisorError(f"{' '.join(argv[:2])} did not finish within {timeout} s") from exc
-
-
-def image_info(path: str | Path) -> dict[str, Any]:
-    """qemu-img's view of an image; -U so it works on images a running VM holds."""
-    out = _run(["qemu-img", "info", "-U", "--output=json", str(path)], timeout=60).stdout
-    info: dict[str, Any] = json.loads(out)
-    return info
-
-
 class LibvirtHypervisor:
     """One libvirt connection; thread-safe (libvirt client calls are)."""
 
-    def __init__(self, uri: str, agent_timeout_s: int = 5) -> None:
+    def __init__(self, uri: str, images: Images, agent_timeout_s: int = 5) -> None:
         libvirt.registerErrorHandler(_ignore_libvirt_errors, None)
         _start_event_loop()
         try:
@@ -94,6 +76,7 @@ class LibvirtHypervisor:
         # A dead daemon is detected in ~15 s instead of blocking a call forever.
         self.conn.setKeepAlive(5, 3)
         self.uri = uri
+        self.images = images
         self.agent_timeout_s = agent_timeout_s
         self._domains: dict[str, libvirt.virDomain] = {}
         self._bounded: set[str] = set()
@@ -200,13 +183,14 @@ class LibvirtHypervisor:
             path = source.get("file") or source.get("dev") or source.get("name")
         dev = target.get("dev", "") if target is not None else ""
         size = 0
+        fmt = driver.get("type", "raw") if driver is not None else "raw"
         if el.get("device", "disk") == "disk" and source_type in ("file", "block") and path:
-            size = self._virtual_size(dom, dev, path)
+            size = self._virtual_size(dom, dev, ImageRef(Path(path), fmt))
         return DiskSpec(
             target=dev,
             bus=target.get("bus", "virtio") if target is not None else "virtio",
             source_path=path,
-            format=driver.get("type", "raw") if driver is not None else "raw",
+            format=fmt,
             virtual_size=size,
             source_type=source_type,
             device=el.get("device", "disk"),
@@ -217,14 +201,15 @@ class LibvirtHypervisor:
             address={str(k): str(v) for k, v in address.attrib.items()} if address is not None else {},
         )
 
-    @staticmethod
-    def _virtual_size(dom: libvirt.virDomain, dev: str, path: str) -> int:
+    def _virtual_size(self, dom: libvirt.virDomain, dev: str, image: ImageRef) -> int:
         try:
             capacity: int = dom.blockInfo(dev)[0]
             return capacity
         except libvirt.libvirtError:
-            size: int = image_info(path)["virtual-size"]
-            return size
+            try:
+                return self.images.info(image).virtual_size
+            except InvalidRequest:  # a format freezeframe does not open: discovery refuses the disk later
+                return 0
 
     # ---- guest agent --------------------------------------------------------------------------------
 
@@ -381,13 +366,11 @@ class LibvirtHypervisor:
         for target in targets:
             if target.disk.source_path is None:
                 raise CaptureFailed(f"disk {target.disk.target} of {instance.name} has no source to copy")
-            _run(
-                [
-                    "qemu-img", "convert", "-n", "--target-is-zero",
-                    "-f", target.disk.format, "-O", target.format,
-                    target.disk.source_path, str(target.path),
-                ]
-            )  # fmt: skip
+            self.images.convert(
+                ImageRef(Path(target.disk.source_path), target.disk.format),
+                ImageRef(target.path, target.format),
+                existing=True,
+            )
             done += target.disk.virtual_size
             if progress is not None:
                 progress(done, total)

@@ -1,4 +1,8 @@
-"""The Repository port on a local directory: one folder per set, one qcow2 image per member."""
+"""The Repository port and the ``file`` MemberStore on a local directory: one folder per set, one qcow2 per member.
+
+Capture writes into images ``prepare`` made; restore makes copy-on-write children whose backing file is the
+member (or standalone copies); export, extract and revert read the member as a pinned qcow2 image.
+"""
 
 from __future__ import annotations
 
@@ -6,26 +10,28 @@ import errno
 import json
 import os
 import shutil
-import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
 from freezeframe.durable import sha256_file, write_atomically
-from freezeframe.errors import CaptureFailed, InsufficientSpace
-from freezeframe.model import DiskSpec, SnapshotSet
-from freezeframe.ports import CaptureTarget
+from freezeframe.errors import CaptureFailed, HypervisorError, InsufficientSpace, PreflightFailed
+from freezeframe.model import FILE_STORE, DiskSpec, Member, SnapshotSet
+from freezeframe.ports import MANIFEST, CaptureTarget, ImageRef, Images, ProgressCallback
 
 MEMBER_FORMAT = "qcow2"
-MANIFEST = "set.json"
+RESTORED_FORMAT = "qcow2"
 
 
 class DirectoryRepository:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, images: Images) -> None:
         self.root = root
+        self.images = images
         self.root.mkdir(parents=True, exist_ok=True)
 
     def set_dir(self, set_id: str) -> Path:
         return self.root / set_id
+
+    # ---- capture (Repository) -----------------------------------------------------------------------------
 
     def prepare(self, set_id: str, disks: Sequence[DiskSpec]) -> list[CaptureTarget]:
         """Pre-created targets let the backup job start with REUSE_EXTERNAL, shortening the freeze window."""
@@ -35,12 +41,12 @@ class DirectoryRepository:
         try:
             for disk in disks:
                 path = self.member_path(set_id, disk.target)
-                argv = ["qemu-img", "create", "-q", "-f", MEMBER_FORMAT, str(path), str(disk.virtual_size)]
-                result = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
-                if result.returncode != 0:
-                    if "No space left" in result.stderr:
-                        raise InsufficientSpace(f"repository {self.root} is full: {result.stderr.strip()}")
-                    raise CaptureFailed(f"cannot create member image {path}: {result.stderr.strip()}")
+                try:
+                    self.images.create(path, MEMBER_FORMAT, disk.virtual_size)
+                except InsufficientSpace as exc:
+                    raise InsufficientSpace(f"repository {self.root} is full: {exc}") from exc
+                except HypervisorError as exc:
+                    raise CaptureFailed(f"cannot create member image {path}: {exc}") from exc
                 targets.append(CaptureTarget(disk=disk, path=path, format=MEMBER_FORMAT))
         except BaseException:
             self.remove(set_id)
@@ -62,7 +68,7 @@ class DirectoryRepository:
         shutil.rmtree(self.set_dir(set_id), ignore_errors=True)
 
     def exists(self, set_id: str) -> bool:
-        return self.set_dir(set_id).is_dir()
+        return self.set_dir(set_id).exists()
 
     def checksum(self, path: Path) -> str:
         return sha256_file(path)
@@ -88,8 +94,50 @@ class DirectoryRepository:
         }
         path = self.set_dir(snapshot_set.id) / MANIFEST
         try:
-            write_atomically(path, json.dumps(record, indent=2, sort_keys=True).encode(), 0o644)
+            write_atomically(path, json.dumps(record, indent=2, sort_keys=True).encode(), 0o600)
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise InsufficientSpace(f"repository {self.root} is full writing {path}") from exc
             raise
+
+    def manifest_checksums(self, set_id: str) -> dict[str, str | None]:
+        path = self.set_dir(set_id) / MANIFEST
+        try:
+            record = json.loads(path.read_text())
+            return {str(m["target"]): m.get("sha256") for m in record.get("members", [])}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise PreflightFailed(f"{path} is missing or unreadable ({exc})") from exc
+
+
+class FileMembers:
+    """The MemberStore of kind ``file``: a member is a qcow2 file (in the directory repository)."""
+
+    def __init__(self, images: Images) -> None:
+        self.images = images
+
+    @property
+    def kind(self) -> str:
+        return FILE_STORE
+
+    def present(self, member: Member) -> bool:
+        return Path(member.path).is_file()
+
+    def source(self, member: Member) -> ImageRef:
+        return ImageRef(Path(member.path), member.format)
+
+    def restore(self, member: Member, dst: Path, *, full: bool, progress: ProgressCallback | None = None) -> ImageRef:
+        target = ImageRef(dst, RESTORED_FORMAT)
+        if full:
+            self.images.convert(self.source(member), target, progress=progress)
+        else:
+            self.images.create(dst, RESTORED_FORMAT, backing=ImageRef(Path(member.path).resolve(), member.format))
+        return target
+
+    def base_of(self, member: Member) -> str:
+        return str(Path(member.path).resolve())
+
+    def checksum(self, member: Member) -> str:
+        return sha256_file(Path(member.path))
+
+    def remove(self, member: Member) -> None:
+        Path(member.path).unlink(missing_ok=True)
