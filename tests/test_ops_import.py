@@ -115,7 +115,7 @@ class ScriptedImages:
 class ScriptedDomains:
     taken: set[str] = field(default_factory=set)
     networks: dict[str, str] = field(default_factory=dict)
-    caps: HostCapabilities = HostCapabilities(efi=True, max_vcpus=64, disk_buses=frozenset())
+    caps: HostCapabilities = field(default_factory=lambda: HostCapabilities(True, 64, frozenset()))
     define_fails: bool = False
     start_fails: bool = False
     defined: dict[str, DomainPlan] = field(default_factory=dict)
@@ -477,4 +477,3 @@ def test_a_changed_stored_image_is_refused(tmp_path: Path) -> None:
         w.importer.import_package("golden", "copy")
     assert w.packages.calls == []
     w.assert_nothing_left()
-

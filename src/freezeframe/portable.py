@@ -9,6 +9,8 @@ See docs/ovf.md ("Export, import and the image store").
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import cached_property
 from pathlib import Path
 
 from freezeframe.ops.export import DISK_FORMATS, OVF_VERSIONS, ExportedDisk, Exporter, ExportResult, package_base
@@ -21,10 +23,28 @@ from freezeframe.ports import ImageStore, ProgressCallback, StoredImage
 class Portable:
     """Export a set as an OVA (to a file or the image store), list/delete stored images, import an OVA."""
 
-    def __init__(self, exporter: Exporter, importer: Importer, images: StoredImages) -> None:
-        self.exporter = exporter
-        self.importer = importer
-        self.stored = images
+    def __init__(
+        self,
+        exporter: Callable[[], Exporter],
+        importer: Callable[[], Importer],
+        images: Callable[[], StoredImages],
+    ) -> None:
+        """Each part is built on first use: listing images needs no libvirt, exporting to a file no image store."""
+        self._make_exporter = exporter
+        self._make_importer = importer
+        self._make_images = images
+
+    @cached_property
+    def exporter(self) -> Exporter:
+        return self._make_exporter()
+
+    @cached_property
+    def importer(self) -> Importer:
+        return self._make_importer()
+
+    @cached_property
+    def stored(self) -> StoredImages:
+        return self._make_images()
 
     @property
     def store(self) -> ImageStore:

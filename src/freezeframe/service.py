@@ -106,7 +106,9 @@ class Freezeframe:
     @property
     def portable(self) -> Portable:
         """Export to OVA, the image store and import over this service."""
-        return Portable(self)
+        from freezeframe import wiring
+
+        return wiring.portable(self)
 
     def repair(self, instance: str | None = None) -> list[str]:
         reports = self.flow().repair(instance)

@@ -55,5 +55,11 @@ class DirectoryInstanceFolders:
 
     def _mark(self, name: str, uuid: str | None) -> None:
         self.markers_dir.mkdir(parents=True, exist_ok=True, mode=FOLDER_MODE)
-        data = {"kind": "restore", "pid": os.getpid(), "name": name, "dir": str(self.instances_dir / name), "uuid": uuid}
+        data = {
+            "kind": "restore",
+            "pid": os.getpid(),
+            "name": name,
+            "dir": str(self.instances_dir / name),
+            "uuid": uuid,
+        }
         write_atomically(self._marker(name), json.dumps(data).encode())

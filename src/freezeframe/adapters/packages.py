@@ -8,7 +8,6 @@ before any QEMU tool opens it.
 
 from __future__ import annotations
 
-import os
 import uuid as uuidlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -129,7 +128,7 @@ class OvaPackages:
 
         result = write_ova(target, descriptor_name, descriptor, [_ova_source(s) for s in sources], progress)
         try:
-            os.chmod(target, PACKAGE_MODE)
+            target.chmod(PACKAGE_MODE)
             if replacing:
                 target.replace(out)
                 fsync_path(out.parent)
@@ -143,8 +142,7 @@ class OvaPackages:
             allocated=out.stat().st_blocks * 512,
             seconds=result.seconds,
             disks=tuple(
-                WrittenDisk(d.target, d.href, d.format, d.file_size, d.capacity, d.populated_size)
-                for d in result.disks
+                WrittenDisk(d.target, d.href, d.format, d.file_size, d.capacity, d.populated_size) for d in result.disks
             ),
             summary=summarize(parse_descriptor(result.descriptor), disk_format),
         )

@@ -98,7 +98,6 @@ from freezeframe.errors import (
 from freezeframe.flow import SnapshotRequest
 from freezeframe.lifecycle import Lifecycle
 from freezeframe.model import DiskSpec, Hardware, Instance, SetStatus, SnapshotSet
-from freezeframe.portable import Portable
 from freezeframe.service import Freezeframe
 
 MAX_BODY_BYTES = 64 * 1024
@@ -143,7 +142,7 @@ class AppState:
         self.jobs = JobStore(catalog)
         self.tokens = TokenStore(catalog)
         self.projects = ProjectMap(catalog)
-        self.portable = Portable(self.service)
+        self.portable = self.service.portable
         self.owners = ImageOwners(catalog)
         self.sets = SetReader(catalog)
         self.resolver = ProjectResolver(self.service, self.projects)

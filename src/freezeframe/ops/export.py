@@ -112,7 +112,9 @@ def sources_of(snapshot_set: SnapshotSet, disk_format: str) -> list[PackageSourc
     return sources
 
 
-def export_result(snapshot_set: SnapshotSet, written: WrittenPackage, disk_format: str, ovf_version: int) -> ExportResult:
+def export_result(
+    snapshot_set: SnapshotSet, written: WrittenPackage, disk_format: str, ovf_version: int
+) -> ExportResult:
     return ExportResult(
         set_id=snapshot_set.id,
         set_name=snapshot_set.name,
@@ -194,9 +196,7 @@ class Exporter:
     ) -> WrittenPackage:
         sources = sources_of(snapshot_set, disk_format)
         descriptor_name = f"{package_base(snapshot_set.instance_name)}.ovf"
-        return self.packages.write(
-            out, snapshot_set, descriptor_name, sources, ovf_version, progress, replace=replace
-        )
+        return self.packages.write(out, snapshot_set, descriptor_name, sources, ovf_version, progress, replace=replace)
 
     def available(self, set_ref: str) -> SnapshotSet:
         """The set, if it is available and every member's data is there."""

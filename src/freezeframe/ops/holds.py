@@ -21,5 +21,7 @@ class NamedHolds:
             try:
                 stack.enter_context(self.locks.hold(key))
             except InstanceBusy:
-                raise InstanceBusy(f"{what} is in use by another freezeframe operation; wait for it to finish") from None
+                raise InstanceBusy(
+                    f"{what} is in use by another freezeframe operation; wait for it to finish"
+                ) from None
             yield

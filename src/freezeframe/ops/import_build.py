@@ -16,8 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from freezeframe.errors import FreezeframeError, ImageNotFound, InsufficientSpace, InvalidRequest, OvaDigestMismatch
-from freezeframe.errors import OvfUnsupported
+from freezeframe.errors import (
+    FreezeframeError,
+    ImageNotFound,
+    InsufficientSpace,
+    InvalidRequest,
+    OvaDigestMismatch,
+    OvfUnsupported,
+)
 from freezeframe.ops.import_plan import IMPORTED_FORMAT, DiskPlan, ImportPlan, Planner
 from freezeframe.ports import (
     DomainDisk,
