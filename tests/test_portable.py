@@ -632,6 +632,27 @@ def corrupt_qcow2(disk: bytes) -> bytes:
     return bytes(data)
 
 
+VMDK_EXTENTS = {
+    "vmdk-descriptor-absolute": 'RW 128 FLAT "/etc/hostname" 0',
+    "vmdk-descriptor-relative": 'RW 128 FLAT "../../../../../../etc/hostname" 0',
+    "vmdk-descriptor-device": 'RW 128 FLAT "/dev/zero" 0',
+}
+
+
+def kdmv_with_descriptor(extent: str) -> bytes:
+    """Issue 17, item 1: a sparse VMDK header (KDMV) of capacity 0 whose embedded text descriptor names an extent.
+
+    QEMU then treats the embedded descriptor as the image and reads the extent's host file (or device) as the disk.
+    """
+    descriptor = (
+        '# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType="monolithicFlat"\n\n'
+        f'# Extent description\n{extent}\n\n# The Disk Data Base\n#DDB\nddb.virtualHWVersion = "4"\n'
+    ).encode()
+    # magic, version, flags, capacity 0, grain 128, descriptor at sector 1 (20 sectors), GTEs, rgd, gd, overhead
+    header = struct.pack("<4sIIQQQQIQQQB4sH", b"KDMV", 1, 3, 0, 128, 1, 20, 512, 0, 0, 128, 0, b"\n \r\n", 0)
+    return (header.ljust(512, b"\0") + descriptor.ljust(20 * 512, b"\0")).ljust(64 * 1024, b"\0")
+
+
 def hostile_package(kind: str, tmp_path: Path) -> Path:
     disk = hostile_disk(tmp_path)
     descriptor = build_descriptor(small_set(), [OvfDisk("vda", "d.qcow2", len(disk), "qcow2", 64 * MiB, MiB)])
@@ -679,6 +700,10 @@ def hostile_package(kind: str, tmp_path: Path) -> Path:
         return tar_of(path, [("x.ovf", absurd), ("d.qcow2", disk)])
     if kind == "missing-file":
         return tar_of(path, [("x.ovf", descriptor)])
+    if kind in VMDK_EXTENTS:
+        vmdk = kdmv_with_descriptor(VMDK_EXTENTS[kind])
+        desc = build_descriptor(small_set(), [OvfDisk("vda", "d.vmdk", len(vmdk), "vmdk", 64 * MiB, MiB)])
+        return tar_of(path, [("x.ovf", desc), ("x.mf", manifest_of({"x.ovf": desc, "d.vmdk": vmdk})), ("d.vmdk", vmdk)])
     if kind == "not-ovf":
         return tar_of(path, [("x.ovf", b"<html><body>not an ovf</body></html>"), ("d.qcow2", disk)])
     raise AssertionError(kind)
@@ -699,6 +724,7 @@ HOSTILE: dict[str, tuple[type[Exception], str]] = {
     "capacity-absurd": (OvfCapacityError, "64 TiB"),
     "missing-file": (OvaMissingFile, r"d\.qcow2"),
     "not-ovf": (OvfNotOvf, "not an OVF Envelope"),
+    **{kind: (OvaDiskError, r"d\.vmdk") for kind in VMDK_EXTENTS},
 }
 
 
