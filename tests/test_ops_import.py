@@ -37,6 +37,7 @@ from freezeframe.ports import (
     ImageRef,
     OpenedPackage,
     PackageFile,
+    ProbedDisk,
     ProgressCallback,
     RecordedMember,
     RecordedSet,
@@ -53,6 +54,7 @@ UUID = "0b0e0f00-1111-2222-3333-444455556666"
 @dataclass
 class ScriptedPackages:
     package: OpenedPackage
+    path: Path
     refuse: dict[str, Exception] = field(default_factory=dict)
     calls: list[str] = field(default_factory=list)
 
@@ -63,11 +65,12 @@ class ScriptedPackages:
         self.calls.append(f"open {path.name}")
         return self.package
 
-    def probe(self, file: PackageFile) -> int:
+    def probe(self, file: PackageFile) -> ProbedDisk:
         self.calls.append(f"probe {file.name}")
         if file.name in self.refuse:
             raise self.refuse[file.name]
-        return 8 * MiB
+        image = ImageRef(self.path, "qcow2", offset=1536, size=8 * MiB, backing=False)
+        return ProbedDisk(file.name, 8 * MiB, image)
 
     def sha256(self, path: Path) -> str:
         return "0" * 64
@@ -182,7 +185,7 @@ def own_hardware(**changes: object) -> Hardware:
 
 
 def file_of(name: str, tmp_path: Path) -> PackageFile:
-    return PackageFile(name, ImageRef(tmp_path / "p.ova", "qcow2", offset=1536, size=8 * MiB, backing=False))
+    return PackageFile(name)
 
 
 def own_package(tmp_path: Path, hardware: Hardware | None = None) -> OpenedPackage:
@@ -248,7 +251,7 @@ class World:
 
 
 def world(tmp_path: Path, package: OpenedPackage | None = None, **domains: object) -> World:
-    packages = ScriptedPackages(package or own_package(tmp_path))
+    packages = ScriptedPackages(package or own_package(tmp_path), tmp_path / "p.ova")
     images = ScriptedImages()
     scripted = ScriptedDomains(networks={"ff-test-net": "active"}, **domains)  # type: ignore[arg-type]
     folders = DirectoryInstanceFolders(tmp_path / "instances", tmp_path / "markers")

@@ -607,13 +607,21 @@ class WrittenPackage:
 
 @dataclass(frozen=True)
 class PackageFile:
-    """A disk file inside a package, read in place: ``image`` is the byte range QEMU opens (format pinned)."""
+    """A disk file inside a package, not yet looked at: only ``Packages.probe`` turns it into something to read."""
 
     name: str
-    image: ImageRef | None
-    """None: a format this host does not import (``probe`` says which)."""
     handle: object = field(default=None, compare=False, repr=False)
     """The ``Packages`` adapter's own reference to the file."""
+
+
+@dataclass(frozen=True)
+class ProbedDisk:
+    """A disk file the probe accepted: ``image`` is its byte range in the package, with the verified format pinned
+    and no backing file, the only form in which package data reaches the image tool."""
+
+    name: str
+    virtual_size: int
+    image: ImageRef
 
 
 @dataclass(frozen=True)
@@ -691,10 +699,11 @@ class Packages(Protocol):
     def open(self, path: Path) -> OpenedPackage:
         """Check layout, manifest and descriptor; raise an Ova*/Ovf* error for anything unsafe or broken."""
 
-    def probe(self, file: PackageFile) -> int:
-        """Check the file's image header ourselves, then the image tool's view of it; return its virtual size.
+    def probe(self, file: PackageFile) -> ProbedDisk:
+        """Check the file's image header ourselves, then the image tool's view of it.
 
-        Must be called before any conversion: it refuses images that could reach outside the package.
+        Refuses (OvaDiskError/OvaUnsafeDisk) any image that could reach outside the package; what it returns is the
+        only way to read the file, so nothing converts a disk that was not probed.
         """
 
     def sha256(self, path: Path) -> str: ...

@@ -27,6 +27,7 @@ from freezeframe.ports import (
     OpenedPackage,
     PackageFile,
     PackageSource,
+    ProbedDisk,
     ProgressCallback,
     RecordedMember,
     RecordedSet,
@@ -72,14 +73,6 @@ def _ova_source(source: PackageSource) -> OvaDiskSource:
     return OvaDiskSource.copy(source.href, source.path, source.source_format, source.target)
 
 
-def _file_of(member: OvaDiskMember) -> PackageFile:
-    image = None
-    if member.format is not None:
-        size = -(-member.size // _SECTOR) * _SECTOR  # qemu's raw layer wants whole sectors; tar padding has them
-        image = ImageRef(member.ova_path, member.format, offset=member.offset, size=size, backing=False)
-    return PackageFile(member.name, image, handle=member)
-
-
 def _opened(package: OvaPackage) -> OpenedPackage:
     m = package.machine
     recorded = None
@@ -100,7 +93,7 @@ def _opened(package: OvaPackage) -> OpenedPackage:
             DeclaredDisk(d.disk_id, d.href, d.capacity, d.controller, d.controller_address, d.address) for d in m.disks
         ),
         nics=tuple(DeclaredNic(n.network, n.model) for n in m.nics),
-        files={d.name: _file_of(d) for d in package.disks},
+        files={d.name: PackageFile(d.name, handle=d) for d in package.disks},
         recorded=recorded,
         warnings=tuple(package.warnings),
     )
@@ -150,11 +143,14 @@ class OvaPackages:
     def open(self, path: Path) -> OpenedPackage:
         return _opened(open_ova(path))
 
-    def probe(self, file: PackageFile) -> int:
+    def probe(self, file: PackageFile) -> ProbedDisk:
         member = file.handle
         if not isinstance(member, OvaDiskMember):
-            raise OvaDiskError(f"{file.name!r} was not opened by this package reader")
-        return probe_disk(member).virtual_size
+            raise OvaDiskError(f"disk {file.name} was not opened by this package reader")
+        probe = probe_disk(member)  # the header guard, then qemu-img info/check with the format pinned
+        size = -(-member.size // _SECTOR) * _SECTOR  # qemu's raw layer wants whole sectors; tar padding has them
+        image = ImageRef(member.ova_path, probe.format, offset=member.offset, size=size, backing=False)
+        return ProbedDisk(member.name, probe.virtual_size, image)
 
     def sha256(self, path: Path) -> str:
         return sha256_file(path)

@@ -130,8 +130,8 @@ class Importer:
             package = self.packages.open(path)
             if not package.disks:
                 raise OvfUnsupported(f"{path.name} describes a machine without disks; there is nothing to import")
-            sizes = {href: self.packages.probe(file) for href, file in package.files.items()}
-            plan = planner.plan(package, sizes)
+            probed = {href: self.packages.probe(file) for href, file in package.files.items()}
+            plan = planner.plan(package, probed)
             self._check_space(plan)
             with self.holds.hold(f"name-{name}", f"instance name {name}"):
                 self._check_name_free(name)
@@ -171,7 +171,7 @@ class Importer:
     def _check_space(self, plan: ImportPlan) -> None:
         need = 0
         for disk in plan.disks:
-            need += BLANK_DISK_NEEDS if disk.file is None else self.images.measure(_image_of(disk), IMPORTED_FORMAT)
+            need += BLANK_DISK_NEEDS if disk.source is None else self.images.measure(disk.source.image, IMPORTED_FORMAT)
         free = self.folders.free_bytes()
         if need > free:
             raise InsufficientSpace(
@@ -212,21 +212,21 @@ class Importer:
     def _make_disks(
         self, directory: Path, disks: Sequence[DiskPlan], progress: ProgressCallback | None
     ) -> list[tuple[DomainDisk, ImportedDiskResult]]:
-        total = sum(d.virtual_size for d in disks if d.file is not None)
+        total = sum(d.virtual_size for d in disks if d.source is not None)
         done = 0
         made: list[tuple[DomainDisk, ImportedDiskResult]] = []
         for disk in disks:
             dst = directory / f"{disk.spec.target}.{IMPORTED_FORMAT}"
-            if disk.file is None:
+            if disk.source is None:
                 self.images.create(dst, IMPORTED_FORMAT, disk.capacity)
                 source = "blank"
             else:
                 report = _offset_progress(progress, done, total)
-                self.images.convert(_image_of(disk), ImageRef(dst, IMPORTED_FORMAT), progress=report)
+                self.images.convert(disk.source.image, ImageRef(dst, IMPORTED_FORMAT), progress=report)
                 if disk.capacity > disk.virtual_size and disk.capacity % 512 == 0:
                     self.images.resize(dst, IMPORTED_FORMAT, disk.capacity)
                 done += disk.virtual_size
-                source = disk.file.name
+                source = disk.source.name
             result = ImportedDiskResult(disk.spec.target, disk.spec.bus, str(dst), max(disk.capacity, 0), source)
             made.append((DomainDisk(disk.spec, dst, IMPORTED_FORMAT), result))
         return made
@@ -242,12 +242,6 @@ class Importer:
             self.folders.discard(name)
         except (FreezeframeError, OSError):
             log.exception("could not remove the half-made instance folder of %s", name)
-
-
-def _image_of(disk: DiskPlan) -> ImageRef:
-    if disk.file is None or disk.file.image is None:
-        raise InvalidRequest(f"disk {disk.spec.target} has no readable image")  # probe refuses these first
-    return disk.file.image
 
 
 def _offset_progress(progress: ProgressCallback | None, offset: int, total: int) -> ProgressCallback | None:

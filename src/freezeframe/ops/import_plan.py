@@ -27,7 +27,7 @@ from freezeframe.ops.import_checks import (
     check_unique_targets,
     check_vcpus,
 )
-from freezeframe.ports import DeclaredDisk, HostCapabilities, OpenedPackage, PackageFile
+from freezeframe.ports import DeclaredDisk, HostCapabilities, OpenedPackage, ProbedDisk
 
 IMPORTED_FORMAT = "qcow2"
 FOREIGN_MACHINES = {"x86_64": "pc", "i686": "pc"}
@@ -59,7 +59,7 @@ class ImportHost(Protocol):
 @dataclass(frozen=True)
 class DiskPlan:
     spec: DiskSpec
-    file: PackageFile | None
+    source: ProbedDisk | None
     """None: a blank disk of ``capacity`` bytes."""
     capacity: int
     virtual_size: int
@@ -97,17 +97,17 @@ class Planner:
                 f"libvirt network {self.network!r} exists but is not active; `virsh net-start {self.network}`"
             )
 
-    def plan(self, package: OpenedPackage, sizes: Mapping[str, int]) -> ImportPlan:
-        """``sizes``: the probed virtual size of every disk file, by href."""
+    def plan(self, package: OpenedPackage, probed: Mapping[str, ProbedDisk]) -> ImportPlan:
+        """``probed``: every disk file of the package as the probe accepted it, by href."""
         recorded = package.recorded
         if recorded is not None and recorded.hardware is not None:
-            return self.plan_own(package, recorded.hardware, sizes)
-        plan = self.plan_foreign(package, sizes)
+            return self.plan_own(package, recorded.hardware, probed)
+        plan = self.plan_foreign(package, probed)
         if recorded is not None:
             plan.warnings.insert(0, "the package has a freezeframe section without hardware; mapped from its OVF")
         return plan
 
-    def plan_own(self, package: OpenedPackage, hw: Hardware, sizes: Mapping[str, int]) -> ImportPlan:
+    def plan_own(self, package: OpenedPackage, hw: Hardware, probed: Mapping[str, ProbedDisk]) -> ImportPlan:
         """Our package: the machine exactly as the set recorded it (boot method, machine type, buses, targets)."""
         assert package.recorded is not None
         warnings = list(package.warnings)
@@ -122,7 +122,7 @@ class Planner:
             if path is not None:
                 check_boot_file(path, kind, self.boot_dirs)
         check_vcpus(caps, hw.vcpus)
-        disks = [self._own_disk(package, hw, disk, sizes) for disk in package.disks]
+        disks = [self._own_disk(package, hw, disk, probed) for disk in package.disks]
         specs = [d.spec for d in disks]
         check_unique_targets(specs)
         check_buses(caps, specs)
@@ -142,7 +142,9 @@ class Planner:
         return ImportPlan("freezeframe", hardware, disks, warnings, left_out)
 
     @staticmethod
-    def _own_disk(package: OpenedPackage, hw: Hardware, disk: DeclaredDisk, sizes: Mapping[str, int]) -> DiskPlan:
+    def _own_disk(
+        package: OpenedPackage, hw: Hardware, disk: DeclaredDisk, probed: Mapping[str, ProbedDisk]
+    ) -> DiskPlan:
         assert package.recorded is not None
         if disk.href is None:
             raise OvfInvalidValue(f"disk {disk.disk_id!r} has no file; a freezeframe package always carries data")
@@ -155,9 +157,10 @@ class Planner:
         )  # fmt: skip
         spec = replace(spec, format=IMPORTED_FORMAT, device="disk", readonly=False, shareable=False)
         check_disk_spec(spec)
-        return DiskPlan(spec, package.files[disk.href], disk.capacity, sizes[disk.href])
+        source = probed[disk.href]
+        return DiskPlan(spec, source, disk.capacity, source.virtual_size)
 
-    def plan_foreign(self, package: OpenedPackage, sizes: Mapping[str, int]) -> ImportPlan:
+    def plan_foreign(self, package: OpenedPackage, probed: Mapping[str, ProbedDisk]) -> ImportPlan:
         """Another tool's package: hardware mapped from the OVF, BIOS boot (UEFI if it asks and we can)."""
         warnings = list(package.warnings)
         arch = package.arch or "x86_64"
@@ -183,7 +186,8 @@ class Planner:
             if disk.href is None:
                 disks.append(DiskPlan(spec, None, disk.capacity, disk.capacity))
             else:
-                disks.append(DiskPlan(spec, package.files[disk.href], disk.capacity, sizes[disk.href]))
+                source = probed[disk.href]
+                disks.append(DiskPlan(spec, source, disk.capacity, source.virtual_size))
         check_buses(caps, [d.spec for d in disks])
         nics = [self.map_nic("network", nic.network, foreign_nic_model(nic.model, warnings), warnings)
                 for nic in package.nics]  # fmt: skip
