@@ -29,10 +29,11 @@ from freezeframe.errors import (
     PreflightFailed,
     SetNotFound,
 )
-from freezeframe.model import Consistency, DiskSpec, Hardware, Member, SetStatus, SnapshotSet
+from freezeframe.model import FILE_STORE, STORE_KEY, Consistency, DiskSpec, Hardware, Member, SetStatus, SnapshotSet
 from freezeframe.ops.export import Exporter, package_base
 from freezeframe.ops.holds import NamedHolds
 from freezeframe.ports import (
+    ImageRef,
     ImageSummary,
     NewImage,
     PackageSource,
@@ -56,6 +57,18 @@ class ScriptedCatalog:
         if ref not in self.sets:
             raise SetNotFound(f"no set matches {ref!r}")
         return self.sets[ref]
+
+
+class FilesHere:
+    """Members as plain files (the ``file`` member store, without an image tool)."""
+
+    kind = FILE_STORE
+
+    def present(self, member: Member) -> bool:
+        return Path(member.path).is_file()
+
+    def source(self, member: Member) -> ImageRef:
+        return ImageRef(Path(member.path), member.format)
 
 
 @dataclass
@@ -168,7 +181,7 @@ def world(tmp_path: Path, **set_options: object) -> World:
     store = ScriptedStore(tmp_path / "store")
     (tmp_path / "store" / ".staging").mkdir(parents=True)
     holds = NamedHolds(FileLocks(tmp_path / "locks"))
-    exporter = Exporter(ScriptedCatalog({s.id: s}), packages, store, holds)  # type: ignore[arg-type]
+    exporter = Exporter(ScriptedCatalog({s.id: s}), {FILE_STORE: FilesHere()}, packages, store, holds)  # type: ignore[arg-type,dict-item]
     (tmp_path / "out").mkdir()
     return World(tmp_path, s, packages, store, holds, exporter)
 
@@ -228,6 +241,14 @@ def test_only_available_sets_with_their_data_are_exported(tmp_path: Path) -> Non
     with pytest.raises(PreflightFailed, match="missing member data"):
         w.exporter.export(w.snapshot_set.id, tmp_path / "2" / "out" / "a.ova")
     assert w.packages.written == [] and w.store_is_empty()
+
+
+def test_a_member_in_an_unknown_store_is_refused_before_anything(tmp_path: Path) -> None:
+    w = world(tmp_path)
+    w.snapshot_set.members[1].metadata[STORE_KEY] = "rbd"
+    with pytest.raises(PreflightFailed, match="lives in a 'rbd' store"):
+        w.exporter.export(w.snapshot_set.id, tmp_path / "out" / "a.ova")
+    assert w.packages.written == []
 
 
 def test_a_busy_set_is_refused(tmp_path: Path) -> None:
@@ -303,7 +324,7 @@ def test_ova_adapter_replaces_atomically_and_keeps_packages_private(
     s = a_set(tmp_path)
     for m in s.members:
         subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", m.path, "8M"], check=True)
-    sources = [PackageSource(f"{m.target}.qcow2", Path(m.path), "qcow2", m.target) for m in s.members]
+    sources = [PackageSource(f"{m.target}.qcow2", ImageRef(Path(m.path), "qcow2"), m.target) for m in s.members]
     out = tmp_path / "a.ova"
     out.write_bytes(b"precious")
     written = OvaPackages().write(out, s, "a.ovf", sources, 1, None, replace=True)

@@ -576,8 +576,8 @@ class PackageSource:
     """One member of a set to put in a package: copied as is, or converted to streamOptimized VMDK."""
 
     href: str
-    path: Path
-    source_format: str
+    image: ImageRef
+    """The member's data as its ``MemberStore`` gives it (a whole image file, format pinned)."""
     target: str
     to_vmdk: bool = False
     adapter_type: str = "lsilogic"

@@ -14,6 +14,8 @@ from freezeframe.adapters.image_store import open_image_store
 from freezeframe.adapters.instance_folders import DirectoryInstanceFolders
 from freezeframe.adapters.libvirt_domains import LibvirtDomains
 from freezeframe.adapters.packages import OvaPackages
+from freezeframe.adapters.repository import FileMembers
+from freezeframe.model import FILE_STORE
 from freezeframe.ops.export import Exporter
 from freezeframe.ops.holds import NamedHolds
 from freezeframe.ops.images import StoredImages
@@ -48,7 +50,8 @@ def portable(service: Freezeframe, *, domain_type: str = "qemu", boot_dirs: Sequ
         return stored[0]
 
     def exporter() -> Exporter:
-        return Exporter(service.catalog, packages, images().store, holds)
+        stores = {FILE_STORE: FileMembers(service.images)}
+        return Exporter(service.catalog, stores, packages, images().store, holds)
 
     def importer() -> Importer:
         return Importer(

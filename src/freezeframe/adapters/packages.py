@@ -15,7 +15,7 @@ from pathlib import Path
 from freezeframe.adapters.ova import OvaDiskMember, OvaDiskSource, OvaPackage, open_ova, probe_disk, write_ova
 from freezeframe.adapters.ovf import ImportedMachine, OvfDisk, build_descriptor, parse_descriptor
 from freezeframe.durable import fsync_path, sha256_file
-from freezeframe.errors import OvaDiskError
+from freezeframe.errors import OvaDiskError, OvaWriteError
 from freezeframe.model import SnapshotSet
 from freezeframe.ports import (
     DeclaredDisk,
@@ -66,11 +66,12 @@ def summarize(machine: ImportedMachine, disk_format: str) -> ImageSummary:
 
 
 def _ova_source(source: PackageSource) -> OvaDiskSource:
+    image = source.image
+    if image.offset or image.size is not None:
+        raise OvaWriteError(f"member {source.target}: only whole image files can be packaged")
     if source.to_vmdk:
-        return OvaDiskSource.to_vmdk(
-            source.href, source.path, source.source_format, source.target, adapter_type=source.adapter_type
-        )
-    return OvaDiskSource.copy(source.href, source.path, source.source_format, source.target)
+        return OvaDiskSource.to_vmdk(source.href, image.path, image.format, source.target, source.adapter_type)
+    return OvaDiskSource.copy(source.href, image.path, image.format, source.target)
 
 
 def _opened(package: OvaPackage) -> OpenedPackage:

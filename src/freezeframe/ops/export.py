@@ -8,16 +8,18 @@ remains, an existing file given with ``force`` is untouched, and the image store
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from freezeframe.errors import InvalidRequest, PreflightFailed
-from freezeframe.model import SetStatus, SnapshotSet
+from freezeframe.model import Member, SetStatus, SnapshotSet
 from freezeframe.ports import (
     Catalog,
     Holds,
     ImageStore,
+    MemberStore,
     NewImage,
     Packages,
     PackageSource,
@@ -98,18 +100,30 @@ def check_out_path(out: Path, force: bool) -> None:
         raise InvalidRequest(f"directory {out.parent} does not exist; create it first")
 
 
-def sources_of(snapshot_set: SnapshotSet, disk_format: str) -> list[PackageSource]:
+def sources_of(snapshot_set: SnapshotSet, disk_format: str, stores: Mapping[str, MemberStore]) -> list[PackageSource]:
     """The members as package files: qcow2 copied as is, or converted to streamOptimized VMDK."""
     base = package_base(snapshot_set.instance_name)
     sources: list[PackageSource] = []
     for m in snapshot_set.members:
         href = f"{base}-{package_base(m.target)}.{disk_format}"
-        if disk_format == "qcow2" and m.format != "qcow2":
-            raise InvalidRequest(f"member {m.target} of set {snapshot_set.name} is {m.format}, not qcow2")
+        image = store_of(stores, m).source(m)
+        if disk_format == "qcow2" and image.format != "qcow2":
+            raise InvalidRequest(f"member {m.target} of set {snapshot_set.name} is {image.format}, not qcow2")
         to_vmdk = disk_format == "vmdk"
         adapter = _VMDK_ADAPTER.get(m.bus, "lsilogic")
-        sources.append(PackageSource(href, Path(m.path), m.format, m.target, to_vmdk=to_vmdk, adapter_type=adapter))
+        sources.append(PackageSource(href, image, m.target, to_vmdk=to_vmdk, adapter_type=adapter))
     return sources
+
+
+def store_of(stores: Mapping[str, MemberStore], member: Member) -> MemberStore:
+    """Where the member's data lives decides how it is read (a file today; RBD, incremental members later)."""
+    store = stores.get(member.store)
+    if store is None:
+        raise PreflightFailed(
+            f"member {member.target} of set {member.set_id} lives in a {member.store!r} store, which this "
+            f"freezeframe does not have (it has: {', '.join(sorted(stores))})"
+        )
+    return store
 
 
 def export_result(
@@ -133,8 +147,17 @@ def export_result(
 class Exporter:
     """Writes sets as packages; every write holds the set and leaves nothing partial behind."""
 
-    def __init__(self, catalog: Catalog, packages: Packages, store: ImageStore, holds: Holds) -> None:
+    def __init__(
+        self,
+        catalog: Catalog,
+        stores: Mapping[str, MemberStore],
+        packages: Packages,
+        store: ImageStore,
+        holds: Holds,
+    ) -> None:
         self.catalog = catalog
+        self.stores = stores
+        """The member stores by kind (``Member.store``)."""
         self.packages = packages
         self.store = store
         self.holds = holds
@@ -194,7 +217,7 @@ class Exporter:
         *,
         replace: bool = False,
     ) -> WrittenPackage:
-        sources = sources_of(snapshot_set, disk_format)
+        sources = sources_of(snapshot_set, disk_format, self.stores)
         descriptor_name = f"{package_base(snapshot_set.instance_name)}.ovf"
         return self.packages.write(out, snapshot_set, descriptor_name, sources, ovf_version, progress, replace=replace)
 
@@ -206,7 +229,7 @@ class Exporter:
                 f"set {snapshot_set.name} ({snapshot_set.id}) is {snapshot_set.status}; only available sets can be "
                 "exported"
             )
-        missing = [f"{m.target} ({m.path})" for m in snapshot_set.members if not Path(m.path).is_file()]
+        missing = [f"{m.target} ({m.path})" for m in snapshot_set.members if not store_of(self.stores, m).present(m)]
         if missing or not snapshot_set.members:
             raise PreflightFailed(
                 f"set {snapshot_set.name} ({snapshot_set.id}) is missing member data: "
