@@ -17,6 +17,7 @@ import pytest
 from freezeframe.adapters.catalog import SqlCatalog
 from freezeframe.adapters.journal import FileJournal
 from freezeframe.adapters.locks import FileLocks
+from freezeframe.adapters.qemu_img import QemuImg
 from freezeframe.adapters.repository import DirectoryRepository
 from freezeframe.errors import (
     AgentUnavailable,
@@ -140,7 +141,7 @@ def parts(tmp_path: Path) -> tuple[SqlCatalog, DirectoryRepository, FileJournal,
     catalog = SqlCatalog(f"sqlite:///{tmp_path / 'catalog.sqlite'}")
     return (
         catalog,
-        DirectoryRepository(tmp_path / "repo"),
+        DirectoryRepository(tmp_path / "repo", QemuImg()),
         FileJournal(tmp_path / "journal"),
         FileLocks(tmp_path / "locks"),
     )
@@ -345,3 +346,19 @@ def test_journal_is_written_before_the_window_not_inside_it(parts) -> None:  # t
     window_writes = [calls for phase, calls in seen if "freeze" in calls and "thaw" not in calls]
     assert window_writes == [], "journal written inside the freeze window"
     assert ("window", ("ping",)) in seen
+
+
+@pytest.mark.parametrize("cap", [float("inf"), float("nan"), -1.0, 0.0, 1e9])
+def test_the_watchdog_cannot_be_switched_off(cap: float) -> None:
+    """An infinite, NaN or out-of-range cap is refused before any guest is touched (it used to kill the timer)."""
+    with pytest.raises(InvalidRequest, match="freeze cap"):
+        FlowSettings(freeze_cap_s=cap)
+
+
+def test_a_pre_assigned_set_id_is_used_and_checked(parts) -> None:  # type: ignore[no-untyped-def]
+    hv = ScriptedHypervisor(disks=_disks(1))
+    wanted = "0b6c1c54-3f0e-4a53-9d0a-2a6f7f0e4b11"
+    result = _flow(hv, parts).snapshot(SnapshotRequest("vm1", set_id=wanted))
+    assert result.id == wanted and parts[0].get_set(wanted).status is SetStatus.AVAILABLE
+    with pytest.raises(InvalidRequest, match="set id"):
+        SnapshotRequest("vm1", set_id="not-a-uuid")

@@ -10,6 +10,7 @@ catalog, the repository, the instance folders and libvirt must agree (``assert_c
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import shutil
 import subprocess
@@ -27,9 +28,9 @@ import typer
 from lxml import etree
 from typer.testing import CliRunner
 
-from freezeframe import lifecycle as lifecycle_module
+from freezeframe import wiring
 from freezeframe.adapters import libvirt_define as ld
-from freezeframe.adapters.repository import MANIFEST
+from freezeframe.adapters.host_fs import HostTools
 from freezeframe.cli_lifecycle import register
 from freezeframe.config import Settings
 from freezeframe.errors import (
@@ -43,7 +44,7 @@ from freezeframe.errors import (
     VerifyFailed,
 )
 from freezeframe.flow import SnapshotRequest
-from freezeframe.lifecycle import COW, FULL, Lifecycle, backing_file, probe_filesystems
+from freezeframe.lifecycle import COW, FULL
 from freezeframe.model import (
     BootSpec,
     Consistency,
@@ -54,6 +55,8 @@ from freezeframe.model import (
     SetStatus,
     SnapshotSet,
 )
+from freezeframe.ops.instances import InstanceBuilder
+from freezeframe.ports import MANIFEST
 from freezeframe.service import Freezeframe
 from freezeframe.testbed.guest import GuestImage
 from freezeframe.testbed.instance import DiskRequest, TestInstance, running_instance
@@ -71,6 +74,39 @@ _LEDGER_RE = re.compile(rb"ff-ledger (?:paused |resumed )?i=(\d+)")
 
 def qemu_img(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(["qemu-img", *args], capture_output=True, text=True, check=False)
+
+
+def qemu_info(path: str | Path) -> dict[str, Any]:
+    result = qemu_img("info", "-U", "--output=json", str(path))
+    assert result.returncode == 0, result.stderr
+    info: dict[str, Any] = json.loads(result.stdout)
+    return info
+
+
+def backing_file(path: str | Path) -> str | None:
+    backing = qemu_info(path).get("full-backing-filename")
+    return str(Path(backing).resolve()) if backing else None
+
+
+def probe_filesystems(raw: Path) -> list[Any]:
+    return HostTools().probe(raw)
+
+
+class LC:
+    """``ff.lifecycle`` plus the parts of the home these tests look at."""
+
+    def __init__(self, service: Freezeframe) -> None:
+        self.service = service
+        self.instances_dir = service.parts.instances_dir
+        self.verify_dir = service.parts.verify_dir
+        self.markers_dir = service.parts.markers.directory
+        self.restores = service.parts.restores
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.service.lifecycle, name)
+
+    def _write_marker(self, kind: str, key: str, data: dict[str, Any]) -> Path:
+        return self.service.parts.markers.write(kind, key, data)
 
 
 def same_data(a: str | Path, b: str | Path) -> bool:
@@ -92,7 +128,7 @@ def domain_exists(conn: Any, name: str) -> bool:
     return bool(ld.name_taken(conn, name))
 
 
-def assert_consistent(lc: Lifecycle) -> None:
+def assert_consistent(lc: LC) -> None:
     """Catalog rows, repository folders, restored-instance folders and libvirt tell the same story."""
     ff = lc.service
     sets = ff.catalog.list_sets()
@@ -179,20 +215,21 @@ def synthetic_hardware(guest: GuestImage, nics: tuple[NicSpec, ...] | None = Non
 
 @pytest.fixture
 def ff(tmp_path: Path) -> Iterator[Freezeframe]:
-    with Freezeframe.open(Settings(home=tmp_path / "ffhome", agent_timeout_s=3)) as service:
+    options = wiring.LifecycleOptions(boot_timeout_s=90, shutdown_timeout_s=30)
+    with wiring.open_service(Settings(home=tmp_path / "ffhome", agent_timeout_s=3), options) as service:
         yield service
 
 
 @pytest.fixture
-def lc(ff: Freezeframe) -> Iterator[Lifecycle]:
-    lifecycle = Lifecycle(ff, boot_timeout_s=90, shutdown_timeout_s=30)
+def lc(ff: Freezeframe) -> Iterator[LC]:
+    lifecycle = LC(ff)
     try:
         yield lifecycle
     finally:
         _discard_all(lifecycle)
 
 
-def _discard_all(lifecycle: Lifecycle) -> None:
+def _discard_all(lifecycle: LC) -> None:
     """Whatever a test restored goes, even when the test failed half-way."""
     names = {r.instance_name for r in lifecycle.restores.all()}
     if lifecycle.instances_dir.is_dir():
@@ -227,7 +264,7 @@ def _xml(conn: Any, name: str) -> etree._Element:
 # ---- synthetic sets: hardware, data, failure paths (no guest boots) ----------------------------------
 
 
-def test_restore_rebuilds_the_recorded_hardware(ff: Freezeframe, lc: Lifecycle, guest_image: GuestImage) -> None:
+def test_restore_rebuilds_the_recorded_hardware(ff: Freezeframe, lc: LC, guest_image: GuestImage) -> None:
     hardware = synthetic_hardware(guest_image)
     s = synthetic_set(ff, hardware, {"vda": 0x11, "vdb": 0x22, "hdb": 0x33})
     result = lc.restore(s.name, "ff-lc-hw")
@@ -268,13 +305,11 @@ def test_restore_rebuilds_the_recorded_hardware(ff: Freezeframe, lc: Lifecycle, 
 
 
 def ld_info(path: str) -> dict[str, Any]:
-    from freezeframe.lifecycle import image_info
-
-    return image_info(path)
+    return qemu_info(path)
 
 
 def test_two_restores_are_independent_and_full_copies_stand_alone(
-    ff: Freezeframe, lc: Lifecycle, guest_image: GuestImage
+    ff: Freezeframe, lc: LC, guest_image: GuestImage
 ) -> None:
     s = synthetic_set(ff, synthetic_hardware(guest_image), {"vda": 0x11, "vdb": 0x22, "hdb": 0x33})
     one = lc.restore(s.id, "ff-lc-one")
@@ -291,7 +326,7 @@ def test_two_restores_are_independent_and_full_copies_stand_alone(
 
 
 def test_restore_failures_leave_nothing_behind(
-    ff: Freezeframe, lc: Lifecycle, guest_image: GuestImage, libvirt_conn: Any
+    ff: Freezeframe, lc: LC, guest_image: GuestImage, libvirt_conn: Any
 ) -> None:
     s = synthetic_set(ff, synthetic_hardware(guest_image), {"vda": 1, "vdb": 2, "hdb": 3})
     lc.restore(s.id, "ff-lc-taken")
@@ -335,7 +370,7 @@ def test_restore_failures_leave_nothing_behind(
 
 
 def test_restore_interrupted_mid_way_is_undone_by_repair(
-    ff: Freezeframe, lc: Lifecycle, guest_image: GuestImage, libvirt_conn: Any, monkeypatch: pytest.MonkeyPatch
+    ff: Freezeframe, lc: LC, guest_image: GuestImage, libvirt_conn: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A SIGKILL after define leaves a marker; repair removes the domain, the disks and the rows."""
     s = synthetic_set(ff, synthetic_hardware(guest_image), {"vda": 1})
@@ -343,7 +378,7 @@ def test_restore_interrupted_mid_way_is_undone_by_repair(
     def killed(*_: object, **__: object) -> None:
         raise SystemExit("simulated kill")  # stands in for the process dying: skip the undo below
 
-    monkeypatch.setattr(Lifecycle, "_undo_build", killed)
+    monkeypatch.setattr(InstanceBuilder, "undo", killed)
     monkeypatch.setattr(ld, "start", lambda _dom: (_ for _ in ()).throw(SystemExit("killed")))
     with pytest.raises(SystemExit):
         lc.restore(s.id, "ff-lc-killed", start=True)
@@ -358,7 +393,7 @@ def test_restore_interrupted_mid_way_is_undone_by_repair(
     assert_consistent(lc)
 
 
-def test_extract_one_volume(ff: Freezeframe, lc: Lifecycle, guest_image: GuestImage, tmp_path: Path) -> None:
+def test_extract_one_volume(ff: Freezeframe, lc: LC, guest_image: GuestImage, tmp_path: Path) -> None:
     s = synthetic_set(ff, synthetic_hardware(guest_image), {"vda": 1, "vdb": 0x5A})
     out = lc.extract(s.id, "vdb", tmp_path / "vdb.qcow2")
     assert backing_file(out) is None and same_data(out, s.members[1].path)
@@ -374,9 +409,7 @@ def test_extract_one_volume(ff: Freezeframe, lc: Lifecycle, guest_image: GuestIm
     assert_consistent(lc)
 
 
-def test_delete_refuses_with_dependants_then_force_flattens(
-    ff: Freezeframe, lc: Lifecycle, guest_image: GuestImage
-) -> None:
+def test_delete_refuses_with_dependants_then_force_flattens(ff: Freezeframe, lc: LC, guest_image: GuestImage) -> None:
     s = synthetic_set(ff, synthetic_hardware(guest_image), {"vda": 0x61, "vdb": 0x62})
     child = lc.restore(s.id, "ff-lc-child")
     with pytest.raises(SetHasDependants, match="ff-lc-child") as refused:
@@ -400,7 +433,7 @@ def test_delete_refuses_with_dependants_then_force_flattens(
     assert_consistent(lc)
 
 
-def test_delete_without_dependants_and_crash_recovery(ff: Freezeframe, lc: Lifecycle, guest_image: GuestImage) -> None:
+def test_delete_without_dependants_and_crash_recovery(ff: Freezeframe, lc: LC, guest_image: GuestImage) -> None:
     plain = synthetic_set(ff, synthetic_hardware(guest_image), {"vda": 1})
     lc.delete(plain.name)
     assert not (ff.repository.root / plain.id).exists()
@@ -432,7 +465,7 @@ def test_delete_without_dependants_and_crash_recovery(ff: Freezeframe, lc: Lifec
     assert_consistent(lc)
 
 
-def test_verify_names_a_corrupted_member(ff: Freezeframe, lc: Lifecycle, guest_image: GuestImage) -> None:
+def test_verify_names_a_corrupted_member(ff: Freezeframe, lc: LC, guest_image: GuestImage) -> None:
     s = synthetic_set(ff, synthetic_hardware(guest_image), {"vda": 1, "vdb": 2})
     report = lc.verify(s.id)
     assert report.ok and [c.subject for c in report.checks if c.what == "sha256"] == ["vda", "vdb"]
@@ -450,7 +483,7 @@ def test_verify_names_a_corrupted_member(ff: Freezeframe, lc: Lifecycle, guest_i
 
 
 def test_verify_boot_reports_a_clone_that_cannot_start(
-    ff: Freezeframe, lc: Lifecycle, guest_image: GuestImage, libvirt_conn: Any
+    ff: Freezeframe, lc: LC, guest_image: GuestImage, libvirt_conn: Any
 ) -> None:
     hardware = synthetic_hardware(guest_image)
     broken = replace(hardware, boot=replace(hardware.boot, kernel="/nonexistent/vmlinuz"))
@@ -495,7 +528,7 @@ def test_probe_filesystems_whole_disk_and_partitions(tmp_path: Path) -> None:
 
 
 def test_revert_of_a_shut_off_instance_and_its_failure_paths(
-    ff: Freezeframe, lc: Lifecycle, guest_image: GuestImage, monkeypatch: pytest.MonkeyPatch
+    ff: Freezeframe, lc: LC, guest_image: GuestImage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Revert on a defined, never-started instance: all disks or none, safety set first, a kill rolled forward."""
     origin = synthetic_set(ff, synthetic_hardware(guest_image), {"vda": 0x11, "vdb": 0x22, "hdb": 0x33})
@@ -507,17 +540,17 @@ def test_revert_of_a_shut_off_instance_and_its_failure_paths(
     original = {t: ff.repository.checksum(Path(p)) for t, p in disks.items()}
 
     # A copy failing on the second disk: no disk changed, no temp file, no marker (the safety set stays).
-    real_run = lifecycle_module._run
+    real_convert = ff.images.convert
     calls = {"convert": 0}
 
-    def flaky(argv: Any, what: str, timeout: float | None = None) -> Any:
-        if "convert" in argv and ".ff-revert.tmp" in argv[-1]:
+    def flaky(source: Any, target: Any, **options: Any) -> None:
+        if target.path.name.endswith(".ff-revert.tmp"):
             calls["convert"] += 1
             if calls["convert"] == 2:
                 raise HypervisorError("simulated copy failure")
-        return real_run(argv, what, timeout)
+        real_convert(source, target, **options)
 
-    monkeypatch.setattr(lifecycle_module, "_run", flaky)
+    monkeypatch.setattr(ff.images, "convert", flaky)
     with pytest.raises(HypervisorError, match="simulated"):
         lc.revert(s.id)
     monkeypatch.undo()
@@ -553,7 +586,7 @@ def test_revert_of_a_shut_off_instance_and_its_failure_paths(
     assert_consistent(lc)
 
 
-def test_cli_commands(ff: Freezeframe, lc: Lifecycle, guest_image: GuestImage, tmp_path: Path) -> None:
+def test_cli_commands(ff: Freezeframe, lc: LC, guest_image: GuestImage, tmp_path: Path) -> None:
     s = synthetic_set(ff, synthetic_hardware(guest_image), {"vda": 1, "vdb": 2})
     app = typer.Typer()
     register(app)
@@ -579,7 +612,7 @@ def test_cli_commands(ff: Freezeframe, lc: Lifecycle, guest_image: GuestImage, t
     assert_consistent(lc)
 
 
-def test_backup_arguments_are_checked(ff: Freezeframe, lc: Lifecycle) -> None:
+def test_backup_arguments_are_checked(ff: Freezeframe, lc: LC) -> None:
     with pytest.raises(InvalidRequest, match="rotation"):
         lc.backup("whatever", "daily", -1)
     with pytest.raises(InvalidRequest, match="type"):
@@ -608,13 +641,12 @@ def ledger_vm(
 
 
 @pytest.fixture(scope="module")
-def shared(
-    ledger_vm: TestInstance, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[Lifecycle, SnapshotSet]]:
+def shared(ledger_vm: TestInstance, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LC, SnapshotSet]]:
     """One filesystem-consistent 3-disk set of the ledger guest, shared by the VM tests (one home)."""
     home = tmp_path_factory.mktemp("lifecycle-home")
-    with Freezeframe.open(Settings(home=home, agent_timeout_s=5)) as service:
-        lifecycle = Lifecycle(service, boot_timeout_s=120, shutdown_timeout_s=60)
+    options = wiring.LifecycleOptions(boot_timeout_s=120, shutdown_timeout_s=60)
+    with wiring.open_service(Settings(home=home, agent_timeout_s=5), options) as service:
+        lifecycle = LC(service)
         try:
             started = time.monotonic()
             s = service.snapshot(
@@ -626,7 +658,7 @@ def shared(
             _discard_all(lifecycle)
 
 
-def _wait_agent(lc: Lifecycle, name: str, timeout_s: float = 120) -> float:
+def _wait_agent(lc: LC, name: str, timeout_s: float = 120) -> float:
     started = time.monotonic()
     while True:
         try:
@@ -664,7 +696,7 @@ def _disks(result: Any) -> dict[str, str]:
 
 
 @pytest.mark.vm
-def test_restore_boots_with_the_snapshot_data(shared: tuple[Lifecycle, SnapshotSet], libvirt_conn: Any) -> None:
+def test_restore_boots_with_the_snapshot_data(shared: tuple[LC, SnapshotSet], libvirt_conn: Any) -> None:
     lc, s = shared
     members = {m.target: m.path for m in s.members}
     assert [m.target for m in s.members] == ["vda", "vdb", "vdc"]
@@ -709,7 +741,7 @@ def test_restore_boots_with_the_snapshot_data(shared: tuple[Lifecycle, SnapshotS
 
 
 @pytest.mark.vm
-def test_extract_a_volume_of_the_real_set(shared: tuple[Lifecycle, SnapshotSet], tmp_path: Path) -> None:
+def test_extract_a_volume_of_the_real_set(shared: tuple[LC, SnapshotSet], tmp_path: Path) -> None:
     lc, s = shared
     out = lc.extract(s.id, "vdc", tmp_path / "state.img", "raw")
     assert same_data(out, next(m.path for m in s.members if m.target == "vdc"))
@@ -719,7 +751,7 @@ def test_extract_a_volume_of_the_real_set(shared: tuple[Lifecycle, SnapshotSet],
 
 
 @pytest.mark.vm
-def test_revert_rolls_the_instance_back(shared: tuple[Lifecycle, SnapshotSet], libvirt_conn: Any) -> None:
+def test_revert_rolls_the_instance_back(shared: tuple[LC, SnapshotSet], libvirt_conn: Any) -> None:
     """Revert a restored instance to a set of its own: refused while running, then old data, then boots."""
     lc, s = shared
     ff = lc.service
@@ -771,7 +803,7 @@ def test_revert_rolls_the_instance_back(shared: tuple[Lifecycle, SnapshotSet], l
 
 @pytest.mark.vm
 def test_delete_flattens_a_running_child_by_blockpull(
-    shared: tuple[Lifecycle, SnapshotSet], ledger_vm: TestInstance, libvirt_conn: Any
+    shared: tuple[LC, SnapshotSet], ledger_vm: TestInstance, libvirt_conn: Any
 ) -> None:
     lc, _ = shared
     ff = lc.service
@@ -799,7 +831,7 @@ def test_delete_flattens_a_running_child_by_blockpull(
 
 
 @pytest.mark.vm
-def test_backup_rotation_keeps_the_newest(shared: tuple[Lifecycle, SnapshotSet], ledger_vm: TestInstance) -> None:
+def test_backup_rotation_keeps_the_newest(shared: tuple[LC, SnapshotSet], ledger_vm: TestInstance) -> None:
     lc, s = shared
     ff = lc.service
     rotation = 2
@@ -830,7 +862,7 @@ def test_backup_rotation_keeps_the_newest(shared: tuple[Lifecycle, SnapshotSet],
 
 
 @pytest.mark.vm
-def test_verify_boots_a_clone_and_checks_filesystems(shared: tuple[Lifecycle, SnapshotSet], libvirt_conn: Any) -> None:
+def test_verify_boots_a_clone_and_checks_filesystems(shared: tuple[LC, SnapshotSet], libvirt_conn: Any) -> None:
     lc, s = shared
     started = time.monotonic()
     report = lc.verify(s.id, boot=True)
@@ -850,7 +882,7 @@ def test_verify_boots_a_clone_and_checks_filesystems(shared: tuple[Lifecycle, Sn
 
 @pytest.mark.vm
 def test_verify_fails_on_a_corrupted_member_of_a_real_set(
-    shared: tuple[Lifecycle, SnapshotSet], ledger_vm: TestInstance
+    shared: tuple[LC, SnapshotSet], ledger_vm: TestInstance
 ) -> None:
     lc, _ = shared
     ff = lc.service
@@ -865,7 +897,7 @@ def test_verify_fails_on_a_corrupted_member_of_a_real_set(
 
 
 @pytest.mark.vm
-def test_revert_refuses_a_running_instance(shared: tuple[Lifecycle, SnapshotSet]) -> None:
+def test_revert_refuses_a_running_instance(shared: tuple[LC, SnapshotSet]) -> None:
     lc, s = shared
     before = [x.id for x in lc.service.catalog.list_sets()]
     with pytest.raises(InvalidRequest, match="shut-off instance"):
@@ -874,7 +906,7 @@ def test_revert_refuses_a_running_instance(shared: tuple[Lifecycle, SnapshotSet]
     assert_consistent(lc)
 
 
-def test_manifest_is_checked(ff: Freezeframe, lc: Lifecycle, guest_image: GuestImage) -> None:
+def test_manifest_is_checked(ff: Freezeframe, lc: LC, guest_image: GuestImage) -> None:
     s = synthetic_set(ff, synthetic_hardware(guest_image), {"vda": 1})
     (ff.repository.root / s.id / MANIFEST).unlink()
     report = lc.verify(s.id)

@@ -30,8 +30,8 @@ from freezeframe.errors import (
     SetNotFound,
 )
 from freezeframe.model import FILE_STORE, STORE_KEY, Consistency, DiskSpec, Hardware, Member, SetStatus, SnapshotSet
+from freezeframe.ops.common import Holds, Stores
 from freezeframe.ops.export import Exporter, package_base
-from freezeframe.ops.holds import NamedHolds
 from freezeframe.ports import (
     ImageRef,
     ImageSummary,
@@ -77,7 +77,7 @@ class ScriptedPackages:
 
     fail: Exception | None = None
     written: list[tuple[Path, tuple[PackageSource, ...], bool]] = field(default_factory=list)
-    busy_check: NamedHolds | None = None
+    busy_check: Holds | None = None
 
     def write(
         self,
@@ -163,7 +163,7 @@ class World:
     snapshot_set: SnapshotSet
     packages: ScriptedPackages
     store: ScriptedStore
-    holds: NamedHolds
+    holds: Holds
     exporter: Exporter
 
     def store_is_empty(self) -> bool:
@@ -180,8 +180,8 @@ def world(tmp_path: Path, **set_options: object) -> World:
     packages = ScriptedPackages()
     store = ScriptedStore(tmp_path / "store")
     (tmp_path / "store" / ".staging").mkdir(parents=True)
-    holds = NamedHolds(FileLocks(tmp_path / "locks"))
-    exporter = Exporter(ScriptedCatalog({s.id: s}), {FILE_STORE: FilesHere()}, packages, store, holds)  # type: ignore[arg-type,dict-item]
+    holds = Holds(FileLocks(tmp_path / "locks"))
+    exporter = Exporter(ScriptedCatalog({s.id: s}), Stores({FILE_STORE: FilesHere()}), packages, store, holds)  # type: ignore[arg-type,dict-item]
     (tmp_path / "out").mkdir()
     return World(tmp_path, s, packages, store, holds, exporter)
 

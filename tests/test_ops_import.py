@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from freezeframe.adapters.instance_folders import DirectoryInstanceFolders
+from fakes import MemoryRestores
 from freezeframe.adapters.locks import FileLocks
 from freezeframe.errors import (
     HypervisorError,
@@ -26,9 +26,10 @@ from freezeframe.errors import (
     PreflightFailed,
 )
 from freezeframe.model import BootSpec, DiskSpec, Hardware, NicSpec
-from freezeframe.ops.holds import NamedHolds
+from freezeframe.ops.common import Holds, Markers
 from freezeframe.ops.import_build import Importer
 from freezeframe.ops.import_plan import foreign_targets
+from freezeframe.ops.instances import InstanceBuilder
 from freezeframe.ports import (
     DeclaredDisk,
     DeclaredNic,
@@ -126,6 +127,12 @@ class ScriptedDomains:
 
     def name_taken(self, name: str) -> bool:
         return name in self.taken or any(p.name == name for p in self.defined.values())
+
+    def uuid_of(self, name: str) -> str | None:
+        return next((uuid for uuid, plan in self.defined.items() if plan.name == name), None)
+
+    def disk_sources(self, uuid: str) -> dict[str, str]:
+        return {d.spec.target: str(d.path) for d in self.defined[uuid].disks}
 
     def network_state(self, name: str) -> str:
         return self.networks.get(name, "missing")
@@ -254,9 +261,11 @@ def world(tmp_path: Path, package: OpenedPackage | None = None, **domains: objec
     packages = ScriptedPackages(package or own_package(tmp_path), tmp_path / "p.ova")
     images = ScriptedImages()
     scripted = ScriptedDomains(networks={"ff-test-net": "active"}, **domains)  # type: ignore[arg-type]
-    folders = DirectoryInstanceFolders(tmp_path / "instances", tmp_path / "markers")
-    holds = NamedHolds(FileLocks(tmp_path / "locks"))
-    importer = Importer(packages, NoStore(), images, scripted, folders, holds, boot_dirs=[tmp_path / "boot"])  # type: ignore[arg-type]
+    holds = Holds(FileLocks(tmp_path / "locks"))
+    builder = InstanceBuilder(lambda: scripted, Markers(tmp_path / "markers"), MemoryRestores(), holds)  # type: ignore[arg-type,return-value]
+    importer = Importer(
+        packages, NoStore(), images, scripted, builder, holds, tmp_path / "instances", boot_dirs=[tmp_path / "boot"]
+    )  # type: ignore[arg-type]
     package_file = tmp_path / "p.ova"
     package_file.write_bytes(b"scripted")
     return World(tmp_path, packages, images, scripted, importer, package_file)
@@ -282,7 +291,6 @@ def test_own_package_is_rebuilt_as_recorded(tmp_path: Path) -> None:
     assert "resize sda.qcow2 16777216" in w.images.calls
     assert seen[-1] == (16 * MiB, 16 * MiB) and [d for d, _ in seen] == sorted(d for d, _ in seen)
     assert not any((tmp_path / "markers").iterdir()), "the marker outlived a complete import"
-    assert (tmp_path / "instances" / "copy").stat().st_mode & 0o077 == 0
 
 
 def test_every_disk_is_probed_before_anything_reads_it_and_formats_are_pinned(tmp_path: Path) -> None:
@@ -322,7 +330,7 @@ def test_name_conflict_says_only_that_the_name_is_taken(tmp_path: Path) -> None:
     w = world(tmp_path, taken={"copy"})
     with pytest.raises(InvalidRequest) as caught:
         w.run()
-    assert str(caught.value) == "the instance name 'copy' is already taken; choose another name with --as"
+    assert str(caught.value) == "an instance named 'copy' already exists; choose another name with --as"
     assert w.packages.calls == [] and w.images.calls == []
     w.assert_nothing_left()
 
@@ -401,7 +409,7 @@ def test_leftover_folder_is_never_reused(tmp_path: Path) -> None:
 
 def test_busy_name_is_refused(tmp_path: Path) -> None:
     w = world(tmp_path)
-    with NamedHolds(FileLocks(tmp_path / "locks")).hold("name-copy", "test"), pytest.raises(InstanceBusy):
+    with Holds(FileLocks(tmp_path / "locks")).name("copy"), pytest.raises(InstanceBusy):
         w.run()
     w.assert_nothing_left()
 

@@ -34,7 +34,6 @@ import typer
 from lxml import etree
 from typer.testing import CliRunner
 
-from freezeframe import wiring
 from freezeframe.adapters import libvirt_define as ld
 from freezeframe.adapters.image_store import DirectoryImageStore, open_image_store
 from freezeframe.adapters.ova import open_ova, qemu_json_for
@@ -66,7 +65,7 @@ from freezeframe.model import (
     SetStatus,
     SnapshotSet,
 )
-from freezeframe.ops.holds import NamedHolds
+from freezeframe.ops.common import Holds
 from freezeframe.ops.import_plan import Planner
 from freezeframe.ports import HostCapabilities, ImageRef
 from freezeframe.service import Freezeframe
@@ -97,7 +96,7 @@ class Pt:
 
     def __init__(self, service: Freezeframe, boot_dirs: Sequence[Path]) -> None:
         self.service = service
-        self.portable = wiring.portable(service, boot_dirs=boot_dirs)
+        self.portable = service.parts.portable(boot_dirs=boot_dirs)
         self.instances_dir = service.settings.home / "instances"
 
     def __getattr__(self, name: str) -> Any:
@@ -428,7 +427,7 @@ def test_image_store_round_trip_through_the_cli(
     ff.lifecycle.discard(imported.name)
 
     # Deleting is refused while an import reads the image; the record and data go together.
-    with NamedHolds(ff.locks).hold(f"image-{image['id']}", "test"):
+    with Holds(ff.locks).hold(f"image-{image['id']}", "test"):
         busy = runner.invoke(app, ["images", "delete", image["id"], *home])
         assert busy.exception is not None and "in use" in str(busy.exception)
     gone = runner.invoke(app, ["images", "delete", "golden", "--json", *home])
@@ -485,7 +484,7 @@ def test_import_failures_leave_nothing_behind(
     pt.export(s.id, ova)
 
     taken = pt.import_package(ova, f"{PREFIX}taken")
-    with pytest.raises(InvalidRequest, match=f"^the instance name '{PREFIX}taken' is already taken; choose another"):
+    with pytest.raises(InvalidRequest, match=f"^an instance named '{PREFIX}taken' already exists; choose another"):
         pt.import_package(ova, f"{PREFIX}taken")
     assert domain_exists(conn, f"{PREFIX}taken") and (pt.instances_dir / taken.name).is_dir()
     with pytest.raises(InvalidRequest, match="not usable"):
@@ -559,7 +558,7 @@ def test_import_failures_leave_nothing_behind(
     fake.write_bytes(b"not a kernel" * 100)
     fake_hw = Hardware(**{**vars(s.hardware), "boot": BootSpec(kernel=str(fake))})
     pt.export(synthetic_set(ff, fake_hw, {"vda": 1}).id, tmp_path / "fake.ova")
-    permissive = wiring.portable(ff, boot_dirs=[fake.parent])
+    permissive = ff.parts.portable(boot_dirs=[fake.parent])
     with pytest.raises(InvalidRequest, match="does not look like a kernel"):
         permissive.import_package(tmp_path / "fake.ova", f"{PREFIX}fake")
     assert_nothing_left(pt, f"{PREFIX}fake")

@@ -49,6 +49,7 @@ from freezeframe.ports import (
     Repository,
 )
 from freezeframe.signals import deferred_signals
+from freezeframe.validation import validate_freeze_cap, validate_uuid
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,12 @@ class SnapshotRequest:
     backup_type: str | None = None
     pause_vcpus: bool = False
     """Pause the vCPUs around the capture even where an atomic multi-disk capture exists."""
+    set_id: str | None = None
+    """A pre-assigned UUID for the new set, so a caller knows its id before the operation runs."""
+
+    def __post_init__(self) -> None:
+        if self.set_id is not None:
+            validate_uuid(self.set_id, "set id")
 
 
 Handoff = Callable[[SnapshotSet, int], None]
@@ -83,6 +90,10 @@ class FlowSettings:
     """How long to keep trying to thaw a guest whose agent stopped answering before leaving it to repair."""
     hold_in_window_s: float = 0.0
     """Fault injection for tests: stay this long inside the window (to SIGKILL there or trip the watchdog)."""
+
+    def __post_init__(self) -> None:
+        """The watchdog can be tuned, never switched off: an infinite, NaN or out-of-range cap is refused."""
+        validate_freeze_cap(self.freeze_cap_s, "freeze cap")
 
 
 @dataclass
@@ -351,7 +362,7 @@ class SnapshotFlow:
         if disks.skipped:
             metadata["freezeframe.skipped_disks"] = "; ".join(f"{k}: {v}" for k, v in sorted(disks.skipped.items()))
         return SnapshotSet(
-            id=str(uuid.uuid4()),
+            id=request.set_id or str(uuid.uuid4()),
             name=request.name or f"{instance.name}-{now:%Y%m%dT%H%M%S%fZ}",
             instance_name=instance.name,
             instance_uuid=instance.uuid,

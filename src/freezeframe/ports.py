@@ -421,14 +421,6 @@ class HostFilesystems(Protocol):
         """(clean?, detail); None when no read-only checker exists for the type."""
 
 
-# ---- holds: the named locks every export/import/image operation takes ------------------------------------
-
-
-class Holds(Protocol):
-    def hold(self, key: str, what: str) -> AbstractContextManager[None]:
-        """Exclusive, non-blocking lock on ``key``; raise InstanceBusy naming ``what`` when it is taken."""
-
-
 # ---- the image store: where exported packages are kept ----------------------------------------------------
 
 IMAGE_AVAILABLE = "available"
@@ -707,24 +699,3 @@ class Packages(Protocol):
         """
 
     def sha256(self, path: Path) -> str: ...
-
-
-# ---- instance folders: where an imported (or restored) instance's disks live --------------------------------
-
-
-class InstanceFolders(Protocol):
-    """One folder per new instance, claimed with a marker first so ``repair`` removes a half-made one."""
-
-    def free_bytes(self) -> int: ...
-
-    def claim(self, name: str) -> Path:
-        """Create the folder and its marker; InvalidRequest if the folder exists (never reuse someone's files)."""
-
-    def bind(self, name: str, uuid: str) -> None:
-        """The marker learns the defined domain's UUID (repair removes exactly that domain)."""
-
-    def release(self, name: str) -> None:
-        """The instance is complete: drop the marker, keep the folder."""
-
-    def discard(self, name: str) -> None:
-        """Undo: remove the folder with everything in it, then the marker."""

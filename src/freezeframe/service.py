@@ -1,45 +1,50 @@
-"""The operations, as the Python API. The CLI and the HTTP API are thin layers over this class."""
+"""The operations, as the Python API. The CLI and the HTTP API are thin layers over this class.
+
+``freezeframe.wiring`` builds it (``wiring.open_service(settings)``); it holds no construction of its own.
+"""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from freezeframe.adapters.catalog import SqlCatalog
-from freezeframe.adapters.journal import FileJournal
-from freezeframe.adapters.libvirt_hypervisor import LibvirtHypervisor
-from freezeframe.adapters.locks import FileLocks
-from freezeframe.adapters.qemu_img import QemuImg
-from freezeframe.adapters.repository import DirectoryRepository
 from freezeframe.config import Settings
-from freezeframe.flow import FlowSettings, SnapshotFlow, SnapshotRequest
-from freezeframe.lifecycle import Lifecycle
+from freezeframe.flow import SnapshotFlow, SnapshotRequest
 from freezeframe.model import Instance, SetStatus, SnapshotSet
-from freezeframe.portable import Portable
 from freezeframe.ports import ProgressCallback
+
+if TYPE_CHECKING:
+    from freezeframe.adapters.catalog import SqlCatalog
+    from freezeframe.adapters.journal import FileJournal
+    from freezeframe.adapters.libvirt_hypervisor import LibvirtHypervisor
+    from freezeframe.adapters.locks import FileLocks
+    from freezeframe.adapters.qemu_img import QemuImg
+    from freezeframe.adapters.repository import DirectoryRepository
+    from freezeframe.lifecycle import Lifecycle
+    from freezeframe.portable import Portable
+    from freezeframe.wiring import Wiring
 
 
 class Freezeframe:
-    """Entry point of the Python API: ``with Freezeframe.open() as ff: ff.snapshot(SnapshotRequest("vm1"))``."""
+    """Entry point of the Python API: ``with wiring.open_service() as ff: ff.snapshot(SnapshotRequest("vm1"))``."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, parts: Wiring | None = None) -> None:
+        if parts is None:  # ``Freezeframe(settings)`` as before; the objects still come from wiring
+            from freezeframe.wiring import Wiring
+
+            parts = Wiring(settings)
         self.settings = settings
-        settings.home.mkdir(parents=True, exist_ok=True)
-        self.catalog = SqlCatalog(settings.catalog_url)
-        self.images = QemuImg()
-        self.repository = DirectoryRepository(settings.repository_dir, self.images)
-        self.journal = FileJournal(settings.journal_dir)
-        self.locks = FileLocks(settings.locks_dir)
-        self._hypervisor: LibvirtHypervisor | None = None
+        self.parts = parts
 
     @classmethod
     @contextmanager
     def open(cls, settings: Settings | None = None) -> Iterator[Freezeframe]:
+        """Same as ``wiring.open_service(settings)``."""
         service = cls(settings or Settings.from_env())
         try:
             yield service
@@ -47,29 +52,37 @@ class Freezeframe:
             service.close()
 
     def close(self) -> None:
-        if self._hypervisor is not None:
-            self._hypervisor.close()
-        self.catalog.close()
+        self.parts.close()
+
+    # ---- the parts other layers read -----------------------------------------------------------------------
+
+    @property
+    def catalog(self) -> SqlCatalog:
+        return self.parts.catalog
+
+    @property
+    def repository(self) -> DirectoryRepository:
+        return self.parts.repository
+
+    @property
+    def journal(self) -> FileJournal:
+        return self.parts.journal
+
+    @property
+    def locks(self) -> FileLocks:
+        return self.parts.locks
+
+    @property
+    def images(self) -> QemuImg:
+        return self.parts.images
 
     @property
     def hypervisor(self) -> LibvirtHypervisor:
         """Connected on first use, so catalog-only commands work without libvirt."""
-        if self._hypervisor is None:
-            self._hypervisor = LibvirtHypervisor(
-                self.settings.libvirt_uri, self.images, self.settings.agent_timeout_s
-            )
-        return self._hypervisor
+        return self.parts.hypervisor
 
     def flow(self) -> SnapshotFlow:
-        hold = float(os.environ.get("FREEZEFRAME_FAULT_HOLD_IN_WINDOW_S", "0"))
-        return SnapshotFlow(
-            self.hypervisor,
-            self.catalog,
-            self.repository,
-            self.journal,
-            self.locks,
-            FlowSettings(freeze_cap_s=self.settings.freeze_cap_s, hold_in_window_s=hold),
-        )
+        return self.parts.flow()
 
     # ---- operations ------------------------------------------------------------------------------
 
@@ -82,6 +95,8 @@ class Freezeframe:
         return self.flow().snapshot(request, progress, handoff=None if wait else self._detach_completion)
 
     def complete(self, set_id: str, lock_fd: int) -> SnapshotSet:
+        from freezeframe.adapters.locks import FileLocks
+
         with FileLocks.adopt(lock_fd):
             return self.flow().complete(set_id)
 
@@ -98,17 +113,20 @@ class Freezeframe:
                 stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file,
             )  # fmt: skip
 
+    def check_not_busy(self, instance_uuid: str) -> None:
+        """Raise InstanceBusy when another operation holds the instance's lock (it is not kept)."""
+        with self.locks.hold(instance_uuid):
+            pass
+
     @property
     def lifecycle(self) -> Lifecycle:
-        """Restore, revert, delete, backup rotation and verify over this service."""
-        return Lifecycle(self)
+        """Restore, revert, delete, backup rotation and verify."""
+        return self.parts.lifecycle
 
     @property
     def portable(self) -> Portable:
-        """Export to OVA, the image store and import over this service."""
-        from freezeframe import wiring
-
-        return wiring.portable(self)
+        """Export to OVA, the image store and import."""
+        return self.parts.portable(self)
 
     def repair(self, instance: str | None = None) -> list[str]:
         reports = self.flow().repair(instance)

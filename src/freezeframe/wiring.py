@@ -1,68 +1,293 @@
-"""The one place that builds objects: adapters plugged into the operations.
+"""The one place that builds objects: adapters plugged into the flow and the operations, for one home.
 
-(Placeholder until the ops branch's wiring lands: only the export/import section lives here for now.)
+The CLI, the HTTP API, the agent and the tests all start here::
+
+    with wiring.open_service(Settings.from_env()) as ff:   # a Freezeframe façade
+        ff.snapshot(SnapshotRequest("vm1"))
+        ff.lifecycle.restore(set_id, "vm1-copy")
+
+Nothing is built before it is used, and nothing heavy is imported at module import time: a catalog-only command
+(``freezeframe list``) opens the catalog and never imports libvirt, lxml or the OVF/OVA code; libvirt is
+connected on the first call that needs it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from freezeframe.adapters.image_store import open_image_store
-from freezeframe.adapters.instance_folders import DirectoryInstanceFolders
-from freezeframe.adapters.libvirt_domains import LibvirtDomains
-from freezeframe.adapters.packages import OvaPackages
-from freezeframe.adapters.repository import FileMembers
-from freezeframe.model import FILE_STORE
-from freezeframe.ops.export import Exporter
-from freezeframe.ops.holds import NamedHolds
-from freezeframe.ops.images import StoredImages
-from freezeframe.ops.import_build import Importer
-from freezeframe.ops.import_checks import BOOT_DIRS_ENV, DEFAULT_BOOT_DIRS
-from freezeframe.portable import Portable
+from freezeframe.config import Settings
+from freezeframe.errors import PreflightFailed
+from freezeframe.flow import FlowSettings, SnapshotFlow, SnapshotRequest
+from freezeframe.model import SnapshotSet
+from freezeframe.ports import ProgressCallback
+from freezeframe.service import Freezeframe
 
 if TYPE_CHECKING:
-    from freezeframe.service import Freezeframe
+    from freezeframe.adapters.catalog import RestoreLog, SqlCatalog
+    from freezeframe.adapters.host_fs import HostTools
+    from freezeframe.adapters.journal import FileJournal
+    from freezeframe.adapters.libvirt_domains import LibvirtDomains
+    from freezeframe.adapters.libvirt_hypervisor import LibvirtHypervisor
+    from freezeframe.adapters.locks import FileLocks
+    from freezeframe.adapters.packages import OvaPackages
+    from freezeframe.adapters.qemu_img import QemuImg
+    from freezeframe.adapters.repository import DirectoryRepository
+    from freezeframe.lifecycle import Lifecycle
+    from freezeframe.ops.common import Holds, Markers, Stores
+    from freezeframe.ops.instances import InstanceBuilder
+    from freezeframe.portable import Portable
+    from freezeframe.ports import ImageStore
+
+FAULT_HOLD_ENV = "FREEZEFRAME_FAULT_HOLD_IN_WINDOW_S"
 
 
-# ---- export / import / image store (freezeframe.portable) ------------------------------------------------
+@dataclass(frozen=True)
+class LifecycleOptions:
+    domain_type: str = "qemu"
+    """Restored and verify domains run under TCG by default (``qemu``); ``kvm`` where the host has it."""
+    boot_timeout_s: float = 180.0
+    shutdown_timeout_s: float = 60.0
 
 
-def boot_dirs_from_env(home: Path) -> list[Path]:
-    """``FREEZEFRAME_BOOT_DIRS`` (os.pathsep-separated), else the usual boot directories and the home."""
-    env = os.environ.get(BOOT_DIRS_ENV)
-    listed = env.split(os.pathsep) if env else [*DEFAULT_BOOT_DIRS, str(home)]
-    return [Path(p) for p in listed if p.strip()]
+def open_home(home: Path) -> None:
+    """Create the home (0700) if needed and prove it takes files; one clear error line if it cannot."""
+    hint = "point --home or FREEZEFRAME_HOME at a directory freezeframe may write"
+    try:
+        home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except FileExistsError:
+        raise PreflightFailed(f"freezeframe home {home} is not a directory; {hint}") from None
+    except OSError as exc:
+        raise PreflightFailed(f"freezeframe home {home} cannot be created ({exc.strerror}); {hint}") from None
+    if not home.is_dir():
+        raise PreflightFailed(f"freezeframe home {home} is not a directory; {hint}")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".ff-probe-", dir=home)
+        os.close(fd)
+        Path(probe).unlink()
+    except OSError as exc:
+        raise PreflightFailed(f"freezeframe home {home} is not usable ({exc.strerror}); {hint}") from None
 
 
-def portable(service: Freezeframe, *, domain_type: str = "qemu", boot_dirs: Sequence[Path] | None = None) -> Portable:
-    """Export, import and the image store over the service's catalog, locks, images and libvirt connection."""
-    settings = service.settings
-    holds = NamedHolds(service.locks)
-    packages = OvaPackages()
-    stored: list[StoredImages] = []
+class Wiring:
+    """Every object of one freezeframe home, each built on first use and closed by ``close``."""
 
-    def images() -> StoredImages:
-        if not stored:
-            stored.append(StoredImages(open_image_store(settings.home, service.catalog), holds))
-        return stored[0]
+    def __init__(self, settings: Settings, options: LifecycleOptions | None = None) -> None:
+        open_home(settings.home)
+        self.settings = settings
+        self.options = options or LifecycleOptions()
+        self._hypervisor: LibvirtHypervisor | None = None
 
-    def exporter() -> Exporter:
-        stores = {FILE_STORE: FileMembers(service.images)}
-        return Exporter(service.catalog, stores, packages, images().store, holds)
+    def close(self) -> None:
+        if self._hypervisor is not None:
+            self._hypervisor.close()
+            self._hypervisor = None
+        if "catalog" in self.__dict__:
+            self.catalog.close()
 
-    def importer() -> Importer:
-        return Importer(
-            packages,
-            images().store,
-            service.images,
-            LibvirtDomains(service.hypervisor.conn, settings.libvirt_uri),
-            DirectoryInstanceFolders(settings.home / "instances", settings.home / "lifecycle"),
-            holds,
-            domain_type=domain_type,
-            boot_dirs=boot_dirs if boot_dirs is not None else boot_dirs_from_env(settings.home),
+    # ---- adapters ----------------------------------------------------------------------------------------
+
+    @cached_property
+    def catalog(self) -> SqlCatalog:
+        from freezeframe.adapters.catalog import SqlCatalog
+
+        return SqlCatalog(self.settings.catalog_url)
+
+    @cached_property
+    def restores(self) -> RestoreLog:
+        from freezeframe.adapters.catalog import RestoreLog
+
+        return RestoreLog(self.catalog)
+
+    @cached_property
+    def images(self) -> QemuImg:
+        from freezeframe.adapters.qemu_img import QemuImg
+
+        return QemuImg()
+
+    @cached_property
+    def repository(self) -> DirectoryRepository:
+        from freezeframe.adapters.repository import DirectoryRepository
+
+        return DirectoryRepository(self.settings.repository_dir, self.images)
+
+    @cached_property
+    def stores(self) -> Stores:
+        """The store of each kind of member (today: ``file``, a qcow2 file in the repository)."""
+        from freezeframe.adapters.repository import FileMembers
+        from freezeframe.ops.common import Stores
+
+        files = FileMembers(self.images)
+        return Stores({files.kind: files})
+
+    @cached_property
+    def journal(self) -> FileJournal:
+        from freezeframe.adapters.journal import FileJournal
+
+        return FileJournal(self.settings.journal_dir)
+
+    @cached_property
+    def locks(self) -> FileLocks:
+        from freezeframe.adapters.locks import FileLocks
+
+        return FileLocks(self.settings.locks_dir)
+
+    @cached_property
+    def host_fs(self) -> HostTools:
+        from freezeframe.adapters.host_fs import HostTools
+
+        return HostTools()
+
+    @property
+    def hypervisor(self) -> LibvirtHypervisor:
+        """Connected on first use, so catalog-only commands work without libvirt."""
+        if self._hypervisor is None:
+            from freezeframe.adapters.libvirt_hypervisor import LibvirtHypervisor
+
+            self._hypervisor = LibvirtHypervisor(self.settings.libvirt_uri, self.images, self.settings.agent_timeout_s)
+        return self._hypervisor
+
+    @cached_property
+    def domains(self) -> LibvirtDomains:
+        from freezeframe.adapters.libvirt_domains import LibvirtDomains
+
+        return LibvirtDomains(self.hypervisor.conn, self.settings.libvirt_uri, self.settings.agent_timeout_s)
+
+    # ---- the snapshot flow ---------------------------------------------------------------------------------
+
+    def flow(self) -> SnapshotFlow:
+        hold = float(os.environ.get(FAULT_HOLD_ENV, "0"))
+        return SnapshotFlow(
+            self.hypervisor,
+            self.catalog,
+            self.repository,
+            self.journal,
+            self.locks,
+            FlowSettings(freeze_cap_s=self.settings.freeze_cap_s, hold_in_window_s=hold),
         )
 
-    return Portable(exporter, importer, images)
+    def snapshot(self, request: SnapshotRequest, progress: ProgressCallback | None = None) -> SnapshotSet:
+        """A set, waited for: what revert (its safety set) and backup take."""
+        return self.flow().snapshot(request, progress)
+
+    # ---- lifecycle operations --------------------------------------------------------------------------------
+
+    @cached_property
+    def holds(self) -> Holds:
+        from freezeframe.ops.common import Holds
+
+        return Holds(self.locks)
+
+    @cached_property
+    def markers(self) -> Markers:
+        from freezeframe.ops.common import Markers
+
+        return Markers(self.settings.home / "lifecycle")
+
+    @property
+    def instances_dir(self) -> Path:
+        return self.settings.home / "instances"
+
+    @property
+    def verify_dir(self) -> Path:
+        return self.settings.home / "verify"
+
+    @cached_property
+    def builder(self) -> InstanceBuilder:
+        from freezeframe.ops.instances import InstanceBuilder
+
+        return InstanceBuilder(lambda: self.domains, self.markers, self.restores, self.holds)
+
+    @cached_property
+    def lifecycle(self) -> Lifecycle:
+        from freezeframe.lifecycle import Lifecycle
+        from freezeframe.ops.restore import Restore
+        from freezeframe.ops.retention import Retention
+        from freezeframe.ops.revert import Revert
+        from freezeframe.ops.verify import Verify
+
+        o = self.options
+        restore = Restore(
+            self.catalog, self.stores, self.images, lambda: self.domains, self.restores, self.builder, self.holds,
+            self.instances_dir, domain_type=o.domain_type,
+        )  # fmt: skip
+        revert = Revert(
+            self.catalog, lambda: self.hypervisor, self.snapshot, self.stores, self.images, self.holds, self.markers
+        )
+        retention = Retention(
+            self.catalog, self.repository, self.stores, self.images, lambda: self.domains, self.restores,
+            lambda: self.hypervisor, self.snapshot, self.holds, (self.instances_dir, self.verify_dir),
+        )  # fmt: skip
+        verify = Verify(
+            self.catalog, self.repository, self.stores, self.images, self.host_fs, lambda: self.hypervisor,
+            lambda: self.domains, self.builder, self.holds, self.verify_dir, domain_type=o.domain_type,
+            boot_timeout_s=o.boot_timeout_s, shutdown_timeout_s=o.shutdown_timeout_s,
+        )  # fmt: skip
+        return Lifecycle(restore, revert, retention, verify, self.builder, self.restores)
+
+    # ---- export / import / image store (built by the "port" helper's section) ----------------------------
+
+    @cached_property
+    def image_store(self) -> ImageStore:
+        """``FREEZEFRAME_IMAGE_STORE``, default ``$FREEZEFRAME_HOME/images``; opened on first use."""
+        from freezeframe.adapters.image_store import open_image_store
+
+        return open_image_store(self.settings.home, self.catalog)
+
+    @cached_property
+    def packages(self) -> OvaPackages:
+        from freezeframe.adapters.packages import OvaPackages
+
+        return OvaPackages()
+
+    def boot_dirs(self) -> list[Path]:
+        """Where an imported package may boot a kernel/initrd from: ``FREEZEFRAME_BOOT_DIRS`` (os.pathsep-separated),
+        else the usual boot directories and the home."""
+        from freezeframe.ops.import_checks import BOOT_DIRS_ENV, DEFAULT_BOOT_DIRS
+
+        env = os.environ.get(BOOT_DIRS_ENV)
+        listed = env.split(os.pathsep) if env else [*DEFAULT_BOOT_DIRS, str(self.settings.home)]
+        return [Path(p) for p in listed if p.strip()]
+
+    def portable(self, service: Freezeframe | None = None, *, boot_dirs: Sequence[Path] | None = None) -> Portable:
+        """Export, the image store and import, each built on first use (listing images needs no libvirt).
+
+        ``service`` is not needed (everything comes from these parts); ``boot_dirs`` overrides the environment's.
+        """
+        from freezeframe.ops.export import Exporter
+        from freezeframe.ops.images import StoredImages
+        from freezeframe.ops.import_build import Importer
+        from freezeframe.portable import Portable
+
+        def importer() -> Importer:
+            return Importer(
+                self.packages, self.image_store, self.images, self.domains, self.builder, self.holds,
+                self.instances_dir, domain_type=self.options.domain_type,
+                boot_dirs=boot_dirs if boot_dirs is not None else self.boot_dirs(),
+            )  # fmt: skip
+
+        return Portable(
+            lambda: Exporter(self.catalog, self.stores, self.packages, self.image_store, self.holds),
+            importer,
+            lambda: StoredImages(self.image_store, self.holds),
+        )
+
+
+def build(settings: Settings, options: LifecycleOptions | None = None) -> Freezeframe:
+    """The façade over a new set of objects for ``settings``; close it with ``close()``."""
+    return Freezeframe(settings, Wiring(settings, options))
+
+
+@contextlib.contextmanager
+def open_service(settings: Settings | None = None, options: LifecycleOptions | None = None) -> Iterator[Freezeframe]:
+    service = build(settings or Settings.from_env(), options)
+    try:
+        yield service
+    finally:
+        service.close()

@@ -159,4 +159,3 @@ def _with_scsi_controller(xml: str, model: str) -> str:
     if devices is not None and devices.find("controller[@type='scsi']") is None:
         devices.insert(0, etree.Element("controller", type="scsi", index="0", model=model))
     return etree.tostring(root, pretty_print=True, encoding="unicode")
-

@@ -96,7 +96,6 @@ from freezeframe.errors import (
     SetHasDependants,
 )
 from freezeframe.flow import SnapshotRequest
-from freezeframe.lifecycle import Lifecycle
 from freezeframe.model import DiskSpec, Hardware, Instance, SetStatus, SnapshotSet
 from freezeframe.service import Freezeframe
 
@@ -137,7 +136,7 @@ class AppState:
     def __init__(self, config: ApiConfig) -> None:
         self.config = config
         self.service = Freezeframe(config.settings)
-        self.lifecycle = Lifecycle(self.service)
+        self.lifecycle = self.service.lifecycle
         catalog = self.service.catalog
         self.jobs = JobStore(catalog)
         self.tokens = TokenStore(catalog)

@@ -8,18 +8,16 @@ remains, an existing file given with ``force`` is untouched, and the image store
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from freezeframe.errors import InvalidRequest, PreflightFailed
-from freezeframe.model import Member, SetStatus, SnapshotSet
+from freezeframe.model import SetStatus, SnapshotSet
+from freezeframe.ops.common import Holds, Stores
 from freezeframe.ports import (
     Catalog,
-    Holds,
     ImageStore,
-    MemberStore,
     NewImage,
     Packages,
     PackageSource,
@@ -100,30 +98,19 @@ def check_out_path(out: Path, force: bool) -> None:
         raise InvalidRequest(f"directory {out.parent} does not exist; create it first")
 
 
-def sources_of(snapshot_set: SnapshotSet, disk_format: str, stores: Mapping[str, MemberStore]) -> list[PackageSource]:
+def sources_of(snapshot_set: SnapshotSet, disk_format: str, stores: Stores) -> list[PackageSource]:
     """The members as package files: qcow2 copied as is, or converted to streamOptimized VMDK."""
     base = package_base(snapshot_set.instance_name)
     sources: list[PackageSource] = []
     for m in snapshot_set.members:
         href = f"{base}-{package_base(m.target)}.{disk_format}"
-        image = store_of(stores, m).source(m)
+        image = stores.of(m).source(m)
         if disk_format == "qcow2" and image.format != "qcow2":
             raise InvalidRequest(f"member {m.target} of set {snapshot_set.name} is {image.format}, not qcow2")
         to_vmdk = disk_format == "vmdk"
         adapter = _VMDK_ADAPTER.get(m.bus, "lsilogic")
         sources.append(PackageSource(href, image, m.target, to_vmdk=to_vmdk, adapter_type=adapter))
     return sources
-
-
-def store_of(stores: Mapping[str, MemberStore], member: Member) -> MemberStore:
-    """Where the member's data lives decides how it is read (a file today; RBD, incremental members later)."""
-    store = stores.get(member.store)
-    if store is None:
-        raise PreflightFailed(
-            f"member {member.target} of set {member.set_id} lives in a {member.store!r} store, which this "
-            f"freezeframe does not have (it has: {', '.join(sorted(stores))})"
-        )
-    return store
 
 
 def export_result(
@@ -150,14 +137,14 @@ class Exporter:
     def __init__(
         self,
         catalog: Catalog,
-        stores: Mapping[str, MemberStore],
+        stores: Stores,
         packages: Packages,
         store: ImageStore,
         holds: Holds,
     ) -> None:
         self.catalog = catalog
         self.stores = stores
-        """The member stores by kind (``Member.store``)."""
+        """Where each member's data lives decides how it is read (a file today; RBD or incremental members later)."""
         self.packages = packages
         self.store = store
         self.holds = holds
@@ -177,7 +164,7 @@ class Exporter:
         out = Path(out).absolute()
         check_out_path(out, force)
         snapshot_set = self.available(set_ref)
-        with self.holds.hold(f"set-{snapshot_set.id}", f"set {snapshot_set.name}"):
+        with self.holds.set(snapshot_set):
             snapshot_set = self.available(snapshot_set.id)
             written = self._write(snapshot_set, out, disk_format, ovf_version, progress, replace=force)
         return export_result(snapshot_set, written, disk_format, ovf_version)
@@ -197,7 +184,7 @@ class Exporter:
         snapshot_set = self.available(set_ref)
         filename = f"{package_base(snapshot_set.instance_name)}-{snapshot_set.id[:8]}.ova"
         with (
-            self.holds.hold(f"set-{snapshot_set.id}", f"set {snapshot_set.name}"),
+            self.holds.set(snapshot_set),
             self.store.staging(filename) as staged,
         ):
             snapshot_set = self.available(snapshot_set.id)
@@ -229,7 +216,7 @@ class Exporter:
                 f"set {snapshot_set.name} ({snapshot_set.id}) is {snapshot_set.status}; only available sets can be "
                 "exported"
             )
-        missing = [f"{m.target} ({m.path})" for m in snapshot_set.members if not store_of(self.stores, m).present(m)]
+        missing = [f"{m.target} ({m.path})" for m in snapshot_set.members if not self.stores.of(m).present(m)]
         if missing or not snapshot_set.members:
             raise PreflightFailed(
                 f"set {snapshot_set.name} ({snapshot_set.id}) is missing member data: "

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from freezeframe.ports import Holds, ImageStore, StoredImage
+from freezeframe.ops.common import Holds
+from freezeframe.ports import ImageStore, StoredImage
 
 
 class StoredImages:

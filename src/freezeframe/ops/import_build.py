@@ -10,38 +10,34 @@ domain defined last (and started). Any failure, or Ctrl-C/SIGTERM, removes the d
 from __future__ import annotations
 
 import contextlib
-import logging
+import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from freezeframe.errors import (
-    FreezeframeError,
     ImageNotFound,
     InsufficientSpace,
     InvalidRequest,
     OvaDigestMismatch,
     OvfUnsupported,
 )
+from freezeframe.ops.common import Holds, ensure_name_free
 from freezeframe.ops.import_plan import IMPORTED_FORMAT, DiskPlan, ImportPlan, Planner
+from freezeframe.ops.instances import InstanceBuilder
 from freezeframe.ports import (
     DomainDisk,
     DomainPlan,
     Domains,
-    Holds,
     ImageRef,
     Images,
     ImageStore,
-    InstanceFolders,
     Packages,
     ProgressCallback,
     StoredImage,
 )
-from freezeframe.signals import deferred_signals
 from freezeframe.validation import validate_name
-
-log = logging.getLogger(__name__)
 
 BLANK_DISK_NEEDS = 2**20
 """Bytes a new empty qcow2 disk takes (its metadata), for the free-space check."""
@@ -83,11 +79,6 @@ class ImportResult:
         return data
 
 
-def name_taken_error(name: str) -> InvalidRequest:
-    """Says only that the name is taken: never whose instance (another project's) holds it."""
-    return InvalidRequest(f"the instance name {name!r} is already taken; choose another name with --as")
-
-
 class Importer:
     """Imports packages as new instances; ``domain_type`` is the libvirt domain type of what it defines."""
 
@@ -97,8 +88,9 @@ class Importer:
         store: ImageStore,
         images: Images,
         domains: Domains,
-        folders: InstanceFolders,
+        builder: InstanceBuilder,
         holds: Holds,
+        instances_dir: Path,
         *,
         domain_type: str = "qemu",
         boot_dirs: Sequence[Path] = (),
@@ -107,8 +99,9 @@ class Importer:
         self.store = store
         self.images = images
         self.domains = domains
-        self.folders = folders
+        self.builder = builder
         self.holds = holds
+        self.instances_dir = instances_dir
         self.domain_type = domain_type
         self.boot_dirs = [Path(p).absolute() for p in boot_dirs]
 
@@ -123,7 +116,7 @@ class Importer:
     ) -> ImportResult:
         """A new instance NAME from an OVA file or a stored image (id, id prefix or name)."""
         validate_name(name, "instance name")
-        self._check_name_free(name)
+        ensure_name_free(self.domains, name)
         planner = Planner(self.domains, self.domain_type, self.boot_dirs, network)
         planner.require_network()
         with self._open_source(source) as (path, image):
@@ -133,14 +126,10 @@ class Importer:
             probed = {href: self.packages.probe(file) for href, file in package.files.items()}
             plan = planner.plan(package, probed)
             self._check_space(plan)
-            with self.holds.hold(f"name-{name}", f"instance name {name}"):
-                self._check_name_free(name)
+            with self.holds.name(name):
+                ensure_name_free(self.domains, name)
                 uuid, disks = self._build(name, plan, start, progress)
         return _result(name, uuid, start, plan, disks, str(path) if image is None else image)
-
-    def _check_name_free(self, name: str) -> None:
-        if self.domains.name_taken(name):
-            raise name_taken_error(name)
 
     @contextlib.contextmanager
     def _open_source(self, source: str | Path) -> Iterator[tuple[Path, StoredImage | None]]:
@@ -172,7 +161,8 @@ class Importer:
         need = 0
         for disk in plan.disks:
             need += BLANK_DISK_NEEDS if disk.source is None else self.images.measure(disk.source.image, IMPORTED_FORMAT)
-        free = self.folders.free_bytes()
+        self.instances_dir.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.instances_dir).free
         if need > free:
             raise InsufficientSpace(
                 f"importing needs about {need >> 20} MiB for the instance's disks, only {free >> 20} MiB are free; "
@@ -184,29 +174,18 @@ class Importer:
     def _build(
         self, name: str, plan: ImportPlan, start: bool, progress: ProgressCallback | None
     ) -> tuple[str, list[ImportedDiskResult]]:
-        """Make the disks, define (and start) the domain; any failure removes all of it."""
-        directory = self.folders.claim(name)
-        uuid: str | None = None
-        try:
-            made = self._make_disks(directory, plan.disks, progress)
-            uuid = self.domains.define(
-                DomainPlan(
-                    name=name,
-                    hardware=plan.hardware,
-                    disks=tuple(disk for disk, _ in made),
-                    directory=directory,
-                    domain_type=self.domain_type,
-                    scsi_model="virtio-scsi",  # libvirt's default LSI HBA has no drivers in today's guests
-                )
+        """Make the disks, define (and start) the domain; any failure removes all of it (the builder's undo)."""
+        with self.builder.building(name, self.instances_dir / name, forget_restores=False) as build:
+            made = self._make_disks(build.directory, plan.disks, progress)
+            domain = DomainPlan(
+                name=name,
+                hardware=plan.hardware,
+                disks=tuple(disk for disk, _ in made),
+                directory=build.directory,
+                domain_type=self.domain_type,
+                scsi_model="virtio-scsi",  # libvirt's default LSI HBA has no drivers in today's guests
             )
-            self.folders.bind(name, uuid)
-            if start:
-                self.domains.start(uuid)
-        except BaseException:
-            with deferred_signals():
-                self._undo(name, uuid)
-            raise
-        self.folders.release(name)
+            uuid = self.builder.define(build, domain, start=start)
         return uuid, [result for _, result in made]
 
     def _make_disks(
@@ -230,18 +209,6 @@ class Importer:
             result = ImportedDiskResult(disk.spec.target, disk.spec.bus, str(dst), max(disk.capacity, 0), source)
             made.append((DomainDisk(disk.spec, dst, IMPORTED_FORMAT), result))
         return made
-
-    def _undo(self, name: str, uuid: str | None) -> None:
-        """Best effort, each step on its own, so one failing step does not keep the others from running."""
-        if uuid is not None:
-            try:
-                self.domains.remove(uuid)
-            except FreezeframeError:
-                log.exception("could not remove the half-made domain %s", name)
-        try:
-            self.folders.discard(name)
-        except (FreezeframeError, OSError):
-            log.exception("could not remove the half-made instance folder of %s", name)
 
 
 def _offset_progress(progress: ProgressCallback | None, offset: int, total: int) -> ProgressCallback | None:

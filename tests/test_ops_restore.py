@@ -1,0 +1,155 @@
+"""Restore, extract and discard over scripted ports: what is built, and that a failure anywhere leaves nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fakes import Boom, World
+from freezeframe.errors import InstanceBusy, InstanceNotFound, InvalidRequest, PreflightFailed
+from freezeframe.model import SetStatus
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> World:
+    return World(tmp_path / "home")
+
+
+def test_restore_builds_children_of_the_members_and_the_recorded_machine(world: World) -> None:
+    s = world.add_set({"vda": "root-data", "vdb": "data-data"})
+    result = world.lifecycle.restore(s.name, "copy1")
+    assert result.mode == "cow" and not result.started
+    assert result.left_out == {"hdc": "cdrom: not part of a snapshot set"}
+    (dom,) = world.domains.domains.values()
+    assert dom.name == "copy1" and dom.plan.hardware == s.hardware and dom.plan.nics is None
+    assert [(d.spec.target, d.format) for d in dom.plan.disks] == [("vda", "qcow2"), ("vdb", "qcow2")]
+    for disk, member in zip(result.disks, s.members, strict=True):
+        assert Path(disk.path).parent == world.instances_dir / "copy1"
+        assert world.images.info_of(disk.path).backing == str(Path(member.path).resolve())
+        assert world.images.data(Path(disk.path)) == world.images.data(Path(member.path))
+    assert [(r.target, r.instance_uuid, r.mode) for r in world.restores.for_set(s.id)] == [
+        ("vda", result.uuid, "cow"),
+        ("vdb", result.uuid, "cow"),
+    ]
+    assert world.markers.all() == []
+
+
+def test_full_restore_copies_with_progress_and_starts(world: World) -> None:
+    s = world.add_set({"vda": "root", "vdb": "data"})
+    seen: list[tuple[int, int]] = []
+    result = world.lifecycle.restore(s.id, "copy2", full=True, start=True, progress=lambda d, t: seen.append((d, t)))
+    assert result.mode == "full" and result.started
+    assert all(world.images.info_of(d.path).backing is None for d in result.disks)
+    assert seen[-1][0] == seen[-1][1] == sum(m.virtual_size for m in s.members)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen), "progress went backwards"
+    assert world.domains.by_name("copy2") is not None and world.domains.by_name("copy2").active  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("where", "call"),
+    [("images", "create"), ("domains", "define"), ("domains", "start")],
+)
+def test_a_failure_anywhere_leaves_nothing_behind(world: World, where: str, call: str) -> None:
+    s = world.add_set({"vda": "root", "vdb": "data"})
+    fake = world.images if where == "images" else world.domains
+    fake.fail[call] = 2 if call == "create" else 1
+    with pytest.raises(Boom):
+        world.lifecycle.restore(s.id, "broken", start=True)
+    assert world.leftovers() == []
+    assert world.catalog.get_set(s.id).status is SetStatus.AVAILABLE
+
+
+def test_an_interrupt_is_undone_too(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = world.add_set({"vda": "root"})
+
+    def interrupted(uuid: str) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(world.domains, "start", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        world.lifecycle.restore(s.id, "cut", start=True)
+    assert world.leftovers() == []
+
+
+def test_a_killed_restore_is_removed_by_repair(world: World, monkeypatch: pytest.MonkeyPatch) -> None:
+    s = world.add_set({"vda": "root"})
+
+    def killed(*_: object, **__: object) -> None:
+        raise SystemExit("killed")  # stands in for the process dying: no undo runs
+
+    monkeypatch.setattr(world.builder, "undo", killed)
+    world.domains.fail["start"] = 1
+    with pytest.raises(SystemExit):
+        world.lifecycle.restore(s.id, "killed", start=True)
+    monkeypatch.undo()
+    assert world.domains.by_name("killed") is not None and world.markers.all()
+    reports = world.lifecycle.repair()
+    assert any("killed" in r for r in reports), reports
+    assert world.leftovers() == []
+
+
+def test_name_rules_and_conflicts(world: World) -> None:
+    s = world.add_set({"vda": "root"})
+    world.lifecycle.restore(s.id, "taken")
+    before = world.leftovers()
+    with pytest.raises(InvalidRequest) as taken:
+        world.lifecycle.restore(s.id, "taken")
+    assert str(taken.value) == "an instance named 'taken' already exists; choose another name with --as"
+    for bad in ("../escape", "trailing\n", "", "-dash"):
+        with pytest.raises(InvalidRequest, match="not usable"):
+            world.lifecycle.restore(s.id, bad)
+    with world.locks.hold("name-held"), pytest.raises(InstanceBusy, match="instance name held"):
+        world.lifecycle.restore(s.id, "held")
+    assert world.leftovers() == before
+
+
+def test_missing_member_data_or_network_makes_nothing(world: World) -> None:
+    s = world.add_set({"vda": "root", "vdb": "data"})
+    Path(s.members[1].path).unlink()
+    with pytest.raises(PreflightFailed, match="vdb"):
+        world.lifecycle.restore(s.id, "gone")
+    from dataclasses import replace
+
+    from freezeframe.model import NicSpec
+
+    hw = replace(s.hardware, nics=(NicSpec("52:54:00:00:00:01", "virtio", "network", "nope"),))
+    t = world.add_set({"vda": "root"}, hardware=hw)
+    with pytest.raises(InvalidRequest, match="nope"):
+        world.lifecycle.restore(t.id, "nonet")
+    assert world.leftovers() == [] and world.images.calls == []
+
+
+def test_only_available_sets_restore(world: World) -> None:
+    s = world.add_set({"vda": "root"})
+    s.status = SetStatus.DELETING
+    world.catalog.update_set(s)
+    with pytest.raises(InvalidRequest, match="deleting"):
+        world.lifecycle.restore(s.id, "x")
+
+
+def test_discard_removes_what_restore_made_and_nothing_else(world: World) -> None:
+    s = world.add_set({"vda": "root"})
+    world.lifecycle.restore(s.id, "mine")
+    done = world.lifecycle.discard("mine")
+    assert any("removed domain mine" in d for d in done)
+    assert world.leftovers() == []
+    with pytest.raises(InstanceNotFound, match="only discards what it made"):
+        world.lifecycle.discard("somebody-else")
+
+
+def test_extract_never_overwrites_and_leaves_no_temp(world: World, tmp_path: Path) -> None:
+    s = world.add_set({"vda": "root", "vdb": "payload"})
+    out = world.lifecycle.extract(s.id, "vdb", tmp_path / "vdb.raw", "raw")
+    assert world.images.data(out) == "payload" and world.images.info_of(out).format == "raw"
+    (tmp_path / "taken").write_text("keep me")
+    with pytest.raises(InvalidRequest, match="does not overwrite"):
+        world.lifecycle.extract(s.id, "vda", tmp_path / "taken")
+    assert (tmp_path / "taken").read_text() == "keep me"
+    with pytest.raises(InvalidRequest, match="no disk 'vdz'"):
+        world.lifecycle.extract(s.id, "vdz", tmp_path / "x")
+    world.images.fail["convert"] = 2
+    with pytest.raises(Boom):
+        world.lifecycle.extract(s.id, "vda", tmp_path / "failed.qcow2")
+    assert not (tmp_path / "failed.qcow2").exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
