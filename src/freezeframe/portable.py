@@ -29,7 +29,7 @@ class Portable:
         importer: Callable[[], Importer],
         images: Callable[[], StoredImages],
     ) -> None:
-        """Each part is built on first use: listing images needs no libvirt, exporting to a file no image store."""
+        """Each part is built on first use: listing or exporting needs no libvirt connection."""
         self._make_exporter = exporter
         self._make_importer = importer
         self._make_images = images
