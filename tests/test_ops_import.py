@@ -8,6 +8,8 @@ define, start, no space, an interrupt) leaves no disk, no folder, no marker and 
 from __future__ import annotations
 
 import contextlib
+import shutil
+import subprocess
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -488,3 +490,34 @@ def test_a_changed_stored_image_is_refused(tmp_path: Path) -> None:
         w.importer.import_package("golden", "copy")
     assert w.packages.calls == []
     w.assert_nothing_left()
+
+
+# ---- the OVA adapter: what planning reads, and the only readable form of a disk ---------------------------------
+
+
+@pytest.mark.skipif(shutil.which("qemu-img") is None, reason="qemu-img not installed (qemu-utils)")
+def test_ova_adapter_opens_and_probes_a_package(tmp_path: Path) -> None:
+    from datetime import UTC, datetime
+
+    from freezeframe.adapters.packages import OvaPackages
+    from freezeframe.model import Consistency, Member, SetStatus, SnapshotSet
+    from freezeframe.ports import PackageSource
+
+    member = tmp_path / "vda.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(member), "8M"], check=True)
+    hw = own_hardware()
+    s = SnapshotSet(
+        id="5e7a0000-0000-0000-0000-000000000001", name="nightly", instance_name="origin", instance_uuid=UUID,
+        requested=Consistency.CRASH, status=SetStatus.AVAILABLE, created_at=datetime.now(UTC), hardware=hw,
+        members=[Member("5e7a0000-0000-0000-0000-000000000001", "vda", "virtio", 1, 8 * MiB, "qcow2", str(member))],
+    )  # fmt: skip
+    ova = tmp_path / "p.ova"
+    OvaPackages().write(ova, s, "p.ovf", [PackageSource("p-vda.qcow2", ImageRef(member, "qcow2"), "vda")], 1, None)
+    opened = OvaPackages().open(ova)
+    assert opened.recorded is not None and opened.recorded.hardware == hw
+    assert [(m.href, m.target) for m in opened.recorded.members] == [("p-vda.qcow2", "vda")]
+    assert [(d.href, d.capacity) for d in opened.disks] == [("p-vda.qcow2", 8 * MiB)]
+    probed = OvaPackages().probe(opened.files["p-vda.qcow2"])
+    assert probed.virtual_size == 8 * MiB
+    assert probed.image.path == ova and probed.image.format == "qcow2" and not probed.image.backing
+    assert probed.image.offset > 0 and probed.image.size is not None and probed.image.size % 512 == 0
