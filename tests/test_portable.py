@@ -34,6 +34,7 @@ import typer
 from lxml import etree
 from typer.testing import CliRunner
 
+from freezeframe import wiring
 from freezeframe.adapters import libvirt_define as ld
 from freezeframe.adapters.image_store import DirectoryImageStore, open_image_store
 from freezeframe.adapters.ova import open_ova, qemu_json_for
@@ -96,7 +97,7 @@ class Pt:
 
     def __init__(self, service: Freezeframe, boot_dirs: Sequence[Path]) -> None:
         self.service = service
-        self.portable = service.parts.portable(boot_dirs=boot_dirs)
+        self.portable = wiring.portable(service, boot_dirs=boot_dirs)
         self.instances_dir = service.settings.home / "instances"
 
     def __getattr__(self, name: str) -> Any:
@@ -558,7 +559,7 @@ def test_import_failures_leave_nothing_behind(
     fake.write_bytes(b"not a kernel" * 100)
     fake_hw = Hardware(**{**vars(s.hardware), "boot": BootSpec(kernel=str(fake))})
     pt.export(synthetic_set(ff, fake_hw, {"vda": 1}).id, tmp_path / "fake.ova")
-    permissive = ff.parts.portable(boot_dirs=[fake.parent])
+    permissive = wiring.portable(ff, boot_dirs=[fake.parent])
     with pytest.raises(InvalidRequest, match="does not look like a kernel"):
         permissive.import_package(tmp_path / "fake.ova", f"{PREFIX}fake")
     assert_nothing_left(pt, f"{PREFIX}fake")

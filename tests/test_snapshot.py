@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from freezeframe import wiring
 from freezeframe.config import Settings
 from freezeframe.errors import ConsistencyUnavailable, FreezeWindowExceeded, RepositoryFull
 from freezeframe.flow import FlowSettings, SnapshotRequest
@@ -48,7 +49,7 @@ def ledger_guest(
 
 @pytest.fixture
 def service(tmp_path: Path) -> Iterator[Freezeframe]:
-    with Freezeframe.open(Settings(home=tmp_path / "ffhome", agent_timeout_s=3)) as ff:
+    with wiring.open_service(Settings(home=tmp_path / "ffhome", agent_timeout_s=3)) as ff:
         yield ff
 
 
@@ -171,7 +172,7 @@ def test_sigkill_inside_the_window_is_repaired(ledger_guest: TestInstance, tmp_p
     assert repair.returncode == 0, stderr
     assert "thawed" in stdout and "failed" in stdout
     _assert_guest_alive(ledger_guest)
-    with Freezeframe.open(Settings(home=home)) as ff:
+    with wiring.open_service(Settings(home=home)) as ff:
         (failed,) = ff.list_sets()
         assert failed.status is SetStatus.FAILED and "interrupted" in (failed.error or "")
         assert not ff.repository.exists(failed.id)
@@ -190,7 +191,7 @@ def test_sigkill_is_repaired_by_the_next_snapshot(ledger_guest: TestInstance, tm
         proc.kill()
         proc.wait()
     assert ledger_guest.dom.state()[0] == 3
-    with Freezeframe.open(Settings(home=home)) as ff:
+    with wiring.open_service(Settings(home=home)) as ff:
         result = ff.snapshot(SnapshotRequest(ledger_guest.name))
         assert result.status is SetStatus.AVAILABLE
         assert check_ledger(_member(result, "vdb"), _member(result, "vdc")).ok
@@ -207,7 +208,7 @@ def test_sigterm_inside_the_window_thaws_then_fails_the_set(ledger_guest: TestIn
     _, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 130, stderr
     _assert_guest_alive(ledger_guest)
-    with Freezeframe.open(Settings(home=home)) as ff:
+    with wiring.open_service(Settings(home=home)) as ff:
         (failed,) = ff.list_sets()
         assert failed.status is SetStatus.FAILED and not ff.repository.exists(failed.id)
         assert ff.journal.pending() == []
@@ -252,7 +253,7 @@ def test_two_snapshots_at_once_one_is_refused(ledger_guest: TestInstance, tmp_pa
     _, err1 = first.communicate(timeout=120)
     assert first.returncode == 0, err1
     assert second.returncode == 4 and "in progress" in err2
-    with Freezeframe.open(Settings(home=home)) as ff:
+    with wiring.open_service(Settings(home=home)) as ff:
         assert [s.status for s in ff.list_sets()] == [SetStatus.AVAILABLE]
     _assert_guest_alive(ledger_guest)
 
@@ -263,7 +264,7 @@ def test_repository_full_during_copy(ledger_guest: TestInstance, tmp_path: Path)
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=200m", "tmpfs", str(mountpoint)], check=True)
     try:
         os.environ["FREEZEFRAME_REPOSITORY"] = str(mountpoint)
-        with Freezeframe.open(Settings(home=tmp_path / "full-home")) as ff:
+        with wiring.open_service(Settings(home=tmp_path / "full-home")) as ff:
             flow = ff.flow()
             flow.settings = FlowSettings(hold_in_window_s=3)
 
@@ -388,7 +389,7 @@ def test_no_wait_returns_after_the_window_and_completes_in_the_background(
     assert started["status"] == "creating" and started["consistency"]["achieved"] == "filesystem"
     assert started["freeze_window_ms"] is not None
     deadline = time.monotonic() + 120
-    with Freezeframe.open(Settings(home=home)) as ff:
+    with wiring.open_service(Settings(home=home)) as ff:
         while ff.show(started["id"]).status is SetStatus.CREATING and time.monotonic() < deadline:
             time.sleep(0.2)
         done = ff.show(started["id"])

@@ -2,7 +2,7 @@
 
 It owns the order of the guest-visible steps and imports only ports and the domain model, so the same flow
 drives any hypervisor or storage adapter. Whatever fails, the guest leaves the window thawed and running
-(or paused, if it was paused before): every exit path goes through ``_GuestWindow.release``.
+(or paused, if it was paused before): every exit path goes through ``window.GuestWindow.release``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+from freezeframe.discovery import Disks, discover_disks
 from freezeframe.errors import (
     AgentUnavailable,
     CaptureFailed,
@@ -50,13 +51,11 @@ from freezeframe.ports import (
 )
 from freezeframe.signals import deferred_signals
 from freezeframe.validation import validate_freeze_cap, validate_uuid
+from freezeframe.window import THAW_PENDING, GuestWindow
 
 log = logging.getLogger(__name__)
 
-SUPPORTED_SOURCES = ("file", "block")
-SUPPORTED_FORMATS = ("qcow2", "raw")
 SET_UUID_KEY = "freezeframe.set_uuid"
-THAW_PENDING = "thaw-pending"
 FULL_BELOW_BYTES = 16 << 20
 
 
@@ -97,132 +96,10 @@ class FlowSettings:
 
 
 @dataclass
-class Disks:
-    """What discovery found: the disks to capture and those left out, each with why."""
-
-    captured: list[DiskSpec]
-    skipped: dict[str, str]
-
-
-def discover_disks(instance: Instance, exclude: Sequence[str] = ()) -> Disks:
-    """All ``device='disk'`` disks by default; cdroms/floppies are not state of the machine."""
-    known = {d.target for d in instance.hardware.disks if d.device == "disk"}
-    unknown = sorted(set(exclude) - known)
-    if unknown:
-        raise InvalidRequest(
-            f"--exclude-disk {', '.join(unknown)}: {instance.name} has no such disk "
-            f"(its disks: {', '.join(sorted(known)) or 'none'})"
-        )
-    captured: list[DiskSpec] = []
-    skipped: dict[str, str] = {}
-    unsupported: list[str] = []
-    for disk in instance.hardware.disks:
-        if disk.device != "disk":
-            continue
-        if disk.target in exclude:
-            skipped[disk.target] = "excluded on request"
-        elif disk.shareable:
-            skipped[disk.target] = "shareable: other instances write it, so no point in time is ours to fix"
-        elif disk.readonly:
-            skipped[disk.target] = "read-only: the instance cannot change it"
-        elif disk.source_type not in SUPPORTED_SOURCES or disk.format not in SUPPORTED_FORMATS:
-            unsupported.append(f"{disk.target} ({disk.source_type}/{disk.format})")
-        else:
-            captured.append(disk)
-    if unsupported:
-        raise PreflightFailed(
-            f"{instance.name} has disks freezeframe cannot capture yet: {', '.join(unsupported)}; "
-            "leave them out with --exclude-disk TARGET"
-        )
-    if not captured:
-        raise PreflightFailed(f"{instance.name} has no disk to capture ({skipped or 'no disks'})")
-    return Disks(captured, skipped)
-
-
-@dataclass
 class _Plan:
     level: Consistency
     reason: str | None
     pause: bool
-
-
-class _GuestWindow:
-    """Freeze and/or pause, then release exactly once: from the flow, or from the watchdog at the cap.
-
-    The journal entry is written once before the window opens, recording everything the window may do; no
-    write happens inside it, so the window holds only guest-visible calls.
-    """
-
-    def __init__(self, flow: SnapshotFlow, instance: Instance, entry: JournalEntry) -> None:
-        self.flow = flow
-        self.instance = instance
-        self.entry = entry
-        self.froze = False
-        self.paused = False
-        self.expired = False
-        self.released = False
-        self.thaw_confirmed = True
-        self._lock = threading.Lock()
-        self.freeze_started: float | None = None
-        self.freeze_ended: float | None = None
-        self.pause_started: float | None = None
-        self.pause_ended: float | None = None
-
-    def freeze(self) -> None:
-        self.freeze_started = time.monotonic()
-        self.froze = True
-        self.thaw_confirmed = False
-        try:
-            self.flow.hypervisor.freeze(self.instance)
-        except AgentUnavailable:
-            # A freeze that timed out may still land inside the guest later: make sure it is thawed.
-            with self._lock:
-                self._thaw()
-                self.froze = False
-                self.freeze_started = self.freeze_ended = None
-            raise
-
-    def pause(self) -> None:
-        self.pause_started = time.monotonic()
-        self.paused = True
-        self.flow.hypervisor.pause(self.instance)
-
-    def _thaw(self) -> None:
-        self.thaw_confirmed = self.flow.ensure_thawed(self.instance)
-        self.freeze_ended = time.monotonic()
-        if not self.thaw_confirmed:
-            self.entry.phase = THAW_PENDING
-            self.flow.journal.record(self.entry)
-
-    def release(self) -> None:
-        with self._lock:
-            if self.released:
-                return
-            self.released = True
-            errors: list[BaseException] = []
-            if self.paused:
-                try:
-                    self.flow.hypervisor.resume(self.instance)
-                except FreezeframeError as exc:
-                    errors.append(exc)
-                self.pause_ended = time.monotonic()
-            if self.froze:
-                self._thaw()
-            if errors:
-                raise errors[0]
-
-    def expire(self) -> None:
-        """Watchdog: the cap passed while the flow was still inside the window."""
-        if not self.released:
-            self.expired = True
-            log.warning("freeze window of %s reached its cap: releasing the guest", self.instance.name)
-            try:
-                self.release()
-            except FreezeframeError:
-                log.exception("watchdog could not release %s", self.instance.name)
-
-    def ms(self, start: float | None, end: float | None) -> float | None:
-        return None if start is None or end is None else round((end - start) * 1000.0, 3)
 
 
 class SnapshotFlow:
@@ -390,7 +267,7 @@ class SnapshotFlow:
         entry.froze, entry.paused, entry.capture_started = plan.level.freezes_filesystems, pause, True
         entry.phase = "window"
         self.journal.record(entry)
-        window = _GuestWindow(self, instance, entry)
+        window = GuestWindow(self.hypervisor, self.journal, self.ensure_thawed, instance, entry)
         watchdog = threading.Timer(self.settings.freeze_cap_s, window.expire)
         watchdog.daemon = True
         try:

@@ -36,7 +36,6 @@ if TYPE_CHECKING:
     from freezeframe.adapters.libvirt_domains import LibvirtDomains
     from freezeframe.adapters.libvirt_hypervisor import LibvirtHypervisor
     from freezeframe.adapters.locks import FileLocks
-    from freezeframe.adapters.packages import OvaPackages
     from freezeframe.adapters.qemu_img import QemuImg
     from freezeframe.adapters.repository import DirectoryRepository
     from freezeframe.lifecycle import Lifecycle
@@ -231,52 +230,58 @@ class Wiring:
         )  # fmt: skip
         return Lifecycle(restore, revert, retention, verify, self.builder, self.restores)
 
-    # ---- export / import / image store (built by the "port" helper's section) ----------------------------
+    def portable(self, service: Freezeframe) -> Portable:
+        return portable(service)
 
-    @cached_property
-    def image_store(self) -> ImageStore:
-        """``FREEZEFRAME_IMAGE_STORE``, default ``$FREEZEFRAME_HOME/images``; opened on first use."""
-        from freezeframe.adapters.image_store import open_image_store
 
-        return open_image_store(self.settings.home, self.catalog)
+# ---- export / import / image store: the "port" helper's section (its construction replaces this body) --------
 
-    @cached_property
-    def packages(self) -> OvaPackages:
-        from freezeframe.adapters.packages import OvaPackages
 
-        return OvaPackages()
+def portable(service: Freezeframe, *, boot_dirs: Sequence[Path] | None = None) -> Portable:
+    """Export, the image store and import over the service's parts, each built on first use (listing images needs
+    no libvirt connection); ``boot_dirs`` overrides ``FREEZEFRAME_BOOT_DIRS``."""
+    from freezeframe.adapters.image_store import open_image_store
+    from freezeframe.adapters.packages import OvaPackages
+    from freezeframe.ops.export import Exporter
+    from freezeframe.ops.images import StoredImages
+    from freezeframe.ops.import_build import Importer
+    from freezeframe.portable import Portable
 
-    def boot_dirs(self) -> list[Path]:
-        """Where an imported package may boot a kernel/initrd from: ``FREEZEFRAME_BOOT_DIRS`` (os.pathsep-separated),
-        else the usual boot directories and the home."""
-        from freezeframe.ops.import_checks import BOOT_DIRS_ENV, DEFAULT_BOOT_DIRS
+    parts = service.parts
+    packages = OvaPackages()
+    opened: list[ImageStore] = []
 
-        env = os.environ.get(BOOT_DIRS_ENV)
-        listed = env.split(os.pathsep) if env else [*DEFAULT_BOOT_DIRS, str(self.settings.home)]
-        return [Path(p) for p in listed if p.strip()]
+    def image_store() -> ImageStore:
+        """``FREEZEFRAME_IMAGE_STORE``, default ``$FREEZEFRAME_HOME/images``."""
+        if not opened:
+            opened.append(open_image_store(parts.settings.home, parts.catalog))
+        return opened[0]
 
-    def portable(self, service: Freezeframe | None = None, *, boot_dirs: Sequence[Path] | None = None) -> Portable:
-        """Export, the image store and import, each built on first use (listing images needs no libvirt).
+    def importer() -> Importer:
+        return Importer(
+            packages, image_store(), parts.images, parts.domains, parts.builder, parts.holds, parts.instances_dir,
+            domain_type=parts.options.domain_type,
+            boot_dirs=boot_dirs if boot_dirs is not None else boot_dirs_from_env(parts.settings.home),
+        )  # fmt: skip
 
-        ``service`` is not needed (everything comes from these parts); ``boot_dirs`` overrides the environment's.
-        """
-        from freezeframe.ops.export import Exporter
-        from freezeframe.ops.images import StoredImages
-        from freezeframe.ops.import_build import Importer
-        from freezeframe.portable import Portable
+    return Portable(
+        lambda: Exporter(parts.catalog, parts.stores, packages, image_store(), parts.holds),
+        importer,
+        lambda: StoredImages(image_store(), parts.holds),
+    )
 
-        def importer() -> Importer:
-            return Importer(
-                self.packages, self.image_store, self.images, self.domains, self.builder, self.holds,
-                self.instances_dir, domain_type=self.options.domain_type,
-                boot_dirs=boot_dirs if boot_dirs is not None else self.boot_dirs(),
-            )  # fmt: skip
 
-        return Portable(
-            lambda: Exporter(self.catalog, self.stores, self.packages, self.image_store, self.holds),
-            importer,
-            lambda: StoredImages(self.image_store, self.holds),
-        )
+def boot_dirs_from_env(home: Path) -> list[Path]:
+    """Where an imported package may boot a kernel/initrd from: ``FREEZEFRAME_BOOT_DIRS`` (os.pathsep-separated),
+    else the usual boot directories and the home."""
+    from freezeframe.ops.import_checks import BOOT_DIRS_ENV, DEFAULT_BOOT_DIRS
+
+    env = os.environ.get(BOOT_DIRS_ENV)
+    listed = env.split(os.pathsep) if env else [*DEFAULT_BOOT_DIRS, str(home)]
+    return [Path(p) for p in listed if p.strip()]
+
+
+# ---- entry points -------------------------------------------------------------------------------------------
 
 
 def build(settings: Settings, options: LifecycleOptions | None = None) -> Freezeframe:

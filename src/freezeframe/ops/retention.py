@@ -216,8 +216,6 @@ class Retention:
         """
         if rotation < 0:
             raise InvalidRequest(f"--rotation {rotation}: must be 0 or more (how many backups to keep)")
-        if not backup_type.strip():
-            raise InvalidRequest("--type must name the backup type, e.g. daily or weekly")
         validate_backup_type(backup_type)
         found = self.hypervisor().lookup(instance)
         snapshot_set = self.snapshot(
