@@ -153,3 +153,14 @@ def test_extract_never_overwrites_and_leaves_no_temp(world: World, tmp_path: Pat
         world.lifecycle.extract(s.id, "vda", tmp_path / "failed.qcow2")
     assert not (tmp_path / "failed.qcow2").exists()
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_restored_and_extracted_disks_are_private(world: World, tmp_path: Path) -> None:
+    """Issue 17 item 3: no other local user may read a guest's disks."""
+    s = world.add_set({"vda": "root"})
+    for name, full in (("cow", False), ("copy", True)):
+        result = world.lifecycle.restore(s.id, name, full=full)
+        assert (world.instances_dir / name).stat().st_mode & 0o777 == 0o700
+        assert {Path(d.path).stat().st_mode & 0o777 for d in result.disks} == {0o600}
+    out = world.lifecycle.extract(s.id, "vda", tmp_path / "vda.qcow2")
+    assert out.stat().st_mode & 0o777 == 0o600

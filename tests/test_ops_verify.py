@@ -69,6 +69,7 @@ def test_a_clone_that_cannot_start_is_a_failed_check_and_leaves_nothing(world: W
     report = world.lifecycle.verify(s.id, boot=True)
     assert [(c.subject, c.what) for c in report.failures] == [("clone", "boot")]
     assert "could not be built or started" in report.failures[0].detail and not report.booted
+    assert world.domains.calls[-1] == "forget_log", "the hypervisor's log of the clone's name goes too"
     assert world.leftovers() == []
 
 

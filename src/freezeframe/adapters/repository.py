@@ -20,13 +20,16 @@ from freezeframe.ports import MANIFEST, CaptureTarget, ImageRef, Images, Progres
 
 MEMBER_FORMAT = "qcow2"
 RESTORED_FORMAT = "qcow2"
+PRIVATE_DIR = 0o700
+PRIVATE_FILE = 0o600
+"""Guest disks are nobody else's business: folders 0700, data files 0600 (issue 17 item 3)."""
 
 
 class DirectoryRepository:
     def __init__(self, root: Path, images: Images) -> None:
         self.root = root
         self.images = images
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True, mode=PRIVATE_DIR)
 
     def set_dir(self, set_id: str) -> Path:
         return self.root / set_id
@@ -36,7 +39,7 @@ class DirectoryRepository:
     def prepare(self, set_id: str, disks: Sequence[DiskSpec]) -> list[CaptureTarget]:
         """Pre-created targets let the backup job start with REUSE_EXTERNAL, shortening the freeze window."""
         directory = self.set_dir(set_id)
-        directory.mkdir(parents=True, exist_ok=False)
+        directory.mkdir(parents=True, mode=PRIVATE_DIR)
         targets = []
         try:
             for disk in disks:
@@ -47,6 +50,7 @@ class DirectoryRepository:
                     raise InsufficientSpace(f"repository {self.root} is full: {exc}") from exc
                 except HypervisorError as exc:
                     raise CaptureFailed(f"cannot create member image {path}: {exc}") from exc
+                path.chmod(PRIVATE_FILE)
                 targets.append(CaptureTarget(disk=disk, path=path, format=MEMBER_FORMAT))
         except BaseException:
             self.remove(set_id)
@@ -131,6 +135,7 @@ class FileMembers:
             self.images.convert(self.source(member), target, progress=progress)
         else:
             self.images.create(dst, RESTORED_FORMAT, backing=ImageRef(Path(member.path).resolve(), member.format))
+        dst.chmod(PRIVATE_FILE)
         return target
 
     def base_of(self, member: Member) -> str:

@@ -107,9 +107,9 @@ class InstanceBuilder:
         return build.uuid
 
     def _claim(self, name: str, directory: Path) -> Path:
-        directory.parent.mkdir(parents=True, exist_ok=True)
+        directory.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         try:
-            directory.mkdir()
+            directory.mkdir(mode=0o700)
         except FileExistsError:
             raise InvalidRequest(
                 f"{directory} already exists (left by an earlier instance named {name}?); "

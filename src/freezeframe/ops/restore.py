@@ -173,6 +173,7 @@ class Restore:
         with self.holds.set(snapshot_set):
             try:
                 self.images.convert(store.source(member), ImageRef(tmp, fmt))
+                tmp.chmod(0o600)  # a guest's disk: readable by its owner only
                 fsync_path(tmp)
                 _publish(tmp, to)
                 fsync_path(to.parent)

@@ -185,12 +185,12 @@ class Verify:
             self._check_disk(target, path, mounts.get(target, []) if answered is not None else None, report)
 
     def _remove_clone(self, name: str, directory: Path, clone: _Clone | None) -> None:
-        if clone is not None:
-            try:
+        try:
+            if clone is not None:
                 self.domains().remove(clone.uuid)
-            except FreezeframeError:
-                log.exception("could not remove the verify clone %s", name)
-            self.domains().forget_log(name)
+            self.domains().forget_log(name)  # also the log of a clone that failed to start
+        except FreezeframeError:
+            log.exception("could not remove the verify clone %s", name)
         shutil.rmtree(directory, ignore_errors=True)
 
     def _wait_agent(self, instance_uuid: str, started: float) -> float | None:
