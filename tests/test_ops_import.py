@@ -293,6 +293,11 @@ def test_own_package_is_rebuilt_as_recorded(tmp_path: Path) -> None:
     assert "resize sda.qcow2 16777216" in w.images.calls
     assert seen[-1] == (16 * MiB, 16 * MiB) and [d for d, _ in seen] == sorted(d for d, _ in seen)
     assert not any((tmp_path / "markers").iterdir()), "the marker outlived a complete import"
+    folder = tmp_path / "instances" / "copy"
+    assert folder.stat().st_mode & 0o777 == 0o700
+    assert sorted((p.name, p.stat().st_mode & 0o777) for p in folder.iterdir()) == [
+        ("sda.qcow2", 0o600), ("vda.qcow2", 0o600),
+    ]  # fmt: skip
 
 
 def test_every_disk_is_probed_before_anything_reads_it_and_formats_are_pinned(tmp_path: Path) -> None:

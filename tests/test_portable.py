@@ -307,6 +307,7 @@ def test_export_then_import_rebuilds_the_machine_and_its_data(
     assert all(d.format == disk_format for d in result.disks)
     assert calls and calls[-1][0] == calls[-1][1]
     assert sorted(p.name for p in out.parent.iterdir()) == ["origin.ova"], "temporary files were left"
+    assert out.stat().st_mode & 0o777 == 0o600, "a package holds guest disks: its owner's only"
     package = check_package(out, ovf_version)
     assert package.machine.ovf_version == ovf_version
     assert [d.name for d in package.disks] == [f"origin_vm-{t}.{disk_format}" for t in ("vda", "sda", "hdb")]
@@ -331,7 +332,9 @@ def test_export_then_import_rebuilds_the_machine_and_its_data(
     assert root.find("devices/controller[@type='scsi'][@model='virtio-scsi']") is not None
     nics = root.findall("devices/interface")
     assert [n.get("type") for n in nics] == ["user"]
+    assert (pt.instances_dir / imported.name).stat().st_mode & 0o777 == 0o700
     for disk, member in zip(imported.disks, s.members, strict=True):
+        assert Path(disk.path).stat().st_mode & 0o777 == 0o600, f"{disk.path} is readable by others"
         assert Path(disk.path).parent == pt.instances_dir / imported.name
         info = json.loads(qemu_img("info", "--output=json", disk.path).stdout)
         assert info["format"] == "qcow2" and "backing-filename" not in info

@@ -41,6 +41,8 @@ from freezeframe.validation import validate_name
 
 BLANK_DISK_NEEDS = 2**20
 """Bytes a new empty qcow2 disk takes (its metadata), for the free-space check."""
+DISK_MODE = 0o600
+"""A guest's disk is readable by its owner only (the folder is 0700 too)."""
 
 
 @dataclass(frozen=True)
@@ -206,6 +208,7 @@ class Importer:
                     self.images.resize(dst, IMPORTED_FORMAT, disk.capacity)
                 done += disk.virtual_size
                 source = disk.source.name
+            dst.chmod(DISK_MODE)
             result = ImportedDiskResult(disk.spec.target, disk.spec.bus, str(dst), max(disk.capacity, 0), source)
             made.append((DomainDisk(disk.spec, dst, IMPORTED_FORMAT), result))
         return made
