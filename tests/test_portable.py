@@ -34,7 +34,7 @@ import typer
 from lxml import etree
 from typer.testing import CliRunner
 
-from freezeframe import portable as portable_module
+from freezeframe import wiring
 from freezeframe.adapters import libvirt_define as ld
 from freezeframe.adapters.image_store import DirectoryImageStore, open_image_store
 from freezeframe.adapters.ova import open_ova, qemu_json_for
@@ -56,7 +56,6 @@ from freezeframe.errors import (
     PreflightFailed,
 )
 from freezeframe.flow import SnapshotRequest
-from freezeframe.lifecycle import Lifecycle
 from freezeframe.model import (
     BootSpec,
     Consistency,
@@ -67,7 +66,9 @@ from freezeframe.model import (
     SetStatus,
     SnapshotSet,
 )
-from freezeframe.portable import Portable
+from freezeframe.ops.common import Holds
+from freezeframe.ops.import_plan import Planner
+from freezeframe.ports import HostCapabilities, ImageRef
 from freezeframe.service import Freezeframe
 from freezeframe.testbed.guest import GuestImage
 from freezeframe.testbed.instance import DiskRequest, TestInstance, running_instance
@@ -89,6 +90,18 @@ pytestmark = pytest.mark.skipif(
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
+
+
+class Pt:
+    """The façade (built by the wiring, as the CLI and API get it) plus the service whose host the tests inspect."""
+
+    def __init__(self, service: Freezeframe, boot_dirs: Sequence[Path]) -> None:
+        self.service = service
+        self.portable = wiring.portable(service, boot_dirs=boot_dirs)
+        self.instances_dir = service.settings.home / "instances"
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.portable, name)
 
 
 def qemu_img(*args: str) -> subprocess.CompletedProcess[str]:
@@ -131,7 +144,7 @@ def disk_rows(root: etree._Element) -> list[tuple[str | None, str | None, str | 
     return rows
 
 
-def remove_everything(pt: Portable, names: Sequence[str] = ()) -> None:
+def remove_everything(pt: Pt, names: Sequence[str] = ()) -> None:
     """Whatever a test imported goes, even when the test failed half-way (domains, folders, libvirt logs)."""
     conn = pt.service.hypervisor.conn
     found = set(names)
@@ -149,7 +162,7 @@ def remove_everything(pt: Portable, names: Sequence[str] = ()) -> None:
                 log.unlink(missing_ok=True)
 
 
-def assert_nothing_left(pt: Portable, name: str) -> None:
+def assert_nothing_left(pt: Pt, name: str) -> None:
     assert not domain_exists(pt.service.hypervisor.conn, name), f"{name} was left defined"
     assert not (pt.instances_dir / name).exists(), f"{pt.instances_dir / name} was left behind"
     markers = pt.service.settings.home / "lifecycle"
@@ -245,8 +258,8 @@ def ff(tmp_path: Path) -> Iterator[Freezeframe]:
 
 
 @pytest.fixture
-def pt(ff: Freezeframe, guest_image: GuestImage) -> Iterator[Portable]:
-    portable = Portable(ff, boot_dirs=guest_boot_dirs(guest_image))
+def pt(ff: Freezeframe, guest_image: GuestImage) -> Iterator[Pt]:
+    portable = Pt(ff, guest_boot_dirs(guest_image))
     try:
         yield portable
     finally:
@@ -280,7 +293,7 @@ def cli_app() -> typer.Typer:
 
 @pytest.mark.parametrize(("disk_format", "ovf_version"), [("qcow2", 1), ("vmdk", 2)])
 def test_export_then_import_rebuilds_the_machine_and_its_data(
-    ff: Freezeframe, pt: Portable, guest_image: GuestImage, tmp_path: Path, disk_format: str, ovf_version: int
+    ff: Freezeframe, pt: Pt, guest_image: GuestImage, tmp_path: Path, disk_format: str, ovf_version: int
 ) -> None:
     s = synthetic_set(ff, synthetic_hardware(guest_image), {"vda": 0x11, "sda": 0x22, "hdb": 0x33})
     calls: list[tuple[int, int]] = []
@@ -294,6 +307,7 @@ def test_export_then_import_rebuilds_the_machine_and_its_data(
     assert all(d.format == disk_format for d in result.disks)
     assert calls and calls[-1][0] == calls[-1][1]
     assert sorted(p.name for p in out.parent.iterdir()) == ["origin.ova"], "temporary files were left"
+    assert out.stat().st_mode & 0o777 == 0o600, "a package holds guest disks: its owner's only"
     package = check_package(out, ovf_version)
     assert package.machine.ovf_version == ovf_version
     assert [d.name for d in package.disks] == [f"origin_vm-{t}.{disk_format}" for t in ("vda", "sda", "hdb")]
@@ -318,16 +332,18 @@ def test_export_then_import_rebuilds_the_machine_and_its_data(
     assert root.find("devices/controller[@type='scsi'][@model='virtio-scsi']") is not None
     nics = root.findall("devices/interface")
     assert [n.get("type") for n in nics] == ["user"]
+    assert (pt.instances_dir / imported.name).stat().st_mode & 0o777 == 0o700
     for disk, member in zip(imported.disks, s.members, strict=True):
+        assert Path(disk.path).stat().st_mode & 0o777 == 0o600, f"{disk.path} is readable by others"
         assert Path(disk.path).parent == pt.instances_dir / imported.name
         info = json.loads(qemu_img("info", "--output=json", disk.path).stdout)
         assert info["format"] == "qcow2" and "backing-filename" not in info
         assert same_data(disk.path, member.path), f"{disk.target} differs from its member"
-    Lifecycle(ff).discard(imported.name)
+    ff.lifecycle.discard(imported.name)
     assert_nothing_left(pt, imported.name)
 
 
-def test_sparse_disks_stay_small(ff: Freezeframe, pt: Portable, guest_image: GuestImage, tmp_path: Path) -> None:
+def test_sparse_disks_stay_small(ff: Freezeframe, pt: Pt, guest_image: GuestImage, tmp_path: Path) -> None:
     hw = synthetic_hardware(guest_image, size=1024 * MiB)
     s = synthetic_set(ff, hw, {"vda": 0x5A}, size=1024 * MiB)
     for fmt in ("qcow2", "vmdk"):
@@ -336,7 +352,7 @@ def test_sparse_disks_stay_small(ff: Freezeframe, pt: Portable, guest_image: Gue
         assert result.allocated < 8 * MiB, f"{fmt}: a 1 GiB disk with 1 MiB of data took {result.allocated} bytes"
 
 
-def test_export_refusals(ff: Freezeframe, pt: Portable, guest_image: GuestImage, tmp_path: Path) -> None:
+def test_export_refusals(ff: Freezeframe, pt: Pt, guest_image: GuestImage, tmp_path: Path) -> None:
     s = synthetic_set(ff, synthetic_hardware(guest_image), {"vda": 1})
     tmp_path = tmp_path / "out"
     tmp_path.mkdir()
@@ -373,7 +389,7 @@ def test_export_refusals(ff: Freezeframe, pt: Portable, guest_image: GuestImage,
 
 
 def test_image_store_round_trip_through_the_cli(
-    ff: Freezeframe, pt: Portable, guest_image: GuestImage, tmp_path: Path
+    ff: Freezeframe, pt: Pt, guest_image: GuestImage, tmp_path: Path
 ) -> None:
     s = synthetic_set(ff, synthetic_hardware(guest_image), {"vda": 0x41, "sda": 0x42}, name="nightly")
     runner = CliRunner()
@@ -412,10 +428,10 @@ def test_image_store_round_trip_through_the_cli(
     assert imported.image_id == image["id"] and imported.origin == "freezeframe"
     for disk, member in zip(imported.disks, s.members, strict=True):
         assert same_data(disk.path, member.path)
-    Lifecycle(ff).discard(imported.name)
+    ff.lifecycle.discard(imported.name)
 
     # Deleting is refused while an import reads the image; the record and data go together.
-    with pt.service.lifecycle.hold(f"image-{image['id']}", "test"):
+    with Holds(ff.locks).hold(f"image-{image['id']}", "test"):
         busy = runner.invoke(app, ["images", "delete", image["id"], *home])
         assert busy.exception is not None and "in use" in str(busy.exception)
     gone = runner.invoke(app, ["images", "delete", "golden", "--json", *home])
@@ -428,7 +444,7 @@ def test_image_store_round_trip_through_the_cli(
     assert isinstance(missing.exception, ImageNotFound) and "no file of that name" in str(missing.exception)
 
 
-def test_store_integrity_and_repair(ff: Freezeframe, pt: Portable, guest_image: GuestImage, tmp_path: Path) -> None:
+def test_store_integrity_and_repair(ff: Freezeframe, pt: Pt, guest_image: GuestImage, tmp_path: Path) -> None:
     s = synthetic_set(ff, synthetic_hardware(guest_image), {"vda": 7})
     stored = pt.export_to_store(s.id)
     assert stored.image is not None
@@ -464,7 +480,7 @@ def test_store_integrity_and_repair(ff: Freezeframe, pt: Portable, guest_image: 
 
 
 def test_import_failures_leave_nothing_behind(
-    ff: Freezeframe, pt: Portable, guest_image: GuestImage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ff: Freezeframe, pt: Pt, guest_image: GuestImage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     conn = ff.hypervisor.conn
     s = synthetic_set(ff, synthetic_hardware(guest_image), {"vda": 1, "sda": 2, "hdb": 3})
@@ -472,7 +488,7 @@ def test_import_failures_leave_nothing_behind(
     pt.export(s.id, ova)
 
     taken = pt.import_package(ova, f"{PREFIX}taken")
-    with pytest.raises(InvalidRequest, match="already exists"):
+    with pytest.raises(InvalidRequest, match=f"^an instance named '{PREFIX}taken' already exists; choose another"):
         pt.import_package(ova, f"{PREFIX}taken")
     assert domain_exists(conn, f"{PREFIX}taken") and (pt.instances_dir / taken.name).is_dir()
     with pytest.raises(InvalidRequest, match="not usable"):
@@ -501,17 +517,17 @@ def test_import_failures_leave_nothing_behind(
     monkeypatch.undo()
 
     # The second disk's conversion fails: the first one's file goes with the folder.
-    real_convert = portable_module._convert
+    real_convert = ff.images.convert
     count = 0
 
-    def flaky(source: str, dst: Path, what: str, report: Any) -> None:
+    def flaky(source: ImageRef, target: ImageRef, **kwargs: Any) -> None:
         nonlocal count
         count += 1
         if count == 2:
-            raise HypervisorError(f"{what} failed: injected")
-        real_convert(source, dst, what, report)
+            raise HypervisorError(f"copying {source.path} to {target.path} failed: injected")
+        real_convert(source, target, **kwargs)
 
-    monkeypatch.setattr(portable_module, "_convert", flaky)
+    monkeypatch.setattr(ff.images, "convert", flaky)
     with pytest.raises(HypervisorError, match="injected"):
         pt.import_package(ova, f"{PREFIX}halfway")
     assert_nothing_left(pt, f"{PREFIX}halfway")
@@ -546,7 +562,7 @@ def test_import_failures_leave_nothing_behind(
     fake.write_bytes(b"not a kernel" * 100)
     fake_hw = Hardware(**{**vars(s.hardware), "boot": BootSpec(kernel=str(fake))})
     pt.export(synthetic_set(ff, fake_hw, {"vda": 1}).id, tmp_path / "fake.ova")
-    permissive = Portable(ff, boot_dirs=[fake.parent])
+    permissive = wiring.portable(ff, boot_dirs=[fake.parent])
     with pytest.raises(InvalidRequest, match="does not look like a kernel"):
         permissive.import_package(tmp_path / "fake.ova", f"{PREFIX}fake")
     assert_nothing_left(pt, f"{PREFIX}fake")
@@ -619,6 +635,27 @@ def corrupt_qcow2(disk: bytes) -> bytes:
     return bytes(data)
 
 
+VMDK_EXTENTS = {
+    "vmdk-descriptor-absolute": 'RW 128 FLAT "/etc/hostname" 0',
+    "vmdk-descriptor-relative": 'RW 128 FLAT "../../../../../../etc/hostname" 0',
+    "vmdk-descriptor-device": 'RW 128 FLAT "/dev/zero" 0',
+}
+
+
+def kdmv_with_descriptor(extent: str) -> bytes:
+    """Issue 17, item 1: a sparse VMDK header (KDMV) of capacity 0 whose embedded text descriptor names an extent.
+
+    QEMU then treats the embedded descriptor as the image and reads the extent's host file (or device) as the disk.
+    """
+    descriptor = (
+        '# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\ncreateType="monolithicFlat"\n\n'
+        f'# Extent description\n{extent}\n\n# The Disk Data Base\n#DDB\nddb.virtualHWVersion = "4"\n'
+    ).encode()
+    # magic, version, flags, capacity 0, grain 128, descriptor at sector 1 (20 sectors), GTEs, rgd, gd, overhead
+    header = struct.pack("<4sIIQQQQIQQQB4sH", b"KDMV", 1, 3, 0, 128, 1, 20, 512, 0, 0, 128, 0, b"\n \r\n", 0)
+    return (header.ljust(512, b"\0") + descriptor.ljust(20 * 512, b"\0")).ljust(64 * 1024, b"\0")
+
+
 def hostile_package(kind: str, tmp_path: Path) -> Path:
     disk = hostile_disk(tmp_path)
     descriptor = build_descriptor(small_set(), [OvfDisk("vda", "d.qcow2", len(disk), "qcow2", 64 * MiB, MiB)])
@@ -666,6 +703,10 @@ def hostile_package(kind: str, tmp_path: Path) -> Path:
         return tar_of(path, [("x.ovf", absurd), ("d.qcow2", disk)])
     if kind == "missing-file":
         return tar_of(path, [("x.ovf", descriptor)])
+    if kind in VMDK_EXTENTS:
+        vmdk = kdmv_with_descriptor(VMDK_EXTENTS[kind])
+        desc = build_descriptor(small_set(), [OvfDisk("vda", "d.vmdk", len(vmdk), "vmdk", 64 * MiB, MiB)])
+        return tar_of(path, [("x.ovf", desc), ("x.mf", manifest_of({"x.ovf": desc, "d.vmdk": vmdk})), ("d.vmdk", vmdk)])
     if kind == "not-ovf":
         return tar_of(path, [("x.ovf", b"<html><body>not an ovf</body></html>"), ("d.qcow2", disk)])
     raise AssertionError(kind)
@@ -686,11 +727,12 @@ HOSTILE: dict[str, tuple[type[Exception], str]] = {
     "capacity-absurd": (OvfCapacityError, "64 TiB"),
     "missing-file": (OvaMissingFile, r"d\.qcow2"),
     "not-ovf": (OvfNotOvf, "not an OVF Envelope"),
+    **{kind: (OvaDiskError, r"d\.vmdk") for kind in VMDK_EXTENTS},
 }
 
 
 @pytest.mark.parametrize("kind", sorted(HOSTILE))
-def test_hostile_packages_are_refused_by_import(kind: str, pt: Portable, tmp_path: Path) -> None:
+def test_hostile_packages_are_refused_by_import(kind: str, pt: Pt, tmp_path: Path) -> None:
     work = tmp_path / "work"
     work.mkdir()
     package = hostile_package(kind, work)
@@ -739,7 +781,7 @@ def test_every_sample_ova_has_an_expectation() -> None:
 
 @pytest.mark.parametrize("sample", sorted(SAMPLE_EXPECTATIONS))
 def test_sample_ovas_through_the_import_command(
-    sample: str, ff: Freezeframe, pt: Portable, guest_image: GuestImage, libvirt_conn: Any
+    sample: str, ff: Freezeframe, pt: Pt, guest_image: GuestImage, libvirt_conn: Any
 ) -> None:
     path = OVA_SAMPLES / sample
     if not path.is_file():
@@ -770,7 +812,7 @@ def test_sample_ovas_through_the_import_command(
     info = json.loads(qemu_img("info", "--output=json", str(disk)).stdout)
     assert info["format"] == "qcow2" and info["virtual-size"] == 8 * 2**30
     assert disk.stat().st_blocks * 512 < 16 * MiB, "the empty 8 GiB disk was not kept sparse"
-    Lifecycle(ff).discard(name)
+    ff.lifecycle.discard(name)
     assert_nothing_left(pt, name)
 
 
@@ -866,7 +908,7 @@ def foreign_package(tmp_path: Path, network: str) -> tuple[Path, dict[str, Path]
     return tar_of(tmp_path / "web.ova", [("web.ovf", ovf), ("web.mf", mf), *files]), sources
 
 
-def test_foreign_package_hardware_is_mapped(ff: Freezeframe, pt: Portable, tmp_path: Path, libvirt_conn: Any) -> None:
+def test_foreign_package_hardware_is_mapped(ff: Freezeframe, pt: Pt, tmp_path: Path, libvirt_conn: Any) -> None:
     package, sources = foreign_package(tmp_path, "VM Network")
     result = pt.import_package(package, f"{PREFIX}foreign")
     assert result.origin == "foreign" and result.vcpus == 3 and result.memory_kib == 1024 * 1024
@@ -893,25 +935,27 @@ def test_foreign_package_hardware_is_mapped(ff: Freezeframe, pt: Portable, tmp_p
     assert by_target["sdc"].source == "blank"
     scratch = json.loads(qemu_img("info", "--output=json", by_target["sdc"].path).stdout)
     assert scratch["virtual-size"] == 4 * MiB
-    Lifecycle(ff).discard(result.name)
+    ff.lifecycle.discard(result.name)
     assert_nothing_left(pt, result.name)
 
 
 def test_nics_go_to_a_network_of_the_same_name_when_there_is_one(
-    ff: Freezeframe, pt: Portable, tmp_path: Path, libvirt_conn: Any
+    ff: Freezeframe, pt: Pt, tmp_path: Path, libvirt_conn: Any
 ) -> None:
     """An active network is used as is; an inactive one falls back with a warning, and --network must be usable."""
 
-    class Net:
-        def isActive(self) -> int:
-            return 1
+    class Host:
+        def capabilities(self, arch: str, machine: str | None, domain_type: str) -> HostCapabilities:
+            return HostCapabilities(efi=False, max_vcpus=None, disk_buses=frozenset())
 
-    class Conn:
-        def networkLookupByName(self, name: str) -> Net:
-            return Net()
+        def network_state(self, name: str) -> str:
+            return "active"
+
+        def bridge_exists(self, name: str) -> bool:
+            return False
 
     warnings: list[str] = []
-    nic = pt._map_nic(Conn(), "network", "backend", "e1000", None, warnings)
+    nic = Planner(Host(), "qemu", []).map_nic("network", "backend", "e1000", warnings)
     assert (nic.source_type, nic.source, nic.model, warnings) == ("network", "backend", "e1000", [])
 
     name = f"{PREFIX}net-{uuid.uuid4().hex[:6]}"
@@ -923,7 +967,7 @@ def test_nics_go_to_a_network_of_the_same_name_when_there_is_one(
         assert_nothing_left(pt, f"{PREFIX}on-net")
         result = pt.import_package(package, f"{PREFIX}on-net")
         assert any(f"{name!r} is not active" in w for w in result.warnings), result.warnings
-        Lifecycle(ff).discard(result.name)
+        ff.lifecycle.discard(result.name)
     finally:
         net.undefine()
 
@@ -948,11 +992,11 @@ def ledger_vm(
 @pytest.fixture(scope="module")
 def shared(
     ledger_vm: TestInstance, guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[Portable, SnapshotSet]]:
+) -> Iterator[tuple[Pt, SnapshotSet]]:
     """One filesystem-consistent 3-disk set of the ledger guest, shared by the VM tests (one home)."""
     home = tmp_path_factory.mktemp("portable-home")
     with Freezeframe.open(Settings(home=home, agent_timeout_s=5)) as service:
-        portable = Portable(service, boot_dirs=guest_boot_dirs(guest_image))
+        portable = Pt(service, guest_boot_dirs(guest_image))
         try:
             s = service.snapshot(SnapshotRequest(ledger_vm.name, Consistency.FILESYSTEM, require=True))
             yield portable, s
@@ -960,7 +1004,7 @@ def shared(
             remove_everything(portable)
 
 
-def wait_agent(pt: Portable, name: str, timeout_s: float = 180) -> float:
+def wait_agent(pt: Pt, name: str, timeout_s: float = 180) -> float:
     started = time.monotonic()
     hypervisor = pt.service.hypervisor
     while True:
@@ -993,7 +1037,7 @@ def wait_ledger(console: Path, after: int, timeout_s: float = 90) -> int:
     raise AssertionError(f"the imported guest's ledger did not pass {after}: {console.read_text()[-800:]}")
 
 
-def boot_and_check(pt: Portable, s: SnapshotSet, name: str, disks: dict[str, str], ledger_vm: TestInstance) -> None:
+def boot_and_check(pt: Pt, s: SnapshotSet, name: str, disks: dict[str, str], ledger_vm: TestInstance) -> None:
     """The imported guest answers its agent, resumes the ledger, shuts down cleanly, and its ledger holds."""
     conn = pt.service.hypervisor.conn
     took = wait_agent(pt, name)
@@ -1019,7 +1063,7 @@ def boot_and_check(pt: Portable, s: SnapshotSet, name: str, disks: dict[str, str
 
 @pytest.mark.vm
 def test_export_and_import_of_a_real_set_boots(
-    shared: tuple[Portable, SnapshotSet], ledger_vm: TestInstance, tmp_path: Path
+    shared: tuple[Pt, SnapshotSet], ledger_vm: TestInstance, tmp_path: Path
 ) -> None:
     pt, s = shared
     assert [m.target for m in s.members] == ["vda", "vdb", "vdc"]
@@ -1039,13 +1083,13 @@ def test_export_and_import_of_a_real_set_boots(
     imported = pt.import_package(out, name, start=True)
     assert imported.started and imported.origin == "freezeframe" and imported.direct_kernel_boot
     boot_and_check(pt, s, name, {d.target: d.path for d in imported.disks}, ledger_vm)
-    Lifecycle(pt.service).discard(name)
+    pt.service.lifecycle.discard(name)
     assert_nothing_left(pt, name)
 
 
 @pytest.mark.vm
 def test_vmdk_export_and_import_through_the_command_boots(
-    shared: tuple[Portable, SnapshotSet], ledger_vm: TestInstance, guest_image: GuestImage, tmp_path: Path
+    shared: tuple[Pt, SnapshotSet], ledger_vm: TestInstance, guest_image: GuestImage, tmp_path: Path
 ) -> None:
     pt, s = shared
     out = tmp_path / "ledger-vmdk.ova"
@@ -1072,13 +1116,13 @@ def test_vmdk_export_and_import_through_the_command_boots(
     imported = json.loads(done.stdout)
     assert imported["started"] and imported["origin"] == "freezeframe"
     boot_and_check(pt, s, name, {d["target"]: d["path"] for d in imported["disks"]}, ledger_vm)
-    Lifecycle(pt.service).discard(name)
+    pt.service.lifecycle.discard(name)
     assert_nothing_left(pt, name)
 
 
 @pytest.mark.vm
 def test_store_round_trip_of_the_real_set(
-    shared: tuple[Portable, SnapshotSet], guest_image: GuestImage, libvirt_conn: Any
+    shared: tuple[Pt, SnapshotSet], guest_image: GuestImage, libvirt_conn: Any
 ) -> None:
     pt, s = shared
     env = cli_env(pt.service.settings.home, guest_image)
@@ -1098,7 +1142,7 @@ def test_store_round_trip_of_the_real_set(
     members = {m.target: m.path for m in s.members}
     for disk in imported["disks"]:
         assert same_data(disk["path"], members[disk["target"]])
-    Lifecycle(pt.service).discard(name)
+    pt.service.lifecycle.discard(name)
     assert not domain_exists(libvirt_conn, name)
     done = run_cli(["images", "delete", image["id"]], env)
     assert done.returncode == 0, done.stderr

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from freezeframe.ops.common import Holds, Markers, Stores
     from freezeframe.ops.instances import InstanceBuilder
     from freezeframe.portable import Portable
+    from freezeframe.ports import ImageStore
 
 FAULT_HOLD_ENV = "FREEZEFRAME_FAULT_HOLD_IN_WINDOW_S"
 
@@ -252,12 +253,48 @@ class Wiring:
 # ---- export / import / image store: the "port" helper's section (its construction replaces this body) --------
 
 
-def portable(service: Freezeframe) -> Portable:
-    """Export, the image store and import over the service's parts (``service.parts``: catalog, images, domains,
-    holds, builder...)."""
+def portable(service: Freezeframe, *, boot_dirs: Sequence[Path] | None = None) -> Portable:
+    """Export, the image store and import over the service's parts, each built on first use (listing images needs
+    no libvirt connection); ``boot_dirs`` overrides ``FREEZEFRAME_BOOT_DIRS``."""
+    from freezeframe.adapters.image_store import open_image_store
+    from freezeframe.adapters.packages import OvaPackages
+    from freezeframe.ops.export import Exporter
+    from freezeframe.ops.images import StoredImages
+    from freezeframe.ops.import_build import Importer
     from freezeframe.portable import Portable
 
-    return Portable(service)
+    parts = service.parts
+    packages = OvaPackages()
+    opened: list[ImageStore] = []
+
+    def image_store() -> ImageStore:
+        """``FREEZEFRAME_IMAGE_STORE``, default ``$FREEZEFRAME_HOME/images``."""
+        if not opened:
+            opened.append(open_image_store(parts.settings.home, parts.catalog))
+        return opened[0]
+
+    def importer() -> Importer:
+        return Importer(
+            packages, image_store(), parts.images, parts.domains, parts.builder, parts.holds, parts.instances_dir,
+            domain_type=parts.options.domain_type,
+            boot_dirs=boot_dirs if boot_dirs is not None else boot_dirs_from_env(parts.settings.home),
+        )  # fmt: skip
+
+    return Portable(
+        lambda: Exporter(parts.catalog, parts.stores, packages, image_store(), parts.holds),
+        importer,
+        lambda: StoredImages(image_store(), parts.holds),
+    )
+
+
+def boot_dirs_from_env(home: Path) -> list[Path]:
+    """Where an imported package may boot a kernel/initrd from: ``FREEZEFRAME_BOOT_DIRS`` (os.pathsep-separated),
+    else the usual boot directories and the home."""
+    from freezeframe.ops.import_checks import BOOT_DIRS_ENV, DEFAULT_BOOT_DIRS
+
+    env = os.environ.get(BOOT_DIRS_ENV)
+    listed = env.split(os.pathsep) if env else [*DEFAULT_BOOT_DIRS, str(home)]
+    return [Path(p) for p in listed if p.strip()]
 
 
 # ---- entry points -------------------------------------------------------------------------------------------

@@ -6,8 +6,6 @@ needs no I/O on the packages. The packages themselves are ``image_store``'s busi
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Row, delete, insert, or_, select, update
@@ -15,114 +13,21 @@ from sqlalchemy import Row, delete, insert, or_, select, update
 from freezeframe.adapters.catalog import MIN_PREFIX, SqlCatalog
 from freezeframe.adapters.catalog_schema import STORED_IMAGES as IMAGES
 from freezeframe.errors import ImageNotFound, InvalidRequest
+from freezeframe.ports import (
+    IMAGE_AVAILABLE,
+    IMAGE_DELETING,
+    ImageDisk,
+    ImageNic,
+    ImageSummary,
+    NewImage,
+    StoredImage,
+)
 
 STORE_ENV = "FREEZEFRAME_IMAGE_STORE"
-AVAILABLE = "available"
-DELETING = "deleting"
+AVAILABLE = IMAGE_AVAILABLE
+DELETING = IMAGE_DELETING
 
-
-# ---- records ------------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ImageDisk:
-    """One disk of a stored package, in the descriptor's order."""
-
-    target: str | None
-    capacity: int
-    format: str | None
-    file_size: int | None
-    controller: str | None
-
-
-@dataclass(frozen=True)
-class ImageNic:
-    network: str | None
-    model: str | None
-
-
-@dataclass(frozen=True)
-class ImageSummary:
-    """What the package's descriptor says, so a listing needs no package I/O."""
-
-    machine_name: str
-    vcpus: int
-    memory_bytes: int
-    ovf_version: int
-    disk_format: str
-    disks: tuple[ImageDisk, ...] = ()
-    nics: tuple[ImageNic, ...] = ()
-    arch: str | None = None
-    firmware: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "machine_name": self.machine_name,
-            "vcpus": self.vcpus,
-            "memory_bytes": self.memory_bytes,
-            "ovf_version": self.ovf_version,
-            "disk_format": self.disk_format,
-            "arch": self.arch,
-            "firmware": self.firmware,
-            "disks": [vars(d) for d in self.disks],
-            "nics": [vars(n) for n in self.nics],
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ImageSummary:
-        return cls(
-            machine_name=str(data.get("machine_name", "")),
-            vcpus=int(data["vcpus"]),
-            memory_bytes=int(data["memory_bytes"]),
-            ovf_version=int(data["ovf_version"]),
-            disk_format=str(data["disk_format"]),
-            arch=data.get("arch"),
-            firmware=data.get("firmware"),
-            disks=tuple(ImageDisk(**d) for d in data.get("disks", ())),
-            nics=tuple(ImageNic(**n) for n in data.get("nics", ())),
-        )
-
-
-@dataclass(frozen=True)
-class NewImage:
-    """What the caller knows about a package it hands to ``put_file``."""
-
-    name: str
-    filename: str
-    summary: ImageSummary
-    source_set_id: str | None = None
-
-
-@dataclass(frozen=True)
-class StoredImage:
-    id: str
-    name: str
-    filename: str
-    store: str
-    """The store's URI (``file:///var/lib/freezeframe/images``); a record belongs to exactly one store."""
-    size: int
-    sha256: str
-    created_at: datetime
-    summary: ImageSummary
-    source_set_id: str | None = None
-    status: str = AVAILABLE
-    location: str = ""
-    """Where the package is, for people (a path for the directory store)."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "id": self.id,
-            "name": self.name,
-            "status": self.status,
-            "source_set_id": self.source_set_id,
-            "size": self.size,
-            "sha256": self.sha256,
-            "created_at": self.created_at.isoformat(),
-            "filename": self.filename,
-            "store": self.store,
-            "location": self.location,
-            "summary": self.summary.to_dict(),
-        }
+__all__ = ["AVAILABLE", "DELETING", "ImageDisk", "ImageNic", "ImageRecords", "ImageSummary", "NewImage", "StoredImage"]
 
 
 def _from_row(row: Row[Any]) -> StoredImage:

@@ -26,7 +26,7 @@ import uuid as uuidlib
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO
 from urllib.parse import unquote, urlparse
 
 from freezeframe.adapters.catalog import SqlCatalog
@@ -49,6 +49,7 @@ from freezeframe.errors import (
     InsufficientSpace,
     InvalidRequest,
 )
+from freezeframe.ports import ImageStore
 
 RECORD_FILE = "image.json"
 CHUNK = 4 * 2**20
@@ -63,41 +64,6 @@ _STAGING_DIR = re.compile(r"^[0-9a-f]{12}-(\d+)$")
 
 
 # ---- the port -----------------------------------------------------------------------------------------------
-
-
-class ImageStore(Protocol):
-    """Where exported packages are kept; every method either completes or leaves the store as it was."""
-
-    uri: str
-
-    def staging(self, filename: str) -> contextlib.AbstractContextManager[Path]:
-        """A fresh local path (not yet existing) to write a package to before ``put_file``; removed on exit.
-
-        The directory store hands out a path on its own filesystem so that ``put_file`` is a rename.
-        """
-
-    def put_file(self, path: Path, new: NewImage) -> StoredImage:
-        """Store the package at ``path`` (moved when it came from ``staging``, else copied) and record it."""
-
-    def get_stream(self, image_id: str) -> contextlib.AbstractContextManager[IO[bytes]]:
-        """The package's bytes as a readable binary stream."""
-
-    def local_file(self, image_id: str) -> contextlib.AbstractContextManager[Path]:
-        """A seekable local file holding the package for the duration of the block (remote stores download)."""
-
-    def find(self, ref: str) -> StoredImage: ...
-
-    def list_images(self) -> list[StoredImage]:
-        """Available images of this store, newest first."""
-
-    def delete(self, image_id: str) -> StoredImage:
-        """Mark deleting, remove the data, remove the record; an interruption is finished by ``repair``."""
-
-    def repair(self) -> list[str]:
-        """Finish interrupted deletes and remove half-written packages; return what was done."""
-
-
-# ---- the directory backend ----------------------------------------------------------------------------------
 
 
 def check_filename(filename: str) -> None:

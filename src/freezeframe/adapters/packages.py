@@ -1,0 +1,157 @@
+"""The ``Packages`` port over the OVA writer/reader (``adapters/ova.py``) and the OVF descriptor (``adapters/ovf.py``).
+
+Translates between their types and the port's: a set's members in, a written package out; a checked package in
+the port's terms (what planning reads), its disk files as byte ranges of the OVA that QEMU opens in place with the
+format pinned and no backing file. ``probe`` is the OVA reader's disk probe, which checks each image header itself
+before any QEMU tool opens it.
+"""
+
+from __future__ import annotations
+
+import uuid as uuidlib
+from collections.abc import Sequence
+from pathlib import Path
+
+from freezeframe.adapters.ova import OvaDiskMember, OvaDiskSource, OvaPackage, open_ova, probe_disk, write_ova
+from freezeframe.adapters.ovf import ImportedMachine, OvfDisk, build_descriptor, parse_descriptor
+from freezeframe.durable import fsync_path, sha256_file
+from freezeframe.errors import OvaDiskError, OvaWriteError
+from freezeframe.model import SnapshotSet
+from freezeframe.ports import (
+    DeclaredDisk,
+    DeclaredNic,
+    ImageDisk,
+    ImageNic,
+    ImageRef,
+    ImageSummary,
+    OpenedPackage,
+    PackageFile,
+    PackageSource,
+    ProbedDisk,
+    ProgressCallback,
+    RecordedMember,
+    RecordedSet,
+    WrittenDisk,
+    WrittenPackage,
+)
+
+PACKAGE_MODE = 0o600
+"""Packages hold whole guest disks: readable by their owner only."""
+_SECTOR = 512
+
+
+def summarize(machine: ImportedMachine, disk_format: str) -> ImageSummary:
+    """The descriptor summary a stored image keeps (what `images show` prints without reading the package)."""
+    targets = {m.href: m.target for m in machine.freezeframe.members} if machine.freezeframe else {}
+    return ImageSummary(
+        machine_name=machine.name,
+        vcpus=machine.vcpus,
+        memory_bytes=machine.memory_bytes,
+        ovf_version=machine.ovf_version,
+        disk_format=disk_format,
+        arch=machine.arch,
+        firmware=machine.firmware,
+        disks=tuple(
+            ImageDisk(
+                target=targets.get(d.href or "") or d.disk_id,
+                capacity=d.capacity,
+                format=d.format,
+                file_size=d.file_size,
+                controller=d.controller,
+            )
+            for d in machine.disks
+        ),
+        nics=tuple(ImageNic(network=n.network, model=n.model) for n in machine.nics),
+    )
+
+
+def _ova_source(source: PackageSource) -> OvaDiskSource:
+    image = source.image
+    if image.offset or image.size is not None:
+        raise OvaWriteError(f"member {source.target}: only whole image files can be packaged")
+    if source.to_vmdk:
+        return OvaDiskSource.to_vmdk(source.href, image.path, image.format, source.target, source.adapter_type)
+    return OvaDiskSource.copy(source.href, image.path, image.format, source.target)
+
+
+def _opened(package: OvaPackage) -> OpenedPackage:
+    m = package.machine
+    recorded = None
+    if m.freezeframe is not None:
+        members = tuple(
+            RecordedMember(x.href, x.target, x.bus, x.virtual_size, x.boot_order) for x in m.freezeframe.members
+        )
+        recorded = RecordedSet(m.freezeframe.hardware, members)
+    return OpenedPackage(
+        file_name=package.path.name,
+        machine_name=m.name,
+        vcpus=m.vcpus,
+        memory_bytes=m.memory_bytes,
+        arch=m.arch,
+        firmware=m.firmware,
+        os_description=m.os_description,
+        disks=tuple(
+            DeclaredDisk(d.disk_id, d.href, d.capacity, d.controller, d.controller_address, d.address) for d in m.disks
+        ),
+        nics=tuple(DeclaredNic(n.network, n.model) for n in m.nics),
+        files={d.name: PackageFile(d.name, handle=d) for d in package.disks},
+        recorded=recorded,
+        warnings=tuple(package.warnings),
+    )
+
+
+class OvaPackages:
+    """OVA files on this host."""
+
+    def write(
+        self,
+        out: Path,
+        snapshot_set: SnapshotSet,
+        descriptor_name: str,
+        sources: Sequence[PackageSource],
+        ovf_version: int,
+        progress: ProgressCallback | None,
+        *,
+        replace: bool = False,
+    ) -> WrittenPackage:
+        replacing = replace and (out.exists() or out.is_symlink())
+        target = out.with_name(f".{out.name}.ff-{uuidlib.uuid4().hex[:8]}.tmp") if replacing else out
+
+        def descriptor(disks: Sequence[OvfDisk]) -> bytes:
+            return build_descriptor(snapshot_set, disks, ovf_version)
+
+        result = write_ova(target, descriptor_name, descriptor, [_ova_source(s) for s in sources], progress)
+        try:
+            target.chmod(PACKAGE_MODE)
+            if replacing:
+                target.replace(out)
+                fsync_path(out.parent)
+        except BaseException:
+            target.unlink(missing_ok=True)
+            raise
+        disk_format = "vmdk" if any(s.to_vmdk for s in sources) else "qcow2"
+        return WrittenPackage(
+            path=out,
+            size=result.size,
+            allocated=out.stat().st_blocks * 512,
+            seconds=result.seconds,
+            disks=tuple(
+                WrittenDisk(d.target, d.href, d.format, d.file_size, d.capacity, d.populated_size) for d in result.disks
+            ),
+            summary=summarize(parse_descriptor(result.descriptor), disk_format),
+        )
+
+    def open(self, path: Path) -> OpenedPackage:
+        return _opened(open_ova(path))
+
+    def probe(self, file: PackageFile) -> ProbedDisk:
+        member = file.handle
+        if not isinstance(member, OvaDiskMember):
+            raise OvaDiskError(f"disk {file.name} was not opened by this package reader")
+        probe = probe_disk(member)  # the header guard, then qemu-img info/check with the format pinned
+        size = -(-member.size // _SECTOR) * _SECTOR  # qemu's raw layer wants whole sectors; tar padding has them
+        image = ImageRef(member.ova_path, probe.format, offset=member.offset, size=size, backing=False)
+        return ProbedDisk(member.name, probe.virtual_size, image)
+
+    def sha256(self, path: Path) -> str:
+        return sha256_file(path)
