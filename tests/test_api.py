@@ -21,7 +21,6 @@ import pytest
 from freezeframe.api.testing import ServerProcess, cli, issue_token, running_server
 from freezeframe.config import Settings
 from freezeframe.errors import FreezeframeError
-from freezeframe.lifecycle import Lifecycle
 from freezeframe.service import Freezeframe
 from freezeframe.testbed.guest import GuestImage
 from freezeframe.testbed.instance import DiskRequest, TestInstance, destroy_and_undefine, running_instance
@@ -95,7 +94,7 @@ def _snapshot(server: ServerProcess, client: httpx.Client, instance: str, **body
 def _discard(home: Path, libvirt_conn: Any, name: str) -> None:
     """Remove an instance the API made (restore/import): its domain, disks and records."""
     with Freezeframe.open(Settings.from_env(home=home)) as ff, contextlib.suppress(FreezeframeError):
-        Lifecycle(ff).discard(name)
+        ff.lifecycle.discard(name)
     destroy_and_undefine(libvirt_conn, name)
 
 

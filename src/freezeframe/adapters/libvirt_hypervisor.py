@@ -357,12 +357,27 @@ class LibvirtHypervisor:
                 raise CaptureFailed(f"the backup job of {instance.name} did not finish within {timeout_s:.0f} s")
             time.sleep(_POLL_S)
         done_stats = self._job(dom, libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED)
+        self._wait_block_jobs_released(dom, instance)
         if done_stats.get("type") != libvirt.VIR_DOMAIN_JOB_COMPLETED:
             reason = done_stats.get("errmsg") or "the backup job failed"
             raise CaptureFailed(f"copy of {instance.name}'s disks failed: {reason}")
         if progress is not None:
             total = int(done_stats.get("disk_total", done_stats.get("data_total", 0)))
             progress(total, total)
+
+    def _wait_block_jobs_released(self, dom: libvirt.virDomain, instance: Instance, timeout_s: float = 30) -> None:
+        """libvirt reports the backup job ended before it releases each disk's block job; a busy host can take
+        a while. The next backupBegin would fail inside the freeze window ("has a blockjob assigned"), so the
+        copy is only done once every disk is free again."""
+        deadline = time.monotonic() + timeout_s
+        for disk in instance.hardware.disks:
+            while time.monotonic() < deadline:
+                try:
+                    if not dom.blockJobInfo(disk.target, 0):
+                        break
+                except libvirt.libvirtError:
+                    break  # the disk is gone or the domain stopped: nothing left to wait for
+                time.sleep(_POLL_S)
 
     def abort_capture(self, instance: Instance) -> None:
         dom = self.domain(instance)
