@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 
 from common import MiB, Run, add_common_args, libvirt_connection, machine_info, output_dir, scratch_dir
-from freezeframe.api.testing import ServerProcess, cli, issue_token, running_server
+from freezeframe.testbed.api_server import ServerProcess, cli, issue_token, running_server
 from freezeframe.testbed.guest import build_guest
 from freezeframe.testbed.instance import DiskRequest, running_instance
 

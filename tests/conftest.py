@@ -26,6 +26,9 @@ from freezeframe.testbed.instance import (
     running_instance,
 )
 
+pytest_plugins = ("portable_support",)
+"""The export/import fixtures (ff, pt) for the modules that test packages."""
+
 _session_home: Path | None = None
 
 

@@ -18,10 +18,10 @@ from typing import Any
 import httpx
 import pytest
 
-from freezeframe.api.testing import ServerProcess, cli, issue_token, running_server
 from freezeframe.config import Settings
 from freezeframe.errors import FreezeframeError
 from freezeframe.service import Freezeframe
+from freezeframe.testbed.api_server import ServerProcess, cli, issue_token, running_server
 from freezeframe.testbed.guest import GuestImage
 from freezeframe.testbed.instance import DiskRequest, TestInstance, destroy_and_undefine, running_instance
 from freezeframe.testbed.ledger import check_ledger

@@ -28,7 +28,7 @@ import libvirt
 import pytest
 
 from freezeframe.api.problems import redact
-from freezeframe.api.testing import ServerProcess, cli, free_port, issue_token, running_server
+from freezeframe.testbed.api_server import ServerProcess, cli, free_port, issue_token, running_server
 
 MiB = 1 << 20
 PROJECT_NS = "https://freezeframe.dev/xmlns/1"

@@ -51,7 +51,6 @@ from freezeframe.model import (
 )
 from freezeframe.ops.compute import Order, check_order, image_exclusions, root_disk, take
 from freezeframe.serialize import set_from_dict, set_to_dict
-from freezeframe.views import set_view
 
 T0 = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -139,7 +138,6 @@ def _set(instance_uuid: str = "u-1", metadata: dict[str, str] | None = None, **k
 def test_set_round_trips_through_json() -> None:
     s = _set(backup_type="daily", freeze_window_ms=3.5)
     assert set_from_dict(json.loads(json.dumps(set_to_dict(s)))) == s
-    assert set_view(s, with_hardware=False) == set_to_dict(s, hardware=False)  # the CLI's old name still works
 
 
 @pytest.mark.parametrize(

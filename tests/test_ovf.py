@@ -45,6 +45,7 @@ from freezeframe.model import (
     SetStatus,
     SnapshotSet,
 )
+from freezeframe.serialize import hardware_to_dict
 
 PROJECT = Path(__file__).resolve().parents[1]
 # ../shared next to the project (a clone), or two levels up (a git worktree under wt/).
@@ -596,7 +597,7 @@ def test_deeply_nested_hardware_json_is_refused_in_one_line(nested: str) -> None
 
 
 def test_brackets_inside_json_strings_do_not_count_as_nesting() -> None:
-    hw = make_set(("virtio",)).hardware.to_dict()
+    hw = hardware_to_dict(make_set(("virtio",)).hardware)
     hw["description"] = "[" * 1000 + '{"' + "\\" * 10
     info = parse_descriptor(_with_hardware_json(json.dumps(hw))).freezeframe
     assert info is not None and info.hardware is not None

@@ -146,7 +146,7 @@ def list_sets(
     with open_service(home, connect) as service:
         sets = service.list_sets(instance=instance, status=status, metadata=parse_meta(meta) or None)
     if as_json:
-        print_json([_set_view(s, with_hardware=False) for s in sets])
+        print_json([_set_view(s, hardware=False) for s in sets])
         return
     rows = [_set_row(s, s.id[:8], f"{s.created_at:%Y-%m-%d %H:%M}") for s in sets]
     print_table(SET_COLUMNS, rows, [_set_row(s, s.id, s.created_at.isoformat(timespec="seconds")) for s in sets])
@@ -240,9 +240,9 @@ def instances(as_json: JsonOpt = False, connect: ConnectOpt = None, home: HomeOp
     with open_service(home, connect) as service:
         found = service.instances()
     if as_json:
-        from freezeframe.views import instance_view
+        from freezeframe.serialize import instance_to_dict
 
-        print_json([instance_view(i) for i in found])
+        print_json([instance_to_dict(i) for i in found])
         return
     rows = [_instance_row(i, ", ") for i in found]
     print_table(INSTANCE_COLUMNS, rows, [_instance_row(i, ",") for i in found])
@@ -264,10 +264,10 @@ def demo(
     run_demo(workdir)
 
 
-def _set_view(s: SnapshotSet, with_hardware: bool = True) -> dict[str, object]:
-    from freezeframe.views import set_view
+def _set_view(s: SnapshotSet, hardware: bool = True) -> dict[str, object]:
+    from freezeframe.serialize import set_to_dict
 
-    return set_view(s, with_hardware=with_hardware)
+    return set_to_dict(s, hardware=hardware)
 
 
 register_lifecycle(app)

@@ -154,10 +154,10 @@ def backup(
             instance, kind, keep, metadata=metadata, consistency=consistency, require=require, name=set_name
         )
     if as_json:
-        from freezeframe.views import set_view
+        from freezeframe.serialize import set_to_dict
 
         rotated = {"rotated_out": result.rotated_out, "kept_in_use": result.kept_in_use}
-        print_json({"set": set_view(result.snapshot_set, with_hardware=False), **rotated})
+        print_json({"set": set_to_dict(result.snapshot_set, hardware=False), **rotated})
         return
     s = result.snapshot_set
     say("backup set ", (s.id, "bold"), f" ({s.name}, {s.backup_type}): {len(s.members)} disks, {s.achieved}")

@@ -5,11 +5,9 @@ Nothing here knows about libvirt, SQL or files; adapters translate to and from t
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
 
 
 class Consistency(enum.StrEnum):
@@ -88,17 +86,6 @@ class Hardware:
     nics: tuple[NicSpec, ...] = ()
     description: str | None = None
     metadata_xml: str | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Hardware:
-        boot = BootSpec(**{**data.get("boot", {}), "boot_devices": tuple(data.get("boot", {}).get("boot_devices", ()))})
-        disks = tuple(DiskSpec(**d) for d in data.get("disks", ()))
-        nics = tuple(NicSpec(**n) for n in data.get("nics", ()))
-        rest = {k: v for k, v in data.items() if k not in ("boot", "disks", "nics")}
-        return cls(boot=boot, disks=disks, nics=nics, **rest)
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,7 @@ from freezeframe.durable import sha256_file, write_atomically
 from freezeframe.errors import CaptureFailed, HypervisorError, InsufficientSpace, PreflightFailed
 from freezeframe.model import FILE_STORE, DiskSpec, Member, SnapshotSet
 from freezeframe.ports import MANIFEST, CaptureTarget, ImageRef, Images, ProgressCallback
+from freezeframe.serialize import set_to_dict
 
 MEMBER_FORMAT = "qcow2"
 RESTORED_FORMAT = "qcow2"
@@ -79,23 +80,9 @@ class DirectoryRepository:
 
     def write_manifest(self, snapshot_set: SnapshotSet) -> None:
         """A set.json beside the data lets anyone tell which images belong together without the catalog."""
-        record = {
-            "set_id": snapshot_set.id,
-            "name": snapshot_set.name,
-            "instance": {"name": snapshot_set.instance_name, "uuid": snapshot_set.instance_uuid},
-            "consistency": {
-                "requested": str(snapshot_set.requested),
-                "achieved": str(snapshot_set.achieved) if snapshot_set.achieved else None,
-                "reason": snapshot_set.reason,
-            },
-            "created_at": snapshot_set.created_at.isoformat(),
-            "completed_at": snapshot_set.completed_at.isoformat() if snapshot_set.completed_at else None,
-            "members": [
-                {"target": m.target, "file": Path(m.path).name, "sha256": m.sha256, "metadata": m.metadata}
-                for m in snapshot_set.members
-            ],
-            "hardware": snapshot_set.hardware.to_dict(),
-        }
+        record = set_to_dict(snapshot_set)
+        for member in record["members"]:
+            member["file"] = Path(member["path"]).name  # the folder stays understandable when moved
         path = self.set_dir(snapshot_set.id) / MANIFEST
         try:
             write_atomically(path, json.dumps(record, indent=2, sort_keys=True).encode(), 0o600)

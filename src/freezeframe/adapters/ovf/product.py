@@ -22,8 +22,9 @@ from freezeframe.adapters.ovf.model import (
 )
 from freezeframe.adapters.ovf.safexml import DescriptorReader
 from freezeframe.adapters.ovf.units import parse_count
-from freezeframe.errors import OvfInvalidValue
+from freezeframe.errors import OvfInvalidValue, RecordInvalid
 from freezeframe.model import Hardware, Member, SnapshotSet
+from freezeframe.serialize import hardware_from_dict, hardware_to_dict
 
 MAX_JSON_DEPTH = 32  # hardware.json nests 3 levels; deep nesting is an attack on the JSON parser's recursion
 
@@ -47,7 +48,7 @@ def freezeframe_properties(
         ("hardware.machine", hw.machine or ""),
         ("hardware.domain_type", hw.domain_type),
         ("hardware.firmware", hw.boot.firmware),
-        ("hardware.json", json.dumps(hw.to_dict(), sort_keys=True, separators=(",", ":"))),
+        ("hardware.json", json.dumps(hardware_to_dict(hw), sort_keys=True, separators=(",", ":"))),
     ]
     props += [(f"set.meta.{k}", v) for k, v in sorted(snapshot_set.metadata.items())]
     for index, disk in enumerate(disks):
@@ -82,8 +83,10 @@ def _check_json_depth(text: str, what: str) -> None:
 def _hardware(text: str) -> Hardware:
     _check_json_depth(text, "freezeframe section hardware.json")
     try:
-        return Hardware.from_dict(json.loads(text))
-    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+        return hardware_from_dict(json.loads(text), "freezeframe section hardware.json")
+    except RecordInvalid as exc:
+        raise OvfInvalidValue(str(exc)) from exc
+    except (ValueError, RecursionError) as exc:
         raise OvfInvalidValue(f"freezeframe section hardware.json is unusable: {exc}") from exc
 
 
