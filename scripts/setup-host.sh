@@ -19,7 +19,7 @@ DEB_PACKAGES=(
   qemu-system-x86 qemu-utils
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev pkg-config
   busybox-static qemu-guest-agent e2fsprogs cpio xz-utils
-  gcc libc6-dev
+  gcc libc6-dev openssl
   ovmf
 )
 
