@@ -624,6 +624,22 @@ def test_backup_arguments_are_checked(ff: Freezeframe, lc: LC) -> None:
 LEDGER_DISKS = [DiskRequest(64 * MiB), DiskRequest(64 * MiB), DiskRequest(64 * MiB)]
 
 
+def test_one_broken_domain_does_not_hide_the_others(ff: Freezeframe, libvirt_conn: Any, tmp_path: Path) -> None:
+    """A domain whose disk file is gone is still listed (size unknown), and so is every other instance."""
+    name = f"fflc-broken-{uuid.uuid4().hex[:8]}"
+    xml = (
+        f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory><os><type>hvm</type></os>"
+        f"<devices><disk type='file' device='disk'><driver name='qemu' type='qcow2'/>"
+        f"<source file='{tmp_path / 'gone.qcow2'}'/><target dev='vda' bus='virtio'/></disk></devices></domain>"
+    )
+    dom = libvirt_conn.defineXML(xml)
+    try:
+        listed = {i.name: i for i in ff.instances()}
+        assert name in listed and listed[name].hardware.disks[0].virtual_size == 0
+    finally:
+        dom.undefine()
+
+
 @pytest.fixture(scope="module")
 def ledger_vm(
     libvirt_conn: Any, guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory

@@ -226,7 +226,9 @@ class LibvirtHypervisor:
         except libvirt.libvirtError:
             try:
                 return self.images.info(image).virtual_size
-            except InvalidRequest:  # a format freezeframe does not open: discovery refuses the disk later
+            except (InvalidRequest, HypervisorError):
+                # A format freezeframe does not open, or a file that is gone: the size is unknown (0). Listing
+                # every instance must not fail for one broken domain; a snapshot of it fails with the reason.
                 return 0
 
     # ---- guest agent --------------------------------------------------------------------------------
