@@ -13,11 +13,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from portable_support import PREFIX, Pt, guest_boot_dirs, remove_everything, synthetic_hardware, synthetic_set
 
 from freezeframe.config import Settings
 from freezeframe.service import Freezeframe
 from freezeframe.testbed.guest import GuestImage
+from portable_support import PREFIX, Pt, guest_boot_dirs, remove_everything, synthetic_hardware, synthetic_set
 
 
 def readable_by_others(*roots: Path) -> list[str]:
