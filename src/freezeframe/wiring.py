@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from freezeframe.adapters.libvirt_hypervisor import LibvirtHypervisor
     from freezeframe.adapters.locks import FileLocks
     from freezeframe.adapters.qemu_img import QemuImg
+    from freezeframe.adapters.rbd_volumes import RbdVolumes
     from freezeframe.adapters.repository import DirectoryRepository
     from freezeframe.adapters.restore_log import RestoreLog
     from freezeframe.lifecycle import Lifecycle
@@ -142,6 +143,13 @@ class Wiring:
         return Stores({files.kind: files})
 
     @cached_property
+    def volumes(self) -> RbdVolumes:
+        """Ceph RBD volumes (``FREEZEFRAME_CEPH_*``); connects only when a set has RBD disks."""
+        from freezeframe.adapters.rbd_volumes import RbdVolumes
+
+        return RbdVolumes()
+
+    @cached_property
     def journal(self) -> FileJournal:
         from freezeframe.adapters.journal import FileJournal
 
@@ -185,6 +193,7 @@ class Wiring:
             self.journal,
             self.locks,
             FlowSettings(freeze_cap_s=self.settings.freeze_cap_s, hold_in_window_s=hold),
+            self.volumes,
         )
 
     def snapshot(self, request: SnapshotRequest, progress: ProgressCallback | None = None) -> SnapshotSet:

@@ -1,0 +1,47 @@
+"""Backend-native volumes (Ceph RBD): snapshots the storage backend takes in place, next to their parent image.
+
+The flow opens every volume before the guest-visible window (so an unreachable cluster or a name collision is
+found before the guest is touched), takes the snapshots inside it with nothing but the backend's own calls, and
+removes whatever a failed or interrupted set made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Protocol
+
+from freezeframe.model import DiskSpec
+
+VOLUMES_KEY = "volumes"
+"""Journal ``extra`` key: the volumes (``POOL/IMAGE``, comma-separated) a set may have snapshotted."""
+
+
+@dataclass(frozen=True)
+class VolumeSnapshot:
+    """One snapshot made for a set: ``source`` is ``rbd:POOL/IMAGE@SNAPSHOT`` (as qemu-img reads it)."""
+
+    disk: DiskSpec
+    snapshot: str
+    source: str
+
+
+class VolumeCapture(Protocol):
+    def snapshot(self) -> list[VolumeSnapshot]:
+        """Inside the window: one native snapshot per volume and nothing else; CaptureFailed on any failure."""
+
+
+class Volumes(Protocol):
+    def open(self, set_id: str, set_name: str, disks: Sequence[DiskSpec]) -> AbstractContextManager[VolumeCapture]:
+        """Connect, open and tag every volume; PreflightFailed when the cluster or an image cannot be reached or a
+        snapshot of that name exists already. Closed after the window."""
+
+    def existing(self, set_id: str, disks: Sequence[DiskSpec]) -> list[VolumeSnapshot]:
+        """The snapshots a set made, for a process that takes over the copy."""
+
+    def checksum(self, snapshot: VolumeSnapshot) -> str:
+        """SHA-256 of the snapshot's content (the raw guest data)."""
+
+    def remove(self, set_id: str, volumes: Sequence[str]) -> list[str]:
+        """Remove the set's snapshots and tags from the volumes (``POOL/IMAGE``); idempotent; what was removed."""
