@@ -13,6 +13,7 @@ Everything lives under one state directory: ``FREEZEFRAME_CEPH_TESTBED_DIR``, de
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -20,8 +21,10 @@ import signal
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from freezeframe.testbed.instance import TestbedError
 
@@ -310,3 +313,48 @@ keyring = {self.admin_keyring}
             "healthy": self.healthy(),
             "testbed": asdict(info) if info else None,
         }
+
+
+# ---- images for test guests (through the client user, like freezeframe) ---------------------------------------
+
+
+@contextlib.contextmanager
+def open_pool(info: CephTestbed) -> Iterator[Any]:
+    import rados
+
+    conf = {"keyring": info.keyring, "client_mount_timeout": "10"}
+    handle = rados.Rados(conffile=info.conf, rados_id=info.user, conf=conf)
+    handle.connect(timeout=10)
+    try:
+        ioctx = handle.open_ioctx(info.pool)
+        try:
+            yield ioctx
+        finally:
+            ioctx.close()
+    finally:
+        handle.shutdown()
+
+
+def create_image(info: CephTestbed, name: str, size: int) -> None:
+    """A format-2 image with layering + exclusive-lock (what Nova/Cinder make; no object-map, see the notes)."""
+    import rbd
+
+    with open_pool(info) as ioctx:
+        features = rbd.RBD_FEATURE_LAYERING | rbd.RBD_FEATURE_EXCLUSIVE_LOCK
+        rbd.RBD().create(ioctx, name, size, old_format=False, features=features)
+
+
+def remove_image(info: CephTestbed, name: str) -> None:
+    """Remove the image with its snapshots (clones of them first); quiet when it is gone already."""
+    import rbd
+
+    with open_pool(info) as ioctx:
+        try:
+            with rbd.Image(ioctx, name) as img:
+                for snap in list(img.list_snaps()):
+                    if img.is_protected_snap(snap["name"]):
+                        img.unprotect_snap(snap["name"])
+                    img.remove_snap(snap["name"])
+        except rbd.ImageNotFound:
+            return
+        rbd.RBD().remove(ioctx, name)
