@@ -136,11 +136,12 @@ class Wiring:
     @cached_property
     def stores(self) -> Stores:
         """The store of each kind of member (today: ``file``, a qcow2 file in the repository)."""
+        from freezeframe.adapters.rbd_members import RbdMembers
         from freezeframe.adapters.repository import FileMembers
         from freezeframe.ops.common import Stores
 
-        files = FileMembers(self.images)
-        return Stores({files.kind: files})
+        files, rbd = FileMembers(self.images), RbdMembers(self.volumes)
+        return Stores({files.kind: files, rbd.kind: rbd})
 
     @cached_property
     def volumes(self) -> RbdVolumes:
@@ -178,9 +179,14 @@ class Wiring:
 
     @cached_property
     def domains(self) -> LibvirtDomains:
+        from freezeframe.adapters.libvirt_define import RbdAccess
         from freezeframe.adapters.libvirt_domains import LibvirtDomains
 
-        return LibvirtDomains(self.hypervisor.conn, self.settings.libvirt_uri, self.settings.agent_timeout_s)
+        def rbd() -> RbdAccess:
+            s = self.volumes.settings
+            return RbdAccess(self.volumes.mon_hosts(), s.user, s.secret_uuid)
+
+        return LibvirtDomains(self.hypervisor.conn, self.settings.libvirt_uri, self.settings.agent_timeout_s, rbd)
 
     # ---- the snapshot flow ---------------------------------------------------------------------------------
 

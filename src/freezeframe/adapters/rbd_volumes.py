@@ -132,6 +132,22 @@ class RbdVolumes:
         finally:
             ioctx.close()
 
+    def mon_hosts(self) -> tuple[tuple[str, str], ...]:
+        """(host, port) of every monitor in the configuration (``v1:``/``v2:`` prefixes and brackets dropped)."""
+        rados, _ = _bindings()
+        handle = rados.Rados(conffile=self.settings.conf or "", rados_id=self.settings.user)
+        try:
+            text = str(handle.conf_get("mon_host") or "")
+        finally:
+            handle.shutdown()
+        hosts = []
+        for item in text.replace(";", ",").replace(" ", ",").split(","):
+            addr = item.strip().strip("[]").removeprefix("v1:").removeprefix("v2:").split("/")[0]
+            if addr:
+                host, _, port = addr.rpartition(":") if addr.count(":") == 1 else (addr, "", "6789")
+                hosts.append((host, port or "6789"))
+        return tuple(dict.fromkeys(hosts))
+
     # ---- the Volumes port ------------------------------------------------------------------------------------
 
     @contextlib.contextmanager

@@ -10,10 +10,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
-from freezeframe.model import DiskSpec
+from freezeframe.model import DiskSpec, Member
 
+RBD_PREFIX = "rbd:"
+"""Where a member or a restored disk is an RBD image: ``rbd:POOL/IMAGE[@SNAPSHOT]``."""
 VOLUMES_KEY = "volumes"
 """Journal ``extra`` key: the volumes (``POOL/IMAGE``, comma-separated) a set may have snapshotted."""
 
@@ -45,3 +47,14 @@ class Volumes(Protocol):
 
     def remove(self, set_id: str, volumes: Sequence[str]) -> list[str]:
         """Remove the set's snapshots and tags from the volumes (``POOL/IMAGE``); idempotent; what was removed."""
+
+
+@runtime_checkable
+class ClonedMembers(Protocol):
+    """A member store whose restores are backend clones of the member (RBD): delete asks it for dependants."""
+
+    def children(self, member: Member) -> list[str]:
+        """``POOL/IMAGE`` of every clone that still depends on the member."""
+
+    def flatten(self, clone: str) -> None:
+        """Copy the member's data into the clone so it stands alone."""

@@ -1,0 +1,142 @@
+"""Instance-level sets of a real guest whose disks mix files and a Ceph RBD volume (real one-node cluster, TCG).
+
+The ledger workload writes record i to a journal on vdb (a qcow2 file), then i to a state file on vdc (an RBD
+image): a set whose members share one point in time satisfies state <= last_journal <= state + 1.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ceph_helpers import ceph_testbed, dead_conf, qemu_source
+from freezeframe import wiring
+from freezeframe.config import Settings
+from freezeframe.errors import PreflightFailed
+from freezeframe.flow import SnapshotRequest
+from freezeframe.model import Consistency, SetStatus, SnapshotSet
+from freezeframe.serialize import set_to_dict
+from freezeframe.service import Freezeframe
+from freezeframe.testbed.ceph import CephTestbed, open_pool
+from freezeframe.testbed.instance import DiskRequest, TestInstance, running_instance
+from freezeframe.testbed.ledger import check_ledger
+
+__all__ = ["ceph_testbed"]
+pytestmark = pytest.mark.vm
+
+MiB = 1 << 20
+SETS = int(os.environ.get("FREEZEFRAME_TEST_SETS_PER_LEVEL", "30"))
+
+
+@pytest.fixture(scope="module")
+def rbd_guest(
+    libvirt_conn: Any, guest_image: Any, ceph_testbed: CephTestbed, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TestInstance]:
+    disks = [DiskRequest(64 * MiB), DiskRequest(64 * MiB), DiskRequest(64 * MiB, ceph=ceph_testbed)]
+    workdir = tmp_path_factory.mktemp("rbd-guest")
+    with running_instance(libvirt_conn, disks=disks, workload="ledger", workdir=workdir, guest=guest_image) as inst:
+        yield inst
+
+
+@pytest.fixture
+def service(tmp_path: Path, ceph_testbed: CephTestbed) -> Iterator[Freezeframe]:
+    with wiring.open_service(Settings(home=tmp_path / "ffhome", agent_timeout_s=3)) as ff:
+        yield ff
+
+
+def _verdict_ok(s: SnapshotSet, info: CephTestbed, tmp: Path) -> tuple[bool, str]:
+    journal = Path(next(m.path for m in s.members if m.target == "vdb"))
+    state = tmp / f"{s.id}-vdc.raw"
+    source = next(m.path for m in s.members if m.target == "vdc")
+    subprocess.run(["qemu-img", "convert", "-f", "raw", qemu_source(info, source), "-O", "raw", str(state)],
+                   check=True)  # fmt: skip
+    try:
+        verdict = check_ledger(journal, state)
+    finally:
+        state.unlink()
+    return verdict.ok and (verdict.state or 0) > 0, verdict.reason
+
+
+def _rbd_snaps(info: CephTestbed, inst: TestInstance) -> list[str]:
+    import rbd
+
+    volume = inst.disks[2].rbd
+    assert volume is not None
+    with open_pool(info) as ioctx, rbd.Image(ioctx, volume.volume.split("/")[1]) as img:
+        return [s["name"] for s in img.list_snaps()]
+
+
+def _alive(inst: TestInstance) -> None:
+    assert inst.dom.state()[0] == 1, "guest is not running"
+    assert inst.agent({"execute": "guest-fsfreeze-status"})["return"] == "thawed"
+    inst.wait_for_progress(after=inst.progress(), timeout_s=20)
+
+
+@pytest.mark.parametrize(("level", "count"), [(Consistency.FILESYSTEM, SETS), (Consistency.CRASH, 5)])
+def test_file_root_plus_rbd_volume_sets_pass_the_ledger(
+    level: Consistency, count: int, rbd_guest: TestInstance, service: Freezeframe, ceph_testbed: CephTestbed,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    windows, violations = [], []
+    for _ in range(count):
+        s = service.snapshot(SnapshotRequest(rbd_guest.name, level, require=True))
+        assert s.status is SetStatus.AVAILABLE and s.achieved is level
+        members = set_to_dict(s)["members"]
+        assert [(m["target"], m["storage"]) for m in members] == [("vda", "file"), ("vdb", "file"), ("vdc", "rbd")]
+        assert members[2]["source"] == f"rbd:{ceph_testbed.pool}/{rbd_guest.name}-vdc@freezeframe-{s.id}"
+        ok, reason = _verdict_ok(s, ceph_testbed, tmp_path)
+        if not ok:
+            violations.append(f"{s.id}: {reason}")
+        windows.append(s.pause_window_ms if level is Consistency.CRASH else s.freeze_window_ms)
+        service.lifecycle.delete(s.id)
+    assert violations == []
+    assert level is not Consistency.CRASH or all(w is not None for w in windows), "crash level must pause"
+    print(f"{level}: {count} sets, window median {sorted(windows)[len(windows) // 2]} ms")  # type: ignore[type-var]
+    assert _rbd_snaps(ceph_testbed, rbd_guest) == []
+    _alive(rbd_guest)
+
+
+def test_unreachable_cluster_fails_the_set_and_leaves_the_guest_running(
+    rbd_guest: TestInstance, ceph_testbed: CephTestbed, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FREEZEFRAME_CEPH_CONF", str(dead_conf(ceph_testbed, tmp_path)))
+    monkeypatch.setenv("FREEZEFRAME_CEPH_TIMEOUT_S", "2")
+    with wiring.open_service(Settings(home=tmp_path / "home", agent_timeout_s=3)) as ff:
+        with pytest.raises(PreflightFailed, match="cannot be reached"):
+            ff.snapshot(SnapshotRequest(rbd_guest.name))
+        (failed,) = ff.list_sets()
+        assert failed.status is SetStatus.FAILED and not ff.repository.exists(failed.id)
+    assert _rbd_snaps(ceph_testbed, rbd_guest) == []
+    _alive(rbd_guest)
+
+
+def test_sigkill_inside_the_window_is_repaired_and_the_rbd_snapshot_removed(
+    rbd_guest: TestInstance, ceph_testbed: CephTestbed, tmp_path: Path
+) -> None:
+    home = tmp_path / "kill-home"
+    env = {**os.environ, "FREEZEFRAME_HOME": str(home), "FREEZEFRAME_FAULT_HOLD_IN_WINDOW_S": "60",
+           "FREEZEFRAME_FREEZE_CAP_S": "120"}  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "freezeframe.cli", "snapshot", rbd_guest.name], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while rbd_guest.agent({"execute": "guest-fsfreeze-status"})["return"] != "frozen":
+            assert time.monotonic() < deadline, "guest never became frozen"
+            time.sleep(0.05)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    repair = subprocess.run([sys.executable, "-m", "freezeframe.cli", "repair"], env=env, capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert repair.returncode == 0, repair.stderr
+    assert "thawed" in repair.stdout and "failed" in repair.stdout
+    assert _rbd_snaps(ceph_testbed, rbd_guest) == []
+    _alive(rbd_guest)
