@@ -7,6 +7,7 @@ image): a set whose members share one point in time satisfies state <= last_jour
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import pytest
 from ceph_helpers import ceph_testbed, dead_conf, qemu_source
 from freezeframe import wiring
 from freezeframe.config import Settings
-from freezeframe.errors import PreflightFailed
+from freezeframe.errors import PreflightFailed, SetHasDependants
 from freezeframe.flow import SnapshotRequest
 from freezeframe.model import Consistency, SetStatus, SnapshotSet
 from freezeframe.serialize import set_to_dict
@@ -34,6 +35,7 @@ pytestmark = pytest.mark.vm
 
 MiB = 1 << 20
 SETS = int(os.environ.get("FREEZEFRAME_TEST_SETS_PER_LEVEL", "30"))
+_LEDGER_RE = re.compile(rb"ff-ledger (?:paused |resumed )?i=(\d+)")
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +142,36 @@ def test_sigkill_inside_the_window_is_repaired_and_the_rbd_snapshot_removed(
     assert "thawed" in repair.stdout and "failed" in repair.stdout
     assert _rbd_snaps(ceph_testbed, rbd_guest) == []
     _alive(rbd_guest)
+
+
+def _wait_ledger_progress(console: Path, timeout_s: float = 120) -> int:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        found = _LEDGER_RE.findall(console.read_bytes()) if console.exists() else []
+        if found:
+            return int(found[-1])
+        time.sleep(0.5)
+    raise AssertionError(f"no ledger progress on {console} within {timeout_s:.0f} s")
+
+
+def test_restore_clones_boots_verify_and_delete_respect_the_clone(
+    rbd_guest: TestInstance, service: Freezeframe, ceph_testbed: CephTestbed, tmp_path: Path
+) -> None:
+    lc = service.lifecycle
+    s = service.snapshot(SnapshotRequest(rbd_guest.name))
+    report = lc.verify(s.id)
+    assert report.ok, report
+    name = f"ffrbd-restored-{s.id[:6]}"
+    result = lc.restore(s.id, name, start=True)
+    try:
+        by_target = {d.target: d.path for d in result.disks}
+        assert by_target["vdc"] == f"rbd:{ceph_testbed.pool}/{name}-vdc"
+        # the restored guest boots from its file clones + RBD clone and its ledger writer runs on them
+        assert _wait_ledger_progress(tmp_path / "ffhome" / "instances" / name / "console.log") >= 0
+        with pytest.raises(SetHasDependants, match=f"{name}-vdc"):
+            lc.delete(s.id)
+        lc.delete(s.id, force=True)  # flattens the running clones (files: block pull, RBD: flatten)
+        assert f"freezeframe-{s.id}" not in _rbd_snaps(ceph_testbed, rbd_guest)
+    finally:
+        done = lc.discard(name)
+    assert f"removed RBD image {ceph_testbed.pool}/{name}-vdc" in done

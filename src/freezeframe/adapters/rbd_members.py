@@ -9,13 +9,14 @@ lists them and ``flatten`` makes one stand alone, so delete can refuse or flatte
 from __future__ import annotations
 
 import contextlib
+import time
 from pathlib import Path
 
 from freezeframe.adapters.rbd_volumes import TAG_PREFIX, RbdVolumes, split_volume
 from freezeframe.errors import HypervisorError, PreflightFailed
 from freezeframe.model import RBD_STORE, DiskSpec, Member
 from freezeframe.ports import ImageRef, ProgressCallback
-from freezeframe.ports.volumes import RBD_PREFIX, VolumeSnapshot
+from freezeframe.ports.volumes import CLONE_SUFFIX, RBD_PREFIX, VolumeSnapshot
 from freezeframe.volume_members import RBD_SNAPSHOT_KEY
 
 
@@ -76,6 +77,7 @@ class RbdMembers:
                 ioctx.close()
         if progress is not None:
             progress(member.virtual_size, member.virtual_size)
+        dst.with_suffix(CLONE_SUFFIX).write_text(f"{pool}/{name}\n")  # discard finds the clone by this note
         return ImageRef(Path(f"{RBD_PREFIX}{pool}/{name}"), "raw")
 
     def base_of(self, member: Member) -> str:
@@ -101,6 +103,28 @@ class RbdMembers:
         """Copy the parent's data into the clone so it no longer depends on the snapshot."""
         with self.volumes.cluster() as handle, self.volumes.image(handle, clone) as img:
             img.flatten()
+
+    def remove_clone(self, clone: str) -> None:
+        """Retried while a just-stopped QEMU's watch lingers on the image (the OSD drops it within 30 s)."""
+        import rbd
+
+        pool, name = split_volume(clone)
+        deadline = time.monotonic() + 45
+        with self.volumes.cluster() as handle:
+            ioctx = handle.open_ioctx(pool)
+            try:
+                while True:
+                    try:
+                        rbd.RBD().remove(ioctx, name)
+                        return
+                    except rbd.ImageNotFound:
+                        return
+                    except rbd.ImageBusy as exc:
+                        if time.monotonic() > deadline:
+                            raise HypervisorError(f"RBD image {clone} is still in use: {exc}") from exc
+                        time.sleep(1)
+            finally:
+                ioctx.close()
 
     def remove(self, member: Member) -> None:
         import rbd

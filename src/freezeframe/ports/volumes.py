@@ -16,6 +16,8 @@ from freezeframe.model import DiskSpec, Member
 
 RBD_PREFIX = "rbd:"
 """Where a member or a restored disk is an RBD image: ``rbd:POOL/IMAGE[@SNAPSHOT]``."""
+CLONE_SUFFIX = ".rbd"
+"""A restored instance's folder holds ``<target>.rbd`` naming each RBD clone made for it (``POOL/IMAGE``)."""
 VOLUMES_KEY = "volumes"
 """Journal ``extra`` key: the volumes (``POOL/IMAGE``, comma-separated) a set may have snapshotted."""
 
@@ -58,3 +60,6 @@ class ClonedMembers(Protocol):
 
     def flatten(self, clone: str) -> None:
         """Copy the member's data into the clone so it stands alone."""
+
+    def remove_clone(self, clone: str) -> None:
+        """Remove a restored clone (``POOL/IMAGE``) whose instance is discarded; idempotent."""

@@ -357,4 +357,12 @@ def remove_image(info: CephTestbed, name: str) -> None:
                     img.remove_snap(snap["name"])
         except rbd.ImageNotFound:
             return
-        rbd.RBD().remove(ioctx, name)
+        deadline = time.monotonic() + 60  # a stopped QEMU's watch can linger until the OSD times it out (30 s)
+        while True:
+            try:
+                rbd.RBD().remove(ioctx, name)
+                return
+            except rbd.ImageBusy:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(1)
