@@ -144,6 +144,38 @@ def test_sigkill_inside_the_window_is_repaired_and_the_rbd_snapshot_removed(
     _alive(rbd_guest)
 
 
+@pytest.fixture(scope="module")
+def two_rbd_guest(
+    libvirt_conn: Any, guest_image: Any, ceph_testbed: CephTestbed, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TestInstance]:
+    """Root file vda; the ledger's journal (vdb) and state (vdc) both RBD images."""
+    disks = [DiskRequest(64 * MiB), DiskRequest(64 * MiB, ceph=ceph_testbed), DiskRequest(64 * MiB, ceph=ceph_testbed)]
+    workdir = tmp_path_factory.mktemp("rbd2-guest")
+    with running_instance(libvirt_conn, disks=disks, workload="ledger", workdir=workdir, guest=guest_image) as inst:
+        yield inst
+
+
+def test_two_rbd_disks_sets_pass_the_ledger(
+    two_rbd_guest: TestInstance, service: Freezeframe, ceph_testbed: CephTestbed, tmp_path: Path
+) -> None:
+    violations = []
+    for _ in range(SETS):
+        s = service.snapshot(SnapshotRequest(two_rbd_guest.name, Consistency.FILESYSTEM, require=True))
+        assert [m.store for m in s.members] == ["file", "rbd", "rbd"]
+        raws = {}
+        for target in ("vdb", "vdc"):
+            raws[target] = tmp_path / f"{target}.raw"
+            source = next(m.path for m in s.members if m.target == target)
+            subprocess.run(["qemu-img", "convert", "-f", "raw", qemu_source(ceph_testbed, source), "-O", "raw",
+                            str(raws[target])], check=True)  # fmt: skip
+        verdict = check_ledger(raws["vdb"], raws["vdc"])
+        if not verdict.ok or not verdict.state:
+            violations.append(f"{s.id}: {verdict.reason}")
+        service.lifecycle.delete(s.id)
+    assert violations == []
+    _alive(two_rbd_guest)
+
+
 def _wait_ledger_progress(console: Path, timeout_s: float = 120) -> int:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
