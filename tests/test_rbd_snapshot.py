@@ -6,11 +6,13 @@ image): a set whose members share one point in time satisfies state <= last_jour
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import signal
 import subprocess
 import sys
+import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -209,3 +211,20 @@ def test_restore_clones_boots_verify_and_delete_respect_the_clone(
     finally:
         done = lc.discard(name)
     assert f"removed RBD image {ceph_testbed.pool}/{name}-vdc" in done
+
+
+def test_export_reads_the_rbd_snapshot_into_the_ova(rbd_guest: TestInstance, service: Freezeframe,
+                                                    tmp_path: Path) -> None:  # fmt: skip
+    s = service.snapshot(SnapshotRequest(rbd_guest.name))
+    try:
+        result = service.portable.export(s.id, tmp_path / "rbd.ova")
+        with tarfile.open(result.path) as tar:
+            vdc = next(n for n in tar.getnames() if n.endswith("vdc.qcow2"))
+            tar.extract(vdc, tmp_path, filter="data")
+        raw = tmp_path / "vdc.raw"
+        subprocess.run(["qemu-img", "convert", "-f", "qcow2", str(tmp_path / vdc), "-O", "raw", str(raw)], check=True)
+        member = next(m for m in s.members if m.target == "vdc")
+        assert hashlib.sha256(raw.read_bytes()).hexdigest() == member.sha256
+        assert not list(tmp_path.glob(".ff-export-*")), "the staged copy of the RBD snapshot was left behind"
+    finally:
+        service.lifecycle.delete(s.id)
