@@ -95,3 +95,18 @@ def test_an_unreachable_cluster_is_a_clear_error_within_the_timeout(
     ):
         pass
     assert time.monotonic() - started < 30
+
+
+def test_cli_testbed_ceph_up_json_and_status(ceph_testbed: CephTestbed) -> None:
+    import json
+    import sys
+
+    up = subprocess.run([sys.executable, "-m", "freezeframe.cli", "testbed", "ceph", "up", "--json"],
+                        capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert up.returncode == 0, up.stderr
+    shown = json.loads(up.stdout)
+    assert {"conf", "keyring", "user", "pool", "mon_host", "secret_uuid"} <= set(shown)
+    assert shown["secret_uuid"] == ceph_testbed.secret_uuid and shown["pool"] == ceph_testbed.pool
+    status = subprocess.run([sys.executable, "-m", "freezeframe.cli", "testbed", "ceph", "status", "--json"],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert status.returncode == 0 and json.loads(status.stdout)["healthy"] is True

@@ -18,9 +18,8 @@ from freezeframe.durable import fsync_path
 from freezeframe.errors import InstanceNotFound, InvalidRequest, PreflightFailed
 from freezeframe.model import RestoreRecord
 from freezeframe.ops.common import Holds, Lazy, Stores, available, ensure_name_free, left_out, member_disks, now
-from freezeframe.ops.instances import InstanceBuilder, domain_plan, member_disks_into
+from freezeframe.ops.instances import InstanceBuilder, domain_plan, member_disks_into, remove_backend_clones
 from freezeframe.ports import Catalog, Domains, ImageRef, Images, ProgressCallback, Restores
-from freezeframe.ports.volumes import CLONE_SUFFIX, RBD_PREFIX, ClonedMembers
 from freezeframe.signals import deferred_signals
 from freezeframe.validation import validate_name
 
@@ -140,22 +139,13 @@ class Restore:
                     done.append(f"removed domain {name} ({uuid})")
             if self.builder.remove_domain_in(name, directory):
                 done.append(f"removed domain {name}")
-            done += self._remove_clones(rows, directory)
+            recorded = [r.path for r in rows]
+            done += remove_backend_clones(self.stores, directory, recorded)
             if directory.exists():
                 shutil.rmtree(directory)
                 done.append(f"removed {directory}")
             self.restores.remove_instance(name)
         return done
-
-    def _remove_clones(self, rows: Sequence[RestoreRecord], directory: Path) -> list[str]:
-        """Restored disks that live in the volume backend (RBD clones), not under instances/."""
-        noted = [p.read_text().strip() for p in directory.glob(f"*{CLONE_SUFFIX}")] if directory.is_dir() else []
-        recorded = [r.path[len(RBD_PREFIX) :] for r in rows if r.path.startswith(RBD_PREFIX)]
-        clones = list(dict.fromkeys(recorded + noted))
-        stores = [s for s in self.stores.by_kind.values() if isinstance(s, ClonedMembers)]
-        for clone in clones if stores else []:
-            stores[0].remove_clone(clone)
-        return [f"removed RBD image {c}" for c in clones if stores]
 
     # ---- extract one volume --------------------------------------------------------------------------------
 
