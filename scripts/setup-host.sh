@@ -21,6 +21,7 @@ DEB_PACKAGES=(
   busybox-static qemu-guest-agent e2fsprogs cpio xz-utils
   gcc libc6-dev openssl
   ovmf
+  ceph-mon ceph-osd ceph-mgr ceph-common python3-rados python3-rbd qemu-block-extra
 )
 
 missing=()
@@ -95,5 +96,12 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want_stamp" ]; then
   "$VENV/bin/pip" install -q -e "$ROOT[dev]" || die "pip install failed (see output above)"
   printf '%s' "$want_stamp" > "$stamp"
 fi
-"$VENV/bin/python" -c "import libvirt, freezeframe" || die "the venv cannot import libvirt/freezeframe; remove $VENV and re-run"
+# Ceph's Python bindings (rados, rbd) exist only as Debian packages: link them into the venv (same Python 3.11 ABI).
+site="$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+for mod in rados rbd; do
+  so="$(ls /usr/lib/python3/dist-packages/"$mod".cpython-*.so 2>/dev/null | head -1)"
+  [ -n "$so" ] || die "python3-$mod is installed but its module is missing under /usr/lib/python3/dist-packages"
+  [ "$(readlink "$site/$(basename "$so")" 2>/dev/null)" = "$so" ] || ln -sf "$so" "$site/$(basename "$so")"
+done
+"$VENV/bin/python" -c "import libvirt, freezeframe, rados, rbd" || die "the venv cannot import libvirt/freezeframe; remove $VENV and re-run"
 say "host ready: libvirt at $URI, venv at $VENV"

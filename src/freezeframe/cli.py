@@ -29,6 +29,7 @@ from freezeframe.cli_lifecycle import register as register_lifecycle
 from freezeframe.cli_output import Col, Piece, print_fields, print_table, progress_bar, say
 from freezeframe.cli_portable import register as register_portable
 from freezeframe.cli_service import register as register_service
+from freezeframe.cli_testbed import register as register_testbed
 from freezeframe.model import Consistency, SetStatus
 
 if TYPE_CHECKING:
@@ -273,6 +274,7 @@ def _set_view(s: SnapshotSet, hardware: bool = True) -> dict[str, object]:
 register_lifecycle(app)
 register_portable(app)
 register_service(app)
+register_testbed(app)
 
 
 def main() -> None:

@@ -41,8 +41,11 @@ def discover_disks(instance: Instance, exclude: Sequence[str] = ()) -> Disks:
             skipped[disk.target] = "shareable: other instances write it, so no point in time is ours to fix"
         elif disk.readonly:
             skipped[disk.target] = "read-only: the instance cannot change it"
+        elif disk.volume is not None:
+            captured.append(disk)
         elif disk.source_type not in SUPPORTED_SOURCES or disk.format not in SUPPORTED_FORMATS:
-            unsupported.append(f"{disk.target} ({disk.source_type}/{disk.format})")
+            kind = f"{disk.source_type} {disk.protocol}" if disk.protocol else disk.source_type
+            unsupported.append(f"{disk.target} ({kind}/{disk.format})")
         else:
             captured.append(disk)
     if unsupported:
@@ -53,3 +56,8 @@ def discover_disks(instance: Instance, exclude: Sequence[str] = ()) -> Disks:
     if not captured:
         raise PreflightFailed(f"{instance.name} has no disk to capture ({skipped or 'no disks'})")
     return Disks(captured, skipped)
+
+
+def split_volumes(disks: Sequence[DiskSpec]) -> tuple[list[DiskSpec], list[DiskSpec]]:
+    """(file disks the backup job copies, backend-native volumes the backend snapshots in place)."""
+    return [d for d in disks if d.volume is None], [d for d in disks if d.volume is not None]

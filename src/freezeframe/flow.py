@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from freezeframe.discovery import Disks, discover_disks
+from freezeframe.discovery import Disks, discover_disks, split_volumes
 from freezeframe.errors import (
     AgentUnavailable,
     CaptureFailed,
@@ -49,8 +49,16 @@ from freezeframe.ports import (
     ProgressCallback,
     Repository,
 )
+from freezeframe.ports.volumes import VolumeCapture, Volumes, VolumeSnapshot
 from freezeframe.signals import deferred_signals
 from freezeframe.validation import validate_freeze_cap, validate_uuid
+from freezeframe.volume_members import (
+    existing_volumes,
+    journal_volumes,
+    open_volumes,
+    remove_volumes,
+    volume_members,
+)
 from freezeframe.window import THAW_PENDING, GuestWindow
 
 log = logging.getLogger(__name__)
@@ -111,6 +119,7 @@ class SnapshotFlow:
         journal: Journal,
         locks: InstanceLocks,
         settings: FlowSettings | None = None,
+        volumes: Volumes | None = None,
     ) -> None:
         self.hypervisor = hypervisor
         self.catalog = catalog
@@ -118,6 +127,7 @@ class SnapshotFlow:
         self.journal = journal
         self.locks = locks
         self.settings = settings or FlowSettings()
+        self.volumes = volumes
 
     # ---- the operation -----------------------------------------------------------------------------
 
@@ -134,28 +144,38 @@ class SnapshotFlow:
             self.repair_locked(instance.uuid)
             instance = self.hypervisor.lookup(instance.uuid)
             disks = discover_disks(instance, request.exclude_disks)
-            self._preflight(disks.captured)
+            files, vols = split_volumes(disks.captured)
+            self._preflight(files)
             plan = self._plan(instance, request)
+            if plan.level is Consistency.CRASH and (1 if files else 0) + len(vols) > 1:
+                plan.pause = True  # several captures (backup job, each RBD snapshot) meet only in a paused guest
             snapshot_set = self._new_set(instance, request, disks)
             self.catalog.add_set(snapshot_set)
             entry = JournalEntry(instance.uuid, instance.name, snapshot_set.id, os.getpid(), "preparing")
+            journal_volumes(entry, vols)
             self.journal.record(entry)
             handed_off = False
             try:
-                targets = self.repository.prepare(snapshot_set.id, disks.captured)
-                snapshot_set.achieved, snapshot_set.reason = plan.level, plan.reason
-                if instance.state is InstanceState.SHUTOFF:
-                    entry.phase = "copying"
-                    self.journal.record(entry)
-                    self.hypervisor.copy_offline(instance, targets, progress)
-                else:
-                    self._capture_point_in_time(instance, snapshot_set, targets, plan, entry, request.require)
+                targets = self.repository.prepare(snapshot_set.id, files)
+                with open_volumes(self.volumes, snapshot_set, vols) as capture:
+                    snapshot_set.achieved, snapshot_set.reason = plan.level, plan.reason
+                    if instance.state is InstanceState.SHUTOFF:
+                        entry.phase = "copying"
+                        self.journal.record(entry)
+                        self.hypervisor.copy_offline(instance, targets, progress)
+                        snaps = capture.snapshot()
+                    else:
+                        snaps = self._capture_point_in_time(
+                            instance, snapshot_set, targets, plan, entry, request.require, capture
+                        )
+                if instance.state is not InstanceState.SHUTOFF:
                     if handoff is not None:
                         handoff(snapshot_set, lock)
                         handed_off = True
                         return snapshot_set
-                    self.hypervisor.wait_capture(instance, progress)
-                self._record_members(snapshot_set, targets)
+                    if targets:
+                        self.hypervisor.wait_capture(instance, progress)
+                self._record_members(snapshot_set, targets, snaps)
             except BaseException as exc:
                 raise self._failed(instance, snapshot_set, exc, entry) from exc
             finally:
@@ -173,9 +193,11 @@ class SnapshotFlow:
         entry.pid = os.getpid()
         self.journal.record(entry)
         try:
-            targets = self.repository.existing_targets(set_id, snapshot_set.hardware.disks)
-            self.hypervisor.wait_capture(instance, progress)
-            self._record_members(snapshot_set, targets)
+            files, vols = split_volumes(snapshot_set.hardware.disks)
+            targets = self.repository.existing_targets(set_id, files)
+            if targets:
+                self.hypervisor.wait_capture(instance, progress)
+            self._record_members(snapshot_set, targets, existing_volumes(self.volumes, set_id, vols, entry))
         except BaseException as exc:
             raise self._failed(instance, snapshot_set, exc, entry) from exc
         finally:
@@ -189,6 +211,7 @@ class SnapshotFlow:
         """Clean up after ``exc`` and return what to raise: a full repository gets its own error."""
         full = isinstance(exc, CaptureFailed) and self.repository.free_bytes() < FULL_BELOW_BYTES
         self._fail(instance, snapshot_set, exc, abort_capture=entry.capture_started)
+        remove_volumes(self.volumes, snapshot_set.id, entry)
         if full:
             return RepositoryFull(
                 f"the repository filled up during the copy ({exc}); set {snapshot_set.id} failed and its "
@@ -260,8 +283,9 @@ class SnapshotFlow:
         plan: _Plan,
         entry: JournalEntry,
         require: bool,
-    ) -> None:
-        """quiesce → capture all → thaw; the copy itself runs after the window."""
+        capture: VolumeCapture,
+    ) -> list[VolumeSnapshot]:
+        """quiesce → capture all (backup job start, RBD snapshots) → thaw; the copy itself runs after the window."""
         achieved, reason = snapshot_set.achieved, snapshot_set.reason
         pause = plan.pause and instance.state is InstanceState.RUNNING
         entry.froze, entry.paused, entry.capture_started = plan.level.freezes_filesystems, pause, True
@@ -291,7 +315,9 @@ class SnapshotFlow:
                     self._hold_for_tests()
                     if window.expired:
                         raise FreezeWindowExceeded(self._cap_message(instance))
-                    self.hypervisor.start_capture(instance, targets)
+                    if targets:
+                        self.hypervisor.start_capture(instance, targets)
+                    snaps = capture.snapshot()
                 finally:
                     window.release()
             if window.expired:
@@ -307,6 +333,7 @@ class SnapshotFlow:
             entry.phase = "copying"
             self.journal.record(entry)
         self.catalog.update_set(snapshot_set)
+        return snaps
 
     def _cap_message(self, instance: Instance) -> str:
         return (
@@ -319,10 +346,17 @@ class SnapshotFlow:
         while time.monotonic() < deadline:
             time.sleep(0.05)
 
-    def _record_members(self, snapshot_set: SnapshotSet, targets: Sequence[CaptureTarget]) -> None:
+    def _record_members(
+        self, snapshot_set: SnapshotSet, targets: Sequence[CaptureTarget], snaps: Sequence[VolumeSnapshot]
+    ) -> None:
         """The proposal's naming scheme: every member carries its set's UUID."""
         if snapshot_set.achieved is None:
             snapshot_set.achieved = snapshot_set.requested
+        common = {
+            SET_UUID_KEY: snapshot_set.id,
+            "freezeframe.instance_uuid": snapshot_set.instance_uuid,
+            "freezeframe.consistency": str(snapshot_set.achieved),
+        }
         snapshot_set.members = [
             Member(
                 set_id=snapshot_set.id,
@@ -334,15 +368,14 @@ class SnapshotFlow:
                 path=str(t.path),
                 source_path=t.disk.source_path,
                 sha256=self.repository.checksum(t.path),
-                metadata={
-                    SET_UUID_KEY: snapshot_set.id,
-                    "freezeframe.instance_uuid": snapshot_set.instance_uuid,
-                    "freezeframe.target": t.disk.target,
-                    "freezeframe.consistency": str(snapshot_set.achieved),
-                },
+                metadata={**common, "freezeframe.target": t.disk.target},
             )
             for t in targets
         ]
+        if snaps and self.volumes is not None:
+            snapshot_set.members += volume_members(snapshot_set, snaps, self.volumes, common)
+        order = [d.target for d in snapshot_set.hardware.disks]
+        snapshot_set.members.sort(key=lambda m: order.index(m.target) if m.target in order else len(order))
         snapshot_set.status = SetStatus.AVAILABLE
         snapshot_set.completed_at = datetime.now(UTC)
         self.repository.write_manifest(snapshot_set)
@@ -444,6 +477,7 @@ class SnapshotFlow:
                     return f"{entry.instance_name}: guest agent still not answering; run `freezeframe repair` again"
                 done.append("thawed the filesystems")
         self.repository.remove(entry.set_id)
+        remove_volumes(self.volumes, entry.set_id, entry)
         try:
             snapshot_set = self.catalog.get_set(entry.set_id)
         except NotFound:

@@ -93,7 +93,11 @@ class Lifecycle:
     def repair(self) -> list[str]:
         """Finish or undo what killed operations left: half-made instances, reverts, deletes, stale restore rows."""
         reports = self._builder.repair() + self._revert.repair() + self._retention.repair()
-        stale = [r.id for r in self._restores.all() if r.id is not None and not Path(r.path).exists()]
+        stale = [
+            r.id
+            for r in self._restores.all()
+            if r.id is not None and not r.path.startswith("rbd:") and not Path(r.path).exists()
+        ]  # RBD clones (rbd:POOL/IMAGE) are not files: discard removes them
         if stale:
             self._restores.remove_ids(stale)
             reports.append(f"forgot {len(stale)} restore record(s) whose disks no longer exist")

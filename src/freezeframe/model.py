@@ -52,6 +52,13 @@ class DiskSpec:
     shareable: bool = False
     serial: str | None = None
     address: dict[str, str] = field(default_factory=dict)
+    protocol: str | None = None
+    """For ``source_type='network'``: ``rbd`` (``source_path`` is then ``POOL/IMAGE``), ``nbd``, ``iscsi``…"""
+
+    @property
+    def volume(self) -> str | None:
+        """The kind of backend-native volume (``rbd``) whose snapshots the backend itself takes; None for files."""
+        return RBD_STORE if self.source_type == "network" and self.protocol == RBD_STORE else None
 
 
 @dataclass(frozen=True)
@@ -101,6 +108,8 @@ class Instance:
 STORE_KEY = "freezeframe.store"
 """Member metadata naming the kind of store that holds the member's data; absent: ``file``."""
 FILE_STORE = "file"
+RBD_STORE = "rbd"
+"""A Ceph RBD snapshot next to its parent image: restore = clone."""
 
 
 @dataclass

@@ -43,6 +43,8 @@ def member_to_dict(member: Member) -> dict[str, Any]:
         "size": member.virtual_size,
         "format": member.format,
         "path": member.path,
+        "storage": member.store,
+        "source": member.path,
         "source_path": member.source_path,
         "sha256": member.sha256,
         "metadata": dict(member.metadata),

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from freezeframe.adapters.libvirt_hypervisor import LibvirtHypervisor
     from freezeframe.adapters.locks import FileLocks
     from freezeframe.adapters.qemu_img import QemuImg
+    from freezeframe.adapters.rbd_volumes import RbdVolumes
     from freezeframe.adapters.repository import DirectoryRepository
     from freezeframe.adapters.restore_log import RestoreLog
     from freezeframe.lifecycle import Lifecycle
@@ -135,11 +136,19 @@ class Wiring:
     @cached_property
     def stores(self) -> Stores:
         """The store of each kind of member (today: ``file``, a qcow2 file in the repository)."""
+        from freezeframe.adapters.rbd_members import RbdMembers
         from freezeframe.adapters.repository import FileMembers
         from freezeframe.ops.common import Stores
 
-        files = FileMembers(self.images)
-        return Stores({files.kind: files})
+        files, rbd = FileMembers(self.images), RbdMembers(self.volumes)
+        return Stores({files.kind: files, rbd.kind: rbd})
+
+    @cached_property
+    def volumes(self) -> RbdVolumes:
+        """Ceph RBD volumes (``FREEZEFRAME_CEPH_*``); connects only when a set has RBD disks."""
+        from freezeframe.adapters.rbd_volumes import RbdVolumes
+
+        return RbdVolumes()
 
     @cached_property
     def journal(self) -> FileJournal:
@@ -170,9 +179,14 @@ class Wiring:
 
     @cached_property
     def domains(self) -> LibvirtDomains:
+        from freezeframe.adapters.libvirt_define import RbdAccess
         from freezeframe.adapters.libvirt_domains import LibvirtDomains
 
-        return LibvirtDomains(self.hypervisor.conn, self.settings.libvirt_uri, self.settings.agent_timeout_s)
+        def rbd() -> RbdAccess:
+            s = self.volumes.settings
+            return RbdAccess(self.volumes.mon_hosts(), s.user, s.secret_uuid)
+
+        return LibvirtDomains(self.hypervisor.conn, self.settings.libvirt_uri, self.settings.agent_timeout_s, rbd)
 
     # ---- the snapshot flow ---------------------------------------------------------------------------------
 
@@ -185,6 +199,7 @@ class Wiring:
             self.journal,
             self.locks,
             FlowSettings(freeze_cap_s=self.settings.freeze_cap_s, hold_in_window_s=hold),
+            self.volumes,
         )
 
     def snapshot(self, request: SnapshotRequest, progress: ProgressCallback | None = None) -> SnapshotSet:
@@ -281,7 +296,7 @@ def portable(service: Freezeframe, *, boot_dirs: Sequence[Path] | None = None) -
         )  # fmt: skip
 
     return Portable(
-        lambda: Exporter(parts.catalog, parts.stores, packages, image_store(), parts.holds),
+        lambda: Exporter(parts.catalog, parts.stores, packages, image_store(), parts.holds, parts.images),
         importer,
         lambda: StoredImages(image_store(), parts.holds),
     )

@@ -46,6 +46,18 @@ class DefinedDisk:
     format: str
 
 
+@dataclass(frozen=True)
+class RbdAccess:
+    """How QEMU reaches RBD images: the monitors and the cephx user whose key a libvirt secret holds."""
+
+    hosts: tuple[tuple[str, str], ...]
+    user: str
+    secret_uuid: str | None
+
+
+RBD_PREFIX = "rbd:"
+
+
 def check_nics(conn: libvirt.virConnect, nics: Sequence[NicSpec]) -> None:
     """Every network/bridge the NICs need must exist (and a network be active) before anything is made."""
     for nic in nics:
@@ -82,6 +94,7 @@ def domain_xml(
     nics: Sequence[NicSpec] | None = None,
     domain_type: str = "qemu",
     console_log: Path | None = None,
+    rbd: RbdAccess | None = None,
 ) -> str:
     """The domain XML; ``nics=None`` takes the recorded NICs, ``[]`` builds one without network.
 
@@ -124,9 +137,12 @@ def domain_xml(
 
     devices = etree.SubElement(root, "devices")
     for disk in disks:
-        el = etree.SubElement(devices, "disk", type="file", device="disk")
-        etree.SubElement(el, "driver", name="qemu", type=disk.format)
-        etree.SubElement(el, "source", file=str(disk.path))
+        if str(disk.path).startswith(RBD_PREFIX):
+            el = _rbd_disk(devices, str(disk.path)[len(RBD_PREFIX) :], rbd)
+        else:
+            el = etree.SubElement(devices, "disk", type="file", device="disk")
+            etree.SubElement(el, "driver", name="qemu", type=disk.format)
+            etree.SubElement(el, "source", file=str(disk.path))
         etree.SubElement(el, "target", dev=disk.spec.target, bus=disk.spec.bus)
         if disk.spec.boot_order:
             etree.SubElement(el, "boot", order=str(disk.spec.boot_order))
@@ -154,6 +170,21 @@ def domain_xml(
     rng = etree.SubElement(devices, "rng", model="virtio")
     etree.SubElement(rng, "backend", model="random").text = "/dev/urandom"
     return etree.tostring(root, pretty_print=True, encoding="unicode")
+
+
+def _rbd_disk(devices: etree._Element, volume: str, rbd: RbdAccess | None) -> etree._Element:
+    """``<disk type='network'>`` over an RBD image (a restored clone), with cephx through the libvirt secret."""
+    if rbd is None:
+        raise InvalidRequest(f"disk rbd:{volume} needs the Ceph settings (FREEZEFRAME_CEPH_CONF, _USER, _SECRET_UUID)")
+    el = etree.SubElement(devices, "disk", type="network", device="disk")
+    etree.SubElement(el, "driver", name="qemu", type="raw", cache="none")
+    if rbd.secret_uuid:
+        auth = etree.SubElement(el, "auth", username=rbd.user)
+        etree.SubElement(auth, "secret", type="ceph", uuid=rbd.secret_uuid)
+    source = etree.SubElement(el, "source", protocol="rbd", name=volume)
+    for host, port in rbd.hosts:
+        etree.SubElement(source, "host", name=host, port=port)
+    return el
 
 
 def _metadata(xml: str) -> etree._Element:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +29,18 @@ SYSTEM_LOGS = Path("/var/log/libvirt/qemu")
 class LibvirtDomains:
     """Over one libvirt connection (shared with the hypervisor adapter)."""
 
-    def __init__(self, conn: libvirt.virConnect, uri: str, agent_timeout_s: int = 5) -> None:
+    def __init__(
+        self,
+        conn: libvirt.virConnect,
+        uri: str,
+        agent_timeout_s: int = 5,
+        rbd: Callable[[], ld.RbdAccess | None] | None = None,
+    ) -> None:
         self.conn = conn
         self.uri = uri
         self.agent_timeout_s = agent_timeout_s
+        self.rbd = rbd
+        """How restored RBD disks reach the cluster; asked only when a plan has one."""
 
     def _dom(self, uuid: str) -> libvirt.virDomain:
         return ld.require_domain(self.conn, uuid, uuid)
@@ -102,6 +110,7 @@ class LibvirtDomains:
                 nics=plan.nics,
                 domain_type=plan.domain_type,
                 console_log=plan.directory / "console.log",
+                rbd=self.rbd() if self.rbd and any(str(d.path).startswith(ld.RBD_PREFIX) for d in plan.disks) else None,
             )
         except ValueError as exc:  # lxml refuses text that is not XML-compatible (control characters)
             raise InvalidRequest(f"the machine {plan.name} cannot be written as a libvirt domain: {exc}") from exc

@@ -202,8 +202,12 @@ class LibvirtHypervisor:
         dev = target.get("dev", "") if target is not None else ""
         size = 0
         fmt = driver.get("type", "raw") if driver is not None else "raw"
+        protocol = source.get("protocol") if source is not None and source_type == "network" else None
         if el.get("device", "disk") == "disk" and source_type in ("file", "block") and path:
             size = self._virtual_size(dom, dev, ImageRef(Path(path), fmt))
+        elif protocol == "rbd" and dom.isActive():
+            with contextlib.suppress(libvirt.libvirtError):
+                size = int(dom.blockInfo(dev)[0])
         return DiskSpec(
             target=dev,
             bus=target.get("bus", "virtio") if target is not None else "virtio",
@@ -217,6 +221,7 @@ class LibvirtHypervisor:
             shareable=el.find("shareable") is not None,
             serial=el.findtext("serial"),
             address={str(k): str(v) for k, v in address.attrib.items()} if address is not None else {},
+            protocol=protocol,
         )
 
     def _virtual_size(self, dom: libvirt.virDomain, dev: str, image: ImageRef) -> int:
@@ -298,7 +303,9 @@ class LibvirtHypervisor:
     # ---- capture ------------------------------------------------------------------------------------
 
     def supports_atomic_capture(self, instance: Instance) -> bool:
-        return all(d.source_type in ("file", "block") for d in instance.hardware.disks if d.device == "disk")
+        """RBD volumes are snapshotted by Ceph, not by the backup job: only the other disks count here."""
+        disks = [d for d in instance.hardware.disks if d.device == "disk" and d.volume is None]
+        return all(d.source_type in ("file", "block") for d in disks)
 
     @staticmethod
     def backup_xml(instance: Instance, targets: Sequence[CaptureTarget]) -> str:

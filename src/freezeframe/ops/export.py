@@ -8,6 +8,7 @@ remains, an existing file given with ``force`` is untouched, and the image store
 from __future__ import annotations
 
 import re
+import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from freezeframe.model import SetStatus, SnapshotSet
 from freezeframe.ops.common import Holds, Stores
 from freezeframe.ports import (
     Catalog,
+    ImageRef,
+    Images,
     ImageStore,
     NewImage,
     Packages,
@@ -25,6 +28,7 @@ from freezeframe.ports import (
     StoredImage,
     WrittenPackage,
 )
+from freezeframe.ports.volumes import RBD_PREFIX
 
 DISK_FORMATS = ("qcow2", "vmdk")
 OVF_VERSIONS = (1, 2)
@@ -105,7 +109,7 @@ def sources_of(snapshot_set: SnapshotSet, disk_format: str, stores: Stores) -> l
     for m in snapshot_set.members:
         href = f"{base}-{package_base(m.target)}.{disk_format}"
         image = stores.of(m).source(m)
-        if disk_format == "qcow2" and image.format != "qcow2":
+        if disk_format == "qcow2" and image.format != "qcow2" and not str(image.path).startswith(RBD_PREFIX):
             raise InvalidRequest(f"member {m.target} of set {snapshot_set.name} is {image.format}, not qcow2")
         to_vmdk = disk_format == "vmdk"
         adapter = _VMDK_ADAPTER.get(m.bus, "lsilogic")
@@ -141,7 +145,10 @@ class Exporter:
         packages: Packages,
         store: ImageStore,
         holds: Holds,
+        images: Images | None = None,
     ) -> None:
+        self.images = images
+        """Reads members that are not files (RBD snapshots) into staged qcow2 files next to the package."""
         self.catalog = catalog
         self.stores = stores
         """Where each member's data lives decides how it is read (a file today; RBD or incremental members later)."""
@@ -206,7 +213,21 @@ class Exporter:
     ) -> WrittenPackage:
         sources = sources_of(snapshot_set, disk_format, self.stores)
         descriptor_name = f"{package_base(snapshot_set.instance_name)}.ovf"
-        return self.packages.write(out, snapshot_set, descriptor_name, sources, ovf_version, progress, replace=replace)
+        with tempfile.TemporaryDirectory(prefix=".ff-export-", dir=out.parent) as tmp:
+            sources = [self._staged(s, Path(tmp)) for s in sources]
+            return self.packages.write(
+                out, snapshot_set, descriptor_name, sources, ovf_version, progress, replace=replace
+            )
+
+    def _staged(self, source: PackageSource, tmp: Path) -> PackageSource:
+        """An RBD snapshot is read once into a qcow2 file the package writer can copy or convert."""
+        if not str(source.image.path).startswith(RBD_PREFIX):
+            return source
+        if self.images is None:
+            raise PreflightFailed(f"member {source.target} is an RBD snapshot and this exporter cannot read it")
+        staged = ImageRef(tmp / f"{source.target}.qcow2", "qcow2")
+        self.images.convert(source.image, staged)
+        return replace(source, image=staged)
 
     def available(self, set_ref: str) -> SnapshotSet:
         """The set, if it is available and every member's data is there."""

@@ -17,6 +17,7 @@ from freezeframe.errors import FreezeframeError, InstanceBusy, InvalidRequest
 from freezeframe.model import DiskSpec, Member, SnapshotSet
 from freezeframe.ops.common import Holds, Lazy, Markers, Stores
 from freezeframe.ports import DomainDisk, DomainPlan, Domains, ImageRef, ProgressCallback, Restores
+from freezeframe.ports.volumes import CLONE_SUFFIX, RBD_PREFIX, ClonedMembers
 from freezeframe.signals import deferred_signals
 
 log = logging.getLogger(__name__)
@@ -159,3 +160,16 @@ class InstanceBuilder:
             except InstanceBusy:
                 reports.append(f"{path.name}: its operation is still running; left alone")
         return reports
+
+
+def remove_backend_clones(stores: Stores, directory: Path, recorded: Sequence[str] = ()) -> list[str]:
+    """RBD clones made for the instance in ``directory`` (noted there as ``<target>.rbd``, or recorded as
+    ``rbd:POOL/IMAGE`` restore paths): they live in the volume backend, so removing the folder does not remove them."""
+    noted = [p.read_text().strip() for p in directory.glob(f"*{CLONE_SUFFIX}")] if directory.is_dir() else []
+    clones = list(dict.fromkeys([r[len(RBD_PREFIX) :] for r in recorded if r.startswith(RBD_PREFIX)] + noted))
+    cloned = [s for s in stores.by_kind.values() if isinstance(s, ClonedMembers)]
+    if not cloned:
+        return []
+    for clone in clones:
+        cloned[0].remove_clone(clone)
+    return [f"removed RBD image {c}" for c in clones]

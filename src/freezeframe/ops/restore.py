@@ -18,7 +18,7 @@ from freezeframe.durable import fsync_path
 from freezeframe.errors import InstanceNotFound, InvalidRequest, PreflightFailed
 from freezeframe.model import RestoreRecord
 from freezeframe.ops.common import Holds, Lazy, Stores, available, ensure_name_free, left_out, member_disks, now
-from freezeframe.ops.instances import InstanceBuilder, domain_plan, member_disks_into
+from freezeframe.ops.instances import InstanceBuilder, domain_plan, member_disks_into, remove_backend_clones
 from freezeframe.ports import Catalog, Domains, ImageRef, Images, ProgressCallback, Restores
 from freezeframe.signals import deferred_signals
 from freezeframe.validation import validate_name
@@ -139,6 +139,8 @@ class Restore:
                     done.append(f"removed domain {name} ({uuid})")
             if self.builder.remove_domain_in(name, directory):
                 done.append(f"removed domain {name}")
+            recorded = [r.path for r in rows]
+            done += remove_backend_clones(self.stores, directory, recorded)
             if directory.exists():
                 shutil.rmtree(directory)
                 done.append(f"removed {directory}")

@@ -23,6 +23,7 @@ from freezeframe.flow import SnapshotRequest
 from freezeframe.model import Consistency, SetStatus, SnapshotSet
 from freezeframe.ops.common import Holds, Lazy, Snapshot, Stores, now
 from freezeframe.ports import Catalog, Domains, Hypervisor, ImageRef, Images, ProgressCallback, Repository, Restores
+from freezeframe.ports.volumes import RBD_PREFIX, ClonedMembers
 from freezeframe.signals import deferred_signals
 from freezeframe.validation import validate_backup_type
 
@@ -100,7 +101,7 @@ class Retention:
                     f"set {snapshot_set.name} is still being created; if no freezeframe process is running "
                     f"for {snapshot_set.instance_name}, run `freezeframe repair {snapshot_set.instance_name}` first"
                 )
-            dependants = self.dependants(snapshot_set)
+            dependants = self.dependants(snapshot_set) + self.clones(snapshot_set)
             if dependants and not force:
                 names = ", ".join(f"{d.instance_name} ({d.target}: {d.path})" for d in dependants)
                 raise SetHasDependants(
@@ -153,6 +154,18 @@ class Retention:
             result.append(Dependant(name, uuid, target, path, members[backing].path, active))
         return result
 
+    def clones(self, snapshot_set: SnapshotSet) -> list[Dependant]:
+        """Backend clones of the set's members (RBD images restored from its snapshots)."""
+        rows = {r.path: r for r in self.restores.for_set(snapshot_set.id)}
+        found = []
+        for m in snapshot_set.members:
+            store = self.stores.of(m)
+            for clone in store.children(m) if isinstance(store, ClonedMembers) else []:
+                row = rows.get(RBD_PREFIX + clone)
+                name, uuid = (row.instance_name, row.instance_uuid) if row else (clone, None)
+                found.append(Dependant(name, uuid, m.target, RBD_PREFIX + clone, m.path, False))
+        return found
+
     def _children(self, rows: Iterable[str]) -> Iterator[tuple[str, str]]:
         """(path, resolved backing file) of every candidate image that has one."""
         candidates = dict.fromkeys(rows)
@@ -172,6 +185,11 @@ class Retention:
 
     def _flatten(self, dependant: Dependant) -> None:
         """Copy the member's data into the child so it stands alone (running children: blockpull)."""
+        if dependant.path.startswith(RBD_PREFIX):
+            for store in self.stores.by_kind.values():
+                if isinstance(store, ClonedMembers):
+                    store.flatten(dependant.path[len(RBD_PREFIX) :])
+                    return
         if dependant.active and dependant.instance_uuid:
             self.domains().block_pull(dependant.instance_uuid, dependant.target)
         else:

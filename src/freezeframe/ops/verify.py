@@ -16,7 +16,7 @@ from pathlib import Path
 from freezeframe.errors import FreezeframeError, InvalidRequest
 from freezeframe.model import InstanceState, SetStatus, SnapshotSet
 from freezeframe.ops.common import Holds, Lazy, Stores, member_disks
-from freezeframe.ops.instances import InstanceBuilder, domain_plan, member_disks_into
+from freezeframe.ops.instances import InstanceBuilder, domain_plan, member_disks_into, remove_backend_clones
 from freezeframe.ports import (
     MANIFEST,
     Catalog,
@@ -189,6 +189,7 @@ class Verify:
             if clone is not None:
                 self.domains().remove(clone.uuid)
             self.domains().forget_log(name)  # also the log of a clone that failed to start
+            remove_backend_clones(self.stores, directory)
         except FreezeframeError:
             log.exception("could not remove the verify clone %s", name)
         shutil.rmtree(directory, ignore_errors=True)

@@ -42,6 +42,19 @@ class TestDisk:
     target: str
     path: Path
     format: str = "qcow2"
+    rbd: RbdDisk | None = None
+    """An RBD image instead of the file (``path`` is then unused)."""
+
+
+@dataclass(frozen=True)
+class RbdDisk:
+    """Where a test disk lives in the Ceph test bed and how QEMU authenticates (a libvirt secret)."""
+
+    volume: str
+    """``POOL/IMAGE``"""
+    mon_host: str
+    user: str
+    secret_uuid: str
 
 
 def disk_target(index: int) -> str:
@@ -101,6 +114,9 @@ def domain_xml(
         if disk.target in seen:
             raise ValueError(f"disk target {disk.target} used twice")
         seen.add(disk.target)
+        if disk.rbd is not None:
+            _rbd_disk(devices, disk.target, disk.rbd)
+            continue
         el = etree.SubElement(devices, "disk", type="file", device="disk")
         etree.SubElement(el, "driver", name="qemu", type=disk.format, cache=disk_cache)
         etree.SubElement(el, "source", file=str(disk.path))
@@ -125,3 +141,14 @@ def domain_xml(
     etree.SubElement(devices, "controller", type="usb", model="none")
     etree.SubElement(devices, "memballoon", model="none")
     return etree.tostring(root, pretty_print=True, encoding="unicode")
+
+
+def _rbd_disk(devices: etree._Element, target: str, rbd: RbdDisk) -> None:
+    el = etree.SubElement(devices, "disk", type="network", device="disk")
+    etree.SubElement(el, "driver", name="qemu", type="raw", cache="none")
+    auth = etree.SubElement(el, "auth", username=rbd.user)
+    etree.SubElement(auth, "secret", type="ceph", uuid=rbd.secret_uuid)
+    source = etree.SubElement(el, "source", protocol="rbd", name=rbd.volume)
+    host, _, port = rbd.mon_host.rpartition(":")
+    etree.SubElement(source, "host", name=host, port=port)
+    etree.SubElement(el, "target", dev=target, bus="virtio")

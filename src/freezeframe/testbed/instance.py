@@ -20,13 +20,16 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import libvirt
 import libvirt_qemu
 
-from freezeframe.testbed.domain import DISK_FORMATS, TestDisk, disk_target, domain_xml
+from freezeframe.testbed.domain import DISK_FORMATS, RbdDisk, TestDisk, disk_target, domain_xml
 from freezeframe.testbed.guest import GuestImage, build_guest
+
+if TYPE_CHECKING:
+    from freezeframe.testbed.ceph import CephTestbed
 
 MIB = 1024 * 1024
 LIBVIRT_DOMAIN_LOG_DIR = Path("/var/log/libvirt/qemu")
@@ -56,6 +59,8 @@ class DiskRequest:
 
     size_bytes: int = 64 * MIB
     format: str = "qcow2"
+    ceph: CephTestbed | None = None
+    """Make the disk an RBD image in this Ceph test bed (raw) instead of a file."""
 
 
 def live_instance_names() -> frozenset[str]:
@@ -317,6 +322,7 @@ def running_instance(
     name = f"{name_prefix}-{uuid.uuid4().hex[:8]}"
     workdir.mkdir(parents=True, exist_ok=True)
     files: list[Path] = []
+    images: list[tuple[CephTestbed, str]] = []
     with _registry_lock:
         _live.add(name)
         _created.add(name)
@@ -324,6 +330,15 @@ def running_instance(
         test_disks: list[TestDisk] = []
         for i, req in enumerate(disks):
             target = disk_target(i)
+            if req.ceph is not None:
+                from freezeframe.testbed.ceph import create_image
+
+                image_name = f"{name}-{target}"
+                images.append((req.ceph, image_name))
+                create_image(req.ceph, image_name, req.size_bytes)
+                rbd = RbdDisk(f"{req.ceph.pool}/{image_name}", req.ceph.mon_host, req.ceph.user, req.ceph.secret_uuid)
+                test_disks.append(TestDisk(target=target, path=Path(f"rbd:{rbd.volume}"), format="raw", rbd=rbd))
+                continue
             path = workdir / f"{name}-{target}.{req.format}"
             files.append(path)
             _create_disk(path, req)
@@ -359,3 +374,8 @@ def running_instance(
     finally:
         with _sigint_deferred():
             _cleanup(conn, name, files)
+            if images:
+                from freezeframe.testbed.ceph import remove_image
+
+                for info, image_name in images:
+                    remove_image(info, image_name)

@@ -1,0 +1,159 @@
+"""Freeze window of filesystem-level sets of a guest with 1 and 3 Ceph RBD volumes, against the bare freeze/thaw
+floor and Nova-style sequential per-volume snapshots (no freeze), same guest, same run; and the time of each RBD
+snapshot inside the window.
+
+The guest boots from a qcow2 root file (vda) with N RBD data disks on the one-node Ceph test bed
+(``freezeframe testbed ceph up``, brought up here). Floor, freezeframe set and sequential snapshots alternate so
+machine noise hits all alike.
+
+    .venv/bin/python bench/rbd_window.py            # full run, writes bench/results/rbd_window.json + .png
+    .venv/bin/python bench/rbd_window.py --quick    # smoke run, writes to a temp dir
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from common import (
+    MiB,
+    add_common_args,
+    libvirt_connection,
+    machine_info,
+    output_dir,
+    pyplot,
+    ratio,
+    replot,
+    run_note,
+    save_figure,
+    scratch_dir,
+    summary,
+)
+from freezeframe import wiring
+from freezeframe.adapters import rbd_volumes
+from freezeframe.config import Settings
+from freezeframe.flow import SnapshotRequest
+from freezeframe.model import Consistency, DiskSpec
+from freezeframe.testbed.ceph import CephTestbed, Cluster
+from freezeframe.testbed.guest import build_guest
+from freezeframe.testbed.instance import DiskRequest, running_instance
+
+NAME = "rbd_window"
+SNAP_MS: list[float] = []
+"""Filled by the timed capture below: one entry per RBD snapshot taken inside a window."""
+
+
+class TimedCapture(rbd_volumes.RbdCapture):
+    """The adapter's capture with each ``create_snap`` timed (the flow's window holds exactly these calls)."""
+
+    def snapshot(self) -> list[rbd_volumes.VolumeSnapshot]:
+        made = []
+        for disk, img in self.opened:
+            started = time.perf_counter()
+            img.create_snap(self.snap)
+            SNAP_MS.append((time.perf_counter() - started) * 1000.0)
+            made.append(rbd_volumes.VolumeSnapshot(disk, self.snap, f"rbd:{disk.source_path}@{self.snap}"))
+        return made
+
+
+def sequential_ms(info: CephTestbed, volumes: Sequence[str], tag: str) -> float:
+    """Nova's volume-backed snapshot: one Cinder/RBD snapshot per volume, one after another, guest not frozen."""
+    vols = rbd_volumes.RbdVolumes(rbd_volumes.CephSettings(info.conf, info.user, info.keyring))
+    started = time.perf_counter()
+    for volume in volumes:
+        disk = DiskSpec("x", "virtio", volume, "raw", 0, "network", protocol="rbd")
+        with vols.open(tag, "sequential", [disk]) as capture:
+            capture.snapshot()
+    took = (time.perf_counter() - started) * 1000.0
+    vols.remove(tag, volumes)
+    return took
+
+
+def measure(n_rbd: int, samples: int, info: CephTestbed, conn: Any, tmp: Path) -> dict[str, Any]:
+    disks = [DiskRequest(64 * MiB)] + [DiskRequest(64 * MiB, ceph=info) for _ in range(n_rbd)]
+    floor, window, sequential, snaps = [], [], [], []
+    with running_instance(conn, disks=disks, workload="heartbeat", workdir=tmp / f"g{n_rbd}",
+                          guest=build_guest()) as inst:  # fmt: skip
+        volumes = [d.rbd.volume for d in inst.disks if d.rbd is not None]
+        with wiring.open_service(Settings(home=tmp / f"home{n_rbd}", agent_timeout_s=5)) as ff:
+            hv = ff.hypervisor
+            instance = hv.lookup(inst.name)
+            for i in range(samples):
+                started = time.perf_counter()
+                hv.freeze(instance)
+                hv.thaw(instance)
+                floor.append((time.perf_counter() - started) * 1000.0)
+                before = len(SNAP_MS)
+                s = ff.snapshot(SnapshotRequest(inst.name, Consistency.FILESYSTEM))
+                snaps += SNAP_MS[before:]
+                if s.freeze_window_ms is not None:
+                    window.append(s.freeze_window_ms)
+                ff.lifecycle.delete(s.id)
+                sequential.append(sequential_ms(info, volumes, f"seq-{n_rbd}-{i}"))
+    return {
+        "rbd_disks": n_rbd,
+        "floor_ms": summary(floor),
+        "window_ms": summary(window),
+        "ratio_of_medians": ratio(summary(window)["median"], summary(floor)["median"]),
+        "per_rbd_snapshot_ms": summary(snaps),
+        "sequential_no_freeze_ms": summary(sequential),
+    }
+
+
+def plot(report: dict[str, Any], path: Path, note: str | None) -> None:
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    rows = report["by_rbd_disks"]
+    labels = [f"{r['rbd_disks']} RBD" for r in rows]
+    series = [("floor_ms", "bare freeze+thaw"), ("window_ms", "freezeframe window"),
+              ("sequential_no_freeze_ms", "Nova-style sequential (no freeze)")]  # fmt: skip
+    width = 0.26
+    for k, (key, label) in enumerate(series):
+        xs = [i + (k - 1) * width for i in range(len(rows))]
+        ax.bar(xs, [r[key]["median"] or 0 for r in rows], width, label=label)
+    ax.set_xticks(range(len(rows)), labels)
+    ax.set_ylabel("median ms")
+    ax.set_title("Filesystem-level set with RBD volumes (vda: qcow2 root file)")
+    ax.legend()
+    save_figure(fig, path, note)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    args = parser.parse_args()
+    if replot(args, NAME, plot):
+        return
+    out = output_dir(args, NAME)
+    started = time.time()
+    up = time.perf_counter()
+    info = Cluster().up()
+    up_s = time.perf_counter() - up
+    rbd_volumes.RbdCapture = TimedCapture  # type: ignore[misc]  # time each snapshot the flow takes
+    samples = 3 if args.quick else 12
+    with libvirt_connection() as conn, scratch_dir(NAME) as tmp:
+        for key, value in info.env().items():
+            os.environ[key] = value
+        rows = [measure(n, samples, info, conn, tmp) for n in ((1,) if args.quick else (1, 3))]
+        report = {
+            "benchmark": NAME,
+            "mode": "quick" if args.quick else "full",
+            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+            "duration_s": round(time.time() - started, 1),
+            "testbed_ceph_up_s": round(up_s, 2),
+            "machine": machine_info(conn, tmp),
+            "by_rbd_disks": rows,
+        }
+    (out / f"{NAME}.json").write_text(json.dumps(report, indent=2) + "\n")
+    plot(report, out / f"{NAME}.png", run_note(args.quick))
+    print(json.dumps(rows, indent=2))
+    print(f"wrote {out / f'{NAME}.json'} and {out / f'{NAME}.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""The MemberStore of kind ``rbd``: a member is a native RBD snapshot next to its parent image.
+
+Restore is an RBD clone of the snapshot (clone v2: copy-on-write, no protection needed; ``full`` flattens it);
+export, verify and extract read the snapshot through qemu-img's rbd driver (``rbd:POOL/IMAGE@SNAP:id=…:conf=…``);
+remove deletes the snapshot and the set's tag on the image. Clones of a member are its dependants: ``children``
+lists them and ``flatten`` makes one stand alone, so delete can refuse or flatten first.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from pathlib import Path
+
+from freezeframe.adapters.rbd_volumes import TAG_PREFIX, RbdVolumes, split_volume
+from freezeframe.errors import HypervisorError, PreflightFailed
+from freezeframe.model import RBD_STORE, DiskSpec, Member
+from freezeframe.ports import ImageRef, ProgressCallback
+from freezeframe.ports.volumes import CLONE_SUFFIX, RBD_PREFIX, VolumeSnapshot
+from freezeframe.volume_members import RBD_SNAPSHOT_KEY
+
+
+def parse_source(path: str) -> tuple[str, str]:
+    """``rbd:POOL/IMAGE@SNAP`` → (``POOL/IMAGE``, ``SNAP``)."""
+    if not path.startswith(RBD_PREFIX) or "@" not in path:
+        raise PreflightFailed(f"{path!r} is not an RBD member source (rbd:POOL/IMAGE@SNAPSHOT)")
+    volume, _, snap = path[len(RBD_PREFIX) :].partition("@")
+    split_volume(volume)
+    return volume, snap
+
+
+class RbdMembers:
+    def __init__(self, volumes: RbdVolumes) -> None:
+        self.volumes = volumes
+
+    @property
+    def kind(self) -> str:
+        return RBD_STORE
+
+    def _snap(self, member: Member) -> tuple[str, str]:
+        volume, snap = parse_source(member.path)
+        return volume, member.metadata.get(RBD_SNAPSHOT_KEY, snap)
+
+    def present(self, member: Member) -> bool:
+        volume, snap = self._snap(member)
+        with self.volumes.cluster() as handle:
+            try:
+                with self.volumes.image(handle, volume) as img:
+                    return any(s["name"] == snap for s in img.list_snaps())
+            except PreflightFailed:
+                return False
+
+    def source(self, member: Member) -> ImageRef:
+        volume, snap = self._snap(member)
+        return ImageRef(Path(f"{RBD_PREFIX}{volume}@{snap}{self.volumes.settings.qemu_options()}"), "raw")
+
+    def restore(self, member: Member, dst: Path, *, full: bool, progress: ProgressCallback | None = None) -> ImageRef:
+        """A clone named after the restored instance's folder and the disk (``POOL/<instance>-<target>``)."""
+        import rbd
+
+        volume, snap = self._snap(member)
+        pool, _ = split_volume(volume)
+        name = f"{dst.parent.name}-{dst.stem}"
+        with self.volumes.cluster() as handle:
+            ioctx = handle.open_ioctx(pool)
+            try:
+                parent = split_volume(volume)[1]
+                features = rbd.RBD_FEATURE_LAYERING | rbd.RBD_FEATURE_EXCLUSIVE_LOCK
+                try:
+                    rbd.RBD().clone(ioctx, parent, snap, ioctx, name, features=features)
+                except rbd.Error as exc:
+                    raise HypervisorError(f"cloning {volume}@{snap} to {pool}/{name} failed: {exc}") from exc
+                if full:
+                    with rbd.Image(ioctx, name) as img:
+                        img.flatten()
+            finally:
+                ioctx.close()
+        if progress is not None:
+            progress(member.virtual_size, member.virtual_size)
+        dst.with_suffix(CLONE_SUFFIX).write_text(f"{pool}/{name}\n")  # discard finds the clone by this note
+        return ImageRef(Path(f"{RBD_PREFIX}{pool}/{name}"), "raw")
+
+    def base_of(self, member: Member) -> str:
+        volume, snap = self._snap(member)
+        return f"{RBD_PREFIX}{volume}@{snap}"
+
+    def checksum(self, member: Member) -> str:
+        volume, snap = self._snap(member)
+        spec = DiskSpec(member.target, member.bus, volume, "raw", member.virtual_size, "network", protocol="rbd")
+        return self.volumes.checksum(VolumeSnapshot(spec, snap, self.base_of(member)))
+
+    def children(self, member: Member) -> list[str]:
+        """``POOL/IMAGE`` of every clone of the member's snapshot (its copy-on-write dependants)."""
+        volume, snap = self._snap(member)
+        with self.volumes.cluster() as handle:
+            try:
+                with self.volumes.image(handle, volume, snap, read_only=True) as img:
+                    return [f"{c['pool']}/{c['image']}" for c in img.list_children2() if not c.get("trash")]
+            except PreflightFailed:
+                return []
+
+    def flatten(self, clone: str) -> None:
+        """Copy the parent's data into the clone so it no longer depends on the snapshot."""
+        with self.volumes.cluster() as handle, self.volumes.image(handle, clone) as img:
+            img.flatten()
+
+    def remove_clone(self, clone: str) -> None:
+        """Retried while a just-stopped QEMU's watch lingers on the image (the OSD drops it within 30 s)."""
+        import rbd
+
+        pool, name = split_volume(clone)
+        deadline = time.monotonic() + 45
+        with self.volumes.cluster() as handle:
+            ioctx = handle.open_ioctx(pool)
+            try:
+                while True:
+                    try:
+                        rbd.RBD().remove(ioctx, name)
+                        return
+                    except rbd.ImageNotFound:
+                        return
+                    except rbd.ImageBusy as exc:
+                        if time.monotonic() > deadline:
+                            raise HypervisorError(f"RBD image {clone} is still in use: {exc}") from exc
+                        time.sleep(1)
+            finally:
+                ioctx.close()
+
+    def remove(self, member: Member) -> None:
+        import rbd
+
+        volume, snap = self._snap(member)
+        with self.volumes.cluster() as handle:
+            try:
+                with self.volumes.image(handle, volume) as img:
+                    if any(s["name"] == snap for s in img.list_snaps()):
+                        img.remove_snap(snap)
+                    with contextlib.suppress(rbd.ObjectNotFound, KeyError):
+                        img.metadata_remove(TAG_PREFIX + member.set_id)
+            except PreflightFailed:
+                return

@@ -1,0 +1,219 @@
+"""The Volumes port on Ceph RBD, through Ceph's own Python bindings (``rados``, ``rbd``): no subprocess anywhere.
+
+A set's snapshot of an image is named ``freezeframe-<set UUID>`` and the image carries the metadata key
+``freezeframe.set.<set UUID>`` (the set's name), so both the snapshot and the tag name the set. Every call on
+the cluster is bounded by the client timeouts below, so an unreachable cluster or a stuck OSD fails inside the
+freeze cap instead of holding the guest frozen.
+
+Settings (a user's real cluster): ``FREEZEFRAME_CEPH_CONF`` (ceph.conf path; default Ceph's own search),
+``FREEZEFRAME_CEPH_USER`` (client id without ``client.``, default ``admin``), ``FREEZEFRAME_CEPH_KEYRING``,
+``FREEZEFRAME_CEPH_SECRET_UUID`` (the libvirt secret restored guests authenticate with),
+``FREEZEFRAME_CEPH_TIMEOUT_S`` (default 5).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
+
+from freezeframe.errors import CaptureFailed, PreflightFailed
+from freezeframe.model import DiskSpec
+from freezeframe.ports.volumes import VolumeSnapshot
+
+SNAP_PREFIX = "freezeframe-"
+TAG_PREFIX = "freezeframe.set."
+_CHUNK = 4 << 20
+
+
+def snapshot_name(set_id: str) -> str:
+    return f"{SNAP_PREFIX}{set_id}"
+
+
+def split_volume(volume: str) -> tuple[str, str]:
+    """``POOL/IMAGE`` → (pool, image); a namespace (``POOL/NS/IMAGE``) is not supported yet."""
+    pool, sep, image = volume.partition("/")
+    if not sep or not pool or not image or "/" in image:
+        raise PreflightFailed(f"RBD volume {volume!r} is not POOL/IMAGE (namespaces are not supported)")
+    return pool, image
+
+
+@dataclass(frozen=True)
+class CephSettings:
+    conf: str | None = None
+    user: str = "admin"
+    keyring: str | None = None
+    secret_uuid: str | None = None
+    timeout_s: float = 5.0
+
+    @classmethod
+    def from_env(cls) -> CephSettings:
+        env = os.environ
+        return cls(
+            conf=env.get("FREEZEFRAME_CEPH_CONF") or None,
+            user=env.get("FREEZEFRAME_CEPH_USER") or "admin",
+            keyring=env.get("FREEZEFRAME_CEPH_KEYRING") or None,
+            secret_uuid=env.get("FREEZEFRAME_CEPH_SECRET_UUID") or None,
+            timeout_s=float(env.get("FREEZEFRAME_CEPH_TIMEOUT_S") or 5.0),
+        )
+
+    def qemu_options(self) -> str:
+        """What qemu-img needs after ``rbd:POOL/IMAGE@SNAP``: ``:id=USER[:conf=PATH][:keyring=PATH]``."""
+        parts = [f":id={self.user}"]
+        if self.conf:
+            parts.append(f":conf={self.conf}")
+        if self.keyring:
+            parts.append(f":keyring={self.keyring}")
+        return "".join(parts)
+
+
+def _bindings() -> tuple[ModuleType, ModuleType]:
+    try:
+        import rados
+        import rbd
+    except ImportError as exc:
+        raise PreflightFailed(
+            "Ceph's Python bindings (rados, rbd) are not importable: install python3-rados and python3-rbd "
+            "(scripts/setup-host.sh links them into the venv)"
+        ) from exc
+    return rados, rbd
+
+
+class RbdVolumes:
+    """One cluster connection per operation; images opened before the window, closed after."""
+
+    def __init__(self, settings: CephSettings | None = None) -> None:
+        self.settings = settings or CephSettings.from_env()
+
+    @contextlib.contextmanager
+    def cluster(self) -> Iterator[Any]:
+        rados, _ = _bindings()
+        s = self.settings
+        timeout = str(max(1, int(s.timeout_s)))
+        conf = {"client_mount_timeout": timeout, "rados_mon_op_timeout": timeout, "rados_osd_op_timeout": timeout}
+        if s.keyring:
+            conf["keyring"] = s.keyring
+        try:
+            handle = rados.Rados(conffile=s.conf or "", rados_id=s.user, conf=conf)
+            handle.connect(timeout=max(1, int(s.timeout_s)))
+        except rados.Error as exc:
+            where = s.conf or "Ceph's default ceph.conf"
+            raise PreflightFailed(
+                f"the Ceph cluster ({where}, client.{s.user}) cannot be reached: {exc}; check FREEZEFRAME_CEPH_CONF, "
+                "FREEZEFRAME_CEPH_USER and FREEZEFRAME_CEPH_KEYRING"
+            ) from exc
+        try:
+            yield handle
+        finally:
+            handle.shutdown()
+
+    @contextlib.contextmanager
+    def image(self, handle: Any, volume: str, snapshot: str | None = None, read_only: bool = False) -> Iterator[Any]:
+        rados, rbd = _bindings()
+        pool, name = split_volume(volume)
+        try:
+            ioctx = handle.open_ioctx(pool)
+        except rados.Error as exc:
+            raise PreflightFailed(f"RBD pool {pool!r} cannot be opened: {exc}") from exc
+        try:
+            try:
+                img = rbd.Image(ioctx, name, snapshot=snapshot, read_only=read_only)
+            except (rbd.Error, rados.Error) as exc:
+                what = f"{volume}@{snapshot}" if snapshot else volume
+                raise PreflightFailed(f"RBD image {what} cannot be opened: {exc}") from exc
+            try:
+                yield img
+            finally:
+                img.close()
+        finally:
+            ioctx.close()
+
+    def mon_hosts(self) -> tuple[tuple[str, str], ...]:
+        """(host, port) of every monitor in the configuration (``v1:``/``v2:`` prefixes and brackets dropped)."""
+        rados, _ = _bindings()
+        handle = rados.Rados(conffile=self.settings.conf or "", rados_id=self.settings.user)
+        try:
+            text = str(handle.conf_get("mon_host") or "")
+        finally:
+            handle.shutdown()
+        hosts = []
+        for item in text.replace(";", ",").replace(" ", ",").split(","):
+            addr = item.strip().strip("[]").removeprefix("v1:").removeprefix("v2:").split("/")[0]
+            if addr:
+                host, _, port = addr.rpartition(":") if addr.count(":") == 1 else (addr, "", "6789")
+                hosts.append((host, port or "6789"))
+        return tuple(dict.fromkeys(hosts))
+
+    # ---- the Volumes port ------------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def open(self, set_id: str, set_name: str, disks: Sequence[DiskSpec]) -> Iterator[RbdCapture]:
+        snap = snapshot_name(set_id)
+        with self.cluster() as handle, contextlib.ExitStack() as stack:
+            opened = []
+            for disk in disks:
+                volume = str(disk.source_path)
+                img = stack.enter_context(self.image(handle, volume))
+                if any(s["name"] == snap for s in img.list_snaps()):
+                    raise PreflightFailed(f"RBD image {volume} already has a snapshot named {snap}")
+                img.metadata_set(TAG_PREFIX + set_id, set_name)
+                opened.append((disk, img))
+            yield RbdCapture(snap, opened)
+
+    def existing(self, set_id: str, disks: Sequence[DiskSpec]) -> list[VolumeSnapshot]:
+        snap = snapshot_name(set_id)
+        return [VolumeSnapshot(d, snap, f"rbd:{d.source_path}@{snap}") for d in disks]
+
+    def checksum(self, snapshot: VolumeSnapshot) -> str:
+        digest = hashlib.sha256()
+        volume = str(snapshot.disk.source_path)
+        with self.cluster() as handle, self.image(handle, volume, snapshot.snapshot, read_only=True) as img:
+            size = img.size()
+            offset = 0
+            while offset < size:
+                data = img.read(offset, min(_CHUNK, size - offset))
+                digest.update(data)
+                offset += len(data)
+        return digest.hexdigest()
+
+    def remove(self, set_id: str, volumes: Sequence[str]) -> list[str]:
+        _, rbd = _bindings()
+        snap = snapshot_name(set_id)
+        removed = []
+        with self.cluster() as handle:
+            for volume in volumes:
+                try:
+                    with self.image(handle, volume) as img:
+                        if any(s["name"] == snap for s in img.list_snaps()):
+                            if img.is_protected_snap(snap):
+                                img.unprotect_snap(snap)
+                            img.remove_snap(snap)
+                            removed.append(f"{volume}@{snap}")
+                        with contextlib.suppress(rbd.ObjectNotFound, KeyError):
+                            img.metadata_remove(TAG_PREFIX + set_id)
+                except PreflightFailed:
+                    continue  # the image itself is gone: so is its snapshot
+        return removed
+
+
+class RbdCapture:
+    """The images of one set, open and tagged: inside the window only ``create_snap`` runs."""
+
+    def __init__(self, snap: str, opened: list[tuple[DiskSpec, Any]]) -> None:
+        self.snap = snap
+        self.opened = opened
+
+    def snapshot(self) -> list[VolumeSnapshot]:
+        rados, rbd = _bindings()
+        made = []
+        for disk, img in self.opened:
+            try:
+                img.create_snap(self.snap)
+            except (rbd.Error, rados.Error) as exc:
+                raise CaptureFailed(f"RBD snapshot of {disk.source_path} ({disk.target}) failed: {exc}") from exc
+            made.append(VolumeSnapshot(disk, self.snap, f"rbd:{disk.source_path}@{self.snap}"))
+        return made

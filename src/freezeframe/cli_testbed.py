@@ -1,0 +1,74 @@
+"""CLI commands of the test bed: ``testbed ceph up|down|status [--json]`` (a real one-node Ceph cluster).
+
+Only tests, the demo and benchmarks need these; the test bed is imported when a command runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import typer
+
+from freezeframe.cli_common import JsonOpt, print_json
+from freezeframe.cli_output import say
+from freezeframe.errors import PreflightFailed
+
+CONTEXT = {"help_option_names": ["-h", "--help"]}
+
+testbed_app = typer.Typer(help="Real systems for tests and the demo (a Ceph cluster).", no_args_is_help=True,
+                          context_settings=CONTEXT)  # fmt: skip
+ceph_app = typer.Typer(
+    help="A one-node Ceph cluster on 127.0.0.1 (mon, mgr, memstore OSD, cephx, a pool, a libvirt secret); state in "
+    "$FREEZEFRAME_CEPH_TESTBED_DIR (default /var/tmp/freezeframe-ceph).",
+    no_args_is_help=True,
+    context_settings=CONTEXT,
+)
+testbed_app.add_typer(ceph_app, name="ceph")
+
+
+@ceph_app.command("up")
+def ceph_up(as_json: JsonOpt = False) -> None:
+    """Bring the cluster up (a healthy one is left as it is) and print how to reach it."""
+    from freezeframe.testbed.ceph import Cluster
+    from freezeframe.testbed.instance import TestbedError
+
+    try:
+        info = Cluster().up()
+    except TestbedError as exc:
+        raise PreflightFailed(f"testbed ceph up: {exc}") from exc
+    if as_json:
+        print_json(dataclasses.asdict(info))
+        return
+    for key, value in dataclasses.asdict(info).items():
+        say(f"{key}: {value}")
+    for key, value in info.env().items():
+        say(f"export {key}={value}")
+
+
+@ceph_app.command("down")
+def ceph_down() -> None:
+    """Stop the daemons and remove the cluster's data (the libvirt secret stays, it is reused)."""
+    from freezeframe.testbed.ceph import Cluster
+
+    Cluster().down()
+    say("ceph test bed stopped")
+
+
+@ceph_app.command("status")
+def ceph_status(as_json: JsonOpt = False) -> None:
+    """Which daemons run and whether the pool answers; exit code 1 when it is not healthy."""
+    from freezeframe.testbed.ceph import Cluster
+
+    status = Cluster().status()
+    if as_json:
+        print_json(status)
+    else:
+        say(f"state: {status['state_dir']}")
+        say(f"daemons: {status['daemons']}")
+        say(f"healthy: {status['healthy']}")
+    if not status["healthy"]:
+        raise typer.Exit(1)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(testbed_app, name="testbed")

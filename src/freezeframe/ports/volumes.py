@@ -1,0 +1,65 @@
+"""Backend-native volumes (Ceph RBD): snapshots the storage backend takes in place, next to their parent image.
+
+The flow opens every volume before the guest-visible window (so an unreachable cluster or a name collision is
+found before the guest is touched), takes the snapshots inside it with nothing but the backend's own calls, and
+removes whatever a failed or interrupted set made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from freezeframe.model import DiskSpec, Member
+
+RBD_PREFIX = "rbd:"
+"""Where a member or a restored disk is an RBD image: ``rbd:POOL/IMAGE[@SNAPSHOT]``."""
+CLONE_SUFFIX = ".rbd"
+"""A restored instance's folder holds ``<target>.rbd`` naming each RBD clone made for it (``POOL/IMAGE``)."""
+VOLUMES_KEY = "volumes"
+"""Journal ``extra`` key: the volumes (``POOL/IMAGE``, comma-separated) a set may have snapshotted."""
+
+
+@dataclass(frozen=True)
+class VolumeSnapshot:
+    """One snapshot made for a set: ``source`` is ``rbd:POOL/IMAGE@SNAPSHOT`` (as qemu-img reads it)."""
+
+    disk: DiskSpec
+    snapshot: str
+    source: str
+
+
+class VolumeCapture(Protocol):
+    def snapshot(self) -> list[VolumeSnapshot]:
+        """Inside the window: one native snapshot per volume and nothing else; CaptureFailed on any failure."""
+
+
+class Volumes(Protocol):
+    def open(self, set_id: str, set_name: str, disks: Sequence[DiskSpec]) -> AbstractContextManager[VolumeCapture]:
+        """Connect, open and tag every volume; PreflightFailed when the cluster or an image cannot be reached or a
+        snapshot of that name exists already. Closed after the window."""
+
+    def existing(self, set_id: str, disks: Sequence[DiskSpec]) -> list[VolumeSnapshot]:
+        """The snapshots a set made, for a process that takes over the copy."""
+
+    def checksum(self, snapshot: VolumeSnapshot) -> str:
+        """SHA-256 of the snapshot's content (the raw guest data)."""
+
+    def remove(self, set_id: str, volumes: Sequence[str]) -> list[str]:
+        """Remove the set's snapshots and tags from the volumes (``POOL/IMAGE``); idempotent; what was removed."""
+
+
+@runtime_checkable
+class ClonedMembers(Protocol):
+    """A member store whose restores are backend clones of the member (RBD): delete asks it for dependants."""
+
+    def children(self, member: Member) -> list[str]:
+        """``POOL/IMAGE`` of every clone that still depends on the member."""
+
+    def flatten(self, clone: str) -> None:
+        """Copy the member's data into the clone so it stands alone."""
+
+    def remove_clone(self, clone: str) -> None:
+        """Remove a restored clone (``POOL/IMAGE``) whose instance is discarded; idempotent."""

@@ -1,0 +1,112 @@
+"""The RBD adapter against a real one-node Ceph cluster (no guest): snapshots, tags, digests, removal, faults."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import rbd
+
+from ceph_helpers import ceph_testbed, dead_conf, qemu_source, volumes_for
+from freezeframe.adapters.rbd_volumes import TAG_PREFIX, CephSettings, RbdVolumes, snapshot_name
+from freezeframe.errors import PreflightFailed
+from freezeframe.model import DiskSpec
+from freezeframe.testbed.ceph import CephTestbed, Cluster, create_image, open_pool, remove_image
+
+__all__ = ["ceph_testbed"]
+MiB = 1 << 20
+SET_ID = "0badc0de-0000-4000-8000-000000000001"
+
+
+@pytest.fixture
+def image(ceph_testbed: CephTestbed, request: pytest.FixtureRequest) -> DiskSpec:
+    name = f"t-{request.node.name[:40]}-{time.monotonic_ns() % 10**6}"
+    create_image(ceph_testbed, name, 8 * MiB)
+    with open_pool(ceph_testbed) as ioctx, rbd.Image(ioctx, name) as img:
+        img.write(b"freezeframe" * 1000, 0)
+    request.addfinalizer(lambda: remove_image(ceph_testbed, name))
+    return DiskSpec("vdb", "virtio", f"{ceph_testbed.pool}/{name}", "raw", 8 * MiB, source_type="network",
+                    protocol="rbd")  # fmt: skip
+
+
+def test_testbed_up_is_idempotent_and_reports_how_to_reach_it(ceph_testbed: CephTestbed) -> None:
+    again = Cluster().up()
+    assert again == ceph_testbed and Cluster().healthy()
+    assert Path(again.conf).is_file() and Path(again.keyring).is_file() and again.user == "freezeframe"
+    out = subprocess.run(["virsh", "-q", "secret-get-value", again.secret_uuid], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == Cluster().user_key()
+
+
+def test_snapshot_is_named_and_tagged_after_the_set_and_readable_by_qemu_img(
+    ceph_testbed: CephTestbed, image: DiskSpec, tmp_path: Path
+) -> None:
+    volumes = volumes_for(ceph_testbed)
+    with volumes.open(SET_ID, "nightly", [image]) as capture:
+        (snap,) = capture.snapshot()
+    assert snap.snapshot == snapshot_name(SET_ID) and snap.source == f"rbd:{image.source_path}@{snap.snapshot}"
+    with open_pool(ceph_testbed) as ioctx, rbd.Image(ioctx, str(image.source_path).split("/")[1]) as img:
+        assert [s["name"] for s in img.list_snaps()] == [snap.snapshot]
+        assert img.metadata_get(TAG_PREFIX + SET_ID) == "nightly"
+        img.write(b"changed after the snapshot", 0)  # the snapshot must not see it
+    raw = tmp_path / "member.raw"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", qemu_source(ceph_testbed, snap.source), "-O", "raw",
+                    str(raw)], check=True)  # fmt: skip
+    assert raw.read_bytes().startswith(b"freezeframe")
+    assert volumes.checksum(snap) == hashlib.sha256(raw.read_bytes()).hexdigest()
+    assert volumes.remove(SET_ID, [str(image.source_path)]) == [f"{image.source_path}@{snap.snapshot}"]
+    assert volumes.remove(SET_ID, [str(image.source_path), f"{ceph_testbed.pool}/gone"]) == []
+
+
+def test_a_snapshot_name_collision_is_refused_before_the_window(ceph_testbed: CephTestbed, image: DiskSpec) -> None:
+    volumes = volumes_for(ceph_testbed)
+    with volumes.open(SET_ID, "first", [image]) as capture:
+        capture.snapshot()
+    with pytest.raises(PreflightFailed, match="already has a snapshot named"), volumes.open(SET_ID, "again", [image]):
+        pass
+
+
+def test_the_exclusive_lock_held_by_another_client_does_not_block_the_snapshot(
+    ceph_testbed: CephTestbed, image: DiskSpec
+) -> None:
+    """QEMU holds the image's exclusive lock while the guest runs: librbd asks the owner to take the snapshot."""
+    name = str(image.source_path).split("/")[1]
+    with open_pool(ceph_testbed) as ioctx, rbd.Image(ioctx, name) as owner:
+        owner.lock_acquire(rbd.RBD_LOCK_MODE_EXCLUSIVE)
+        owner.write(b"owner writes", 0)
+        assert owner.is_exclusive_lock_owner()
+        with volumes_for(ceph_testbed).open(SET_ID, "locked", [image]) as capture:
+            (snap,) = capture.snapshot()
+        assert snap.snapshot in [s["name"] for s in owner.list_snaps()]
+
+
+def test_an_unreachable_cluster_is_a_clear_error_within_the_timeout(
+    ceph_testbed: CephTestbed, image: DiskSpec, tmp_path: Path
+) -> None:
+    conf = dead_conf(ceph_testbed, tmp_path)
+    volumes = RbdVolumes(CephSettings(conf=str(conf), user=ceph_testbed.user, keyring=ceph_testbed.keyring,
+                                      timeout_s=2))  # fmt: skip
+    started = time.monotonic()
+    with (
+        pytest.raises(PreflightFailed, match=r"cannot be reached.*FREEZEFRAME_CEPH_CONF"),
+        volumes.open(SET_ID, "x", [image]),
+    ):
+        pass
+    assert time.monotonic() - started < 30
+
+
+def test_cli_testbed_ceph_up_json_and_status(ceph_testbed: CephTestbed) -> None:
+    import json
+    import sys
+
+    up = subprocess.run([sys.executable, "-m", "freezeframe.cli", "testbed", "ceph", "up", "--json"],
+                        capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert up.returncode == 0, up.stderr
+    shown = json.loads(up.stdout)
+    assert {"conf", "keyring", "user", "pool", "mon_host", "secret_uuid"} <= set(shown)
+    assert shown["secret_uuid"] == ceph_testbed.secret_uuid and shown["pool"] == ceph_testbed.pool
+    status = subprocess.run([sys.executable, "-m", "freezeframe.cli", "testbed", "ceph", "status", "--json"],
+                            capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert status.returncode == 0 and json.loads(status.stdout)["healthy"] is True
