@@ -14,7 +14,10 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "freezeframe"
-CORE = ("model", "ports", "flow", "window", "discovery", "signals", "validation", "errors", "serialize", "durable")
+CORE = (
+    "model", "ports", "flow", "window", "discovery", "signals", "validation", "errors", "serialize", "durable",
+    "volume_members",
+)  # fmt: skip
 CORE_PACKAGES = ("ops", "ports")
 FORBIDDEN_IN_CORE = (
     "libvirt", "libvirt_qemu", "sqlalchemy", "alembic", "lxml", "xmlschema", "subprocess",
