@@ -17,9 +17,9 @@ from freezeframe.adapters.journal import FileJournal
 from freezeframe.adapters.locks import FileLocks
 from freezeframe.adapters.qemu_img import QemuImg
 from freezeframe.adapters.repository import DirectoryRepository
-from freezeframe.errors import CaptureFailed, PreflightFailed
+from freezeframe.errors import AgentUnavailable, CaptureFailed, PreflightFailed
 from freezeframe.flow import FlowSettings, SnapshotFlow, SnapshotRequest
-from freezeframe.model import Consistency, DiskSpec, InstanceState, SetStatus
+from freezeframe.model import Consistency, DiskSpec, Instance, InstanceState, SetStatus
 from freezeframe.ports import JournalEntry
 from freezeframe.ports.volumes import VOLUMES_KEY, VolumeSnapshot
 from freezeframe.serialize import set_to_dict
@@ -203,3 +203,20 @@ def test_shut_off_instance_copies_files_and_snapshots_volumes_without_a_window(p
     result = flow.snapshot(SnapshotRequest("vm1"))
     assert hv.calls == ["open:1", "copy_offline:1", "rbd:pool/data", "close"]
     assert [m.store for m in result.members] == ["file", "rbd"]
+
+
+class _FreezeFails(ScriptedHypervisor):
+    def freeze(self, instance: Instance) -> int:
+        self.calls.append("freeze")
+        raise AgentUnavailable("guest agent timed out")
+
+
+def test_mixed_set_whose_freeze_fails_falls_back_to_a_paused_crash_capture(parts: Parts) -> None:
+    """Without the freeze, the backup job and the RBD snapshot meet at one instant only with the vCPUs paused."""
+    hv = _FreezeFails(disks=(*_disks(1), rbd_disk("vdb", "data")))
+    flow = SnapshotFlow(hv, *parts, settings=FlowSettings(thaw_retry_s=2.0), volumes=ScriptedVolumes(hv.calls))
+    result = flow.snapshot(SnapshotRequest("vm1"))
+    assert result.achieved is Consistency.CRASH and "freeze failed" in (result.reason or "")
+    paused, resumed = hv.calls.index("pause"), hv.calls.index("resume")
+    assert paused < hv.calls.index("capture:1") < resumed and paused < hv.calls.index("rbd:pool/data") < resumed
+    assert result.pause_window_ms is not None

@@ -108,6 +108,8 @@ class _Plan:
     level: Consistency
     reason: str | None
     pause: bool
+    several_captures: bool = False
+    """Several capture mechanisms (backup job, each RBD snapshot) meet at one instant only in a paused guest."""
 
 
 class SnapshotFlow:
@@ -147,8 +149,9 @@ class SnapshotFlow:
             files, vols = split_volumes(disks.captured)
             self._preflight(files)
             plan = self._plan(instance, request)
-            if plan.level is Consistency.CRASH and (1 if files else 0) + len(vols) > 1:
-                plan.pause = True  # several captures (backup job, each RBD snapshot) meet only in a paused guest
+            plan.several_captures = (1 if files else 0) + len(vols) > 1
+            if plan.level is Consistency.CRASH and plan.several_captures:
+                plan.pause = True
             snapshot_set = self._new_set(instance, request, disks)
             self.catalog.add_set(snapshot_set)
             entry = JournalEntry(instance.uuid, instance.name, snapshot_set.id, os.getpid(), "preparing")
@@ -287,8 +290,12 @@ class SnapshotFlow:
     ) -> list[VolumeSnapshot]:
         """quiesce → capture all (backup job start, RBD snapshots) → thaw; the copy itself runs after the window."""
         achieved, reason = snapshot_set.achieved, snapshot_set.reason
-        pause = plan.pause and instance.state is InstanceState.RUNNING
-        entry.froze, entry.paused, entry.capture_started = plan.level.freezes_filesystems, pause, True
+        running = instance.state is InstanceState.RUNNING
+        pause = plan.pause and running
+        # A failed freeze falls back to crash level inside the window, where no journal write happens: record now
+        # that the guest may be paused then, so that repair resumes it.
+        may_pause = pause or (running and plan.several_captures and plan.level.freezes_filesystems)
+        entry.froze, entry.paused, entry.capture_started = plan.level.freezes_filesystems, may_pause, True
         entry.phase = "window"
         self.journal.record(entry)
         window = GuestWindow(self.hypervisor, self.journal, self.ensure_thawed, instance, entry)
@@ -310,6 +317,7 @@ class SnapshotFlow:
                             if require:
                                 raise ConsistencyUnavailable(f"--require {snapshot_set.requested}: {exc}") from exc
                             achieved, reason = Consistency.CRASH, f"freeze failed: {exc}"
+                            pause = may_pause
                     if pause:
                         window.pause()
                     self._hold_for_tests()
@@ -452,12 +460,7 @@ class SnapshotFlow:
 
     def repair_locked(self, instance_uuid: str) -> list[str]:
         """With the instance's lock held, any journal entry for it belongs to a process that died."""
-        reports = []
-        for entry in self.journal.pending():
-            if entry.instance_uuid != instance_uuid:
-                continue
-            reports.append(self._repair_entry(entry))
-        return reports
+        return [self._repair_entry(e) for e in self.journal.pending() if e.instance_uuid == instance_uuid]
 
     def _repair_entry(self, entry: JournalEntry) -> str:
         done: list[str] = []
