@@ -21,6 +21,7 @@ DEB_PACKAGES=(
   busybox-static qemu-guest-agent e2fsprogs cpio xz-utils
   gcc libc6-dev
   ovmf
+  virt-v2v
 )
 
 missing=()
