@@ -2,7 +2,8 @@
 
 Clients read the image a createImage/createBackup made from the Image service (``--wait`` polls its status). With
 no Glance, this view answers for the sets a token may see; an image whose job has not recorded its set yet is
-``queued``, one whose job failed first is ``killed``.
+``queued``, one whose job failed first is ``killed``, one whose job still runs (rotation) is ``saving``: ``active``
+means the whole request is done, as clients that wait and then act again expect.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from freezeframe.adapters.service_store import FAILED, Job
+from freezeframe.adapters.service_store import FAILED, SUCCEEDED, Job
 from freezeframe.api.deps import PrincipalDep, StateDep
 from freezeframe.api.nova import NovaFault, base_url, image_versions_document
 from freezeframe.api.nova_views import image_view, queued_image
@@ -30,13 +31,20 @@ def image_versions(request: Request) -> JSONResponse:
 
 
 def _images(state: AppState, principal: PrincipalDep, base: str) -> list[dict[str, Any]]:
-    """Every visible set, and every visible snapshot job whose set is not recorded yet; newest first."""
+    """Every visible set, and every visible snapshot job whose set is not recorded (yet: a succeeded job's set that
+    is gone was deleted, e.g. rotated out); newest first."""
     visible = state.visible_sets(principal)
     sets: list[SnapshotSet] = [s for s in state.service.catalog.list_sets() if visible(s)]
     known = {s.id for s in sets}
-    views = [(s.created_at, image_view(s, state.resolver.of_set(s), base)) for s in sets]
+    busy = {j.set_id for j in state.jobs.unfinished() if j.set_id}
+    views = []
+    for s in sets:
+        view = image_view(s, state.resolver.of_set(s), base)
+        if s.id in busy and view["status"] == "active":
+            view["status"] = "saving"  # its job still rotates: done (and the server free) when the job is
+        views.append((s.created_at, view))
     for job in state.jobs.query(principal.visible_projects()):
-        if job.kind in _KINDS and job.set_id and job.set_id not in known:
+        if job.kind in _KINDS and job.set_id and job.set_id not in known and job.state != SUCCEEDED:
             views.append((job.created_at, _pending(job)))
     views.sort(key=lambda pair: pair[0], reverse=True)
     return [v for _, v in views]
