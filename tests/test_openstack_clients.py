@@ -268,3 +268,46 @@ def test_errors_reach_the_openstack_command_with_its_exit_codes(cloud: Cloud) ->
     assert other.returncode == 1 and "No server with a name or ID" in other.stderr, other.stderr
     missing = cloud.osc("alpha", "image", "show", str(uuid.uuid4()))
     assert missing.returncode == 1 and "No Image found" in missing.stderr, missing.stderr
+
+
+# ---- what Nova validates and forgives, on the wire ------------------------------------------------------------
+
+
+def test_nova_validation_leniency_microversion_headers_and_fault_bodies(cloud: Cloud) -> None:
+    headers = {"X-Auth-Token": cloud.tokens["alpha"]}
+    action = f"/v2.1/servers/{cloud.alpha}/action"
+    with httpx.Client(base_url=cloud.server.url, headers=headers, timeout=60) as raw:
+        # What Nova accepts and a strict schema would not: backup_type "", metadata null, rotation as digits.
+        lenient = {"createBackup": {"name": "Backup 2", "backup_type": "", "rotation": "1", "metadata": None}}
+        made = raw.post(action, json=lenient, headers={"OpenStack-API-Version": "compute 2.45"})
+        assert made.status_code == 202, made.text
+        assert made.headers["openstack-api-version"] == "compute 2.45" and "location" not in made.headers
+        backup = cloud.wait_active(made.json()["image_id"])
+        assert backup["name"] == "Backup 2" and backup["image_type"] == "backup"
+        with cloud.server.client(cloud.tokens["alpha"]) as v1:
+            recorded = v1.get(f"/v1/snapshot-sets/{backup['id']}").json()
+        assert recorded["name"].startswith("Backup-2-") and len(recorded["members"]) == 3  # safe name, every disk
+        # Before 2.45: no body, the image's URL in Location (the legacy header alone picks the version too).
+        old = raw.post(
+            action, json={"createImage": {"name": "legacy"}}, headers={"X-OpenStack-Nova-API-Version": "2.44"}
+        )
+        assert old.status_code == 202 and old.content == b"", old.text
+        assert old.headers["location"].startswith(f"{cloud.server.url}/v2/images/")
+        cloud.wait_active(old.headers["location"].rsplit("/", 1)[1])
+        # Nova's faults, with the status novaclient maps to its exceptions.
+        cases = [
+            ({"createImage": {"name": "x", "all_volumes": True}}, {}, 400, "badRequest", "Additional properties"),
+            ({"createImage": {}}, {}, 400, "badRequest", "'name' is a required property"),
+            ({"reboot": {"type": "SOFT"}}, {}, 400, "badRequest", "no such action"),
+            ({"createImage": {"name": "x", "metadata": {"-bad": "y"}}}, {}, 400, "badRequest", "metadata key"),
+            ({"createImage": {"name": "x"}}, {"X-OpenStack-Nova-API-Version": "2.200"}, 406, "notAcceptable", "2.96"),
+        ]
+        for body, extra, status, fault, words in cases:
+            response = raw.post(action, json=body, headers=extra)
+            assert response.status_code == status, (body, response.text)
+            assert words in response.json()[fault]["message"], response.text
+        gone = raw.get(f"/v2.1/servers/{uuid.uuid4()}")
+        assert gone.status_code == 404 and gone.json()["itemNotFound"]["code"] == 404
+        assert raw.get("/v2/images/not-an-id").json()["itemNotFound"]["code"] == 404
+        # The /v1 API keeps its problem documents.
+        assert raw.get(f"/v1/instances/{uuid.uuid4()}").headers["content-type"] == "application/problem+json"
