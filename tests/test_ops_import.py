@@ -335,6 +335,23 @@ def test_a_recorded_kernel_file_name_missing_here_is_refused(tmp_path: Path) -> 
     w.assert_nothing_left()
 
 
+@pytest.mark.parametrize(
+    ("kernel", "error", "match"),
+    [
+        ("/nonexistent/vmlinuz", PreflightFailed, "this host has no such file"),
+        ("/etc/passwd", InvalidRequest, "outside the directories an import may boot from"),
+    ],
+)
+def test_an_absolute_kernel_path_of_an_older_package_is_checked_where_it_is(
+    tmp_path: Path, kernel: str, error: type[Exception], match: str
+) -> None:
+    (tmp_path / "boot").mkdir()
+    w = world(tmp_path, own_package(tmp_path, own_hardware(boot=BootSpec(kernel=kernel))))
+    with pytest.raises(error, match=match):
+        w.run()
+    w.assert_nothing_left()
+
+
 def test_every_disk_is_probed_before_anything_reads_it_and_formats_are_pinned(tmp_path: Path) -> None:
     w = world(tmp_path)
     w.run()
