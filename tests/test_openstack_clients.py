@@ -222,6 +222,9 @@ def test_openstack_server_image_create_waits_and_captures_every_volume(cloud: Cl
     assert sorted(b["device_name"] for b in bdm) == ["/dev/vda", "/dev/vdb", "/dev/vdc"]
     sdk = cloud.sdk("alpha")
     assert sdk.image.get_image(image_id).status == "active"
+    made_by_sdk = sdk.compute.create_server_image(cloud.alpha, "sdk image", wait=True, timeout=120)
+    assert made_by_sdk.status == "active" and made_by_sdk.name == "sdk image"
+    assert sdk.compute.get_server(cloud.alpha).status == "SHUTOFF"
     listed = cloud.osc("alpha", "image", "list", "-f", "json")
     assert listed.returncode == 0, listed.stderr
     assert image_id in [i["ID"] for i in json.loads(listed.stdout)]
