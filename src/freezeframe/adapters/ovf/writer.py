@@ -281,6 +281,7 @@ class _HardwareWriter:
         Returns the disks' fields, written by ``_disks``."""
         controllers: dict[tuple[str, int], str] = {}
         used: dict[str, int] = {}
+        per_type: dict[int, int] = {}  # Address counts per ResourceType: virtio and SCSI HBAs are both type 6
         placements: list[tuple[str, int]] = []
         for disk in disks:
             bus = members[disk.target].bus
@@ -292,9 +293,11 @@ class _HardwareWriter:
                 unit += 1  # VMware reserves SCSI unit 7 for the HBA
             key = (bus, index)
             if key not in controllers:
+                address = per_type.get(rtype, 0)
+                per_type[rtype] = address + 1
                 controllers[key] = self.item(
                     {
-                        "Address": str(index),
+                        "Address": str(address),
                         "Description": f"{bus} controller",
                         "ElementName": f"{bus} controller {index}",
                         "ResourceSubType": subtype,
