@@ -202,13 +202,14 @@ def tar_members(path: Path) -> list[str]:
 
 
 def check_package(path: Path, ovf_version: int) -> Any:
-    """Our package's layout and descriptor: .ovf first, .mf (SHA-256), disks in References order, valid OVF."""
+    """Our package's layout and descriptor: .ovf first, .mf (OVF 1: SHA-1, 2: SHA-256), disks in References order,
+    valid OVF."""
     package = open_ova(path)
     names = tar_members(path)
     assert names[0].endswith(".ovf") and names[1].endswith(".mf")
     assert names[2:] == [f.href for f in package.machine.files]
     assert set(package.verified) == set(names) - {names[1]}
-    assert set(package.verified.values()) == {"SHA256"}
+    assert set(package.verified.values()) == {"SHA1" if ovf_version == 1 else "SHA256"}  # what each version expects
     with tarfile.open(path, "r:") as tf:
         infos = tf.getmembers()
     assert all(m.type == tarfile.REGTYPE for m in infos)

@@ -216,6 +216,29 @@ def test_create_backup_alias_rotates(server: ServerProcess, member: httpx.Client
     assert [s["id"] for s in kept["items"]] == [native["id"]]
 
 
+def test_novaclient_create_image_of_the_running_guest_captures_every_disk_consistently(
+    server: ServerProcess, member: httpx.Client, guest: TestInstance
+) -> None:
+    """The real python-novaclient, our token through keystoneauth, Nova's createImage at 2.96 on the running
+    3-disk guest: the image is the set, with every disk, filesystem-consistent (qemu-ga froze them)."""
+    nova_client = pytest.importorskip("novaclient.client", reason="python-novaclient is not installed (dev extras)")
+    from keystoneauth1 import session, token_endpoint
+
+    token = issue_token(server.home, "member", "alpha")
+    auth = token_endpoint.Token(f"{server.url}/v2.1", token)
+    nova = nova_client.Client("2.96", session=session.Session(auth=auth), endpoint_override=f"{server.url}/v2.1")
+    assert nova.servers.get(guest.uuid).status == "ACTIVE"
+    image_id = nova.servers.create_image(guest.uuid, "running guest ☕", metadata={"Image Type": "snapshot"})
+    deadline = time.monotonic() + 300
+    while (image := member.get(f"/v2/images/{image_id}").json())["status"] != "active":
+        assert image["status"] in ("queued", "saving") and time.monotonic() < deadline, (image, server.log_tail())
+        time.sleep(0.5)
+    assert image["name"] == "running guest ☕" and image["Image Type"] == "snapshot"
+    shown = member.get(f"/v1/snapshot-sets/{image_id}").json()
+    assert [m["target"] for m in shown["members"]] == ["vda", "vdb", "vdc"]
+    assert shown["consistency"]["achieved"] == "filesystem"
+
+
 def test_rotation_after_a_remap_spares_the_old_projects_backups(
     server: ServerProcess, admin: httpx.Client, member: httpx.Client, guest: TestInstance
 ) -> None:

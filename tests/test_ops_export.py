@@ -78,6 +78,7 @@ class ScriptedPackages:
     fail: Exception | None = None
     written: list[tuple[Path, tuple[PackageSource, ...], bool]] = field(default_factory=list)
     busy_check: Holds | None = None
+    digests: list[str] = field(default_factory=list)
 
     def write(
         self,
@@ -89,8 +90,10 @@ class ScriptedPackages:
         progress: ProgressCallback | None,
         *,
         replace: bool = False,
+        manifest_digest: str = "sha256",
     ) -> WrittenPackage:
         self.written.append((out, tuple(sources), replace))
+        self.digests.append(manifest_digest)
         if self.busy_check is not None:
             probe = self.busy_check.hold(f"set-{snapshot_set.id}", "probe")
             with pytest.raises(InstanceBusy), probe:  # the set is held while its members are read
@@ -210,6 +213,8 @@ def test_export_names_members_and_holds_the_set(tmp_path: Path) -> None:
     [
         ({"disk_format": "vhd"}, "--disk-format"),
         ({"ovf_version": 3}, "--ovf-version"),
+        ({"manifest_digest": "md5"}, "--manifest-digest"),
+        ({"ovf_version": 2, "manifest_digest": "sha1"}, "OVF 2 manifest is SHA-256"),
     ],
 )
 def test_bad_options_are_refused_before_anything(tmp_path: Path, kwargs: dict[str, object], match: str) -> None:
@@ -217,6 +222,20 @@ def test_bad_options_are_refused_before_anything(tmp_path: Path, kwargs: dict[st
     with pytest.raises(InvalidRequest, match=match):
         w.exporter.export(w.snapshot_set.id, tmp_path / "out" / "a.ova", **kwargs)  # type: ignore[arg-type]
     assert w.packages.written == []
+
+
+@pytest.mark.parametrize(
+    ("version", "asked", "written"), [(1, None, "sha1"), (2, None, "sha256"), (1, "sha256", "sha256")]
+)
+def test_manifest_digest_defaults_to_what_each_ovf_version_expects(
+    tmp_path: Path, version: int, asked: str | None, written: str
+) -> None:
+    w = world(tmp_path)
+    result = w.exporter.export(
+        w.snapshot_set.id, tmp_path / "out" / "a.ova", ovf_version=version, manifest_digest=asked
+    )
+    assert w.packages.digests == [written]
+    assert result.manifest_digest == written and result.to_dict()["manifest_digest"] == written
 
 
 def test_paths_are_checked_before_anything(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ import contextlib
 import shutil
 import subprocess
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -300,6 +300,58 @@ def test_own_package_is_rebuilt_as_recorded(tmp_path: Path) -> None:
     ]  # fmt: skip
 
 
+def test_a_disk_another_tool_added_to_our_package_is_mapped_generically(tmp_path: Path) -> None:
+    """``cot add-disk`` adds a file our section does not list: attached on a free target, with a warning."""
+    package = own_package(tmp_path)
+    extra = DeclaredDisk("vmdisk3", "added.vmdk", 4 * MiB, "virtio")
+    package = replace(
+        package, disks=(*package.disks, extra), files={**package.files, "added.vmdk": PackageFile("added.vmdk")}
+    )
+    w = world(tmp_path, package)
+    result = w.run()
+    plan = w.domains.defined[UUID]
+    assert [(d.spec.target, d.spec.bus) for d in plan.disks] == [("vda", "virtio"), ("sda", "scsi"), ("vdb", "virtio")]
+    assert any("'added.vmdk' is not in the package's freezeframe section" in m and "vdb" in m
+               for m in result.warnings)  # type: ignore[attr-defined]  # fmt: skip
+    assert "probe added.vmdk" in w.packages.calls
+
+
+def test_a_recorded_kernel_file_name_is_found_in_the_boot_directories(tmp_path: Path) -> None:
+    boot_dir = tmp_path / "boot"
+    boot_dir.mkdir()
+    (boot_dir / "vmlinuz").write_bytes(b"\x7fELF" + bytes(0x240))
+    (boot_dir / "initrd.gz").write_bytes(b"\x1f\x8b" + bytes(16))
+    hw = own_hardware(boot=BootSpec(kernel="vmlinuz", initrd="initrd.gz", cmdline="console=ttyS0"))
+    w = world(tmp_path, own_package(tmp_path, hw))
+    w.run()
+    boot = w.domains.defined[UUID].hardware.boot
+    assert (boot.kernel, boot.initrd) == (str(boot_dir / "vmlinuz"), str(boot_dir / "initrd.gz"))
+
+
+def test_a_recorded_kernel_file_name_missing_here_is_refused(tmp_path: Path) -> None:
+    w = world(tmp_path, own_package(tmp_path, own_hardware(boot=BootSpec(kernel="vmlinuz-9.9"))))
+    with pytest.raises(PreflightFailed, match="no directory an import may boot from"):
+        w.run()
+    w.assert_nothing_left()
+
+
+@pytest.mark.parametrize(
+    ("kernel", "error", "match"),
+    [
+        ("/nonexistent/vmlinuz", PreflightFailed, "this host has no such file"),
+        ("/etc/passwd", InvalidRequest, "outside the directories an import may boot from"),
+    ],
+)
+def test_an_absolute_kernel_path_of_an_older_package_is_checked_where_it_is(
+    tmp_path: Path, kernel: str, error: type[Exception], match: str
+) -> None:
+    (tmp_path / "boot").mkdir()
+    w = world(tmp_path, own_package(tmp_path, own_hardware(boot=BootSpec(kernel=kernel))))
+    with pytest.raises(error, match=match):
+        w.run()
+    w.assert_nothing_left()
+
+
 def test_every_disk_is_probed_before_anything_reads_it_and_formats_are_pinned(tmp_path: Path) -> None:
     w = world(tmp_path)
     w.run()
@@ -504,6 +556,7 @@ def test_a_changed_stored_image_is_refused(tmp_path: Path) -> None:
 def test_ova_adapter_opens_and_probes_a_package(tmp_path: Path) -> None:
     from datetime import UTC, datetime
 
+    from freezeframe.adapters.ovf.product import portable_hardware
     from freezeframe.adapters.packages import OvaPackages
     from freezeframe.model import Consistency, Member, SetStatus, SnapshotSet
     from freezeframe.ports import PackageSource
@@ -519,7 +572,7 @@ def test_ova_adapter_opens_and_probes_a_package(tmp_path: Path) -> None:
     ova = tmp_path / "p.ova"
     OvaPackages().write(ova, s, "p.ovf", [PackageSource("p-vda.qcow2", ImageRef(member, "qcow2"), "vda")], 1, None)
     opened = OvaPackages().open(ova)
-    assert opened.recorded is not None and opened.recorded.hardware == hw
+    assert opened.recorded is not None and opened.recorded.hardware == portable_hardware(hw)
     assert [(m.href, m.target) for m in opened.recorded.members] == [("p-vda.qcow2", "vda")]
     assert [(d.href, d.capacity) for d in opened.disks] == [("p-vda.qcow2", 8 * MiB)]
     probed = OvaPackages().probe(opened.files["p-vda.qcow2"])

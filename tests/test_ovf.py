@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from freezeframe.adapters.ovf import (
     FORMAT_URI_VMDK_STREAM,
     MAX_DESCRIPTOR_BYTES,
     NS_OVF1,
+    NS_OVF2,
     NS_RASD,
     OvfDisk,
     build_descriptor,
@@ -22,6 +24,7 @@ from freezeframe.adapters.ovf import (
     parse_descriptor,
     validate_descriptor,
 )
+from freezeframe.adapters.ovf.product import portable_hardware
 from freezeframe.errors import (
     InvalidRequest,
     OvfBuildError,
@@ -226,13 +229,42 @@ def test_round_trip_keeps_hardware_disks_nics_and_metadata(version: int) -> None
     assert info.backup_type == "full"
     assert datetime.fromisoformat(info.created_at or "") == snapshot_set.created_at
     assert info.set_metadata == {"owner": "ops", "ticket": "OPS-1"}
-    assert info.hardware == snapshot_set.hardware
+    assert info.hardware == portable_hardware(snapshot_set.hardware)
     assert [m.target for m in info.members] == [m.target for m in snapshot_set.members]
     assert [m.href for m in info.members] == [d.href for d in disks]
     assert [m.metadata for m in info.members] == [m.metadata for m in snapshot_set.members]
     assert [m.boot_order for m in info.members] == [1, None, None]
     assert info.members[0].sha256 == "ab" * 32
     assert machine.warnings == ()
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_no_host_path_leaves_the_host(version: int) -> None:
+    """Disk sources, kernel and initrd are this host's file system: the descriptor keeps file names only."""
+    snapshot_set = make_set()
+    boot = BootSpec(firmware="bios", kernel="/var/lib/ff/guest/vmlinuz-6.1", initrd="/var/lib/ff/guest/initrd.gz")
+    snapshot_set.hardware = replace(snapshot_set.hardware, boot=boot)
+    xml = build_descriptor(snapshot_set, disks_for(snapshot_set), version)
+    assert b"/images/" not in xml and b"/var/lib/ff" not in xml and b"/sets/" not in xml
+    info = parse_descriptor(xml).freezeframe
+    assert info is not None and info.hardware is not None
+    assert (info.hardware.boot.kernel, info.hardware.boot.initrd) == ("vmlinuz-6.1", "initrd.gz")
+    assert [d.source_path for d in info.hardware.disks] == [None, None]
+
+
+def test_ovf2_uses_ethernet_port_and_storage_items_after_the_items() -> None:
+    snapshot_set = make_set(("virtio", "sata"))
+    root = etree.fromstring(build_descriptor(snapshot_set, disks_for(snapshot_set), 2))
+    vhs = root.find(f".//{{{NS_OVF2}}}VirtualHardwareSection")
+    assert vhs is not None
+    kinds = [etree.QName(el).localname for el in vhs if etree.QName(el).localname.endswith("Item")]
+    assert kinds == ["Item"] * 4 + ["EthernetPortItem"] * 2 + ["StorageItem"] * 2  # cpu, mem, 2 controllers
+    sasd = "http://schemas.dmtf.org/wbem/wscim/1/cim-schema/2/CIM_StorageAllocationSettingData"
+    hosts = [el.text for el in vhs.iter(f"{{{sasd}}}HostResource")]
+    assert hosts == ["ovf:/disk/vmdisk1", "ovf:/disk/vmdisk2"]
+    machine = parse_descriptor(build_descriptor(snapshot_set, disks_for(snapshot_set), 2))
+    assert [d.controller for d in machine.disks] == ["virtio", "sata"]
+    assert [n.network for n in machine.nics] == ["default", "br-lan"]
 
 
 def test_controllers_fill_units_and_skip_the_scsi_hba_unit() -> None:

@@ -56,12 +56,18 @@ def export(
         DiskFormat, typer.Option("--disk-format", help="qcow2 (as captured) or vmdk (streamOptimized)")
     ] = DiskFormat.QCOW2,
     ovf_version: Annotated[int, typer.Option("--ovf-version", metavar="1|2", min=1, max=2, help="OVF 1.x or 2.x")] = 1,
+    manifest_digest: Annotated[
+        str | None,
+        typer.Option(
+            "--manifest-digest", metavar="sha1|sha256", help="manifest algorithm (default: OVF 1 sha1, 2 sha256)"
+        ),
+    ] = None,
     force: Annotated[bool, typer.Option("--force", help="replace an existing output file")] = False,
     as_json: JsonOpt = False,
     connect: ConnectOpt = None,
     home: HomeOpt = None,
 ) -> None:
-    """Write SET as one OVA package (descriptor, SHA-256 manifest, every member disk), to a file or the store."""
+    """Write SET as one OVA package (descriptor, manifest, every member disk), to a file or the store."""
     if (output is None) == (not to_store):
         raise InvalidRequest("say where the package goes: -o FILE.ova or --to-store")
     if name is not None and not to_store:
@@ -72,12 +78,14 @@ def export(
     with _portable(home, connect) as portable, progress_bar(not as_json, "exporting") as progress:
         if output is not None:
             result = portable.export(
-                set_ref, output, disk_format=str(disk_format), ovf_version=ovf_version, force=force, progress=progress
-            )
+                set_ref, output, disk_format=str(disk_format), ovf_version=ovf_version, force=force, progress=progress,
+                manifest_digest=manifest_digest,
+            )  # fmt: skip
         else:
             result = portable.export_to_store(
-                set_ref, name=image_name, disk_format=str(disk_format), ovf_version=ovf_version, progress=progress
-            )
+                set_ref, name=image_name, disk_format=str(disk_format), ovf_version=ovf_version, progress=progress,
+                manifest_digest=manifest_digest,
+            )  # fmt: skip
     if as_json:
         print_json(result.to_dict())
         return

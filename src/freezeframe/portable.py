@@ -60,11 +60,13 @@ class Portable:
         ovf_version: int = 1,
         force: bool = False,
         progress: ProgressCallback | None = None,
+        manifest_digest: str | None = None,
     ) -> ExportResult:
         """One OVA of the set at ``out``; an existing file is replaced only with ``force`` (atomically)."""
         return self.exporter.export(
-            set_ref, out, disk_format=disk_format, ovf_version=ovf_version, force=force, progress=progress
-        )
+            set_ref, out, disk_format=disk_format, ovf_version=ovf_version, force=force, progress=progress,
+            manifest_digest=manifest_digest,
+        )  # fmt: skip
 
     def export_to_store(
         self,
@@ -74,11 +76,13 @@ class Portable:
         disk_format: str = "qcow2",
         ovf_version: int = 1,
         progress: ProgressCallback | None = None,
+        manifest_digest: str | None = None,
     ) -> ExportResult:
         """One OVA of the set, kept in the image store under a new id."""
         return self.exporter.export_to_store(
-            set_ref, name=name, disk_format=disk_format, ovf_version=ovf_version, progress=progress
-        )
+            set_ref, name=name, disk_format=disk_format, ovf_version=ovf_version, progress=progress,
+            manifest_digest=manifest_digest,
+        )  # fmt: skip
 
     def images(self) -> list[StoredImage]:
         return self.stored.images()

@@ -113,6 +113,7 @@ class OvaPackages:
         progress: ProgressCallback | None,
         *,
         replace: bool = False,
+        manifest_digest: str = "sha256",
     ) -> WrittenPackage:
         replacing = replace and (out.exists() or out.is_symlink())
         target = out.with_name(f".{out.name}.ff-{uuidlib.uuid4().hex[:8]}.tmp") if replacing else out
@@ -120,7 +121,9 @@ class OvaPackages:
         def descriptor(disks: Sequence[OvfDisk]) -> bytes:
             return build_descriptor(snapshot_set, disks, ovf_version)
 
-        result = write_ova(target, descriptor_name, descriptor, [_ova_source(s) for s in sources], progress)
+        result = write_ova(
+            target, descriptor_name, descriptor, [_ova_source(s) for s in sources], progress, manifest_digest
+        )
         try:
             target.chmod(PACKAGE_MODE)
             if replacing:

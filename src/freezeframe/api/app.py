@@ -1,4 +1,5 @@
-"""The FastAPI application: ``/v1`` routes (one module per resource) over the ``Freezeframe`` service.
+"""The FastAPI application: ``/v1`` routes (one module per resource) over the ``Freezeframe`` service, and the
+Nova-compatible surface (``/``, ``/v2.1``) with its read-only image view (``/v2/images``) for OpenStack clients.
 
 Routes are plain ``def`` functions (FastAPI runs them in its thread pool) because everything below them blocks:
 SQLite, libvirt, qemu-img. Long operations become jobs (``202`` + ``Location: /v1/jobs/{id}``); reads and
@@ -23,7 +24,17 @@ from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from freezeframe import __version__
-from freezeframe.api import routes_images, routes_instances, routes_jobs, routes_sets, routes_snapshots
+from freezeframe.api import (
+    routes_glance,
+    routes_images,
+    routes_instances,
+    routes_jobs,
+    routes_nova,
+    routes_sets,
+    routes_snapshots,
+)
+from freezeframe.api.nova import NovaFault, handle_nova_fault
+from freezeframe.api.nova_errors import nova_aware
 from freezeframe.api.problems import (
     ApiProblem,
     BodyLimit,
@@ -77,11 +88,12 @@ def create_app(config: ApiConfig) -> FastAPI:
         redoc_url=None,
         lifespan=lifespan,
     )
-    app.add_exception_handler(ApiProblem, handle_api_problem)
-    app.add_exception_handler(RequestValidationError, handle_validation_error)
-    app.add_exception_handler(StarletteHTTPException, handle_http_exception)
-    app.add_exception_handler(FreezeframeError, handle_freezeframe_error)
-    app.add_exception_handler(Exception, handle_unexpected)
+    app.add_exception_handler(ApiProblem, nova_aware(handle_api_problem))
+    app.add_exception_handler(RequestValidationError, nova_aware(handle_validation_error))
+    app.add_exception_handler(StarletteHTTPException, nova_aware(handle_http_exception))
+    app.add_exception_handler(FreezeframeError, nova_aware(handle_freezeframe_error))
+    app.add_exception_handler(NovaFault, handle_nova_fault)
+    app.add_exception_handler(Exception, nova_aware(handle_unexpected))
     app.add_middleware(BodyLimit, max_bytes=config.max_body_bytes)
 
     @app.get("/healthz", response_model=Health, tags=["service"])
@@ -89,6 +101,8 @@ def create_app(config: ApiConfig) -> FastAPI:
         """Unauthenticated liveness: the service has started (repair at start-up is done)."""
         return Health(status="ok", version=__version__)
 
-    for module in (routes_instances, routes_snapshots, routes_jobs, routes_sets, routes_images):
+    for module in (
+        routes_instances, routes_snapshots, routes_jobs, routes_sets, routes_images, routes_nova, routes_glance,
+    ):  # fmt: skip
         app.include_router(module.router)
     return app

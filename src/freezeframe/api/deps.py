@@ -8,7 +8,7 @@ from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Query, Request, Response
 from fastapi import Path as PathParam
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
 from freezeframe.adapters.service_store import Job
@@ -21,6 +21,7 @@ from freezeframe.api.views import job_view
 T = TypeVar("T")
 
 _bearer = HTTPBearer(auto_error=False, description="`freezeframe token create` issues tokens")
+_auth_token = APIKeyHeader(name="X-Auth-Token", auto_error=False, description="the same tokens, as OpenStack sends")
 
 
 async def get_state(request: Request) -> AppState:
@@ -29,12 +30,19 @@ async def get_state(request: Request) -> AppState:
 
 
 def get_principal(
-    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    x_auth_token: Annotated[str | None, Depends(_auth_token)],
 ) -> Principal:
-    if credentials is None or not credentials.credentials:
-        raise unauthorized("send an 'Authorization: Bearer <token>' header; `freezeframe token create` makes one")
+    """The token of ``Authorization: Bearer`` or of ``X-Auth-Token`` (how every OpenStack client sends it)."""
+    secret = credentials.credentials if credentials is not None and credentials.credentials else x_auth_token
+    if not secret:
+        raise unauthorized(
+            "send an 'Authorization: Bearer <token>' or 'X-Auth-Token: <token>' header; `freezeframe token create` "
+            "makes one"
+        )
     state: AppState = request.app.state.ff
-    token = state.tokens.authenticate(credentials.credentials)
+    token = state.tokens.authenticate(secret)
     if token is None:
         raise unauthorized("the token is unknown or revoked")
     return Principal.of(token)

@@ -233,6 +233,7 @@ def export_set(
             disk_format=request.disk_format,
             ovf_version=request.ovf_version,
             progress=ctx.progress,
+            manifest_digest=request.manifest_digest,
         )
         assert exported.image is not None
         state.owners.record(exported.image.id, project, s.id)

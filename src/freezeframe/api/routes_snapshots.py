@@ -43,17 +43,30 @@ def submit_snapshot(
     state: AppState, principal: Principal, instance: Instance, project: str | None, body: SnapshotCreate, kind: str
 ) -> Job:
     """Refuse what cannot succeed now (bad disks, a busy instance), then queue the job under a new set id."""
-    order = _order(body)
+    return submit_order(state, principal, instance, project, _order(body), body.model_dump(mode="json"), kind)
+
+
+def submit_order(
+    state: AppState,
+    principal: Principal,
+    instance: Instance,
+    project: str | None,
+    order: Order,
+    request: dict[str, Any],
+    kind: str,
+    set_id: str | None = None,
+) -> Job:
+    """An already validated ``Order`` (``request``: what the client sent, kept in the job row) as a job."""
     check_order(instance, order)
     runner = state.require_runner()
     running = runner.active_job(f"instance:{instance.uuid}")
     if running is not None:
         raise conflict(f"job {running} is still running on this instance; wait for it to finish", job_id=running)
     state.service.check_not_busy(instance.uuid)
-    set_id = str(uuid.uuid4())
+    set_id = set_id or str(uuid.uuid4())
     visible = state.visible_sets(principal)
     spec = JobSpec(
-        kind=kind, lock_key=f"instance:{instance.uuid}", project=project, request=body.model_dump(mode="json"),
+        kind=kind, lock_key=f"instance:{instance.uuid}", project=project, request=request,
         token_id=principal.token_id, instance_uuid=instance.uuid, instance_name=instance.name, set_id=set_id,
     )  # fmt: skip
 

@@ -137,6 +137,9 @@ class ExportRequest(_Input):
     format: Literal["ova"] = "ova"
     disk_format: Literal["qcow2", "vmdk"] = "qcow2"
     ovf_version: Literal[1, 2] = Field(default=1, description="1: what virt-v2v and most tools read")
+    manifest_digest: Literal["sha1", "sha256"] | None = Field(
+        default=None, description="manifest algorithm; default sha1 for OVF 1.x (what its readers expect), sha256 for 2"
+    )
 
 
 class ImportRequest(_Input):

@@ -7,6 +7,8 @@ acts only on the sets ``visible`` admits, so a caller can never delete (or learn
 
 from __future__ import annotations
 
+import hashlib
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -15,6 +17,7 @@ from freezeframe.errors import InvalidRequest
 from freezeframe.flow import SnapshotRequest
 from freezeframe.model import Consistency, Instance, SnapshotSet
 from freezeframe.ports import ProgressCallback
+from freezeframe.validation import RESERVED_META_PREFIX, validate_text
 
 Visible = Callable[[SnapshotSet], bool]
 
@@ -149,3 +152,87 @@ def take(
         set_id=set_id,
     )
     return Taken(service.snapshot(request, progress))
+
+
+# ---- what Nova clients type, kept as they typed it ----------------------------------------------------------------
+
+DISPLAY_NAME_KEY = "freezeframe.display_name"
+"""Set metadata: the name a Nova client gave (spaces, any script, up to 255 characters); the set's own name is a
+safe slug of it."""
+MAX_DISPLAY_NAME = 255
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_NOVA_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_:. -]{0,127}$")
+
+
+def internal_name(display: str, set_id: str) -> str:
+    """A safe set name for a typed one: its letters/digits/``._-`` runs, then the set id's first 8 characters (names
+    that differ only in what was dropped stay distinct)."""
+    slug = _UNSAFE.sub("-", display).strip("-._")[:40]
+    return f"{slug}-{set_id[:8]}" if slug else f"image-{set_id[:8]}"
+
+
+def check_display_name(name: str) -> str:
+    """Nova's rule for a name: 1-255 characters, not only spaces; plus no control characters (it goes into OVF/XML)."""
+    if not isinstance(name, str) or not name.strip() or len(name) > MAX_DISPLAY_NAME:
+        raise InvalidRequest(f"name must be 1-{MAX_DISPLAY_NAME} characters, not only spaces")
+    if any(ord(c) < 32 or 0x7F <= ord(c) < 0xA0 for c in name):
+        raise InvalidRequest("name must not contain control characters")
+    return name
+
+
+def internal_backup_type(backup_type: str) -> str:
+    """Nova takes any string as a backup type (the openstack client sends ``""``); rotation groups sets by it, so
+    the mapping is stable: a safe type as is, anything else ``t-`` + a digest of it."""
+    if _SAFE_TYPE.fullmatch(backup_type):
+        return backup_type
+    return "t-" + hashlib.sha256(backup_type.encode()).hexdigest()[:12]
+
+
+_SAFE_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
+
+
+def encode_meta_key(key: str) -> str:
+    """A Nova metadata key in our key alphabet: a space becomes ``/`` (which Nova keys cannot hold, so it reads
+    back exactly). Keys must start with a letter or digit and fit 128 characters; ``freezeframe.`` is ours."""
+    if not _NOVA_KEY.fullmatch(key):
+        raise InvalidRequest(
+            f"metadata key {key[:40]!r}: this service keeps keys of 1-128 letters, digits, '_', ':', '.', '-' and "
+            "spaces, starting with a letter or digit"
+        )
+    if key.startswith(RESERVED_META_PREFIX):
+        raise InvalidRequest(f"metadata key {key!r}: keys starting with {RESERVED_META_PREFIX!r} are reserved")
+    return key.replace(" ", "/")
+
+
+def decode_meta_key(key: str) -> str:
+    return key.replace("/", " ")
+
+
+def nova_order(
+    display_name: str,
+    set_id: str,
+    metadata: Mapping[str, str],
+    *,
+    backup_type: str | None = None,
+    rotation: int | None = None,
+) -> Order:
+    """A createImage (no backup type) or createBackup as an ``Order``: every disk (createImage of a volume-backed
+    server captures every volume), the typed name kept beside a safe one."""
+    check_display_name(display_name)
+    meta = {encode_meta_key(k): validate_text(v, f"metadata value of {k!r}", 255) for k, v in metadata.items()}
+    meta[DISPLAY_NAME_KEY] = display_name
+    return Order(
+        name=internal_name(display_name, set_id),
+        metadata=meta,
+        backup_type=None if backup_type is None else internal_backup_type(backup_type),
+        rotation=rotation,
+    )  # fmt: skip
+
+
+def user_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
+    """A set's metadata as the client gave it: reserved keys dropped, encoded keys decoded."""
+    return {decode_meta_key(k): v for k, v in metadata.items() if not k.startswith(RESERVED_META_PREFIX)}
+
+
+def display_name(snapshot_set: SnapshotSet) -> str:
+    return snapshot_set.metadata.get(DISPLAY_NAME_KEY) or snapshot_set.name

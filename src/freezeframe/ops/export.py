@@ -32,6 +32,9 @@ from freezeframe.ports.volumes import RBD_PREFIX
 
 DISK_FORMATS = ("qcow2", "vmdk")
 OVF_VERSIONS = (1, 2)
+MANIFEST_DIGESTS = ("sha1", "sha256")
+DEFAULT_DIGEST = {1: "sha1", 2: "sha256"}
+"""OVF 1.x readers (COT, older VMware) assume SHA-1 manifests; OVF 2 (DSP0243 2.x) uses SHA-256."""
 _VMDK_ADAPTER = {"ide": "ide", "sata": "ide", "scsi": "lsilogic", "virtio": "lsilogic"}
 
 
@@ -59,6 +62,7 @@ class ExportResult:
     seconds: float
     disks: list[ExportedDisk]
     image: StoredImage | None = None
+    manifest_digest: str = "sha256"
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -69,6 +73,7 @@ class ExportResult:
             "allocated": self.allocated,
             "disk_format": self.disk_format,
             "ovf_version": self.ovf_version,
+            "manifest_digest": self.manifest_digest,
             "seconds": round(self.seconds, 3),
             "disks": [vars(d) for d in self.disks],
             "image": self.image.to_dict() if self.image is not None else None,
@@ -81,11 +86,18 @@ def package_base(name: str) -> str:
     return stem or "instance"
 
 
-def check_export_args(disk_format: str, ovf_version: int) -> None:
+def check_export_args(disk_format: str, ovf_version: int, manifest_digest: str | None = None) -> str:
+    """Refuse what cannot be written; returns the manifest digest (the OVF version's default when None)."""
     if disk_format not in DISK_FORMATS:
         raise InvalidRequest(f"--disk-format {disk_format!r}: use one of {', '.join(DISK_FORMATS)}")
     if ovf_version not in OVF_VERSIONS:
         raise InvalidRequest(f"--ovf-version {ovf_version}: use 1 or 2 (1 is what most importers read)")
+    digest = manifest_digest or DEFAULT_DIGEST[ovf_version]
+    if digest not in MANIFEST_DIGESTS:
+        raise InvalidRequest(f"--manifest-digest {digest!r}: use one of {', '.join(MANIFEST_DIGESTS)}")
+    if ovf_version == 2 and digest == "sha1":
+        raise InvalidRequest("--manifest-digest sha1 is for OVF 1.x; an OVF 2 manifest is SHA-256")
+    return digest
 
 
 def check_image_name(name: str | None) -> None:
@@ -118,7 +130,7 @@ def sources_of(snapshot_set: SnapshotSet, disk_format: str, stores: Stores) -> l
 
 
 def export_result(
-    snapshot_set: SnapshotSet, written: WrittenPackage, disk_format: str, ovf_version: int
+    snapshot_set: SnapshotSet, written: WrittenPackage, disk_format: str, ovf_version: int, digest: str
 ) -> ExportResult:
     return ExportResult(
         set_id=snapshot_set.id,
@@ -132,6 +144,7 @@ def export_result(
         disks=[
             ExportedDisk(d.target, d.href, d.format, d.file_size, d.capacity, d.populated_size) for d in written.disks
         ],
+        manifest_digest=digest,
     )
 
 
@@ -165,16 +178,17 @@ class Exporter:
         ovf_version: int = 1,
         force: bool = False,
         progress: ProgressCallback | None = None,
+        manifest_digest: str | None = None,
     ) -> ExportResult:
         """One OVA of the set at ``out``; an existing file is replaced only with ``force`` (atomically)."""
-        check_export_args(disk_format, ovf_version)
+        digest = check_export_args(disk_format, ovf_version, manifest_digest)
         out = Path(out).absolute()
         check_out_path(out, force)
         snapshot_set = self.available(set_ref)
         with self.holds.set(snapshot_set):
             snapshot_set = self.available(snapshot_set.id)
-            written = self._write(snapshot_set, out, disk_format, ovf_version, progress, replace=force)
-        return export_result(snapshot_set, written, disk_format, ovf_version)
+            written = self._write(snapshot_set, out, disk_format, ovf_version, digest, progress, replace=force)
+        return export_result(snapshot_set, written, disk_format, ovf_version, digest)
 
     def export_to_store(
         self,
@@ -184,9 +198,10 @@ class Exporter:
         disk_format: str = "qcow2",
         ovf_version: int = 1,
         progress: ProgressCallback | None = None,
+        manifest_digest: str | None = None,
     ) -> ExportResult:
         """One OVA of the set, kept in the image store under a new id (written in place, not copied)."""
-        check_export_args(disk_format, ovf_version)
+        digest = check_export_args(disk_format, ovf_version, manifest_digest)
         check_image_name(name)
         snapshot_set = self.available(set_ref)
         filename = f"{package_base(snapshot_set.instance_name)}-{snapshot_set.id[:8]}.ova"
@@ -195,10 +210,10 @@ class Exporter:
             self.store.staging(filename) as staged,
         ):
             snapshot_set = self.available(snapshot_set.id)
-            written = self._write(snapshot_set, staged, disk_format, ovf_version, progress)
+            written = self._write(snapshot_set, staged, disk_format, ovf_version, digest, progress)
             new = NewImage(name or snapshot_set.name, filename, written.summary, snapshot_set.id)
             image = self.store.put_file(staged, new)
-        exported = export_result(snapshot_set, written, disk_format, ovf_version)
+        exported = export_result(snapshot_set, written, disk_format, ovf_version, digest)
         return replace(exported, path=image.location or filename, image=image)
 
     def _write(
@@ -207,6 +222,7 @@ class Exporter:
         out: Path,
         disk_format: str,
         ovf_version: int,
+        digest: str,
         progress: ProgressCallback | None,
         *,
         replace: bool = False,
@@ -216,7 +232,8 @@ class Exporter:
         with tempfile.TemporaryDirectory(prefix=".ff-export-", dir=out.parent) as tmp:
             sources = [self._staged(s, Path(tmp)) for s in sources]
             return self.packages.write(
-                out, snapshot_set, descriptor_name, sources, ovf_version, progress, replace=replace
+                out, snapshot_set, descriptor_name, sources, ovf_version, progress, replace=replace,
+                manifest_digest=digest,
             )
 
     def _staged(self, source: PackageSource, tmp: Path) -> PackageSource:

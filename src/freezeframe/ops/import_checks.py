@@ -126,6 +126,25 @@ def _looks_like_kernel(head: bytes) -> bool:
     )
 
 
+def find_boot_file(name: object, kind: str, boot_dirs: Sequence[Path]) -> str:
+    """The host file an imported machine boots: packages record a bare file name (no host paths leave a host),
+    looked up in the directories an import may boot from; an absolute path (older packages) is checked as is."""
+    if isinstance(name, str) and name and "/" not in name and "\0" not in name and name not in (".", ".."):
+        for directory in boot_dirs:
+            candidate = directory / name
+            if candidate.is_file():
+                check_boot_file(str(candidate), kind, boot_dirs)
+                return str(candidate)
+        raise PreflightFailed(
+            f"the package boots the {kind} {name!r} directly, as its source host did, but no directory an import may "
+            f"boot from ({', '.join(map(str, boot_dirs))}) has a file of that name; put the same {kind} in one of "
+            f"them (or add its directory to {BOOT_DIRS_ENV}) and import again"
+        )
+    check_boot_file(name, kind, boot_dirs)
+    assert isinstance(name, str)
+    return name
+
+
 def check_boot_file(path: object, kind: str, boot_dirs: Sequence[Path]) -> None:
     """The package names a file of this host to boot: it must exist, be one, and sit where boot files live."""
     if not isinstance(path, str) or not path.startswith("/") or "\0" in path:

@@ -13,19 +13,19 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
-from freezeframe.errors import InvalidRequest, OvfInvalidValue, OvfMissingReference, PreflightFailed
+from freezeframe.errors import InvalidRequest, OvfInvalidValue, PreflightFailed
 from freezeframe.model import BootSpec, DiskSpec, Hardware, NicSpec
 from freezeframe.ops.import_checks import (
     ARCH_RE,
     BRIDGE_RE,
     NET_RE,
     TARGET_PREFIX,
-    check_boot_file,
     check_buses,
     check_disk_spec,
     check_hardware,
     check_unique_targets,
     check_vcpus,
+    find_boot_file,
 )
 from freezeframe.ports import DeclaredDisk, HostCapabilities, OpenedPackage, ProbedDisk
 
@@ -118,11 +118,17 @@ class Planner:
                 f"the package's machine boots with UEFI firmware, which this host's libvirt cannot provide for "
                 f"{hw.arch}/{hw.machine}; install OVMF (package ovmf) and import again"
             )
-        for path, kind in ((hw.boot.kernel, "kernel"), (hw.boot.initrd, "initrd")):
-            if path is not None:
-                check_boot_file(path, kind, self.boot_dirs)
+        boot = replace(
+            hw.boot,
+            kernel=None if hw.boot.kernel is None else find_boot_file(hw.boot.kernel, "kernel", self.boot_dirs),
+            initrd=None if hw.boot.initrd is None else find_boot_file(hw.boot.initrd, "initrd", self.boot_dirs),
+        )
         check_vcpus(caps, hw.vcpus)
-        disks = [self._own_disk(package, hw, disk, probed) for disk in package.disks]
+        recorded_hrefs = {m.href for m in package.recorded.members if m.href and m.target}
+        own = [d for d in package.disks if d.href is not None and d.href in recorded_hrefs]
+        disks = [self._own_disk(package, hw, disk, probed) for disk in own]
+        taken = {d.target for d in hw.disks}
+        disks += added_disks([d for d in package.disks if d not in own], taken, probed, warnings)
         specs = [d.spec for d in disks]
         check_unique_targets(specs)
         check_buses(caps, specs)
@@ -138,19 +144,16 @@ class Planner:
                 f"the OVF hardware says {package.vcpus} vCPUs, the freezeframe section {hw.vcpus}; "
                 "the section's machine is restored"
             )
-        hardware = replace(hw, domain_type=self.domain_type, disks=tuple(specs), nics=tuple(nics))
+        hardware = replace(hw, domain_type=self.domain_type, boot=boot, disks=tuple(specs), nics=tuple(nics))
         return ImportPlan("freezeframe", hardware, disks, warnings, left_out)
 
     @staticmethod
     def _own_disk(
         package: OpenedPackage, hw: Hardware, disk: DeclaredDisk, probed: Mapping[str, ProbedDisk]
     ) -> DiskPlan:
-        assert package.recorded is not None
-        if disk.href is None:
-            raise OvfInvalidValue(f"disk {disk.disk_id!r} has no file; a freezeframe package always carries data")
-        member = {m.href: m for m in package.recorded.members if m.href}.get(disk.href)
-        if member is None or not member.target:
-            raise OvfMissingReference(f"disk file {disk.href!r} has no member entry in the freezeframe section")
+        """A disk file our section records (``plan_own`` sends the others to ``added_disks``)."""
+        assert package.recorded is not None and disk.href is not None
+        member = next(m for m in package.recorded.members if m.href == disk.href and m.target)
         spec = {d.target: d for d in hw.disks}.get(member.target) or DiskSpec(
             target=member.target, bus=member.bus or "virtio", source_path=None, format=IMPORTED_FORMAT,
             virtual_size=member.virtual_size or disk.capacity, boot_order=member.boot_order,
@@ -234,6 +237,37 @@ class Planner:
         else:
             warnings.append(f"{label}: no usable libvirt network name; it uses user-mode networking instead")
         return NicSpec("", model, "user", None)
+
+
+def added_disks(
+    added: Sequence[DeclaredDisk], taken: set[str], probed: Mapping[str, ProbedDisk], warnings: list[str]
+) -> list[DiskPlan]:
+    """Disks another tool added to one of our packages (``cot add-disk``): not in our section, so mapped like a
+    foreign package's, on targets the recorded machine does not use, after its own disks."""
+    if not added:
+        return []
+    buses, _ = foreign_targets(added, warnings)
+    plans: list[DiskPlan] = []
+    for disk, bus in zip(added, buses, strict=True):
+        prefix = TARGET_PREFIX[bus]
+        n = 0
+        while prefix + _letters(n) in taken:
+            n += 1
+        target = prefix + _letters(n)
+        taken.add(target)
+        spec = DiskSpec(target=target, bus=bus, source_path=None, format=IMPORTED_FORMAT, virtual_size=disk.capacity)
+        check_disk_spec(spec)
+        what = f"disk file {disk.href!r}" if disk.href else f"blank disk {disk.disk_id!r}"
+        warnings.append(
+            f"{what} is not in the package's freezeframe section (added by another tool?): attached as {target} "
+            f"on {bus}"
+        )
+        if disk.href is None:
+            plans.append(DiskPlan(spec, None, disk.capacity, disk.capacity))
+        else:
+            source = probed[disk.href]
+            plans.append(DiskPlan(spec, source, disk.capacity, source.virtual_size))
+    return plans
 
 
 def foreign_nic_model(model: str | None, warnings: list[str]) -> str:

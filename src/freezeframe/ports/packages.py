@@ -142,8 +142,10 @@ class Packages(Protocol):
         progress: ProgressCallback | None,
         *,
         replace: bool = False,
+        manifest_digest: str = "sha256",
     ) -> WrittenPackage:
-        """Write the package at ``out`` atomically (``replace``: over an existing file); nothing partial stays."""
+        """Write the package at ``out`` atomically (``replace``: over an existing file); nothing partial stays.
+        ``manifest_digest``: the manifest's algorithm, ``sha1`` or ``sha256``."""
 
     def open(self, path: Path) -> OpenedPackage:
         """Check layout, manifest and descriptor; raise an Ova*/Ovf* error for anything unsafe or broken."""

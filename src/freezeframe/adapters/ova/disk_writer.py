@@ -133,9 +133,12 @@ def prepare(source: OvaDiskSource) -> PreparedDisk:
     return PreparedDisk(source=source, capacity=capacity, populated=populated, file_size=file_size, work=work)
 
 
-def copy_hashed(src: Path, out: IO[bytes], offset: int, progress: Progress) -> tuple[int, str]:
-    """Copy ``src`` into ``out`` at ``offset``, hashing as we go; all-zero chunks become holes."""
-    digest = hashlib.sha256()
+def copy_hashed(
+    src: Path, out: IO[bytes], offset: int, progress: Progress, algorithm: str = "sha256"
+) -> tuple[int, str]:
+    """Copy ``src`` into ``out`` at ``offset``, hashing (``algorithm``, a hashlib name) as we go; all-zero chunks
+    become holes."""
+    digest = hashlib.new(algorithm)
     buf = bytearray(CHUNK)
     view = memoryview(buf)
     zero = bytes(CHUNK)
@@ -161,9 +164,9 @@ def copy_hashed(src: Path, out: IO[bytes], offset: int, progress: Progress) -> t
     return copied, digest.hexdigest()
 
 
-def hash_region(fd: int, offset: int, size: int) -> str:
-    """SHA-256 of ``size`` bytes at ``offset``, read with pread (qemu wrote them, not our buffer)."""
-    digest = hashlib.sha256()
+def hash_region(fd: int, offset: int, size: int, algorithm: str = "sha256") -> str:
+    """The digest of ``size`` bytes at ``offset``, read with pread (qemu wrote them, not our buffer)."""
+    digest = hashlib.new(algorithm)
     buf = bytearray(CHUNK)
     view = memoryview(buf)
     done = 0

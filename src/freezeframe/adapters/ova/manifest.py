@@ -14,9 +14,21 @@ DIGESTS: Mapping[str, tuple[str, int]] = {"SHA1": ("sha1", 40), "SHA256": ("sha2
 _MANIFEST_LINE = re.compile(r"^(SHA1|SHA256|SHA512)\s*\((.+)\)\s*=\s*([0-9A-Fa-f]+)\s*$")
 
 
-def format_manifest(entries: Sequence[tuple[str, str]]) -> bytes:
-    """``SHA256(name)= digest`` lines for (name, SHA-256 hex digest) pairs."""
-    return "".join(f"SHA256({name})= {digest}\n" for name, digest in entries).encode("ascii")
+MANIFEST_ALGORITHMS: Mapping[str, str] = {"sha1": "SHA1", "sha256": "SHA256"}
+"""What we write (hashlib name -> manifest keyword): OVF 1.x readers (COT, older VMware) expect SHA-1."""
+
+
+def manifest_algorithm(digest: str) -> str:
+    """The manifest keyword for a hashlib name we write; refuses any other."""
+    if digest not in MANIFEST_ALGORITHMS:
+        raise OvaManifestError(f"manifest digest {digest!r}: use one of {', '.join(MANIFEST_ALGORITHMS)}")
+    return MANIFEST_ALGORITHMS[digest]
+
+
+def format_manifest(entries: Sequence[tuple[str, str]], digest: str = "sha256") -> bytes:
+    """``SHA256(name)= digest`` (or ``SHA1(...)``) lines for (name, hex digest) pairs."""
+    keyword = manifest_algorithm(digest)
+    return "".join(f"{keyword}({name})= {value}\n" for name, value in entries).encode("ascii")
 
 
 def parse_manifest(text: bytes) -> list[tuple[str, str, str]]:

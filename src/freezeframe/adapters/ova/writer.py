@@ -24,7 +24,7 @@ from typing import IO
 
 from freezeframe.adapters.ova import disk_writer
 from freezeframe.adapters.ova.disk_writer import OvaDiskSource, PreparedDisk, Progress, prepare
-from freezeframe.adapters.ova.manifest import format_manifest
+from freezeframe.adapters.ova.manifest import format_manifest, manifest_algorithm
 from freezeframe.adapters.ova.tar import BLOCK, RECORD, round_up, ustar_header
 from freezeframe.adapters.ovf import OvfDisk, parse_descriptor
 from freezeframe.durable import fsync_path
@@ -44,7 +44,8 @@ class OvaWrittenMember:
     name: str
     offset: int
     size: int
-    sha256: str
+    digest: str
+    """Hex digest with the package's manifest algorithm (``OvaResult.digest``)."""
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,8 @@ class OvaResult:
     disks: tuple[OvfDisk, ...]
     members: tuple[OvaWrittenMember, ...]
     seconds: float
+    digest: str = "sha256"
+    """The manifest's algorithm (hashlib name)."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,7 @@ class _Head:
     manifest_name: str
     ovf_slot: int
     manifest_size: int
+    digest: str
 
     @property
     def size(self) -> int:
@@ -130,6 +134,7 @@ def _write_disks(
     start: int,
     mtime: int,
     ticker: Progress,
+    algorithm: str,
 ) -> tuple[int, list[OvaWrittenMember], list[OvfDisk]]:
     """Each disk after its header, padded to a block; returns the end offset, members and final disks."""
     pos = start
@@ -140,11 +145,11 @@ def _write_disks(
             data = pos + BLOCK
             digest: Future[str] | str
             if item.source.mode == "copy":
-                size, digest = disk_writer.copy_hashed(item.source.path, out, data, ticker)
+                size, digest = disk_writer.copy_hashed(item.source.path, out, data, ticker, algorithm)
             else:
                 size = disk_writer.convert_vmdk(item, out, tmp_path, data, workdir, ticker)
                 out.flush()
-                digest = hasher.submit(disk_writer.hash_region, out.fileno(), data, size)
+                digest = hasher.submit(disk_writer.hash_region, out.fileno(), data, size, algorithm)
             end = data + size
             padded = round_up(end)
             out.seek(end)
@@ -185,14 +190,15 @@ def _write_body(
     """Disks first (after the reserved head), then the trailer, then descriptor + manifest in the head."""
     mtime = int(time.time())
     out.truncate(head.size)
-    pos, written, final_disks = _write_disks(out, tmp_path, workdir, prepared, head.size, mtime, ticker)
+    pos, written, final_disks = _write_disks(out, tmp_path, workdir, prepared, head.size, mtime, ticker, head.digest)
     trailer = round_up(pos + 2 * BLOCK, RECORD) - pos
     out.seek(pos)
     out.write(bytes(trailer))
 
     final = _final_descriptor(descriptor, head, final_disks)
-    ovf_digest = hashlib.sha256(final).hexdigest()
-    manifest = format_manifest([(head.descriptor_name, ovf_digest), *((w.name, w.sha256) for w in written)])
+    ovf_digest = hashlib.new(head.digest, final).hexdigest()
+    entries = [(head.descriptor_name, ovf_digest), *((w.name, w.digest) for w in written)]
+    manifest = format_manifest(entries, head.digest)
     if len(manifest) != head.manifest_size:
         raise OvaWriteError("internal error: manifest size changed")
     out.seek(0)
@@ -208,7 +214,11 @@ def _write_body(
 
 
 def _plan_head(
-    descriptor_name: str, manifest_name: str, descriptor: bytes | DescriptorFactory, prepared: Sequence[PreparedDisk]
+    descriptor_name: str,
+    manifest_name: str,
+    descriptor: bytes | DescriptorFactory,
+    prepared: Sequence[PreparedDisk],
+    digest: str,
 ) -> _Head:
     if callable(descriptor):
         probe = descriptor([_ovf_disk(p, _PLACEHOLDER_SIZE) for p in prepared])
@@ -216,8 +226,9 @@ def _plan_head(
     else:
         ovf_slot = round_up(len(descriptor))
     names = [descriptor_name, *(p.source.href for p in prepared)]
-    manifest_size = len(format_manifest([(n, "0" * 64) for n in names]))
-    return _Head(descriptor_name, manifest_name, ovf_slot, manifest_size)
+    width = hashlib.new(digest).digest_size * 2
+    manifest_size = len(format_manifest([(n, "0" * width) for n in names], digest))
+    return _Head(descriptor_name, manifest_name, ovf_slot, manifest_size, digest)
 
 
 def _write_file(
@@ -260,8 +271,10 @@ def write_ova(
     descriptor: bytes | DescriptorFactory,
     disks: Sequence[OvaDiskSource],
     progress: ProgressCallback | None = None,
+    digest: str = "sha256",
 ) -> OvaResult:
-    """Write an OVA (ustar: .ovf, .mf with SHA-256 lines, disks in order) without staging disk copies.
+    """Write an OVA (ustar: .ovf, .mf with ``digest`` lines (sha1 or sha256), disks in order) without staging disk
+    copies.
 
     ``descriptor`` is either final bytes (only possible when every disk is copied as is, since
     converted sizes are unknown beforehand) or a factory called with the disks' final sizes. The file
@@ -270,6 +283,7 @@ def write_ova(
     """
     started = time.monotonic()
     manifest_name = _check_names(descriptor_name, disks)
+    manifest_algorithm(digest)
     if out_path.exists():
         raise OvaWriteError(f"{out_path} already exists")
     parent = out_path.parent.resolve()
@@ -281,12 +295,14 @@ def write_ova(
     stat = os.statvfs(parent)
     if known > stat.f_bavail * stat.f_frsize:
         raise OvaNoSpace(f"{parent} has {stat.f_bavail * stat.f_frsize} bytes free, the disks to copy need {known}")
-    head = _plan_head(descriptor_name, manifest_name, descriptor, prepared)
+    head = _plan_head(descriptor_name, manifest_name, descriptor, prepared, digest)
     body = _write_file(out_path, prepared, descriptor, head, Progress(progress, sum(p.work for p in prepared)))
     members = (
-        OvaWrittenMember(descriptor_name, BLOCK, len(body.descriptor), hashlib.sha256(body.descriptor).hexdigest()),
         OvaWrittenMember(
-            manifest_name, 2 * BLOCK + head.ovf_slot, len(body.manifest), hashlib.sha256(body.manifest).hexdigest()
+            descriptor_name, BLOCK, len(body.descriptor), hashlib.new(digest, body.descriptor).hexdigest()
+        ),
+        OvaWrittenMember(
+            manifest_name, 2 * BLOCK + head.ovf_slot, len(body.manifest), hashlib.new(digest, body.manifest).hexdigest()
         ),
         *body.written,
     )
@@ -298,4 +314,5 @@ def write_ova(
         disks=tuple(body.disks),
         members=members,
         seconds=time.monotonic() - started,
+        digest=digest,
     )

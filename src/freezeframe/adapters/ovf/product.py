@@ -8,8 +8,10 @@ Both directions live here so that the keys cannot drift apart. See docs/ovf.md.
 from __future__ import annotations
 
 import json
+import posixpath
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 
 from lxml import etree
 
@@ -29,11 +31,22 @@ from freezeframe.serialize import hardware_from_dict, hardware_to_dict
 MAX_JSON_DEPTH = 32  # hardware.json nests 3 levels; deep nesting is an attack on the JSON parser's recursion
 
 
+def portable_hardware(hw: Hardware) -> Hardware:
+    """The machine without this host's file system: a package leaves the host. Disks keep no source path; a direct
+    kernel boot keeps the kernel's and initrd's file names only (an import looks them up in its boot directories)."""
+
+    def base(path: str | None) -> str | None:
+        return posixpath.basename(path) or None if path else None
+
+    boot = replace(hw.boot, kernel=base(hw.boot.kernel), initrd=base(hw.boot.initrd))
+    return replace(hw, boot=boot, disks=tuple(replace(d, source_path=None) for d in hw.disks))
+
+
 def freezeframe_properties(
     snapshot_set: SnapshotSet, disks: Sequence[OvfDisk], members: Mapping[str, Member]
 ) -> list[tuple[str, str]]:
     """(key, value) of every property of our section, in the order they are written."""
-    hw = snapshot_set.hardware
+    hw = portable_hardware(snapshot_set.hardware)
     props: list[tuple[str, str]] = [
         ("format", FREEZEFRAME_SECTION_VERSION),
         ("set.id", snapshot_set.id),

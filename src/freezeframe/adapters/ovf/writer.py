@@ -17,9 +17,11 @@ from freezeframe import __version__
 from freezeframe.adapters.ovf.model import (
     FREEZEFRAME_CLASS,
     MAX_CAPACITY,
+    NS_EPASD,
     NS_OVF1,
     NS_OVF2,
     NS_RASD,
+    NS_SASD,
     NS_VMW,
     NS_VSSD,
     NS_XML,
@@ -145,6 +147,8 @@ def build_descriptor(snapshot_set: SnapshotSet, disks: Sequence[OvfDisk], ovf_ve
     hw = snapshot_set.hardware
 
     nsmap = {None: ns, "ovf": ns, "rasd": NS_RASD, "vssd": NS_VSSD, "vmw": NS_VMW}
+    if ovf_version == 2:
+        nsmap |= {"epasd": NS_EPASD, "sasd": NS_SASD}
     root = etree.Element(o("Envelope"), nsmap=nsmap)  # type: ignore[arg-type]
     root.set(o("version"), f"{ovf_version}.0")
     root.set(qname(NS_XML, "lang"), "en-US")
@@ -157,7 +161,7 @@ def build_descriptor(snapshot_set: SnapshotSet, disks: Sequence[OvfDisk], ovf_ve
     os_section = etree.SubElement(vs, o("OperatingSystemSection"), {o("id"): "102" if hw.arch in _ARCH_64 else "1"})
     etree.SubElement(os_section, o("Info")).text = "The kind of installed guest operating system"
     etree.SubElement(os_section, o("Description")).text = hw.description or f"Other ({hw.arch})"
-    _HardwareWriter(etree.SubElement(vs, o("VirtualHardwareSection")), o).write(
+    _HardwareWriter(etree.SubElement(vs, o("VirtualHardwareSection")), o, ovf_version).write(
         snapshot_set.instance_name, hw, disks, members
     )
 
@@ -204,21 +208,28 @@ def _network_section(root: etree._Element, o: Callable[[str], str], hw: Hardware
 
 
 class _HardwareWriter:
-    """The VirtualHardwareSection: RASD Items numbered in the order they are written."""
+    """The VirtualHardwareSection: Items numbered in the order they are written.
 
-    def __init__(self, vhs: etree._Element, o: Callable[[str], str]) -> None:
+    OVF 1.x: every device is a RASD ``Item`` (controllers, disks, NICs). OVF 2: NICs are ``EthernetPortItem``
+    (EPASD) and disks ``StorageItem`` (SASD), after the Items as the schema orders them, which is where 2.x
+    readers (COT, VMware) look for them."""
+
+    def __init__(self, vhs: etree._Element, o: Callable[[str], str], ovf_version: int = 1) -> None:
         self.vhs = vhs
         self.o = o
+        self.ovf_version = ovf_version
         self.next_id = 1
 
-    def item(self, fields: dict[str, str]) -> str:
+    def item(self, fields: dict[str, str], kind: str = "Item") -> str:
+        """``kind``: Item, or (OVF 2) EthernetPortItem / StorageItem."""
+        ns = {"Item": NS_RASD, "EthernetPortItem": NS_EPASD, "StorageItem": NS_SASD}[kind]
         instance_id = str(self.next_id)
         self.next_id += 1
         fields = {**fields, "InstanceID": instance_id}
-        el = etree.SubElement(self.vhs, self.o("Item"))
-        for name in _RASD_ORDER:
+        el = etree.SubElement(self.vhs, self.o(kind))
+        for name in _RASD_ORDER:  # alphabetical: the order of the RASD, EPASD and SASD schemas alike
             if name in fields:
-                etree.SubElement(el, qname(NS_RASD, name)).text = fields[name]
+                etree.SubElement(el, qname(ns, name)).text = fields[name]
         return instance_id
 
     def write(self, instance_name: str, hw: Hardware, disks: Sequence[OvfDisk], members: Mapping[str, Member]) -> None:
@@ -251,8 +262,13 @@ class _HardwareWriter:
                 "VirtualQuantity": str(memory_mib),
             }
         )
-        self._disks(disks, members)
-        self._nics(hw)
+        disk_items = self._controllers(disks, members)
+        if self.ovf_version == 1:
+            self._disks(disk_items)
+            self._nics(hw)
+        else:
+            self._nics(hw)
+            self._disks(disk_items)
         firmware = "efi" if hw.boot.firmware.lower() in ("efi", "uefi") else "bios"
         etree.SubElement(
             self.vhs,
@@ -260,10 +276,12 @@ class _HardwareWriter:
             {o("required"): "false", qname(NS_VMW, "key"): "firmware", qname(NS_VMW, "value"): firmware},
         )
 
-    def _disks(self, disks: Sequence[OvfDisk], members: Mapping[str, Member]) -> None:
-        """Controllers, created as disks need them: (bus, index) -> instance id; units fill in disk order."""
+    def _controllers(self, disks: Sequence[OvfDisk], members: Mapping[str, Member]) -> list[dict[str, str]]:
+        """Controllers, created as disks need them: (bus, index) -> instance id; units fill in disk order.
+        Returns the disks' fields, written by ``_disks``."""
         controllers: dict[tuple[str, int], str] = {}
         used: dict[str, int] = {}
+        per_type: dict[int, int] = {}  # Address counts per ResourceType: virtio and SCSI HBAs are both type 6
         placements: list[tuple[str, int]] = []
         for disk in disks:
             bus = members[disk.target].bus
@@ -275,9 +293,11 @@ class _HardwareWriter:
                 unit += 1  # VMware reserves SCSI unit 7 for the HBA
             key = (bus, index)
             if key not in controllers:
+                address = per_type.get(rtype, 0)
+                per_type[rtype] = address + 1
                 controllers[key] = self.item(
                     {
-                        "Address": str(index),
+                        "Address": str(address),
                         "Description": f"{bus} controller",
                         "ElementName": f"{bus} controller {index}",
                         "ResourceSubType": subtype,
@@ -285,16 +305,20 @@ class _HardwareWriter:
                     }
                 )
             placements.append((controllers[key], unit))
-        for i, (disk, (parent, unit)) in enumerate(zip(disks, placements, strict=True), start=1):
-            self.item(
-                {
-                    "AddressOnParent": str(unit),
-                    "ElementName": f"disk {disk.target}",
-                    "HostResource": f"ovf:/disk/vmdisk{i}",
-                    "Parent": parent,
-                    "ResourceType": "17",
-                }
-            )
+        return [
+            {
+                "AddressOnParent": str(unit),
+                "ElementName": f"disk {disk.target}",
+                "HostResource": f"ovf:/disk/vmdisk{i}",
+                "Parent": parent,
+                "ResourceType": "17",
+            }
+            for i, (disk, (parent, unit)) in enumerate(zip(disks, placements, strict=True), start=1)
+        ]
+
+    def _disks(self, disk_items: Sequence[dict[str, str]]) -> None:
+        for fields in disk_items:
+            self.item(fields, "Item" if self.ovf_version == 1 else "StorageItem")
 
     def _nics(self, hw: Hardware) -> None:
         for i, nic in enumerate(hw.nics):
@@ -307,4 +331,4 @@ class _HardwareWriter:
             }
             if nic.mac:
                 fields["Address"] = nic.mac
-            self.item(fields)
+            self.item(fields, "Item" if self.ovf_version == 1 else "EthernetPortItem")
