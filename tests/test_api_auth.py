@@ -309,7 +309,7 @@ def test_listening_beyond_loopback_needs_tls_or_an_explicit_flag(tmp_path: Path)
         _stop(insecure)
 
     if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed: the TLS half needs a self-signed certificate")
+        pytest.fail("openssl is not installed; run scripts/setup-host.sh (the TLS half needs a certificate)")
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),

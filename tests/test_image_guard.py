@@ -629,7 +629,7 @@ def test_fuzz_descriptor_lines(before: list[str], after: list[str], crlf: bool) 
 def qemu_vmdks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     """A streamOptimized and a monolithicSparse VMDK of 8 MiB with data, made by qemu-img."""
     if shutil.which("qemu-img") is None or shutil.which("qemu-io") is None:
-        pytest.skip("qemu-img/qemu-io not installed (package qemu-utils)")
+        pytest.fail("qemu-img/qemu-io not installed; run scripts/setup-host.sh (package qemu-utils)")
     work = tmp_path_factory.mktemp("vmdks")
     src = work / "src.qcow2"
     assert qemu_img("create", "-q", "-f", "qcow2", str(src), "8M").returncode == 0

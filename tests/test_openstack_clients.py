@@ -117,7 +117,7 @@ def _clouds_yaml(path: Path, url: str, tokens: dict[str, str]) -> None:
 @pytest.fixture(scope="module")
 def cloud(libvirt_conn: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
     if not OPENSTACK.exists():
-        pytest.skip(f"the openstack command is not installed next to {sys.executable} (python-openstackclient)")
+        pytest.fail(f"the openstack command is not installed next to {sys.executable}; run scripts/setup-host.sh")
     work = tmp_path_factory.mktemp("osc")
     suffix = uuid.uuid4().hex[:8]
     defined = []
