@@ -24,7 +24,8 @@ from typing import Any
 import httpx
 import libvirt
 import pytest
-from freezeframe.api.testing import ServerProcess, issue_token, running_server
+
+from freezeframe.testbed.api_server import ServerProcess, issue_token, running_server
 
 MiB = 1 << 20
 PROJECT_NS = "https://freezeframe.dev/xmlns/1"
