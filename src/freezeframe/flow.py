@@ -30,6 +30,19 @@ from freezeframe.errors import (
     PreflightFailed,
     RepositoryFull,
 )
+from freezeframe.incremental import (
+    AUTO,
+    DEFAULT_MAX_CHAIN,
+    WRITTEN_KEY,
+    ChainPlan,
+    checkpoint_name,
+    decode_metadata,
+    newest_parent,
+    plan_chain,
+    prune_checkpoints,
+    validate_mode,
+    with_tracking,
+)
 from freezeframe.model import (
     Consistency,
     DiskSpec,
@@ -42,6 +55,7 @@ from freezeframe.model import (
 from freezeframe.ports import (
     CaptureTarget,
     Catalog,
+    ChangeTracking,
     Hypervisor,
     InstanceLocks,
     Journal,
@@ -72,8 +86,12 @@ class SnapshotRequest:
     """Pause the vCPUs around the capture even where an atomic multi-disk capture exists."""
     set_id: str | None = None
     """A pre-assigned UUID for the new set, so a caller knows its id before the operation runs."""
+    mode: str = AUTO
+    """auto: incremental members where a trustworthy parent exists; full; incremental (no chain limit)."""
+    max_chain: int = DEFAULT_MAX_CHAIN
 
     def __post_init__(self) -> None:
+        validate_mode(self.mode, self.max_chain)
         if self.set_id is not None:
             validate_uuid(self.set_id, "set id")
 
@@ -111,8 +129,10 @@ class SnapshotFlow:
         journal: Journal,
         locks: InstanceLocks,
         settings: FlowSettings | None = None,
+        tracking: ChangeTracking | None = None,
     ) -> None:
         self.hypervisor = hypervisor
+        self.tracking = tracking
         self.catalog = catalog
         self.repository = repository
         self.journal = journal
@@ -137,12 +157,15 @@ class SnapshotFlow:
             self._preflight(disks.captured)
             plan = self._plan(instance, request)
             snapshot_set = self._new_set(instance, request, disks)
+            chain = self._chain(instance, request, disks.captured, snapshot_set.id)
             self.catalog.add_set(snapshot_set)
             entry = JournalEntry(instance.uuid, instance.name, snapshot_set.id, os.getpid(), "preparing")
+            entry.extra["chain"] = chain.encode()
             self.journal.record(entry)
             handed_off = False
             try:
-                targets = self.repository.prepare(snapshot_set.id, disks.captured)
+                prepared = self.repository.prepare(snapshot_set.id, disks.captured, chain.parents())
+                targets = with_tracking(chain, prepared)
                 snapshot_set.achieved, snapshot_set.reason = plan.level, plan.reason
                 if instance.state is InstanceState.SHUTOFF:
                     entry.phase = "copying"
@@ -155,12 +178,13 @@ class SnapshotFlow:
                         handed_off = True
                         return snapshot_set
                     self.hypervisor.wait_capture(instance, progress)
-                self._record_members(snapshot_set, targets)
+                self._record_members(snapshot_set, targets, entry)
             except BaseException as exc:
                 raise self._failed(instance, snapshot_set, exc, entry) from exc
             finally:
                 if not handed_off and entry.phase != THAW_PENDING:
                     self.journal.clear(instance.uuid)
+            prune_checkpoints(self.tracking, self.catalog, instance)
             return snapshot_set
 
     def complete(self, set_id: str, progress: ProgressCallback | None = None) -> SnapshotSet:
@@ -175,12 +199,13 @@ class SnapshotFlow:
         try:
             targets = self.repository.existing_targets(set_id, snapshot_set.hardware.disks)
             self.hypervisor.wait_capture(instance, progress)
-            self._record_members(snapshot_set, targets)
+            self._record_members(snapshot_set, targets, entry)
         except BaseException as exc:
             raise self._failed(instance, snapshot_set, exc, entry) from exc
         finally:
             if entry.phase != THAW_PENDING:
                 self.journal.clear(instance.uuid)
+        prune_checkpoints(self.tracking, self.catalog, instance)
         return snapshot_set
 
     def _failed(
@@ -223,6 +248,14 @@ class SnapshotFlow:
             plan.pause = pause
             return plan
         return _Plan(wanted, None, pause)
+
+    def _chain(self, instance: Instance, request: SnapshotRequest, disks: Sequence[DiskSpec], set_id: str) -> ChainPlan:
+        """Which members copy only changes, checked against the catalog and the checkpoints before the window."""
+        parent = newest_parent(self.catalog.list_sets(instance=instance.uuid, status=SetStatus.AVAILABLE))
+        return plan_chain(
+            mode=request.mode, max_chain=request.max_chain, instance=instance, disks=disks, set_id=set_id,
+            parent=parent, parent_present=bool(parent and self.repository.exists(parent.id)), tracking=self.tracking,
+        )  # fmt: skip
 
     def _preflight(self, disks: Sequence[DiskSpec]) -> None:
         worst_case = sum(d.virtual_size for d in disks)
@@ -319,8 +352,9 @@ class SnapshotFlow:
         while time.monotonic() < deadline:
             time.sleep(0.05)
 
-    def _record_members(self, snapshot_set: SnapshotSet, targets: Sequence[CaptureTarget]) -> None:
-        """The proposal's naming scheme: every member carries its set's UUID."""
+    def _record_members(self, snapshot_set: SnapshotSet, targets: Sequence[CaptureTarget], entry: JournalEntry) -> None:
+        """The proposal's naming scheme: every member carries its set's UUID (and what it is in a chain)."""
+        chain = decode_metadata(entry.extra.get("chain"))
         if snapshot_set.achieved is None:
             snapshot_set.achieved = snapshot_set.requested
         snapshot_set.members = [
@@ -339,6 +373,8 @@ class SnapshotFlow:
                     "freezeframe.instance_uuid": snapshot_set.instance_uuid,
                     "freezeframe.target": t.disk.target,
                     "freezeframe.consistency": str(snapshot_set.achieved),
+                    **chain.get(t.disk.target, {}),
+                    WRITTEN_KEY: str(self.repository.written_bytes(t.path)),
                 },
             )
             for t in targets
@@ -353,6 +389,8 @@ class SnapshotFlow:
         if abort_capture:
             try:
                 self.hypervisor.abort_capture(instance)
+                if self.tracking is not None:
+                    self.tracking.remove(instance, checkpoint_name(snapshot_set.id))
             except FreezeframeError:
                 log.exception("could not abort the capture of %s", instance.name)
         if snapshot_set.instance_state is InstanceState.RUNNING:
