@@ -16,9 +16,12 @@ from freezeframe.cli_common import (
     ConnectOpt,
     HomeOpt,
     JsonOpt,
+    MaxChainOpt,
     MetaOpt,
+    ModeOpt,
     NameOpt,
     SetArg,
+    chain_options,
     check_name,
     freeze_cap,
     open_service,
@@ -82,6 +85,8 @@ def snapshot(
     wait: Annotated[
         bool, typer.Option("--wait/--no-wait", help="wait for the copy; --no-wait returns once the guest is released")
     ] = True,
+    mode: ModeOpt = "auto",
+    max_chain: MaxChainOpt = None,
     as_json: JsonOpt = False,
     connect: ConnectOpt = None,
     home: HomeOpt = None,
@@ -97,6 +102,7 @@ def snapshot(
         exclude_disks=tuple(exclude_disk or ()),
         metadata=parse_meta(meta),
         pause_vcpus=pause,
+        **chain_options(mode, max_chain),
     )
     with open_service(home, connect, freeze_cap(cap)) as service, progress_bar(not as_json, "copying") as progress:
         result = service.snapshot(request, progress, wait=wait)

@@ -246,6 +246,7 @@ class Wiring:
         retention = Retention(
             self.catalog, self.repository, self.stores, self.images, lambda: self.domains, self.restores,
             lambda: self.hypervisor, self.snapshot, self.holds, (self.instances_dir, self.verify_dir),
+            lambda: self.tracking,
         )  # fmt: skip
         verify = Verify(
             self.catalog, self.repository, self.stores, self.images, self.host_fs, lambda: self.hypervisor,
