@@ -58,11 +58,20 @@ class LibvirtCheckpoints:
     def remove(self, instance: Instance, checkpoint: str) -> None:
         dom = self.domain_of(instance)
         try:
-            dom.checkpointLookupByName(checkpoint).delete(0)
+            found = dom.checkpointLookupByName(checkpoint)
         except libvirt.libvirtError as exc:
             if exc.get_error_code() in (libvirt.VIR_ERR_NO_DOMAIN_CHECKPOINT, libvirt.VIR_ERR_NO_DOMAIN):
                 return
-            raise HypervisorError(f"cannot delete checkpoint {checkpoint}: {exc.get_error_message()}") from exc
+            raise HypervisorError(f"cannot find checkpoint {checkpoint}: {exc.get_error_message()}") from exc
+        try:
+            found.delete(0)
+        except libvirt.libvirtError as exc:
+            # A bitmap QEMU lost (killed) cannot be removed; what is left is libvirt's record of it.
+            log.warning("checkpoint %s: %s; removing libvirt's record only", checkpoint, exc.get_error_message())
+            try:
+                found.delete(libvirt.VIR_DOMAIN_CHECKPOINT_DELETE_METADATA_ONLY)
+            except libvirt.libvirtError as again:
+                raise HypervisorError(f"cannot delete checkpoint {checkpoint}: {again.get_error_message()}") from exc
 
     # ---- reading -----------------------------------------------------------------------------------------
 
@@ -109,7 +118,10 @@ class LibvirtCheckpoints:
 
 def _distrust(name: str, bitmap: dict[str, Any] | None) -> str | None:
     if bitmap is None:
-        return f"bitmap {name} is missing from the image (disk replaced, or the bitmap was removed)"
+        return (
+            f"bitmap {name} is not in the image: QEMU stopped without saving it (killed or crashed), or the disk "
+            "was replaced, or the bitmap removed"
+        )
     if bitmap.get("inconsistent"):
         return f"bitmap {name} is inconsistent: QEMU stopped without saving it (killed or crashed)"
     if not bitmap.get("persistent", False):

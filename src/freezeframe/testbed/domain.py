@@ -102,7 +102,7 @@ def domain_xml(
             raise ValueError(f"disk target {disk.target} used twice")
         seen.add(disk.target)
         el = etree.SubElement(devices, "disk", type="file", device="disk")
-        etree.SubElement(el, "driver", name="qemu", type=disk.format, cache=disk_cache)
+        etree.SubElement(el, "driver", name="qemu", type=disk.format, cache=disk_cache, discard="unmap")
         etree.SubElement(el, "source", file=str(disk.path))
         etree.SubElement(el, "target", dev=disk.target, bus="virtio")
 
