@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fakes import MemoryCatalog, MemoryRestores
+from fakes import MemoryCatalog, MemoryRestores, ScriptedHostFs
 from freezeframe.adapters.locks import FileLocks
 from freezeframe.adapters.qemu_img import QemuImg
 from freezeframe.adapters.repository import DirectoryRepository, FileMembers
@@ -21,6 +21,7 @@ from freezeframe.errors import HypervisorError
 from freezeframe.model import Consistency, DiskSpec, Hardware, Instance, Member, SetStatus, SnapshotSet
 from freezeframe.ops.common import Holds, Stores
 from freezeframe.ops.retention import Retention
+from freezeframe.ops.verify import Verify
 from freezeframe.ports import ImageRef
 
 MiB = 1 << 20
@@ -156,3 +157,18 @@ def test_a_delete_interrupted_before_the_rebase_is_finished_by_repair(chain: Cha
     s2 = chain.sets[2]
     assert chain.catalog.get_set(s2.id).members[0].metadata["freezeframe.parent_set"] == chain.sets[0].id
     assert chain.content(s2, tmp_path / "after.raw").read_bytes() == before[s2.id]
+
+
+def test_verify_of_an_incremental_set_checks_the_members_it_builds_on(chain: Chain, tmp_path: Path) -> None:
+    verify = Verify(
+        chain.catalog, chain.repository, Stores({"file": FileMembers(chain.images)}), chain.images,
+        ScriptedHostFs(), lambda: NoHypervisor(), lambda: pytest.fail("no domains"), None,  # type: ignore[arg-type,return-value]
+        Holds(FileLocks(chain.home / "locks")), tmp_path / "verify",
+    )  # fmt: skip
+    s0, _, s2 = chain.sets
+    good = verify.verify(s2.id)
+    assert good.ok and any(c.what == "chain" and c.ok for c in good.checks)
+    corrupt = ["qemu-io", "-f", "qcow2", "-c", "write -P 9 0 64k", s0.members[0].path]
+    subprocess.run(corrupt, check=True, capture_output=True)
+    bad = verify.verify(s2.id)
+    assert not bad.ok and [c.what for c in bad.failures] == ["chain"]
