@@ -336,3 +336,13 @@ def test_shut_off_instance_gets_a_reasoned_full_set(tmp_path: Path) -> None:
     assert {m.metadata["freezeframe.kind"] for m in off.members} == {"full"}
     assert all("shutoff" in m.metadata["freezeframe.full_reason"] for m in off.members)
     assert all(t.checkpoint is None and t.since is None for t in hv.captured[-1])
+
+
+def test_api_body_mode_reaches_the_snapshot_request() -> None:
+    from freezeframe.api.routes_snapshots import _order
+    from freezeframe.api.schemas import SnapshotCreate
+
+    order = _order(SnapshotCreate(mode="full", max_chain=3))
+    assert (order.mode, order.max_chain) == ("full", 3)
+    with pytest.raises(ValueError, match="mode"):
+        SnapshotCreate(mode="differential")  # type: ignore[arg-type]
