@@ -204,8 +204,17 @@ def set_fields(s: SnapshotSet) -> list[tuple[str, Piece | list[Piece]]]:
 
 
 def _member_line(m: Member) -> str:
+    from freezeframe.serialize import chain_fields
+
     size = f"{m.virtual_size / 2**20:.0f} MiB"
-    return f"{m.target} ({m.bus}): {size} {m.format}, {m.path}, sha256 {m.sha256 or '-'}"
+    chain, kind = chain_fields(m), ""
+    if "freezeframe.kind" in m.metadata:  # sets from before incremental sets say nothing about it
+        kind = f"incremental over {chain['parent_set']}, " if chain["parent_set"] else "full, "
+        if chain.get("full_reason"):
+            kind = f"full ({chain['full_reason']}), "
+        if chain["bytes_written"] is not None:
+            kind += f"{chain['bytes_written'] / 2**20:.1f} MiB written, "
+    return f"{m.target} ({m.bus}): {size} {m.format}, {kind}{m.path}, sha256 {m.sha256 or '-'}"
 
 
 @app.command("_complete", hidden=True)
