@@ -54,7 +54,8 @@ def _members(s: SnapshotSet) -> dict[str, Member]:
 
 
 def _snap(service: Freezeframe, inst: TestInstance, **kw: Any) -> SnapshotSet:
-    return service.snapshot(SnapshotRequest(instance=inst.uuid, **kw))
+    """The chain limit is out of the way here (tests/test_incremental_plan.py covers it)."""
+    return service.snapshot(SnapshotRequest(instance=inst.uuid, **{"max_chain": 100, **kw}))
 
 
 def _guest_writes(inst: TestInstance, rng: random.Random, round_no: int) -> None:
@@ -242,6 +243,18 @@ def test_untrusted_change_tracking_gives_full_members_with_reasons(
     after_delete = _snap(service, guest)
     assert _kinds(after_delete) == {"vda": "incremental", "vdb": "incremental", "vdc": "full"}
     assert _members(after_delete)["vda"].metadata["freezeframe.parent_set"] == redefined.id
+
+    # A disk attached since the last set: that disk alone is full.
+    extra = tmp_path / "vdd.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(extra), str(16 * MiB)], check=True)
+    guest.dom.attachDeviceFlags(
+        f"<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='{extra}'/>"
+        "<target dev='vdd' bus='virtio'/></disk>",
+        libvirt.VIR_DOMAIN_AFFECT_LIVE,
+    )
+    attached = _snap(service, guest)
+    assert _kinds(attached) == {"vda": "incremental", "vdb": "incremental", "vdc": "incremental", "vdd": "full"}
+    assert "added since" in _reasons(attached)["vdd"]
 
     # An explicit full set: every member full, no reason needed.
     full = _snap(service, guest, mode="full")
