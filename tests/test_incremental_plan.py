@@ -346,3 +346,14 @@ def test_api_body_mode_reaches_the_snapshot_request() -> None:
     assert (order.mode, order.max_chain) == ("full", 3)
     with pytest.raises(ValueError, match="mode"):
         SnapshotCreate(mode="differential")  # type: ignore[arg-type]
+
+
+def test_a_copy_finished_by_another_process_records_the_chain_too(tmp_path: Path) -> None:
+    hv, tracking = CapturingHypervisor(DISKS), ScriptedTracking()
+    flow = _flow(tmp_path, hv, tracking)
+    first = flow.snapshot(SnapshotRequest("vm1"))
+    handed: list[str] = []
+    flow.snapshot(SnapshotRequest("vm1"), handoff=lambda s, _lock: handed.append(s.id))
+    done = flow.complete(handed[0])
+    assert {m.metadata["freezeframe.parent_set"] for m in done.members} == {first.id}
+    assert {m.metadata["freezeframe.kind"] for m in done.members} == {"incremental"}
