@@ -357,3 +357,17 @@ def test_a_copy_finished_by_another_process_records_the_chain_too(tmp_path: Path
     done = flow.complete(handed[0])
     assert {m.metadata["freezeframe.parent_set"] for m in done.members} == {first.id}
     assert {m.metadata["freezeframe.kind"] for m in done.members} == {"incremental"}
+
+
+def test_change_tracking_that_cannot_be_read_gives_full_members() -> None:
+    from freezeframe.errors import HypervisorError
+
+    class Broken(ScriptedTracking):
+        def untrusted(
+            self, instance: Instance, checkpoint: str, created_at: datetime, targets: Sequence[str]
+        ) -> Mapping[str, str]:
+            raise HypervisorError("monitor gone")
+
+    plan = _plan(parent=_set("p"), tracking=Broken())
+    assert _kinds(plan) == {"vda": "full", "vdb": "full"}
+    assert all("could not be read (monitor gone)" in (r or "") for r in _reasons(plan).values())

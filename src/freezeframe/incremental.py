@@ -148,7 +148,10 @@ def plan_chain(
             plan.members[disk.target] = full(disk, reason)
     if candidates and tracking is not None and parent is not None:
         since = set_checkpoint(parent) or ""
-        lost = tracking.untrusted(instance, since, parent.created_at, sorted(candidates))
+        try:
+            lost = dict(tracking.untrusted(instance, since, parent.created_at, sorted(candidates)))
+        except FreezeframeError as exc:  # a set never fails for change-tracking reasons
+            lost = dict.fromkeys(candidates, f"the change-tracking state could not be read ({exc})")
         for target, member in candidates.items():
             disk = next(d for d in disks if d.target == target)
             if target in lost:
