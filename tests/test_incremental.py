@@ -8,10 +8,12 @@ between the two, so they hold the same instant, and ``qemu-img compare`` must fi
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import random
 import signal
 import subprocess
+import tarfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -106,6 +108,20 @@ def _assert_equal_to_references(service: Freezeframe, set_id: str, refs: dict[st
         assert _same(_members(current)[target], ref), f"set {set_id} {target} differs from its reference"
 
 
+def _assert_export_equals_references(service: Freezeframe, s: SnapshotSet, refs: dict[str, Path], out: Path) -> None:
+    """An OVA of the 5th incremental holds standalone disks with the full content of that instant."""
+    out.mkdir()
+    result = service.portable.export(s.id, out / "set.ova")
+    with tarfile.open(result.path) as tar:
+        tar.extractall(out, filter="data")
+    for disk in result.disks:
+        extracted = out / disk.href
+        info = json.loads(subprocess.run(["qemu-img", "info", "--output=json", "-f", "qcow2", str(extracted)],
+                                         capture_output=True, text=True, check=True).stdout)  # fmt: skip
+        assert "backing-filename" not in info, f"{disk.href} is not standalone"
+        assert _same(Member(s.id, disk.target, "virtio", None, 0, "qcow2", str(extracted)), refs[disk.target])
+
+
 def _wait_agent(inst: TestInstance, timeout_s: float = 90) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -153,6 +169,7 @@ def test_chain_of_incrementals_equals_full_copies_and_survives_deletes(
         assert verdict.ok, f"set {s.id}: {verdict}"
     report = service.lifecycle.verify(sets[-1].id)
     assert report.ok, report.failures
+    _assert_export_equals_references(service, sets[-1], refs[sets[-1].id], tmp_path / "export")
     written = [sum(int(m.metadata["freezeframe.bytes_written"]) for m in s.members) for s in sets]
     print("bytes written per set:", written)
 

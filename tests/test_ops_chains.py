@@ -20,9 +20,10 @@ from freezeframe.adapters.repository import DirectoryRepository, FileMembers
 from freezeframe.errors import HypervisorError
 from freezeframe.model import Consistency, DiskSpec, Hardware, Instance, Member, SetStatus, SnapshotSet
 from freezeframe.ops.common import Holds, Stores
+from freezeframe.ops.export import Exporter
 from freezeframe.ops.retention import Retention
 from freezeframe.ops.verify import Verify
-from freezeframe.ports import ImageRef
+from freezeframe.ports import ImageRef, PackageSource
 
 MiB = 1 << 20
 UUID = "11111111-2222-3333-4444-555555555555"
@@ -172,3 +173,24 @@ def test_verify_of_an_incremental_set_checks_the_members_it_builds_on(chain: Cha
     subprocess.run(corrupt, check=True, capture_output=True)
     bad = verify.verify(s2.id)
     assert not bad.ok and [c.what for c in bad.failures] == ["chain"]
+
+
+def test_export_copies_an_incremental_member_as_one_standalone_qcow2(chain: Chain, tmp_path: Path) -> None:
+    before = _before(chain, tmp_path)
+    seen: list[tuple[str | None, bytes]] = []
+
+    class Packages:
+        def write(self, out: Path, snapshot_set: SnapshotSet, descriptor: str, sources: list[PackageSource],
+                  *_: object, **__: object) -> None:  # fmt: skip
+            for source in sources:
+                raw = tmp_path / "exported.raw"
+                chain.images.convert(source.image, ImageRef(raw, "raw"))
+                seen.append((chain.images.info(source.image).backing, raw.read_bytes()))
+
+    exporter = Exporter(chain.catalog, Stores({"file": FileMembers(chain.images)}), Packages(), None,  # type: ignore[arg-type]
+                        Holds(FileLocks(chain.home / "locks")), chain.images)  # fmt: skip
+    (tmp_path / "out").mkdir()
+    last = chain.sets[-1]
+    exporter._write(last, tmp_path / "out" / "set.ova", "qcow2", 1, None)
+    assert seen == [(None, before[last.id])]
+    assert list((tmp_path / "out").iterdir()) == [], "the flattened copy is removed"

@@ -290,7 +290,7 @@ def portable(service: Freezeframe, *, boot_dirs: Sequence[Path] | None = None) -
         )  # fmt: skip
 
     return Portable(
-        lambda: Exporter(parts.catalog, parts.stores, packages, image_store(), parts.holds),
+        lambda: Exporter(parts.catalog, parts.stores, packages, image_store(), parts.holds, parts.images),
         importer,
         lambda: StoredImages(image_store(), parts.holds),
     )

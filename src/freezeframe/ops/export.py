@@ -8,6 +8,8 @@ remains, an existing file given with ``force`` is untouched, and the image store
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,8 @@ from freezeframe.model import SetStatus, SnapshotSet
 from freezeframe.ops.common import Holds, Stores
 from freezeframe.ports import (
     Catalog,
+    ImageRef,
+    Images,
     ImageStore,
     NewImage,
     Packages,
@@ -141,7 +145,10 @@ class Exporter:
         packages: Packages,
         store: ImageStore,
         holds: Holds,
+        images: Images | None = None,
     ) -> None:
+        self.images = images
+        """Flattens members that read through backing files (incremental members) before they are copied."""
         self.catalog = catalog
         self.stores = stores
         """Where each member's data lives decides how it is read (a file today; RBD or incremental members later)."""
@@ -206,7 +213,30 @@ class Exporter:
     ) -> WrittenPackage:
         sources = sources_of(snapshot_set, disk_format, self.stores)
         descriptor_name = f"{package_base(snapshot_set.instance_name)}.ovf"
-        return self.packages.write(out, snapshot_set, descriptor_name, sources, ovf_version, progress, replace=replace)
+        with self._standalone(sources, out) as ready:
+            return self.packages.write(
+                out, snapshot_set, descriptor_name, ready, ovf_version, progress, replace=replace
+            )
+
+    @contextmanager
+    def _standalone(self, sources: list[PackageSource], out: Path) -> Iterator[list[PackageSource]]:
+        """A qcow2 copied as is must stand alone: a member over a backing chain is flattened next to the package
+        first (a temporary file, always removed)."""
+        made: list[Path] = []
+        try:
+            ready = []
+            for source in sources:
+                if source.to_vmdk or self.images is None or self.images.info(source.image).backing is None:
+                    ready.append(source)
+                    continue
+                flat = out.parent / f".{out.name}.{source.target}.flat.qcow2"
+                made.append(flat)
+                self.images.convert(source.image, ImageRef(flat, "qcow2"))
+                ready.append(replace(source, image=ImageRef(flat, "qcow2")))
+            yield ready
+        finally:
+            for path in made:
+                path.unlink(missing_ok=True)
 
     def available(self, set_ref: str) -> SnapshotSet:
         """The set, if it is available and every member's data is there."""
