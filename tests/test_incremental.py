@@ -276,3 +276,26 @@ def test_untrusted_change_tracking_gives_full_members_with_reasons(
     # An explicit full set: every member full, no reason needed.
     full = _snap(service, guest, mode="full")
     assert set(_kinds(full).values()) == {"full"} and not any(_reasons(full).values())
+
+    # A disk's file replaced while the guest was stopped (by a copy without the bitmaps): that disk alone is full.
+    guest.dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT)
+    _wait_shut_off(guest, timeout_s=60)
+    vda = guest.disk_path("vda")
+    copy = tmp_path / "vda-copy.qcow2"
+    subprocess.run(["qemu-img", "convert", "-f", "qcow2", "-O", "qcow2", str(vda), str(copy)], check=True)
+    copy.replace(vda)
+    guest.dom.create()
+    _wait_agent(guest)
+    replaced = _snap(service, guest)
+    assert _kinds(replaced) == {"vda": "full", "vdb": "incremental", "vdc": "incremental"}, _reasons(replaced)
+    assert "not in the image" in _reasons(replaced)["vda"]
+
+    # A shut-off instance: full members, with the reason.
+    guest.dom.shutdownFlags(libvirt.VIR_DOMAIN_SHUTDOWN_GUEST_AGENT)
+    _wait_shut_off(guest, timeout_s=60)
+    try:
+        off = _snap(service, guest)
+    finally:
+        guest.dom.create()
+    assert set(_kinds(off).values()) == {"full"}
+    assert all("shutoff" in r for r in _reasons(off).values()), _reasons(off)
