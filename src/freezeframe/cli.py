@@ -16,9 +16,12 @@ from freezeframe.cli_common import (
     ConnectOpt,
     HomeOpt,
     JsonOpt,
+    MaxChainOpt,
     MetaOpt,
+    ModeOpt,
     NameOpt,
     SetArg,
+    chain_options,
     check_name,
     freeze_cap,
     open_service,
@@ -83,6 +86,8 @@ def snapshot(
     wait: Annotated[
         bool, typer.Option("--wait/--no-wait", help="wait for the copy; --no-wait returns once the guest is released")
     ] = True,
+    mode: ModeOpt = "auto",
+    max_chain: MaxChainOpt = None,
     as_json: JsonOpt = False,
     connect: ConnectOpt = None,
     home: HomeOpt = None,
@@ -98,6 +103,7 @@ def snapshot(
         exclude_disks=tuple(exclude_disk or ()),
         metadata=parse_meta(meta),
         pause_vcpus=pause,
+        **chain_options(mode, max_chain),
     )
     with open_service(home, connect, freeze_cap(cap)) as service, progress_bar(not as_json, "copying") as progress:
         result = service.snapshot(request, progress, wait=wait)
@@ -199,8 +205,17 @@ def set_fields(s: SnapshotSet) -> list[tuple[str, Piece | list[Piece]]]:
 
 
 def _member_line(m: Member) -> str:
+    from freezeframe.serialize import chain_fields
+
     size = f"{m.virtual_size / 2**20:.0f} MiB"
-    return f"{m.target} ({m.bus}): {size} {m.format}, {m.path}, sha256 {m.sha256 or '-'}"
+    chain, kind = chain_fields(m), ""
+    if "freezeframe.kind" in m.metadata:  # sets from before incremental sets say nothing about it
+        kind = f"incremental over {chain['parent_set']}, " if chain["parent_set"] else "full, "
+        if chain.get("full_reason"):
+            kind = f"full ({chain['full_reason']}), "
+        if chain["bytes_written"] is not None:
+            kind += f"{chain['bytes_written'] / 2**20:.1f} MiB written, "
+    return f"{m.target} ({m.bus}): {size} {m.format}, {kind}{m.path}, sha256 {m.sha256 or '-'}"
 
 
 @app.command("_complete", hidden=True)

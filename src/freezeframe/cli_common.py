@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 import typer
 
 from freezeframe.config import Settings
-from freezeframe.validation import parse_metadata_items, validate_freeze_cap, validate_name
+from freezeframe.validation import parse_metadata_items, validate_freeze_cap, validate_int, validate_name
 
 if TYPE_CHECKING:
     from freezeframe.service import Freezeframe
@@ -33,6 +33,16 @@ HomeOpt = Annotated[
     typer.Option("--home", metavar="DIR", help="data directory (env FREEZEFRAME_HOME)", show_default=False),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable output (JSON on stdout)")]
+ModeOpt = Annotated[
+    str,
+    typer.Option(
+        "--mode", metavar="auto|full|incremental",
+        help="auto: only changed blocks where a trustworthy parent set exists, else a full copy (with the reason)",
+    ),
+]  # fmt: skip
+MaxChainOpt = Annotated[
+    str | None, typer.Option("--max-chain", metavar="N", help="auto copies a disk in full after N incrementals (7)")
+]
 SetArg = Annotated[str, typer.Argument(metavar="SET", help="set id, id prefix (8 characters) or name")]
 MetaOpt = Annotated[
     list[str] | None,
@@ -80,3 +90,12 @@ def check_name(value: str | None, what: str = "name") -> str | None:
 def freeze_cap(value: str | None) -> float | None:
     """``--freeze-cap``: finite and within bounds; the watchdog can be tuned, never switched off."""
     return None if value is None else validate_freeze_cap(value, "--freeze-cap")
+
+
+def chain_options(mode: str, max_chain: str | None) -> dict[str, Any]:
+    """--mode and --max-chain, checked once here (the same rules as the API's)."""
+    from freezeframe.incremental import DEFAULT_MAX_CHAIN, MAX_CHAIN_LIMIT, validate_mode
+
+    limit = DEFAULT_MAX_CHAIN if max_chain is None else validate_int(max_chain, "--max-chain", 0, MAX_CHAIN_LIMIT)
+    validate_mode(mode, limit)
+    return {"mode": mode, "max_chain": limit}

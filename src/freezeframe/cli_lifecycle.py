@@ -18,9 +18,12 @@ from freezeframe.cli_common import (
     ConnectOpt,
     HomeOpt,
     JsonOpt,
+    MaxChainOpt,
     MetaOpt,
+    ModeOpt,
     NameOpt,
     SetArg,
+    chain_options,
     check_name,
     open_service,
     parse_meta,
@@ -141,6 +144,8 @@ def backup(
     require: Annotated[bool, typer.Option("--require", help="fail instead of falling back")] = False,
     name: NameOpt = None,
     meta: MetaOpt = None,
+    mode: ModeOpt = "auto",
+    max_chain: MaxChainOpt = None,
     as_json: JsonOpt = False,
     connect: ConnectOpt = None,
     home: HomeOpt = None,
@@ -148,10 +153,10 @@ def backup(
     """Take a backup set of INSTANCE tagged --type, then keep only the newest --rotation of that type."""
     kind = validate_backup_type(backup_type)
     keep = validate_int(rotation, "--rotation", 0, ROTATION_MAX)
-    metadata, set_name = parse_meta(meta), check_name(name, "set name")
+    metadata, set_name, chain = parse_meta(meta), check_name(name, "set name"), chain_options(mode, max_chain)
     with _lifecycle(home, connect) as lifecycle:
         result = lifecycle.backup(
-            instance, kind, keep, metadata=metadata, consistency=consistency, require=require, name=set_name
+            instance, kind, keep, metadata=metadata, consistency=consistency, require=require, name=set_name, **chain
         )
     if as_json:
         from freezeframe.serialize import set_to_dict

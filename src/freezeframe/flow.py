@@ -30,6 +30,19 @@ from freezeframe.errors import (
     PreflightFailed,
     RepositoryFull,
 )
+from freezeframe.incremental import (
+    AUTO,
+    DEFAULT_MAX_CHAIN,
+    WRITTEN_KEY,
+    ChainPlan,
+    checkpoint_name,
+    decode_metadata,
+    newest_parent,
+    plan_chain,
+    prune_checkpoints,
+    validate_mode,
+    with_tracking,
+)
 from freezeframe.model import (
     Consistency,
     DiskSpec,
@@ -42,6 +55,7 @@ from freezeframe.model import (
 from freezeframe.ports import (
     CaptureTarget,
     Catalog,
+    ChangeTracking,
     Hypervisor,
     InstanceLocks,
     Journal,
@@ -80,8 +94,12 @@ class SnapshotRequest:
     """Pause the vCPUs around the capture even where an atomic multi-disk capture exists."""
     set_id: str | None = None
     """A pre-assigned UUID for the new set, so a caller knows its id before the operation runs."""
+    mode: str = AUTO
+    """auto: incremental members where a trustworthy parent exists; full; incremental (no chain limit)."""
+    max_chain: int = DEFAULT_MAX_CHAIN
 
     def __post_init__(self) -> None:
+        validate_mode(self.mode, self.max_chain)
         if self.set_id is not None:
             validate_uuid(self.set_id, "set id")
 
@@ -122,8 +140,10 @@ class SnapshotFlow:
         locks: InstanceLocks,
         settings: FlowSettings | None = None,
         volumes: Volumes | None = None,
+        tracking: ChangeTracking | None = None,
     ) -> None:
         self.hypervisor = hypervisor
+        self.tracking = tracking
         self.catalog = catalog
         self.repository = repository
         self.journal = journal
@@ -153,13 +173,15 @@ class SnapshotFlow:
             if plan.level is Consistency.CRASH and plan.several_captures:
                 plan.pause = True
             snapshot_set = self._new_set(instance, request, disks)
+            chain = self._chain(instance, request, files, snapshot_set.id)
             self.catalog.add_set(snapshot_set)
             entry = JournalEntry(instance.uuid, instance.name, snapshot_set.id, os.getpid(), "preparing")
             journal_volumes(entry, vols)
+            entry.extra["chain"] = chain.encode()
             self.journal.record(entry)
             handed_off = False
             try:
-                targets = self.repository.prepare(snapshot_set.id, files)
+                targets = with_tracking(chain, self.repository.prepare(snapshot_set.id, files, chain.parents()))
                 with open_volumes(self.volumes, snapshot_set, vols) as capture:
                     snapshot_set.achieved, snapshot_set.reason = plan.level, plan.reason
                     if instance.state is InstanceState.SHUTOFF:
@@ -178,12 +200,13 @@ class SnapshotFlow:
                         return snapshot_set
                     if targets:
                         self.hypervisor.wait_capture(instance, progress)
-                self._record_members(snapshot_set, targets, snaps)
+                self._record_members(snapshot_set, targets, snaps, entry)
             except BaseException as exc:
                 raise self._failed(instance, snapshot_set, exc, entry) from exc
             finally:
                 if not handed_off and entry.phase != THAW_PENDING:
                     self.journal.clear(instance.uuid)
+            prune_checkpoints(self.tracking, self.catalog, instance)
             return snapshot_set
 
     def complete(self, set_id: str, progress: ProgressCallback | None = None) -> SnapshotSet:
@@ -200,12 +223,14 @@ class SnapshotFlow:
             targets = self.repository.existing_targets(set_id, files)
             if targets:
                 self.hypervisor.wait_capture(instance, progress)
-            self._record_members(snapshot_set, targets, existing_volumes(self.volumes, set_id, vols, entry))
+            snaps = existing_volumes(self.volumes, set_id, vols, entry)
+            self._record_members(snapshot_set, targets, snaps, entry)
         except BaseException as exc:
             raise self._failed(instance, snapshot_set, exc, entry) from exc
         finally:
             if entry.phase != THAW_PENDING:
                 self.journal.clear(instance.uuid)
+        prune_checkpoints(self.tracking, self.catalog, instance)
         return snapshot_set
 
     def _failed(
@@ -249,6 +274,14 @@ class SnapshotFlow:
             plan.pause = pause
             return plan
         return _Plan(wanted, None, pause)
+
+    def _chain(self, instance: Instance, request: SnapshotRequest, disks: Sequence[DiskSpec], set_id: str) -> ChainPlan:
+        """Which members copy only changes, checked against the catalog and the checkpoints before the window."""
+        parent = newest_parent(self.catalog.list_sets(instance=instance.uuid, status=SetStatus.AVAILABLE))
+        return plan_chain(
+            mode=request.mode, max_chain=request.max_chain, instance=instance, disks=disks, set_id=set_id,
+            parent=parent, parent_present=bool(parent and self.repository.exists(parent.id)), tracking=self.tracking,
+        )  # fmt: skip
 
     def _preflight(self, disks: Sequence[DiskSpec]) -> None:
         worst_case = sum(d.virtual_size for d in disks)
@@ -355,9 +388,14 @@ class SnapshotFlow:
             time.sleep(0.05)
 
     def _record_members(
-        self, snapshot_set: SnapshotSet, targets: Sequence[CaptureTarget], snaps: Sequence[VolumeSnapshot]
+        self,
+        snapshot_set: SnapshotSet,
+        targets: Sequence[CaptureTarget],
+        snaps: Sequence[VolumeSnapshot],
+        entry: JournalEntry,
     ) -> None:
-        """The proposal's naming scheme: every member carries its set's UUID."""
+        """The proposal's naming scheme: every member carries its set's UUID (and what it is in a chain)."""
+        chain = decode_metadata(entry.extra.get("chain"))
         if snapshot_set.achieved is None:
             snapshot_set.achieved = snapshot_set.requested
         common = {
@@ -376,7 +414,12 @@ class SnapshotFlow:
                 path=str(t.path),
                 source_path=t.disk.source_path,
                 sha256=self.repository.checksum(t.path),
-                metadata={**common, "freezeframe.target": t.disk.target},
+                metadata={
+                    **common,
+                    "freezeframe.target": t.disk.target,
+                    **chain.get(t.disk.target, {}),
+                    WRITTEN_KEY: str(self.repository.written_bytes(t.path)),
+                },
             )
             for t in targets
         ]
@@ -394,6 +437,8 @@ class SnapshotFlow:
         if abort_capture:
             try:
                 self.hypervisor.abort_capture(instance)
+                if self.tracking is not None:
+                    self.tracking.remove(instance, checkpoint_name(snapshot_set.id))
             except FreezeframeError:
                 log.exception("could not abort the capture of %s", instance.name)
         if snapshot_set.instance_state is InstanceState.RUNNING:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from freezeframe.errors import SetHasDependants, VerifyFailed
+from freezeframe.incremental import AUTO, DEFAULT_MAX_CHAIN
 from freezeframe.model import Consistency, SnapshotSet
 from freezeframe.ops.instances import InstanceBuilder
 from freezeframe.ops.restore import COW, FULL, Restore, RestoredDisk, RestoreResult
@@ -76,10 +77,12 @@ class Lifecycle:
         set_id: str | None = None,
         visible: Visible | None = None,
         progress: ProgressCallback | None = None,
+        mode: str = AUTO,
+        max_chain: int = DEFAULT_MAX_CHAIN,
     ) -> BackupResult:
         return self._retention.backup(
             instance, backup_type, rotation, metadata=metadata, consistency=consistency, require=require, name=name,
-            set_id=set_id, visible=visible, progress=progress,
+            set_id=set_id, visible=visible, progress=progress, mode=mode, max_chain=max_chain,
         )  # fmt: skip
 
     def rotate(

@@ -15,6 +15,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from freezeframe.errors import RecordInvalid
+from freezeframe.incremental import PARENT_KEY, REASON_KEY, WRITTEN_KEY, kind_of
 from freezeframe.model import (
     BootSpec,
     Consistency,
@@ -48,7 +49,21 @@ def member_to_dict(member: Member) -> dict[str, Any]:
         "source_path": member.source_path,
         "sha256": member.sha256,
         "metadata": dict(member.metadata),
+        **chain_fields(member),
     }
+
+
+def chain_fields(member: Member) -> dict[str, Any]:
+    """What the member is in a chain of incremental sets (kept in its metadata, shown as fields)."""
+    written = member.metadata.get(WRITTEN_KEY)
+    fields: dict[str, Any] = {
+        "kind": kind_of(member),
+        "parent_set": member.metadata.get(PARENT_KEY),
+        "bytes_written": int(written) if written and written.isdigit() else None,
+    }
+    if REASON_KEY in member.metadata:
+        fields["full_reason"] = member.metadata[REASON_KEY]
+    return fields
 
 
 def hardware_to_dict(hardware: Hardware) -> dict[str, Any]:

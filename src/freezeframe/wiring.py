@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from freezeframe.adapters.catalog import SqlCatalog
     from freezeframe.adapters.host_fs import HostTools
     from freezeframe.adapters.journal import FileJournal
+    from freezeframe.adapters.libvirt_checkpoints import LibvirtCheckpoints
     from freezeframe.adapters.libvirt_domains import LibvirtDomains
     from freezeframe.adapters.libvirt_hypervisor import LibvirtHypervisor
     from freezeframe.adapters.locks import FileLocks
@@ -200,7 +201,14 @@ class Wiring:
             self.locks,
             FlowSettings(freeze_cap_s=self.settings.freeze_cap_s, hold_in_window_s=hold),
             self.volumes,
+            self.tracking,
         )
+
+    @property
+    def tracking(self) -> LibvirtCheckpoints:
+        from freezeframe.adapters.libvirt_checkpoints import LibvirtCheckpoints
+
+        return LibvirtCheckpoints(self.hypervisor.domain)
 
     def snapshot(self, request: SnapshotRequest, progress: ProgressCallback | None = None) -> SnapshotSet:
         """A set, waited for: what revert (its safety set) and backup take."""
@@ -253,6 +261,7 @@ class Wiring:
         retention = Retention(
             self.catalog, self.repository, self.stores, self.images, lambda: self.domains, self.restores,
             lambda: self.hypervisor, self.snapshot, self.holds, (self.instances_dir, self.verify_dir),
+            lambda: self.tracking,
         )  # fmt: skip
         verify = Verify(
             self.catalog, self.repository, self.stores, self.images, self.host_fs, lambda: self.hypervisor,

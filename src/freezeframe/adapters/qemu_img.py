@@ -117,6 +117,11 @@ def _checked(argv: Sequence[str], what: str, timeout: float | None) -> subproces
     return result
 
 
+def _backing_name(path: Path) -> str:
+    """A relative backing path stays relative: QEMU resolves it from the image's own folder."""
+    return str(path) if not path.is_absolute() else str(path.resolve())
+
+
 def _backing(info: Mapping[str, Any], image: ImageRef) -> str | None:
     backing = info.get("full-backing-filename") or info.get("backing-filename")
     if not backing:
@@ -157,7 +162,7 @@ class QemuImg:
         if backing is not None:
             if not _plain(backing):
                 raise InvalidRequest("a backing image must be a whole file")
-            argv += ["-F", _format(backing.format), "-b", str(backing.path.resolve())]
+            argv += ["-F", _format(backing.format), "-b", _backing_name(backing.path)]
         elif size is None:
             raise InvalidRequest(f"creating {path}: a size is needed for an image without backing")
         argv.append(str(path))
@@ -194,7 +199,7 @@ class QemuImg:
         if backing is None:
             argv += ["-b", ""]
         else:
-            argv += ["-F", _format(backing.format), "-b", str(backing.path.resolve())]
+            argv += ["-F", _format(backing.format), "-b", _backing_name(backing.path)]
         _checked([*argv, str(path)], f"rebasing {path}", None)
 
     def resize(self, path: Path, fmt: str, size: int) -> None:

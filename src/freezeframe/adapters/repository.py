@@ -10,7 +10,7 @@ import errno
 import json
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from freezeframe.durable import sha256_file, write_atomically
@@ -37,16 +37,27 @@ class DirectoryRepository:
 
     # ---- capture (Repository) -----------------------------------------------------------------------------
 
-    def prepare(self, set_id: str, disks: Sequence[DiskSpec]) -> list[CaptureTarget]:
-        """Pre-created targets let the backup job start with REUSE_EXTERNAL, shortening the freeze window."""
+    def prepare(
+        self, set_id: str, disks: Sequence[DiskSpec], parents: Mapping[str, str] | None = None
+    ) -> list[CaptureTarget]:
+        """Pre-created targets let the backup job start with REUSE_EXTERNAL, shortening the freeze window.
+
+        An incremental target's backing file is named relative to the set's folder (``../PARENT/vda.qcow2``), so
+        the repository can move as a whole.
+        """
         directory = self.set_dir(set_id)
         directory.mkdir(parents=True, mode=PRIVATE_DIR)
         targets = []
         try:
             for disk in disks:
                 path = self.member_path(set_id, disk.target)
+                parent = (parents or {}).get(disk.target)
+                backing = None
+                if parent is not None:
+                    relative = os.path.relpath(Path(parent).resolve(), directory.resolve())
+                    backing = ImageRef(Path(relative), MEMBER_FORMAT)
                 try:
-                    self.images.create(path, MEMBER_FORMAT, disk.virtual_size)
+                    self.images.create(path, MEMBER_FORMAT, disk.virtual_size, backing=backing)
                 except InsufficientSpace as exc:
                     raise InsufficientSpace(f"repository {self.root} is full: {exc}") from exc
                 except HypervisorError as exc:
@@ -77,6 +88,9 @@ class DirectoryRepository:
 
     def checksum(self, path: Path) -> str:
         return sha256_file(path)
+
+    def written_bytes(self, path: Path) -> int:
+        return path.stat().st_blocks * 512
 
     def write_manifest(self, snapshot_set: SnapshotSet) -> None:
         """A set.json beside the data lets anyone tell which images belong together without the catalog."""

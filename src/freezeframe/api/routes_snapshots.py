@@ -36,6 +36,8 @@ def _order(body: SnapshotCreate) -> Order:
         backup_type=body.backup_type,
         rotation=body.rotation,
         pause=body.pause,
+        mode=body.mode,
+        max_chain=body.max_chain,
     )
 
 

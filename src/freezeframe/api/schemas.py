@@ -87,6 +87,10 @@ class SnapshotCreate(_Input):
     backup_type: BackupType | None = None
     rotation: int | None = Field(default=None, ge=0, le=1000, description="keep the newest N sets of this backup_type")
     pause: bool = Field(default=False, description="also pause the vCPUs around the capture")
+    mode: Literal["auto", "full", "incremental"] = Field(
+        default="auto", description="auto: only changed blocks where a trustworthy parent set exists, else full"
+    )
+    max_chain: int = Field(default=7, ge=0, le=1000, description="auto copies a disk in full after N incrementals")
 
     @model_validator(mode="after")
     def _rotation_needs_type(self) -> SnapshotCreate:

@@ -15,6 +15,7 @@ from typing import Protocol
 
 from freezeframe.errors import InvalidRequest
 from freezeframe.flow import SnapshotRequest
+from freezeframe.incremental import AUTO, DEFAULT_MAX_CHAIN
 from freezeframe.model import Consistency, Instance, SnapshotSet
 from freezeframe.ports import ProgressCallback
 from freezeframe.validation import RESERVED_META_PREFIX, validate_text
@@ -47,6 +48,8 @@ class Backups(Protocol):
         set_id: str | None = None,
         visible: Visible | None = None,
         progress: ProgressCallback | None = None,
+        mode: str = AUTO,
+        max_chain: int = DEFAULT_MAX_CHAIN,
     ) -> BackupOutcome: ...
 
 
@@ -71,6 +74,8 @@ class Order:
     backup_type: str | None = None
     rotation: int | None = None
     pause: bool = False
+    mode: str = AUTO
+    max_chain: int = DEFAULT_MAX_CHAIN
 
 
 @dataclass(frozen=True)
@@ -138,6 +143,8 @@ def take(
             set_id=set_id,
             visible=visible,
             progress=progress,
+            mode=order.mode,
+            max_chain=order.max_chain,
         )
         return Taken(result.snapshot_set, list(result.rotated_out), dict(result.kept_in_use))
     request = SnapshotRequest(
@@ -150,6 +157,8 @@ def take(
         backup_type=order.backup_type,
         pause_vcpus=order.pause,
         set_id=set_id,
+        mode=order.mode,
+        max_chain=order.max_chain,
     )
     return Taken(service.snapshot(request, progress))
 

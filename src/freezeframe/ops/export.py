@@ -161,7 +161,8 @@ class Exporter:
         images: Images | None = None,
     ) -> None:
         self.images = images
-        """Reads members that are not files (RBD snapshots) into staged qcow2 files next to the package."""
+        """Reads members that are not plain files: RBD snapshots are staged as qcow2, incremental members
+        (over a backing chain) flattened, next to the package (temporary files, always removed)."""
         self.catalog = catalog
         self.stores = stores
         """Where each member's data lives decides how it is read (a file today; RBD or incremental members later)."""
@@ -230,15 +231,17 @@ class Exporter:
         sources = sources_of(snapshot_set, disk_format, self.stores)
         descriptor_name = f"{package_base(snapshot_set.instance_name)}.ovf"
         with tempfile.TemporaryDirectory(prefix=".ff-export-", dir=out.parent) as tmp:
-            sources = [self._staged(s, Path(tmp)) for s in sources]
+            ready = [self._standalone(s, Path(tmp)) for s in sources]
             return self.packages.write(
-                out, snapshot_set, descriptor_name, sources, ovf_version, progress, replace=replace,
+                out, snapshot_set, descriptor_name, ready, ovf_version, progress, replace=replace,
                 manifest_digest=digest,
-            )
+            )  # fmt: skip
 
-    def _staged(self, source: PackageSource, tmp: Path) -> PackageSource:
-        """An RBD snapshot is read once into a qcow2 file the package writer can copy or convert."""
-        if not str(source.image.path).startswith(RBD_PREFIX):
+    def _standalone(self, source: PackageSource, tmp: Path) -> PackageSource:
+        """A member the package writer can copy as is: an RBD snapshot is read once into a qcow2 file, and a
+        qcow2 copied as is must stand alone, so a member over a backing chain is flattened first."""
+        rbd = str(source.image.path).startswith(RBD_PREFIX)
+        if not rbd and (source.to_vmdk or self.images is None or self.images.info(source.image).backing is None):
             return source
         if self.images is None:
             raise PreflightFailed(f"member {source.target} is an RBD snapshot and this exporter cannot read it")

@@ -20,9 +20,21 @@ from freezeframe.errors import (
     SetHasDependants,
 )
 from freezeframe.flow import SnapshotRequest
+from freezeframe.incremental import AUTO, DEFAULT_MAX_CHAIN
 from freezeframe.model import Consistency, SetStatus, SnapshotSet
+from freezeframe.ops.chains import Chains
 from freezeframe.ops.common import Holds, Lazy, Snapshot, Stores, now
-from freezeframe.ports import Catalog, Domains, Hypervisor, ImageRef, Images, ProgressCallback, Repository, Restores
+from freezeframe.ports import (
+    Catalog,
+    ChangeTracking,
+    Domains,
+    Hypervisor,
+    ImageRef,
+    Images,
+    ProgressCallback,
+    Repository,
+    Restores,
+)
 from freezeframe.ports.volumes import RBD_PREFIX, ClonedMembers
 from freezeframe.signals import deferred_signals
 from freezeframe.validation import validate_backup_type
@@ -75,6 +87,7 @@ class Retention:
         snapshot: Snapshot,
         holds: Holds,
         child_dirs: Sequence[Path],
+        tracking: Lazy[ChangeTracking] | None = None,
     ) -> None:
         self.catalog = catalog
         self.repository = repository
@@ -88,6 +101,7 @@ class Retention:
         self.holds = holds
         self.child_dirs = tuple(child_dirs)
         """Folders whose ``*/*.qcow2`` may be children of members (restored and verify instances)."""
+        self.chains = Chains(catalog, repository, stores, images, hypervisor, tracking)
 
     # ---- delete ----------------------------------------------------------------------------------------------
 
@@ -115,11 +129,13 @@ class Retention:
         return DeleteResult(snapshot_set.id, snapshot_set.name, dependants)
 
     def _remove_set(self, snapshot_set: SnapshotSet) -> None:
-        """Mark deleting, remove data, delete the row: a crash in between leaves a 'deleting' row to finish."""
+        """Mark deleting, merge into incremental children, remove data, delete the row: a crash in between leaves a
+        'deleting' row to finish."""
         if snapshot_set.status is not SetStatus.DELETING:
             snapshot_set.status = SetStatus.DELETING
             self.catalog.update_set(snapshot_set)
         with deferred_signals():
+            self.chains.merge_into_children(snapshot_set)
             for member in snapshot_set.members:
                 self.stores.of(member).remove(member)
             self.repository.remove(snapshot_set.id)
@@ -129,6 +145,7 @@ class Retention:
                     "or `freezeframe repair` removes it"
                 )
             self.catalog.delete_set(snapshot_set.id)
+        self.chains.drop_checkpoint(snapshot_set)
 
     def dependants(self, snapshot_set: SnapshotSet) -> list[Dependant]:
         """Images whose backing file is one of the set's members: restore rows plus our instance folders."""
@@ -227,6 +244,8 @@ class Retention:
         set_id: str | None = None,
         visible: Visible | None = None,
         progress: ProgressCallback | None = None,
+        mode: str = AUTO,
+        max_chain: int = DEFAULT_MAX_CHAIN,
     ) -> BackupResult:
         """Nova's createBackup: a set tagged ``backup_type``, then only the newest ``rotation`` of that type stay.
 
@@ -245,6 +264,8 @@ class Retention:
                 metadata=dict(metadata or {}),
                 backup_type=backup_type,
                 set_id=set_id,
+                mode=mode,
+                max_chain=max_chain,
             ),
             progress,
         )

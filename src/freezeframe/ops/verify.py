@@ -13,8 +13,9 @@ import uuid as uuidlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from freezeframe.errors import FreezeframeError, InvalidRequest
-from freezeframe.model import InstanceState, SetStatus, SnapshotSet
+from freezeframe.errors import FreezeframeError, InvalidRequest, SetNotFound
+from freezeframe.incremental import PARENT_KEY
+from freezeframe.model import InstanceState, Member, SetStatus, SnapshotSet
 from freezeframe.ops.common import Holds, Lazy, Stores, member_disks
 from freezeframe.ops.instances import InstanceBuilder, domain_plan, member_disks_into, remove_backend_clones
 from freezeframe.ports import (
@@ -138,6 +139,26 @@ class Verify:
                 report.add(member.target, "sha256", True, f"{member.path} matches ({took:.2f}s)")
             if manifest and manifest.get(member.target) != member.sha256:
                 report.add(member.target, MANIFEST, False, f"{MANIFEST} disagrees with the catalog for {member.target}")
+            self._verify_chain(member, report)
+
+    def _verify_chain(self, member: Member, report: VerifyReport) -> None:
+        """An incremental member reads the rest of its disk from its parents' files: those must match too."""
+        parent_id, depth = member.metadata.get(PARENT_KEY), 0
+        while parent_id is not None:
+            try:
+                parent_set = self.catalog.get_set(parent_id)
+            except SetNotFound:
+                report.add(member.target, "chain", False, f"parent set {parent_id} of {member.target} is gone")
+                return
+            parent = next((m for m in parent_set.members if m.target == member.target), None)
+            store = self.stores.of(parent) if parent is not None else None
+            if parent is None or store is None or not store.present(parent) or store.checksum(parent) != parent.sha256:
+                report.add(member.target, "chain", False, f"parent member {member.target} of set {parent_id} is "
+                           "missing or does not match its SHA-256")  # fmt: skip
+                return
+            parent_id, depth = parent.metadata.get(PARENT_KEY), depth + 1
+        if depth:
+            report.add(member.target, "chain", True, f"the {depth} parent member(s) it builds on match")
 
     def _verify_boot(self, snapshot_set: SnapshotSet, report: VerifyReport) -> None:
         """Boot a copy-on-write clone without network, ask its agent, shut it down, fsck its disks on the host."""

@@ -42,6 +42,7 @@ from freezeframe.ports.snapshot import (
     Repository,
 )
 from freezeframe.ports.storage import Filesystem, HostFilesystems, MemberStore, Restores
+from freezeframe.ports.tracking import ChangeTracking
 
 __all__ = [
     "IMAGE_AVAILABLE",
@@ -49,6 +50,7 @@ __all__ = [
     "MANIFEST",
     "CaptureTarget",
     "Catalog",
+    "ChangeTracking",
     "DeclaredDisk",
     "DeclaredNic",
     "DiskUser",

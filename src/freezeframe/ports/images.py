@@ -68,7 +68,10 @@ class Images(Protocol):
         backing: ImageRef | None = None,
         options: Mapping[str, str] | None = None,
     ) -> None:
-        """A new image; with ``backing`` a copy-on-write child (``size`` None: the backing image's size)."""
+        """A new image; with ``backing`` a copy-on-write child (``size`` None: the backing image's size).
+
+        A relative ``backing.path`` is written as it is: QEMU resolves it from the new image's folder.
+        """
 
     def convert(
         self,
@@ -88,7 +91,10 @@ class Images(Protocol):
         """
 
     def rebase(self, path: Path, fmt: str, backing: ImageRef | None) -> None:
-        """Put ``path`` over another backing image, copying what differs; ``None`` flattens it (copies all data in)."""
+        """Put ``path`` over another backing image, copying what differs; ``None`` flattens it (copies all data in).
+
+        A relative ``backing.path`` is resolved from ``path``'s folder, and written as it is.
+        """
 
     def resize(self, path: Path, fmt: str, size: int) -> None: ...
 

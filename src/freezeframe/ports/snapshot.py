@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +29,10 @@ class CaptureTarget:
     disk: DiskSpec
     path: Path
     format: str
+    since: str | None = None
+    """Copy only what changed since this checkpoint (the target's backing file holds the rest)."""
+    checkpoint: str | None = None
+    """Start recording changes under this checkpoint, in the same transaction that fixes the point in time."""
 
 
 class Hypervisor(Protocol):
@@ -98,8 +102,14 @@ class Catalog(Protocol):
 class Repository(Protocol):
     """Where member data lives."""
 
-    def prepare(self, set_id: str, disks: Sequence[DiskSpec]) -> list[CaptureTarget]:
-        """Create empty target images for the disks, ready before any guest-visible step."""
+    def prepare(
+        self, set_id: str, disks: Sequence[DiskSpec], parents: Mapping[str, str] | None = None
+    ) -> list[CaptureTarget]:
+        """Create empty target images for the disks, ready before any guest-visible step.
+
+        ``parents`` (target -> the parent member's path) makes those targets incremental: their backing file is
+        the parent member, named relative to the repository, so only changed clusters are written.
+        """
 
     def free_bytes(self) -> int: ...
 
@@ -109,6 +119,9 @@ class Repository(Protocol):
     def remove(self, set_id: str) -> None: ...
 
     def checksum(self, path: Path) -> str: ...
+
+    def written_bytes(self, path: Path) -> int:
+        """Bytes the member's own file takes (its backing files not counted)."""
 
     def write_manifest(self, snapshot_set: SnapshotSet) -> None:
         """Store a self-describing record of the set next to its data."""

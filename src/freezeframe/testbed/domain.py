@@ -118,7 +118,7 @@ def domain_xml(
             _rbd_disk(devices, disk.target, disk.rbd)
             continue
         el = etree.SubElement(devices, "disk", type="file", device="disk")
-        etree.SubElement(el, "driver", name="qemu", type=disk.format, cache=disk_cache)
+        etree.SubElement(el, "driver", name="qemu", type=disk.format, cache=disk_cache, discard="unmap")
         etree.SubElement(el, "source", file=str(disk.path))
         etree.SubElement(el, "target", dev=disk.target, bus="virtio")
 
