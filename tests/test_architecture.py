@@ -16,7 +16,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "freezeframe"
 CORE = (
     "model", "ports", "flow", "window", "discovery", "signals", "validation", "errors", "serialize", "durable",
-    "volume_members",
+    "volume_members", "recovery", "incremental",
 )  # fmt: skip
 CORE_PACKAGES = ("ops", "ports")
 FORBIDDEN_IN_CORE = (

@@ -290,7 +290,7 @@ def _flow(tmp_path: Path, hv: CapturingHypervisor, tracking: ScriptedTracking) -
     catalog = SqlCatalog(f"sqlite:///{tmp_path / 'catalog.sqlite'}")
     return SnapshotFlow(
         hv, catalog, DirectoryRepository(tmp_path / "repo", QemuImg()), FileJournal(tmp_path / "journal"),
-        FileLocks(tmp_path / "locks"), FlowSettings(thaw_retry_s=1.0), tracking,
+        FileLocks(tmp_path / "locks"), FlowSettings(thaw_retry_s=1.0), tracking=tracking,
     )  # fmt: skip
 
 

@@ -191,6 +191,6 @@ def test_export_copies_an_incremental_member_as_one_standalone_qcow2(chain: Chai
                         Holds(FileLocks(chain.home / "locks")), chain.images)  # fmt: skip
     (tmp_path / "out").mkdir()
     last = chain.sets[-1]
-    exporter._write(last, tmp_path / "out" / "set.ova", "qcow2", 1, None)
+    exporter._write(last, tmp_path / "out" / "set.ova", "qcow2", 1, "sha1", None)
     assert seen == [(None, before[last.id])]
     assert list((tmp_path / "out").iterdir()) == [], "the flattened copy is removed"

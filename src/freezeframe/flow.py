@@ -23,10 +23,8 @@ from freezeframe.errors import (
     ConsistencyUnavailable,
     FreezeframeError,
     FreezeWindowExceeded,
-    InstanceBusy,
     InsufficientSpace,
     InvalidRequest,
-    NotFound,
     PreflightFailed,
     RepositoryFull,
 )
@@ -64,6 +62,7 @@ from freezeframe.ports import (
     Repository,
 )
 from freezeframe.ports.volumes import VolumeCapture, Volumes, VolumeSnapshot
+from freezeframe.recovery import Recovery
 from freezeframe.signals import deferred_signals
 from freezeframe.validation import validate_freeze_cap, validate_uuid
 from freezeframe.volume_members import (
@@ -130,7 +129,9 @@ class _Plan:
     """Several capture mechanisms (backup job, each RBD snapshot) meet at one instant only in a paused guest."""
 
 
-class SnapshotFlow:
+class SnapshotFlow(Recovery):
+    settings: FlowSettings
+
     def __init__(
         self,
         hypervisor: Hypervisor,
@@ -454,90 +455,3 @@ class SnapshotFlow:
             self.catalog.update_set(snapshot_set)
         except FreezeframeError:
             log.exception("could not record the failure of set %s", snapshot_set.id)
-
-    # ---- guest safety ------------------------------------------------------------------------------
-
-    def _unblock(self, instance: Instance) -> None:
-        """A full target fails guest writes under copy-before-write and QEMU pauses the guest: undo that."""
-        try:
-            if self.hypervisor.paused_by_io_error(instance):
-                log.warning("%s was paused by an I/O error during the capture: aborting it, resuming", instance.name)
-                if self.hypervisor.capture_in_flight(instance):
-                    self.hypervisor.abort_capture(instance)
-                self.hypervisor.resume(instance)
-        except FreezeframeError:
-            log.exception("could not resume %s after an I/O error", instance.name)
-
-    def ensure_thawed(self, instance: Instance) -> bool:
-        """Thaw until the agent confirms it, for a bounded time; False leaves the job to `repair`.
-
-        The agent runs commands in order, so a thaw that succeeds comes after any freeze sent before it,
-        even one whose reply timed out: success means the guest is thawed.
-        """
-        deadline = time.monotonic() + self.settings.thaw_retry_s
-        while True:
-            try:
-                self.hypervisor.thaw(instance)
-                return True
-            except FreezeframeError as exc:
-                log.warning("thaw of %s not confirmed yet: %s", instance.name, exc)
-            if time.monotonic() > deadline:
-                log.error("could not confirm %s thawed; `freezeframe repair` will retry", instance.name)
-                return False
-            time.sleep(0.5)
-            self._unblock(instance)
-
-    # ---- repair --------------------------------------------------------------------------------------
-
-    def repair(self, instance_ref: str | None = None) -> list[str]:
-        """Finish what killed processes left: thaw/resume guests, abort copies, fail and clean their sets."""
-        wanted_uuid = self.hypervisor.lookup(instance_ref).uuid if instance_ref else None
-        reports = []
-        for entry in self.journal.pending():
-            if wanted_uuid and entry.instance_uuid != wanted_uuid:
-                continue
-            try:
-                with self.locks.hold(entry.instance_uuid):
-                    reports.extend(self.repair_locked(entry.instance_uuid))
-            except InstanceBusy:
-                reports.append(f"{entry.instance_name}: an operation is still running (pid {entry.pid}); left alone")
-        return reports
-
-    def repair_locked(self, instance_uuid: str) -> list[str]:
-        """With the instance's lock held, any journal entry for it belongs to a process that died."""
-        return [self._repair_entry(e) for e in self.journal.pending() if e.instance_uuid == instance_uuid]
-
-    def _repair_entry(self, entry: JournalEntry) -> str:
-        done: list[str] = []
-        try:
-            instance: Instance | None = self.hypervisor.lookup(entry.instance_uuid)
-        except NotFound:
-            instance = None
-        if instance is not None:
-            if entry.capture_started and self.hypervisor.capture_in_flight(instance):
-                self.hypervisor.abort_capture(instance)
-                done.append("aborted the copy")
-            if entry.paused and self.hypervisor.state(instance) is InstanceState.PAUSED:
-                self.hypervisor.resume(instance)
-                done.append("resumed the vCPUs")
-            if entry.froze and self.hypervisor.state(instance) is InstanceState.RUNNING:
-                if not self.ensure_thawed(instance):
-                    return f"{entry.instance_name}: guest agent still not answering; run `freezeframe repair` again"
-                done.append("thawed the filesystems")
-        self.repository.remove(entry.set_id)
-        remove_volumes(self.volumes, entry.set_id, entry)
-        try:
-            snapshot_set = self.catalog.get_set(entry.set_id)
-        except NotFound:
-            snapshot_set = None
-        if snapshot_set is not None and snapshot_set.status is not SetStatus.FAILED:
-            snapshot_set.status = SetStatus.FAILED
-            snapshot_set.members = []
-            snapshot_set.completed_at = datetime.now(UTC)
-            snapshot_set.error = (
-                f"interrupted: freezeframe process {entry.pid} stopped during '{entry.phase}'; repaired"
-            )
-            self.catalog.update_set(snapshot_set)
-        done.append(f"marked set {entry.set_id} failed and removed its data")
-        self.journal.clear(entry.instance_uuid)
-        return f"{entry.instance_name}: " + ", ".join(done)
