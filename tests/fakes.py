@@ -380,7 +380,7 @@ class World:
         self.instances_dir = home / "instances"
         self.verify_dir = home / "verify"
         self.snapshots: list[SnapshotRequest] = []
-        self.builder = InstanceBuilder(lambda: self.domains, self.markers, self.restores, self.holds)
+        self.builder = InstanceBuilder(lambda: self.domains, self.markers, self.restores, self.holds, self.stores)
         restore = Restore(
             self.catalog, self.stores, self.images, lambda: self.domains, self.restores, self.builder, self.holds,
             self.instances_dir,

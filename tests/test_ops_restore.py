@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 from fakes import Boom, World
 from freezeframe.errors import InstanceBusy, InstanceNotFound, InvalidRequest, PreflightFailed
-from freezeframe.model import SetStatus
+from freezeframe.model import STORE_KEY, Member, SetStatus
+from freezeframe.ports import ImageRef, ProgressCallback
+from freezeframe.ports.volumes import CLONE_SUFFIX
 
 
 @pytest.fixture
@@ -164,3 +167,57 @@ def test_restored_and_extracted_disks_are_private(world: World, tmp_path: Path) 
         assert {Path(d.path).stat().st_mode & 0o777 for d in result.disks} == {0o600}
     out = world.lifecycle.extract(s.id, "vda", tmp_path / "vda.qcow2")
     assert out.stat().st_mode & 0o777 == 0o600
+
+
+class ScriptedClones:
+    """A backend (RBD-like) member store: restores are clones that live outside the instance folder."""
+
+    kind = "rbd"
+
+    def __init__(self) -> None:
+        self.clones: set[str] = set()
+
+    def present(self, member: Member) -> bool:
+        return True
+
+    def source(self, member: Member) -> ImageRef:
+        return ImageRef(Path(f"rbd:pool/{member.target}@snap"), "raw")
+
+    def restore(self, member: Member, dst: Path, *, full: bool, progress: ProgressCallback | None = None) -> ImageRef:
+        clone = f"pool/{dst.parent.name}-{dst.stem}"
+        self.clones.add(clone)
+        dst.with_suffix(CLONE_SUFFIX).write_text(clone + "\n")
+        return ImageRef(Path(f"rbd:{clone}"), "raw")
+
+    def base_of(self, member: Member) -> str:
+        return f"rbd:pool/{member.target}@snap"
+
+    def checksum(self, member: Member) -> str:
+        return "00" * 32
+
+    def remove(self, member: Member) -> None:
+        pass
+
+    def children(self, member: Member) -> list[str]:
+        return sorted(self.clones)
+
+    def flatten(self, clone: str) -> None:
+        pass
+
+    def remove_clone(self, clone: str) -> None:
+        self.clones.discard(clone)
+
+
+def test_a_failed_restore_removes_the_backend_clones_it_made(world: World) -> None:
+    """Clones live in the volume backend, not in the instance folder: the undo must remove them too."""
+    s = world.add_set({"vda": "root", "vdb": "data"})
+    vdb = next(m for m in s.members if m.target == "vdb")
+    rbd_member = replace(vdb, metadata={**vdb.metadata, STORE_KEY: "rbd"})
+    world.catalog.update_set(replace(s, members=[m if m.target != "vdb" else rbd_member for m in s.members]))
+    clones = ScriptedClones()
+    world.stores.by_kind["rbd"] = clones  # type: ignore[index]
+    world.domains.fail["define"] = 1
+    with pytest.raises(Boom):
+        world.lifecycle.restore(s.id, "broken")
+    assert clones.clones == set(), "a clone of the half-made instance was left in the backend"
+    assert world.leftovers() == []

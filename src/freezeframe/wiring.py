@@ -240,7 +240,7 @@ class Wiring:
     def builder(self) -> InstanceBuilder:
         from freezeframe.ops.instances import InstanceBuilder
 
-        return InstanceBuilder(lambda: self.domains, self.markers, self.restores, self.holds)
+        return InstanceBuilder(lambda: self.domains, self.markers, self.restores, self.holds, self.stores)
 
     @cached_property
     def lifecycle(self) -> Lifecycle:

@@ -70,6 +70,8 @@ class RbdMembers:
                     rbd.RBD().clone(ioctx, parent, snap, ioctx, name, features=features)
                 except rbd.Error as exc:
                     raise HypervisorError(f"cloning {volume}@{snap} to {pool}/{name} failed: {exc}") from exc
+                # Noted as soon as it is ours, so that an undo (a later step failing) or discard removes it.
+                dst.with_suffix(CLONE_SUFFIX).write_text(f"{pool}/{name}\n")
                 if full:
                     with rbd.Image(ioctx, name) as img:
                         img.flatten()
@@ -77,7 +79,6 @@ class RbdMembers:
                 ioctx.close()
         if progress is not None:
             progress(member.virtual_size, member.virtual_size)
-        dst.with_suffix(CLONE_SUFFIX).write_text(f"{pool}/{name}\n")  # discard finds the clone by this note
         return ImageRef(Path(f"{RBD_PREFIX}{pool}/{name}"), "raw")
 
     def base_of(self, member: Member) -> str:

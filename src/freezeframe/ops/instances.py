@@ -80,11 +80,15 @@ def domain_plan(
 
 
 class InstanceBuilder:
-    def __init__(self, domains: Lazy[Domains], markers: Markers, restores: Restores, holds: Holds) -> None:
+    def __init__(
+        self, domains: Lazy[Domains], markers: Markers, restores: Restores, holds: Holds, stores: Stores | None = None
+    ) -> None:
         self.domains = domains
         self.markers = markers
         self.restores = restores
         self.holds = holds
+        self.stores = stores
+        """Where backend clones (RBD) of a half-made instance are removed from: not from its folder."""
 
     @contextlib.contextmanager
     def building(self, name: str, directory: Path, *, forget_restores: bool) -> Iterator[Build]:
@@ -127,6 +131,11 @@ class InstanceBuilder:
                 self.remove_domain_in(name, directory)
         except FreezeframeError:
             log.exception("could not remove the half-made domain %s", name)
+        if self.stores is not None:
+            try:
+                remove_backend_clones(self.stores, directory)
+            except FreezeframeError:
+                log.exception("could not remove the backend clones of the half-made instance %s", name)
         shutil.rmtree(directory, ignore_errors=True)
         if forget_restores:
             try:
