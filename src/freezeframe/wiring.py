@@ -136,7 +136,7 @@ class Wiring:
 
     @cached_property
     def stores(self) -> Stores:
-        """The store of each kind of member (today: ``file``, a qcow2 file in the repository)."""
+        """The store of each kind of member: ``file`` (a qcow2 in the repository), ``rbd`` (a Ceph snapshot)."""
         from freezeframe.adapters.rbd_members import RbdMembers
         from freezeframe.adapters.repository import FileMembers
         from freezeframe.ops.common import Stores
