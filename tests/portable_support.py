@@ -217,8 +217,9 @@ def check_package(path: Path, ovf_version: int) -> Any:
         for info in infos:
             f.seek(info.offset + 257)
             assert f.read(8) == b"ustar\x0000", f"{info.name} has no POSIX ustar header"
-    if XSD.is_dir():
-        validate_descriptor(package.descriptor, ovf_version, XSD)
+    if not XSD.is_dir():
+        pytest.skip(f"DMTF OVF schemas not found at {XSD} (shared/ovf/xsd): the descriptor could not be validated")
+    validate_descriptor(package.descriptor, ovf_version, XSD)
     return package
 
 

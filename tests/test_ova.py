@@ -236,8 +236,9 @@ def test_write_two_disk_package(tmp_path: Path, two_disks: tuple[Path, Path], mo
     ]
     assert [d.populated_size for d in machine.disks] == [4 * MiB, 2 * MiB]
     assert machine.freezeframe is not None and machine.freezeframe.set_id == SET_ID
-    if (XSD / "ovf1").is_dir():
-        validate_descriptor(package.descriptor, 1, XSD)
+    if not (XSD / "ovf1").is_dir():
+        pytest.skip(f"DMTF OVF schemas not found at {XSD} (shared/ovf/xsd): the descriptor could not be validated")
+    validate_descriptor(package.descriptor, 1, XSD)
     assert seen and seen[-1][0] == seen[-1][1]
     assert all(a[0] <= b[0] for a, b in itertools.pairwise(seen))
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
