@@ -165,9 +165,19 @@ def synthetic_hardware(guest: GuestImage, size: int = 8 * MiB) -> Hardware:
 
 
 def synthetic_set(
-    ff: Freezeframe, hardware: Hardware, patterns: dict[str, int], *, size: int = 8 * MiB, name: str | None = None
+    ff: Freezeframe,
+    hardware: Hardware,
+    patterns: dict[str, int],
+    *,
+    size: int = 8 * MiB,
+    name: str | None = None,
+    instance_name: str = "origin vm",
+    instance_uuid: str | None = None,
+    backup_type: str | None = None,
+    metadata: dict[str, str] | None = None,
 ) -> SnapshotSet:
-    """An available set whose members hold a known pattern, recorded as the flow records one."""
+    """An available set whose members hold a known pattern, recorded as the flow records one (shared by the
+    lifecycle and the export/import tests)."""
     set_id = str(uuid.uuid4())
     folder = ff.repository.root / set_id
     folder.mkdir(parents=True)
@@ -187,9 +197,10 @@ def synthetic_set(
         )  # fmt: skip
     now = datetime.now(UTC)
     snapshot_set = SnapshotSet(
-        id=set_id, name=name or f"synthetic-{set_id[:8]}", instance_name="origin vm", instance_uuid=str(uuid.uuid4()),
-        requested=Consistency.CRASH, status=SetStatus.AVAILABLE, created_at=now, completed_at=now,
-        hardware=hardware, achieved=Consistency.CRASH, members=members, metadata={"ticket": "42"},
+        id=set_id, name=name or f"synthetic-{set_id[:8]}", instance_name=instance_name,
+        instance_uuid=instance_uuid or str(uuid.uuid4()), requested=Consistency.CRASH, status=SetStatus.AVAILABLE,
+        created_at=now, completed_at=now, hardware=hardware, achieved=Consistency.CRASH, members=members,
+        metadata={"ticket": "42"} if metadata is None else metadata, backup_type=backup_type,
     )  # fmt: skip
     ff.catalog.add_set(snapshot_set)
     ff.repository.write_manifest(snapshot_set)

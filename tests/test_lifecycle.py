@@ -18,7 +18,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,7 @@ import typer
 from lxml import etree
 from typer.testing import CliRunner
 
+import portable_support
 from freezeframe import wiring
 from freezeframe.adapters import libvirt_define as ld
 from freezeframe.adapters.host_fs import HostTools
@@ -50,7 +50,6 @@ from freezeframe.model import (
     Consistency,
     DiskSpec,
     Hardware,
-    Member,
     NicSpec,
     SetStatus,
     SnapshotSet,
@@ -155,43 +154,9 @@ def assert_consistent(lc: LC) -> None:
     assert not lc.markers_dir.exists() or not any(lc.markers_dir.iterdir()), "an operation marker was left"
 
 
-def synthetic_set(
-    ff: Freezeframe,
-    hardware: Hardware,
-    patterns: dict[str, int],
-    *,
-    size: int = 8 * MiB,
-    instance_uuid: str | None = None,
-    backup_type: str | None = None,
-) -> SnapshotSet:
-    """An available set whose members hold a known pattern, recorded like the flow records one."""
-    set_id = str(uuid.uuid4())
-    folder = ff.repository.root / set_id
-    folder.mkdir(parents=True)
-    members = []
-    for disk in hardware.disks:
-        if disk.target not in patterns:
-            continue
-        path = folder / f"{disk.target}.qcow2"
-        assert qemu_img("create", "-q", "-f", "qcow2", str(path), str(size)).returncode == 0
-        write_pattern(path, patterns[disk.target])
-        members.append(
-            Member(
-                set_id=set_id, target=disk.target, bus=disk.bus, boot_order=disk.boot_order, virtual_size=size,
-                format="qcow2", path=str(path), source_path=disk.source_path,
-                sha256=ff.repository.checksum(path), metadata={"freezeframe.set_uuid": set_id},
-            )
-        )  # fmt: skip
-    now = datetime.now(UTC)
-    snapshot_set = SnapshotSet(
-        id=set_id, name=f"synthetic-{set_id[:8]}", instance_name="origin",
-        instance_uuid=instance_uuid or str(uuid.uuid4()), requested=Consistency.CRASH, status=SetStatus.AVAILABLE,
-        created_at=now, completed_at=now, hardware=hardware, achieved=Consistency.CRASH, members=members,
-        backup_type=backup_type,
-    )  # fmt: skip
-    ff.catalog.add_set(snapshot_set)
-    ff.repository.write_manifest(snapshot_set)
-    return snapshot_set
+def synthetic_set(ff: Freezeframe, hardware: Hardware, patterns: dict[str, int], **kwargs: Any) -> SnapshotSet:
+    """The shared synthetic set, as the lifecycle tests record it: instance "origin", no user metadata."""
+    return portable_support.synthetic_set(ff, hardware, patterns, instance_name="origin", metadata={}, **kwargs)
 
 
 def synthetic_hardware(guest: GuestImage, nics: tuple[NicSpec, ...] | None = None) -> Hardware:
