@@ -9,8 +9,6 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from freezeframe.config import Settings
@@ -149,8 +147,3 @@ class Freezeframe:
 
     def show(self, ref: str) -> SnapshotSet:
         return self.catalog.get_set(ref)
-
-
-def settings_for(home: Path | None = None, uri: str | None = None, freeze_cap_s: float | None = None) -> Settings:
-    settings = Settings.from_env(home=home, libvirt_uri=uri)
-    return settings if freeze_cap_s is None else replace(settings, freeze_cap_s=freeze_cap_s)
