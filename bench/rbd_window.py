@@ -1,6 +1,7 @@
-"""Freeze window of filesystem-level sets of a guest with 1 and 3 Ceph RBD volumes, against the bare freeze/thaw
-floor and Nova-style sequential per-volume snapshots (no freeze), same guest, same run; and the time of each RBD
-snapshot inside the window.
+"""Freeze window of filesystem-level sets of a guest with 1, 3 and 8 Ceph RBD volumes, against the bare
+freeze/thaw floor and Nova-style sequential per-volume snapshots (no freeze), same guest, same run; the time of
+each RBD snapshot inside the window; and restoring an RBD member as a clone (copy-on-write) against copying it
+(clone + flatten = ``restore --full``, and ``qemu-img convert`` of the snapshot to a local qcow2 file).
 
 The guest boots from a qcow2 root file (vda) with N RBD data disks on the one-node Ceph test bed
 (``freezeframe testbed ceph up``, brought up here). Floor, freezeframe set and sequential snapshots alternate so
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -36,10 +38,11 @@ from common import (
 )
 from freezeframe import wiring
 from freezeframe.adapters import rbd_volumes
+from freezeframe.adapters.rbd_members import RbdMembers
 from freezeframe.config import Settings
 from freezeframe.flow import SnapshotRequest
-from freezeframe.model import Consistency, DiskSpec
-from freezeframe.testbed.ceph import CephTestbed, Cluster
+from freezeframe.model import RBD_STORE, STORE_KEY, Consistency, DiskSpec, Member
+from freezeframe.testbed.ceph import CephTestbed, Cluster, create_image, open_pool, remove_image
 from freezeframe.testbed.guest import build_guest
 from freezeframe.testbed.instance import DiskRequest, running_instance
 
@@ -105,9 +108,54 @@ def measure(n_rbd: int, samples: int, info: CephTestbed, conn: Any, tmp: Path) -
     }
 
 
+def restore_times(info: CephTestbed, size: int, samples: int, tmp: Path) -> dict[str, Any]:
+    """Restore one RBD member of ``size`` bytes (all written) as a clone, as a flattened clone, and as a copy."""
+    import rbd
+
+    name = f"ffbench-restore-{size // MiB}"
+    remove_image(info, name)
+    create_image(info, name, size)
+    settings = rbd_volumes.CephSettings(info.conf, info.user, info.keyring)
+    members = RbdMembers(rbd_volumes.RbdVolumes(settings))
+    clone, full, copy = [], [], []
+    try:
+        with open_pool(info) as ioctx, rbd.Image(ioctx, name) as img:
+            block = os.urandom(4 * MiB)
+            for offset in range(0, size, len(block)):
+                img.write(block, offset)
+            img.create_snap("ffbench")
+        member = Member("bench", "vdb", "virtio", None, size, "raw", f"rbd:{info.pool}/{name}@ffbench",
+                        metadata={STORE_KEY: RBD_STORE})  # fmt: skip
+        source = str(members.source(member).path)
+        for i in range(samples):
+            folder = tmp / f"restore-{size}-{i}"
+            folder.mkdir()
+            for full_copy, into in ((False, clone), (True, full)):
+                dst = folder / ("vdb-full.qcow2" if full_copy else "vdb.qcow2")
+                started = time.perf_counter()
+                ref = members.restore(member, dst, full=full_copy)
+                into.append((time.perf_counter() - started) * 1000.0)
+                members.remove_clone(str(ref.path).removeprefix("rbd:"))
+            out = folder / "vdb.copy.qcow2"
+            started = time.perf_counter()
+            subprocess.run(["qemu-img", "convert", "-f", "raw", source, "-O", "qcow2", str(out)], check=True)
+            copy.append((time.perf_counter() - started) * 1000.0)
+            out.unlink()
+    finally:
+        remove_image(info, name)
+    return {
+        "size_bytes": size,
+        "clone_ms": summary(clone),
+        "clone_flatten_ms": summary(full),
+        "qemu_img_copy_ms": summary(copy),
+        "copy_per_clone": ratio(summary(copy)["median"], summary(clone)["median"]),
+        "flatten_per_clone": ratio(summary(full)["median"], summary(clone)["median"]),
+    }
+
+
 def plot(report: dict[str, Any], path: Path, note: str | None) -> None:
     plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 3.6))
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10.4, 3.6), gridspec_kw={"width_ratios": [3, 2]})
     rows = report["by_rbd_disks"]
     labels = [f"{r['rbd_disks']} RBD" for r in rows]
     series = [("floor_ms", "bare freeze+thaw"), ("window_ms", "freezeframe window"),
@@ -118,8 +166,20 @@ def plot(report: dict[str, Any], path: Path, note: str | None) -> None:
         ax.bar(xs, [r[key]["median"] or 0 for r in rows], width, label=label)
     ax.set_xticks(range(len(rows)), labels)
     ax.set_ylabel("median ms")
-    ax.set_title("Filesystem-level set with RBD volumes (vda: qcow2 root file)")
-    ax.legend()
+    ax.set_title("Filesystem-level set with RBD volumes (vda: qcow2 root file)", fontsize=9)
+    ax.legend(fontsize=8)
+    restores = report.get("restore", [])
+    labels2 = [f"{r['size_bytes'] // MiB} MiB" for r in restores]
+    series2 = [("clone_ms", "clone (default)"), ("clone_flatten_ms", "clone + flatten (--full)"),
+               ("qemu_img_copy_ms", "qemu-img copy to qcow2")]  # fmt: skip
+    for k, (key, label) in enumerate(series2):
+        xs = [i + (k - 1) * width for i in range(len(restores))]
+        ax2.bar(xs, [r[key]["median"] or 0 for r in restores], width, label=label)
+    ax2.set_xticks(range(len(restores)), labels2)
+    ax2.set_yscale("log")
+    ax2.set_ylabel("median ms (log)")
+    ax2.set_title("Restoring one RBD member", fontsize=9)
+    ax2.legend(fontsize=8)
     save_figure(fig, path, note)
 
 
@@ -135,11 +195,13 @@ def main() -> None:
     info = Cluster().up()
     up_s = time.perf_counter() - up
     rbd_volumes.RbdCapture = TimedCapture  # type: ignore[misc]  # time each snapshot the flow takes
-    samples = 3 if args.quick else 12
+    samples = 3 if args.quick else 10
     with libvirt_connection() as conn, scratch_dir(NAME) as tmp:
         for key, value in info.env().items():
             os.environ[key] = value
-        rows = [measure(n, samples, info, conn, tmp) for n in ((1,) if args.quick else (1, 3))]
+        rows = [measure(n, samples, info, conn, tmp) for n in ((1,) if args.quick else (1, 3, 8))]
+        sizes = (64 * MiB,) if args.quick else (64 * MiB, 256 * MiB)
+        restores = [restore_times(info, size, 3 if args.quick else 7, tmp) for size in sizes]
         report = {
             "benchmark": NAME,
             "mode": "quick" if args.quick else "full",
@@ -148,10 +210,11 @@ def main() -> None:
             "testbed_ceph_up_s": round(up_s, 2),
             "machine": machine_info(conn, tmp),
             "by_rbd_disks": rows,
+            "restore": restores,
         }
     (out / f"{NAME}.json").write_text(json.dumps(report, indent=2) + "\n")
     plot(report, out / f"{NAME}.png", run_note(args.quick))
-    print(json.dumps(rows, indent=2))
+    print(json.dumps([rows, restores], indent=2))
     print(f"wrote {out / f'{NAME}.json'} and {out / f'{NAME}.png'}")
 
 

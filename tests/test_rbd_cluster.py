@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -11,9 +12,11 @@ import pytest
 import rbd
 
 from ceph_helpers import ceph_testbed, dead_conf, qemu_source, volumes_for
+from freezeframe.adapters.rbd_members import RbdMembers
 from freezeframe.adapters.rbd_volumes import TAG_PREFIX, CephSettings, RbdVolumes, snapshot_name
-from freezeframe.errors import PreflightFailed
-from freezeframe.model import DiskSpec
+from freezeframe.errors import InvalidRequest, PreflightFailed
+from freezeframe.model import RBD_STORE, STORE_KEY, DiskSpec, Member
+from freezeframe.ports.volumes import DiffableMembers, Extent
 from freezeframe.testbed.ceph import CephTestbed, Cluster, create_image, open_pool, remove_image
 
 __all__ = ["ceph_testbed"]
@@ -98,7 +101,6 @@ def test_an_unreachable_cluster_is_a_clear_error_within_the_timeout(
 
 
 def test_cli_testbed_ceph_up_json_and_status(ceph_testbed: CephTestbed) -> None:
-    import json
     import sys
 
     up = subprocess.run([sys.executable, "-m", "freezeframe.cli", "testbed", "ceph", "up", "--json"],
@@ -110,3 +112,47 @@ def test_cli_testbed_ceph_up_json_and_status(ceph_testbed: CephTestbed) -> None:
     status = subprocess.run([sys.executable, "-m", "freezeframe.cli", "testbed", "ceph", "status", "--json"],
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert status.returncode == 0 and json.loads(status.stdout)["healthy"] is True
+
+
+def _member(set_id: str, source: str) -> Member:
+    return Member(set_id, "vdb", "virtio", None, 8 * MiB, "raw", source, metadata={STORE_KEY: RBD_STORE})
+
+
+def test_changed_extents_between_two_members_are_what_rbd_diff_reports(
+    ceph_testbed: CephTestbed, image: DiskSpec
+) -> None:
+    """The increments of RBD members are the snapshots themselves: librbd's diff names the changed extents."""
+    volumes = volumes_for(ceph_testbed)
+    members = RbdMembers(volumes)
+    assert isinstance(members, DiffableMembers)
+    first_id, second_id = SET_ID, SET_ID.replace("0001", "0002")
+    with volumes.open(first_id, "first", [image]) as capture:
+        (first,) = capture.snapshot()
+    name = str(image.source_path).split("/")[1]
+    with open_pool(ceph_testbed) as ioctx, rbd.Image(ioctx, name) as img:
+        img.write(b"x" * 4096, 5 * MiB)
+        img.write(b"y" * 8192, 5 * MiB + 4096)  # adjacent: one extent
+        img.discard(0, 4 * MiB)  # what the fixture wrote is gone: reads as zeros
+    with volumes.open(second_id, "second", [image]) as capture:
+        (second,) = capture.snapshot()
+    older, newer = _member(first_id, first.source), _member(second_id, second.source)
+    changed = members.changed_extents(newer, older)
+    assert changed[0] == Extent(0, 11000, zero=True)
+    assert all(not e.zero for e in changed[1:])
+    assert any(e.offset <= 5 * MiB and e.offset + e.length >= 5 * MiB + 12288 for e in changed[1:])
+    assert sum(e.length for e in changed) < 2 * MiB  # only what the writes touched, not the 8 MiB image
+    assert members.changed_extents(older, None) == [Extent(0, 11000)]
+    assert members.changed_extents(newer, newer) == []
+    rbd_diff = subprocess.run(
+        ["rbd", "-c", ceph_testbed.conf, "--id", ceph_testbed.user, "--keyring", ceph_testbed.keyring, "diff",
+         "--from-snap", first.snapshot, f"{image.source_path}@{second.snapshot}", "--format", "json"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    reported = json.loads(rbd_diff.stdout)
+    assert sum(e["length"] for e in reported) == sum(e.length for e in changed)
+    assert {e["offset"] for e in reported} >= {e.offset for e in changed}
+    other = _member(first_id, f"rbd:{ceph_testbed.pool}/another@{first.snapshot}")
+    with pytest.raises(InvalidRequest, match="not snapshots of one RBD image"):
+        members.changed_extents(newer, other)
+    volumes.remove(first_id, [str(image.source_path)])
+    volumes.remove(second_id, [str(image.source_path)])

@@ -13,10 +13,10 @@ import time
 from pathlib import Path
 
 from freezeframe.adapters.rbd_volumes import TAG_PREFIX, RbdVolumes, split_volume
-from freezeframe.errors import HypervisorError, PreflightFailed
+from freezeframe.errors import HypervisorError, InvalidRequest, PreflightFailed
 from freezeframe.model import RBD_STORE, DiskSpec, Member
 from freezeframe.ports import ImageRef, ProgressCallback
-from freezeframe.ports.volumes import CLONE_SUFFIX, RBD_PREFIX, VolumeSnapshot
+from freezeframe.ports.volumes import CLONE_SUFFIX, RBD_PREFIX, Extent, VolumeSnapshot
 from freezeframe.volume_members import RBD_SNAPSHOT_KEY
 
 
@@ -89,6 +89,30 @@ class RbdMembers:
         volume, snap = self._snap(member)
         spec = DiskSpec(member.target, member.bus, volume, "raw", member.virtual_size, "network", protocol="rbd")
         return self.volumes.checksum(VolumeSnapshot(spec, snap, self.base_of(member)))
+
+    def changed_extents(self, member: Member, since: Member | None) -> list[Extent]:
+        """librbd's ``diff_iterate`` (what ``rbd diff --from-snap`` prints) between the two snapshots of one image."""
+        volume, snap = self._snap(member)
+        older = None
+        if since is not None:
+            since_volume, older = self._snap(since)
+            if since_volume != volume:
+                raise InvalidRequest(
+                    f"{since.target} of set {since.set_id} ({since_volume}) and {member.target} of set "
+                    f"{member.set_id} ({volume}) are not snapshots of one RBD image; no diff between them"
+                )
+        extents: list[Extent] = []
+
+        def collect(offset: int, length: int, exists: bool) -> None:
+            last = extents[-1] if extents else None
+            if last is not None and last.offset + last.length == offset and last.zero is not exists:
+                extents[-1] = Extent(last.offset, last.length + length, last.zero)
+            else:
+                extents.append(Extent(offset, length, zero=not exists))
+
+        with self.volumes.cluster() as handle, self.volumes.image(handle, volume, snap, read_only=True) as img:
+            img.diff_iterate(0, img.size(), older, collect, include_parent=True, whole_object=False)
+        return sorted(extents, key=lambda e: e.offset)
 
     def children(self, member: Member) -> list[str]:
         """``POOL/IMAGE`` of every clone of the member's snapshot (its copy-on-write dependants)."""

@@ -63,3 +63,25 @@ class ClonedMembers(Protocol):
 
     def remove_clone(self, clone: str) -> None:
         """Remove a restored clone (``POOL/IMAGE``) whose instance is discarded; idempotent."""
+
+
+@dataclass(frozen=True)
+class Extent:
+    """``length`` bytes at ``offset`` of a volume's guest data; ``zero``: discarded since, reads as zeros."""
+
+    offset: int
+    length: int
+    zero: bool = False
+
+
+@runtime_checkable
+class DiffableMembers(Protocol):
+    """A member store whose members are backend snapshots of one image: the backend knows what changed between two.
+
+    Incremental sets (and incremental off-site uploads) of RBD members need no copy of their own: the RBD snapshots
+    are the increments, and this gives the extents to read from the newer one.
+    """
+
+    def changed_extents(self, member: Member, since: Member | None) -> list[Extent]:
+        """Extents of ``member`` written after ``since`` (a member of the same image, older), merged and sorted;
+        every allocated extent when ``since`` is None. ``InvalidRequest`` when they are not of one image."""
