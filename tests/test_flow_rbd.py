@@ -23,6 +23,7 @@ from freezeframe.model import Consistency, DiskSpec, Instance, InstanceState, Se
 from freezeframe.ports import JournalEntry
 from freezeframe.ports.volumes import VOLUMES_KEY, VolumeSnapshot
 from freezeframe.serialize import set_to_dict
+from freezeframe.volume_members import LEFTOVER_KEY
 from test_flow import ScriptedHypervisor, _disks
 
 MiB = 1 << 20
@@ -61,6 +62,8 @@ class ScriptedVolumes:
 
     def remove(self, set_id: str, volumes: Sequence[str]) -> list[str]:
         self.calls.append("remove")
+        if self.unreachable:
+            raise PreflightFailed("the Ceph cluster (ceph.conf, client.x) cannot be reached: timed out")
         removed = []
         for volume in volumes:
             if f"ff-{set_id}" in self.snaps.get(volume, set()):
@@ -178,6 +181,47 @@ def test_repair_removes_the_snapshots_a_killed_process_made(parts: Parts) -> Non
     assert "thawed" in report and "resumed" in report
     assert vols.left() == [] and not hv.frozen and hv.state_now is InstanceState.RUNNING
     assert parts[0].get_set(leftover.id).status is SetStatus.FAILED and parts[2].pending() == []
+
+
+def test_snapshots_a_failed_set_could_not_remove_are_removed_by_a_later_repair(parts: Parts) -> None:
+    """Pool full inside the window, then the cluster gone: the journal is cleared, the set row remembers."""
+    hv, vols, flow = _setup(parts, (*_disks(1), rbd_disk("vdb", "a"), rbd_disk("vdc", "b")), fail_on="pool/b")
+
+    def lose_the_cluster(set_id: str, volumes: Sequence[str]) -> list[str]:
+        vols.unreachable = True
+        return ScriptedVolumes.remove(vols, set_id, volumes)
+
+    vols.remove = lose_the_cluster  # type: ignore[method-assign]
+    with pytest.raises(CaptureFailed, match="pool full"):
+        flow.snapshot(SnapshotRequest("vm1"))
+    (failed,) = parts[0].list_sets()
+    assert parts[2].pending() == [] and not hv.frozen and hv.state_now is InstanceState.RUNNING
+    assert vols.left() == [f"pool/a@ff-{failed.id}"]
+    assert failed.metadata[LEFTOVER_KEY] == "pool/a,pool/b"
+    assert "still cannot be removed" in flow.repair()[0]
+    del vols.remove
+    vols.unreachable = False
+    (report,) = flow.repair()
+    assert f"set {failed.id}: removed the RBD snapshots" in report and vols.left() == []
+    assert LEFTOVER_KEY not in parts[0].get_set(failed.id).metadata
+    assert flow.repair() == []
+
+
+def test_repair_while_the_cluster_is_unreachable_keeps_the_removal_for_later(parts: Parts) -> None:
+    hv, vols, flow = _setup(parts, (*_disks(1), rbd_disk("vdb", "data")))
+    leftover = flow.snapshot(SnapshotRequest("vm1"))
+    leftover.status = SetStatus.CREATING
+    parts[0].update_set(leftover)
+    hv.frozen = True
+    parts[2].record(JournalEntry(hv.lookup("vm1").uuid, "vm1", leftover.id, 999999, "window", froze=True,
+                                 extra={VOLUMES_KEY: "pool/data"}))  # fmt: skip
+    vols.unreachable = True
+    (report, still) = flow.repair()
+    assert "thawed" in report and "repair retries" in report and "still cannot be removed" in still
+    assert parts[2].pending() == [] and parts[0].get_set(leftover.id).status is SetStatus.FAILED
+    assert vols.left() == [f"pool/data@ff-{leftover.id}"]
+    vols.unreachable = False
+    assert "removed the RBD snapshots" in flow.repair()[0] and vols.left() == []
 
 
 def test_other_network_protocols_are_refused_naming_exclude_disk(parts: Parts) -> None:

@@ -240,7 +240,7 @@ class SnapshotFlow(Recovery):
         """Clean up after ``exc`` and return what to raise: a full repository gets its own error."""
         full = isinstance(exc, CaptureFailed) and self.repository.free_bytes() < FULL_BELOW_BYTES
         self._fail(instance, snapshot_set, exc, abort_capture=entry.capture_started)
-        remove_volumes(self.volumes, snapshot_set.id, entry)
+        remove_volumes(self.volumes, snapshot_set.id, entry, self.catalog)
         if full:
             return RepositoryFull(
                 f"the repository filled up during the copy ({exc}); set {snapshot_set.id} failed and its "

@@ -15,7 +15,7 @@ from freezeframe.errors import FreezeframeError, InstanceBusy, NotFound
 from freezeframe.model import Instance, InstanceState, SetStatus
 from freezeframe.ports import Catalog, Hypervisor, InstanceLocks, Journal, JournalEntry, Repository
 from freezeframe.ports.volumes import Volumes
-from freezeframe.volume_members import remove_volumes
+from freezeframe.volume_members import remove_volumes, retry_leftovers
 
 log = logging.getLogger("freezeframe.flow")
 
@@ -80,6 +80,8 @@ class Recovery:
                     reports.extend(self.repair_locked(entry.instance_uuid))
             except InstanceBusy:
                 reports.append(f"{entry.instance_name}: an operation is still running (pid {entry.pid}); left alone")
+        if wanted_uuid is None:
+            reports.extend(retry_leftovers(self.volumes, self.catalog))
         return reports
 
     def repair_locked(self, instance_uuid: str) -> list[str]:
@@ -104,7 +106,6 @@ class Recovery:
                     return f"{entry.instance_name}: guest agent still not answering; run `freezeframe repair` again"
                 done.append("thawed the filesystems")
         self.repository.remove(entry.set_id)
-        remove_volumes(self.volumes, entry.set_id, entry)
         try:
             snapshot_set = self.catalog.get_set(entry.set_id)
         except NotFound:
@@ -117,6 +118,8 @@ class Recovery:
                 f"interrupted: freezeframe process {entry.pid} stopped during '{entry.phase}'; repaired"
             )
             self.catalog.update_set(snapshot_set)
+        if not remove_volumes(self.volumes, entry.set_id, entry, self.catalog):
+            done.append("its RBD snapshots cannot be removed now (repair retries them)")
         done.append(f"marked set {entry.set_id} failed and removed its data")
         self.journal.clear(entry.instance_uuid)
         return f"{entry.instance_name}: " + ", ".join(done)

@@ -11,12 +11,15 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager
 
 from freezeframe.errors import FreezeframeError, PreflightFailed
-from freezeframe.model import RBD_STORE, STORE_KEY, DiskSpec, Member, SnapshotSet
-from freezeframe.ports import JournalEntry
+from freezeframe.model import RBD_STORE, STORE_KEY, DiskSpec, Member, SetStatus, SnapshotSet
+from freezeframe.ports import Catalog, JournalEntry
 from freezeframe.ports.volumes import VOLUMES_KEY, VolumeCapture, Volumes, VolumeSnapshot
 
 log = logging.getLogger(__name__)
 RBD_SNAPSHOT_KEY = "freezeframe.rbd.snapshot"
+LEFTOVER_KEY = "freezeframe.rbd.leftover"
+"""Set metadata of a failed set whose RBD snapshots could not be removed (``POOL/IMAGE``, comma-separated):
+``repair`` retries the removal, so a cluster unreachable at failure time leaves nothing behind for good."""
 
 
 class _NoVolumes:
@@ -57,14 +60,49 @@ def existing_volumes(
     return volumes.existing(set_id, chosen) if chosen and volumes is not None else []
 
 
-def remove_volumes(volumes: Volumes | None, set_id: str, entry: JournalEntry) -> None:
-    """Snapshots a failed or interrupted set made go with it (their names carry the set UUID)."""
+def remove_volumes(volumes: Volumes | None, set_id: str, entry: JournalEntry, catalog: Catalog) -> bool:
+    """Snapshots a failed or interrupted set made go with it (their names carry the set UUID).
+
+    When the cluster cannot be reached now, the failed set's row keeps the volumes (``LEFTOVER_KEY``) and
+    ``repair`` retries: the journal entry is cleared after this, so it must not be the only record.
+    """
     names = _journaled(entry)
-    if names and volumes is not None:
+    if not names:
+        return True
+    try:
+        if volumes is None:
+            raise PreflightFailed("no Ceph cluster is configured (FREEZEFRAME_CEPH_CONF)")
+        volumes.remove(set_id, names)
+        return True
+    except FreezeframeError as exc:
+        log.error("could not remove the RBD snapshots of set %s (%s); `freezeframe repair` retries", set_id, exc)
+    try:
+        failed = catalog.get_set(set_id)
+        failed.metadata[LEFTOVER_KEY] = ",".join(names)
+        catalog.update_set(failed)
+    except FreezeframeError:
+        log.exception("could not note the RBD snapshots left by set %s", set_id)
+    return False
+
+
+def retry_leftovers(volumes: Volumes | None, catalog: Catalog) -> list[str]:
+    """``repair``: remove the RBD snapshots of failed sets whose removal failed earlier (unreachable cluster)."""
+    if volumes is None:
+        return []
+    reports = []
+    for failed in catalog.list_sets(status=SetStatus.FAILED):
+        names = [v for v in failed.metadata.get(LEFTOVER_KEY, "").split(",") if v]
+        if not names:
+            continue
         try:
-            volumes.remove(set_id, names)
-        except FreezeframeError:
-            log.exception("could not remove the RBD snapshots of set %s", set_id)
+            removed = volumes.remove(failed.id, names)
+        except FreezeframeError as exc:
+            reports.append(f"set {failed.id}: its RBD snapshots still cannot be removed ({exc}); run repair again")
+            continue
+        del failed.metadata[LEFTOVER_KEY]
+        catalog.update_set(failed)
+        reports.append(f"set {failed.id}: removed the RBD snapshots its failure left ({', '.join(removed) or 'none'})")
+    return reports
 
 
 def volume_members(
