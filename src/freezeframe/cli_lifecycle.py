@@ -53,7 +53,10 @@ def restore(
     start: Annotated[bool, typer.Option("--start", help="boot the new instance")] = False,
     full: Annotated[bool, typer.Option("--full", help="independent copies instead of copy-on-write")] = False,
     disk: Annotated[str | None, typer.Option("--disk", metavar="TARGET", help="restore only this disk ...")] = None,
-    to: Annotated[Path | None, typer.Option("--to", metavar="PATH", help="... as a standalone image at PATH")] = None,
+    to: Annotated[
+        Path | None,
+        typer.Option("--to", metavar="PATH", help="... as a standalone image at PATH (or rbd:POOL/IMAGE)"),
+    ] = None,
     image_format: Annotated[str, typer.Option("--format", metavar="FORMAT", help="image format for --disk/--to")] = (
         "qcow2"
     ),
@@ -69,6 +72,7 @@ def restore(
             raise InvalidRequest("--disk/--to writes one image; --as, --start and --full build an instance")
         with _lifecycle(home, connect) as lifecycle:
             path = lifecycle.extract(set_ref, disk, to, image_format)
+        image_format = "raw" if str(path).startswith("rbd:") else image_format  # an RBD image holds raw data
         if as_json:
             print_json({"set": set_ref, "disk": disk, "path": str(path), "format": image_format})
         else:

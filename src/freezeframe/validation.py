@@ -49,6 +49,16 @@ def validate_name(value: str, what: str = "name") -> str:
     return value
 
 
+def validate_rbd_volume(value: str) -> str:
+    """``rbd:POOL/IMAGE`` (a new RBD image named by the user) → ``POOL/IMAGE``; both parts are names, so nothing in
+    them can reach qemu-img's ``:option=`` syntax or another pool's namespace."""
+    text = str(value)
+    pool, sep, image = text.removeprefix("rbd:").partition("/")
+    if not text.startswith("rbd:") or not sep:
+        raise InvalidRequest(f"{_one_line(text)} is not an RBD image: write rbd:POOL/IMAGE")
+    return f"{validate_name(pool, 'RBD pool')}/{validate_name(image, 'RBD image')}"
+
+
 def validate_backup_type(value: str) -> str:
     return validate_name(value, "backup type")
 

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import AbstractContextManager
 
 from freezeframe.errors import FreezeframeError, PreflightFailed
 from freezeframe.model import RBD_STORE, STORE_KEY, DiskSpec, Member, SetStatus, SnapshotSet
 from freezeframe.ports import Catalog, JournalEntry
-from freezeframe.ports.volumes import VOLUMES_KEY, VolumeCapture, Volumes, VolumeSnapshot
+from freezeframe.ports.volumes import VOLUMES_KEY, VolumeCapture, VolumeImages, Volumes, VolumeSnapshot
 
 log = logging.getLogger(__name__)
 RBD_SNAPSHOT_KEY = "freezeframe.rbd.snapshot"
@@ -28,6 +28,14 @@ class _NoVolumes:
 
 
 NO_VOLUMES: VolumeCapture = _NoVolumes()
+
+
+def volume_images(stores: Mapping[str, object]) -> VolumeImages:
+    """The store that makes whole RBD images (``--to rbd:…``, ``--storage rbd``, revert of RBD disks)."""
+    store = stores.get(RBD_STORE)
+    if not isinstance(store, VolumeImages):
+        raise PreflightFailed("this freezeframe has no RBD store: Ceph's Python bindings and FREEZEFRAME_CEPH_CONF")
+    return store
 
 
 def journal_volumes(entry: JournalEntry, vols: Sequence[DiskSpec]) -> None:

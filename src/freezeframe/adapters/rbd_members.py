@@ -151,6 +151,45 @@ class RbdMembers:
             finally:
                 ioctx.close()
 
+    # ---- whole images: restore --disk --to rbd:…, import --storage rbd, revert ------------------------------
+
+    def new_image(self, volume: str, size: int) -> ImageRef:
+        """Layering + exclusive-lock, what Nova and Cinder create (no object-map: see the host notes)."""
+        import rados
+        import rbd
+
+        pool, name = split_volume(volume)
+        with self.volumes.cluster() as handle:
+            try:
+                ioctx = handle.open_ioctx(pool)
+            except rados.Error as exc:
+                raise PreflightFailed(f"RBD pool {pool!r} cannot be opened: {exc}") from exc
+            try:
+                features = rbd.RBD_FEATURE_LAYERING | rbd.RBD_FEATURE_EXCLUSIVE_LOCK
+                rbd.RBD().create(ioctx, name, size, old_format=False, features=features)
+            except rbd.ImageExists:
+                raise InvalidRequest(
+                    f"RBD image {volume} already exists; freezeframe does not overwrite it: choose another name"
+                ) from None
+            except rbd.Error as exc:
+                raise HypervisorError(f"creating RBD image {volume} failed: {exc}") from exc
+            finally:
+                ioctx.close()
+        return ImageRef(Path(f"{RBD_PREFIX}{volume}{self.volumes.settings.qemu_options()}"), "raw")
+
+    def remove_image(self, volume: str) -> None:
+        self.remove_clone(volume)
+
+    def rollback(self, source: str) -> None:
+        import rbd
+
+        volume, snap = parse_source(source)
+        with self.volumes.cluster() as handle, self.volumes.image(handle, volume) as img:
+            try:
+                img.rollback_to_snap(snap)
+            except rbd.Error as exc:
+                raise HypervisorError(f"rolling {volume} back to {snap} failed: {exc}") from exc
+
     def remove(self, member: Member) -> None:
         import rbd
 

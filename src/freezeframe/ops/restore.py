@@ -16,12 +16,14 @@ from pathlib import Path
 
 from freezeframe.durable import fsync_path
 from freezeframe.errors import InstanceNotFound, InvalidRequest, PreflightFailed
-from freezeframe.model import RestoreRecord
+from freezeframe.model import Member, RestoreRecord, SnapshotSet
 from freezeframe.ops.common import Holds, Lazy, Stores, available, ensure_name_free, left_out, member_disks, now
 from freezeframe.ops.instances import InstanceBuilder, domain_plan, member_disks_into, remove_backend_clones
-from freezeframe.ports import Catalog, Domains, ImageRef, Images, ProgressCallback, Restores
+from freezeframe.ports import Catalog, Domains, ImageRef, Images, MemberStore, ProgressCallback, Restores
+from freezeframe.ports.volumes import RBD_PREFIX
 from freezeframe.signals import deferred_signals
-from freezeframe.validation import validate_name
+from freezeframe.validation import validate_name, validate_rbd_volume
+from freezeframe.volume_members import volume_images
 
 COW = "cow"
 FULL = "full"
@@ -150,27 +152,21 @@ class Restore:
     # ---- extract one volume --------------------------------------------------------------------------------
 
     def extract(self, set_ref: str, target: str, to: Path, fmt: str = "qcow2") -> Path:
-        """One member as a standalone image at ``to``; never overwrites (link(2) fails if ``to`` appears)."""
+        """One member as a standalone image at ``to``; never overwrites (link(2) fails if ``to`` appears).
+
+        ``to`` = ``rbd:POOL/IMAGE``: a new RBD image (raw guest data, ``fmt`` does not apply), whatever the member's
+        store; made, filled, and removed again if the copy fails.
+        """
+        if str(to).startswith(RBD_PREFIX):
+            return self._extract_to_volume(set_ref, target, validate_rbd_volume(str(to)))
         if fmt not in EXTRACT_FORMATS:
             raise InvalidRequest(f"--format {fmt!r}: use one of {', '.join(EXTRACT_FORMATS)}")
-        snapshot_set = available(self.catalog, set_ref)
-        member = next((m for m in snapshot_set.members if m.target == target), None)
-        if member is None:
-            raise InvalidRequest(
-                f"set {snapshot_set.name} has no disk {target!r} (its disks: "
-                f"{', '.join(m.target for m in snapshot_set.members)})"
-            )
+        snapshot_set, member, store = self._member_of(set_ref, target)
         to = Path(to).absolute()
         if to.exists() or to.is_symlink():
             raise InvalidRequest(f"{to} already exists; freezeframe does not overwrite it: choose another --to")
         if not to.parent.is_dir():
             raise InvalidRequest(f"directory {to.parent} does not exist; create it first")
-        store = self.stores.of(member)
-        if not store.present(member):
-            raise PreflightFailed(
-                f"member {target} of set {snapshot_set.name} is missing its data ({member.path}); "
-                f"check the set with `freezeframe verify {snapshot_set.id}`"
-            )
         tmp = to.with_name(f".{to.name}.ff-{uuidlib.uuid4().hex[:8]}.tmp")
         with self.holds.set(snapshot_set):
             try:
@@ -182,6 +178,34 @@ class Restore:
             finally:
                 tmp.unlink(missing_ok=True)
         return to
+
+    def _member_of(self, set_ref: str, target: str) -> tuple[SnapshotSet, Member, MemberStore]:
+        snapshot_set = available(self.catalog, set_ref)
+        member = next((m for m in snapshot_set.members if m.target == target), None)
+        if member is None:
+            raise InvalidRequest(
+                f"set {snapshot_set.name} has no disk {target!r} (its disks: "
+                f"{', '.join(m.target for m in snapshot_set.members)})"
+            )
+        store = self.stores.of(member)
+        if not store.present(member):
+            raise PreflightFailed(
+                f"member {target} of set {snapshot_set.name} is missing its data ({member.path}); "
+                f"check the set with `freezeframe verify {snapshot_set.id}`"
+            )
+        return snapshot_set, member, store
+
+    def _extract_to_volume(self, set_ref: str, target: str, volume: str) -> Path:
+        images = volume_images(self.stores.by_kind)
+        snapshot_set, member, store = self._member_of(set_ref, target)
+        with self.holds.set(snapshot_set):
+            ref = images.new_image(volume, member.virtual_size)
+            try:
+                self.images.convert(store.source(member), ref, existing=True)
+            except BaseException:  # KeyboardInterrupt too: no half-written image stays behind
+                images.remove_image(volume)
+                raise
+        return Path(f"{RBD_PREFIX}{volume}")
 
 
 def _publish(tmp: Path, to: Path) -> None:

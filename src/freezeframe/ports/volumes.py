@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from freezeframe.model import DiskSpec, Member
+from freezeframe.ports.images import ImageRef
 
 RBD_PREFIX = "rbd:"
 """Where a member or a restored disk is an RBD image: ``rbd:POOL/IMAGE[@SNAPSHOT]``."""
@@ -85,3 +86,20 @@ class DiffableMembers(Protocol):
     def changed_extents(self, member: Member, since: Member | None) -> list[Extent]:
         """Extents of ``member`` written after ``since`` (a member of the same image, older), merged and sorted;
         every allocated extent when ``since`` is None. ``InvalidRequest`` when they are not of one image."""
+
+
+@runtime_checkable
+class VolumeImages(Protocol):
+    """A member store that makes and rolls back whole images in its backend: ``restore --disk T --to rbd:POOL/IMAGE``,
+    ``import --storage rbd`` and revert of RBD disks."""
+
+    def new_image(self, volume: str, size: int) -> ImageRef:
+        """A new, empty image ``POOL/IMAGE`` of ``size`` bytes that qemu-img can write into (``existing=True``);
+        ``InvalidRequest`` when one of that name exists (never overwritten)."""
+
+    def remove_image(self, volume: str) -> None:
+        """Remove an image this store made (undo); idempotent."""
+
+    def rollback(self, source: str) -> None:
+        """Roll the image of ``rbd:POOL/IMAGE@SNAPSHOT`` back to that snapshot, in place (no client may have it
+        open: the instance is shut off)."""
