@@ -2,6 +2,8 @@
 
 Every member is first copied to a temp file beside its disk; only when all copies are complete are they renamed
 over the disks, with a marker listing the renames, so a SIGKILL in between is rolled forward by ``repair``.
+An RBD disk whose member is a snapshot of that same image is rolled back in place (``rollback_to_snap``), after
+the file copies and under the same marker, so ``repair`` finishes the rollbacks too.
 A safety set of the current state is taken first unless asked not to.
 """
 
@@ -17,10 +19,12 @@ from pathlib import Path
 from freezeframe.durable import fsync_path
 from freezeframe.errors import InstanceBusy, InstanceNotFound, InvalidRequest, PreflightFailed
 from freezeframe.flow import SnapshotRequest
-from freezeframe.model import DiskSpec, Instance, InstanceState, Member, SnapshotSet
+from freezeframe.model import RBD_STORE, DiskSpec, Instance, InstanceState, Member, SnapshotSet
 from freezeframe.ops.common import Holds, Lazy, Markers, Snapshot, Stores, available, member_disks, now
 from freezeframe.ports import Catalog, Hypervisor, ImageRef, Images
+from freezeframe.ports.volumes import RBD_PREFIX
 from freezeframe.signals import deferred_signals
+from freezeframe.volume_members import volume_images
 
 log = logging.getLogger(__name__)
 MARKER = "revert"
@@ -109,6 +113,14 @@ class Revert:
             disk = by_target.get(member.target)
             if disk is None:
                 problems.append(f"{member.target}: the instance has no such disk any more")
+            elif disk.volume == RBD_STORE or member.store == RBD_STORE:
+                if member.store != RBD_STORE or disk.volume != RBD_STORE or not _same_image(member, disk):
+                    problems.append(
+                        f"{member.target}: an RBD disk rolls back only to a snapshot of that same image "
+                        f"(disk {disk.source_path}, member {member.path})"
+                    )
+                else:
+                    plan.append((member, disk))
             elif disk.source_type != "file" or not disk.source_path:
                 problems.append(f"{member.target}: only file-backed disks can be reverted ({disk.source_type})")
             elif disk.format not in REVERTIBLE_FORMATS:
@@ -124,11 +136,15 @@ class Revert:
         return plan, sorted(t for t in by_target if t not in captured)
 
     def _copy_over(self, instance_uuid: str, plan: Sequence[tuple[Member, DiskSpec]]) -> None:
-        """Convert every member to a temp file beside its disk, then rename all of them over the disks."""
+        """Convert every file member to a temp file beside its disk, then roll the RBD images back and rename all
+        the temps over the disks."""
         pairs: list[tuple[Path, Path]] = []
+        rollbacks = [member.path for member, disk in plan if disk.volume == RBD_STORE]
         marker: Path | None = None
         try:
             for member, disk in plan:
+                if disk.volume == RBD_STORE:
+                    continue
                 dst = Path(str(disk.source_path))
                 tmp = dst.with_name(f".{dst.name}.ff-revert.tmp")
                 pairs.append((tmp, dst))
@@ -139,7 +155,9 @@ class Revert:
                     tmp.chmod(st.st_mode & 0o7777)
                 fsync_path(tmp)
             with deferred_signals():
-                marker = self.markers.write(MARKER, instance_uuid, {"renames": [[str(t), str(d)] for t, d in pairs]})
+                renames = [[str(t), str(d)] for t, d in pairs]
+                marker = self.markers.write(MARKER, instance_uuid, {"renames": renames, "rollbacks": rollbacks})
+                self._rollback_all(rollbacks)
                 _rename_all(pairs)
                 marker.unlink(missing_ok=True)
         except BaseException:
@@ -157,9 +175,18 @@ class Revert:
         if data is None:
             return None
         pairs = [(Path(t), Path(d)) for t, d in data["renames"]]
+        rollbacks = [str(source) for source in data.get("rollbacks", [])]
+        self._rollback_all(rollbacks)
         _rename_all(pairs)
         marker.unlink(missing_ok=True)
-        return f"finished an interrupted revert of {instance_uuid} ({len(pairs)} disks)"
+        return f"finished an interrupted revert of {instance_uuid} ({len(pairs) + len(rollbacks)} disks)"
+
+    def _rollback_all(self, sources: Sequence[str]) -> None:
+        """In place, so repeatable: a rollback cut short by a kill is simply run again by ``finish``."""
+        if sources:
+            images = volume_images(self.stores.by_kind)
+            for source in sources:
+                images.rollback(source)
 
     def repair(self) -> list[str]:
         reports = []
@@ -176,6 +203,11 @@ class Revert:
             if done:
                 reports.append(done)
         return reports
+
+
+def _same_image(member: Member, disk: DiskSpec) -> bool:
+    """``rbd:POOL/IMAGE@SNAP`` is a snapshot of the disk's ``POOL/IMAGE``."""
+    return member.path.startswith(RBD_PREFIX) and member.path[len(RBD_PREFIX) :].partition("@")[0] == disk.source_path
 
 
 def _rename_all(pairs: Sequence[tuple[Path, Path]]) -> None:
