@@ -43,6 +43,9 @@ class ScriptedRbd:
     def remove_image(self, volume: str) -> None:
         raise AssertionError("revert removes no image")
 
+    def readable(self, volume: str) -> ImageRef:
+        return ImageRef(Path(f"rbd:{volume}"), "raw")
+
 
 @pytest.fixture
 def world(tmp_path: Path) -> World:

@@ -17,7 +17,7 @@ import typer
 from freezeframe.cli_common import ConnectOpt, HomeOpt, JsonOpt, SetArg, check_name, open_service, print_json
 from freezeframe.cli_output import Col, print_fields, print_table, progress_bar, say
 from freezeframe.errors import InvalidRequest
-from freezeframe.validation import validate_name
+from freezeframe.validation import validate_import_storage, validate_name
 
 if TYPE_CHECKING:
     from freezeframe.adapters.image_store import StoredImage
@@ -105,14 +105,22 @@ def import_(
         str | None,
         typer.Option("--network", metavar="NETWORK", help="attach every NIC to this libvirt network (must exist)"),
     ] = None,
+    storage: Annotated[
+        str, typer.Option("--storage", metavar="file|rbd", help="qcow2 files (default) or new Ceph RBD images")
+    ] = "file",
+    pool: Annotated[str | None, typer.Option("--pool", metavar="POOL", help="Ceph pool, with --storage rbd")] = None,
     as_json: JsonOpt = False,
     connect: ConnectOpt = None,
     home: HomeOpt = None,
 ) -> None:
-    """A new instance from an OVA (ours or another tool's); its disks become qcow2 in the instance's folder."""
+    """A new instance from an OVA (ours or another tool's); its disks become qcow2 in the instance's folder, or RBD
+    images POOL/NAME-TARGET with --storage rbd --pool POOL."""
     name = validate_name(as_name, "instance name")
+    validate_import_storage(storage, pool)
     with _portable(home, connect) as portable, progress_bar(not as_json, "importing") as progress:
-        result = portable.import_package(source, name, start=start, network=network, progress=progress)
+        result = portable.import_package(
+            source, name, start=start, network=network, progress=progress, storage=storage, pool=pool
+        )
     if as_json:
         print_json(result.to_dict())
         return

@@ -106,9 +106,14 @@ class Portable:
         start: bool = False,
         network: str | None = None,
         progress: ProgressCallback | None = None,
+        storage: str = "file",
+        pool: str | None = None,
     ) -> ImportResult:
-        """A new instance NAME from an OVA file or a stored image (id, id prefix or name)."""
-        return self.importer.import_package(source, name, start=start, network=network, progress=progress)
+        """A new instance NAME from an OVA file or a stored image (id, id prefix or name); ``storage="rbd"`` with
+        ``pool`` makes its disks RBD images."""
+        return self.importer.import_package(
+            source, name, start=start, network=network, progress=progress, storage=storage, pool=pool
+        )
 
 
 __all__ = [

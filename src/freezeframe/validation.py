@@ -59,6 +59,23 @@ def validate_rbd_volume(value: str) -> str:
     return f"{validate_name(pool, 'RBD pool')}/{validate_name(image, 'RBD image')}"
 
 
+IMPORT_STORAGES = ("file", "rbd")
+
+
+def validate_import_storage(storage: str, pool: str | None) -> str | None:
+    """``--storage file`` (qcow2 files in the instance's folder) or ``--storage rbd --pool P``: the RBD pool, or
+    None for files."""
+    if storage not in IMPORT_STORAGES:
+        raise InvalidRequest(f"--storage {_one_line(str(storage))}: use one of {', '.join(IMPORT_STORAGES)}")
+    if storage == "file":
+        if pool is not None:
+            raise InvalidRequest("--pool goes with --storage rbd")
+        return None
+    if not pool:
+        raise InvalidRequest("--storage rbd needs --pool POOL (the Ceph pool the disks are created in)")
+    return validate_name(pool, "RBD pool")
+
+
 def validate_backup_type(value: str) -> str:
     return validate_name(value, "backup type")
 

@@ -286,6 +286,7 @@ def portable(service: Freezeframe, *, boot_dirs: Sequence[Path] | None = None) -
     from freezeframe.ops.images import StoredImages
     from freezeframe.ops.import_build import Importer
     from freezeframe.portable import Portable
+    from freezeframe.volume_members import volume_images
 
     parts = service.parts
     packages = OvaPackages()
@@ -302,6 +303,7 @@ def portable(service: Freezeframe, *, boot_dirs: Sequence[Path] | None = None) -
             packages, image_store(), parts.images, parts.domains, parts.builder, parts.holds, parts.instances_dir,
             domain_type=parts.options.domain_type,
             boot_dirs=boot_dirs if boot_dirs is not None else boot_dirs_from_env(parts.settings.home),
+            volume_images=lambda: volume_images(parts.stores.by_kind),
         )  # fmt: skip
 
     return Portable(

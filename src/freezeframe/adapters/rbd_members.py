@@ -175,6 +175,10 @@ class RbdMembers:
                 raise HypervisorError(f"creating RBD image {volume} failed: {exc}") from exc
             finally:
                 ioctx.close()
+        return self.readable(volume)
+
+    def readable(self, volume: str) -> ImageRef:
+        split_volume(volume)
         return ImageRef(Path(f"{RBD_PREFIX}{volume}{self.volumes.settings.qemu_options()}"), "raw")
 
     def remove_image(self, volume: str) -> None:

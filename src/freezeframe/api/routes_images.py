@@ -94,7 +94,9 @@ def import_image(
 
     def run(ctx: JobContext) -> dict[str, Any]:
         ctx.phase("importing")
-        made = state.portable.import_package(image.id, body.name, start=body.start, progress=ctx.progress)
+        made = state.portable.import_package(
+            image.id, body.name, start=body.start, progress=ctx.progress, storage=body.storage, pool=body.pool
+        )
         if project is not None:
             state.projects.assign(made.uuid, made.name, project)
         return {

@@ -149,6 +149,13 @@ class ExportRequest(_Input):
 class ImportRequest(_Input):
     name: Name = Field(description="name of the new instance")
     start: bool = False
+    storage: Literal["file", "rbd"] = Field("file", description="qcow2 files, or new Ceph RBD images in `pool`")
+    pool: Name | None = Field(None, description="the Ceph pool of the RBD images (with storage rbd)")
+
+    @model_validator(mode="after")
+    def _storage(self) -> ImportRequest:
+        _checked(lambda pool: validation.validate_import_storage(self.storage, pool))(self.pool)
+        return self
 
 
 class ProjectAssign(_Input):

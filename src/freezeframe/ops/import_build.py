@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,8 @@ from freezeframe.ports import (
     ProgressCallback,
     StoredImage,
 )
-from freezeframe.validation import validate_name
+from freezeframe.ports.volumes import CLONE_SUFFIX, RBD_PREFIX, VolumeImages
+from freezeframe.validation import validate_import_storage, validate_name
 
 BLANK_DISK_NEEDS = 2**20
 """Bytes a new empty qcow2 disk takes (its metadata), for the free-space check."""
@@ -96,6 +97,7 @@ class Importer:
         *,
         domain_type: str = "qemu",
         boot_dirs: Sequence[Path] = (),
+        volume_images: Callable[[], VolumeImages] | None = None,
     ) -> None:
         self.packages = packages
         self.store = store
@@ -106,6 +108,8 @@ class Importer:
         self.instances_dir = instances_dir
         self.domain_type = domain_type
         self.boot_dirs = [Path(p).absolute() for p in boot_dirs]
+        self.volume_images = volume_images
+        """``--storage rbd``: the store that makes RBD images (built on first use: file imports need no cluster)."""
 
     def import_package(
         self,
@@ -115,9 +119,14 @@ class Importer:
         start: bool = False,
         network: str | None = None,
         progress: ProgressCallback | None = None,
+        storage: str = "file",
+        pool: str | None = None,
     ) -> ImportResult:
-        """A new instance NAME from an OVA file or a stored image (id, id prefix or name)."""
+        """A new instance NAME from an OVA file or a stored image (id, id prefix or name); with ``storage="rbd"``
+        its disks are new RBD images ``POOL/<NAME>-<target>`` instead of qcow2 files in its folder."""
         validate_name(name, "instance name")
+        pool = validate_import_storage(storage, pool)
+        rbd = self._rbd() if pool is not None else None
         ensure_name_free(self.domains, name)
         planner = Planner(self.domains, self.domain_type, self.boot_dirs, network)
         planner.require_network()
@@ -127,11 +136,17 @@ class Importer:
                 raise OvfUnsupported(f"{path.name} describes a machine without disks; there is nothing to import")
             probed = {href: self.packages.probe(file) for href, file in package.files.items()}
             plan = planner.plan(package, probed)
-            self._check_space(plan)
+            if rbd is None:
+                self._check_space(plan)
             with self.holds.name(name):
                 ensure_name_free(self.domains, name)
-                uuid, disks = self._build(name, plan, start, progress)
+                uuid, disks = self._build(name, plan, start, progress, (rbd, pool) if rbd and pool else None)
         return _result(name, uuid, start, plan, disks, str(path) if image is None else image)
+
+    def _rbd(self) -> VolumeImages:
+        if self.volume_images is None:
+            raise InvalidRequest("--storage rbd: no Ceph cluster is configured (FREEZEFRAME_CEPH_CONF)")
+        return self.volume_images()
 
     @contextlib.contextmanager
     def _open_source(self, source: str | Path) -> Iterator[tuple[Path, StoredImage | None]]:
@@ -174,11 +189,20 @@ class Importer:
     # -- building ---------------------------------------------------------------------------------------------
 
     def _build(
-        self, name: str, plan: ImportPlan, start: bool, progress: ProgressCallback | None
+        self,
+        name: str,
+        plan: ImportPlan,
+        start: bool,
+        progress: ProgressCallback | None,
+        rbd: tuple[VolumeImages, str] | None,
     ) -> tuple[str, list[ImportedDiskResult]]:
-        """Make the disks, define (and start) the domain; any failure removes all of it (the builder's undo)."""
+        """Make the disks, define (and start) the domain; any failure removes all of it (the builder's undo, which
+        also removes the RBD images noted in the folder)."""
         with self.builder.building(name, self.instances_dir / name, forget_restores=False) as build:
-            made = self._make_disks(build.directory, plan.disks, progress)
+            if rbd is None:
+                made = self._make_disks(build.directory, plan.disks, progress)
+            else:
+                made = self._make_rbd_disks(build.directory, plan.disks, progress, *rbd)
             domain = DomainPlan(
                 name=name,
                 hardware=plan.hardware,
@@ -211,6 +235,35 @@ class Importer:
             dst.chmod(DISK_MODE)
             result = ImportedDiskResult(disk.spec.target, disk.spec.bus, str(dst), max(disk.capacity, 0), source)
             made.append((DomainDisk(disk.spec, dst, IMPORTED_FORMAT), result))
+        return made
+
+    def _make_rbd_disks(
+        self,
+        directory: Path,
+        disks: Sequence[DiskPlan],
+        progress: ProgressCallback | None,
+        images: VolumeImages,
+        pool: str,
+    ) -> list[tuple[DomainDisk, ImportedDiskResult]]:
+        """Each disk a new RBD image named after the instance and the target, noted in the folder (``<target>.rbd``)
+        as soon as it exists, so the undo and ``discard`` remove it."""
+        total = sum(d.virtual_size for d in disks if d.source is not None)
+        done = 0
+        made: list[tuple[DomainDisk, ImportedDiskResult]] = []
+        for disk in disks:
+            volume = f"{pool}/{directory.name}-{disk.spec.target}"
+            size = max(disk.capacity, disk.virtual_size if disk.source is not None else 0)
+            ref = images.new_image(volume, size)
+            (directory / f"{disk.spec.target}{CLONE_SUFFIX}").write_text(f"{volume}\n")
+            source = "blank"
+            if disk.source is not None:
+                report = _offset_progress(progress, done, total)
+                self.images.convert(disk.source.image, ref, existing=True, progress=report)
+                done += disk.virtual_size
+                source = disk.source.name
+            path = f"{RBD_PREFIX}{volume}"
+            result = ImportedDiskResult(disk.spec.target, disk.spec.bus, path, size, source)
+            made.append((DomainDisk(disk.spec, Path(path), "raw"), result))
         return made
 
 

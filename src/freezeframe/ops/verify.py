@@ -28,7 +28,9 @@ from freezeframe.ports import (
     Images,
     Repository,
 )
+from freezeframe.ports.volumes import RBD_PREFIX
 from freezeframe.signals import deferred_signals
+from freezeframe.volume_members import volume_images
 
 log = logging.getLogger(__name__)
 
@@ -229,11 +231,17 @@ class Verify:
                 time.sleep(0.5)
         return None
 
+    def _readable(self, disk: Path) -> ImageRef:
+        """A clone's qcow2 file, or its RBD clone (``rbd:POOL/IMAGE``) read through the cluster."""
+        if str(disk).startswith(RBD_PREFIX):
+            return volume_images(self.stores.by_kind).readable(str(disk).removeprefix(RBD_PREFIX))
+        return ImageRef(disk, "qcow2")
+
     def _check_disk(self, target: str, disk: Path, mounted: list[str] | None, report: VerifyReport) -> None:
         """Check every filesystem of the clone's disk from the host, on a raw copy of the powered-off clone."""
         raw = disk.with_name(f"{target}.check.raw")
         try:
-            self.images.convert(ImageRef(disk, "qcow2"), ImageRef(raw, "raw"))
+            self.images.convert(self._readable(disk), ImageRef(raw, "raw"))
             filesystems = self.host_fs.probe(raw)
             if not filesystems:
                 report.add(target, "filesystem", None, "no filesystem found on the disk (nothing to check)")

@@ -100,6 +100,9 @@ class VolumeImages(Protocol):
     def remove_image(self, volume: str) -> None:
         """Remove an image this store made (undo); idempotent."""
 
+    def readable(self, volume: str) -> ImageRef:
+        """The image ``POOL/IMAGE`` as qemu-img opens it (cluster options included)."""
+
     def rollback(self, source: str) -> None:
         """Roll the image of ``rbd:POOL/IMAGE@SNAPSHOT`` back to that snapshot, in place (no client may have it
         open: the instance is shut off)."""
