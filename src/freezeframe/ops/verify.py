@@ -205,7 +205,8 @@ class Verify:
             "powered off through the agent (filesystems unmounted)" if clean else "had to be destroyed",
         )  # fmt: skip
         for target, path in clone.disks.items():
-            self._check_disk(target, path, mounts.get(target, []) if answered is not None else None, report)
+            mounted = mounts.get(target, []) if answered is not None else None
+            self._check_disk(target, path, clone.directory / f"{target}.check.raw", mounted, report)
 
     def _remove_clone(self, name: str, directory: Path, clone: _Clone | None) -> None:
         try:
@@ -237,9 +238,9 @@ class Verify:
             return volume_images(self.stores.by_kind).readable(str(disk).removeprefix(RBD_PREFIX))
         return ImageRef(disk, "qcow2")
 
-    def _check_disk(self, target: str, disk: Path, mounted: list[str] | None, report: VerifyReport) -> None:
-        """Check every filesystem of the clone's disk from the host, on a raw copy of the powered-off clone."""
-        raw = disk.with_name(f"{target}.check.raw")
+    def _check_disk(self, target: str, disk: Path, raw: Path, mounted: list[str] | None, report: VerifyReport) -> None:
+        """Check every filesystem of the clone's disk from the host, on a raw copy (``raw``, in the clone's folder
+        even when the disk is an RBD clone) of the powered-off clone."""
         try:
             self.images.convert(self._readable(disk), ImageRef(raw, "raw"))
             filesystems = self.host_fs.probe(raw)
