@@ -24,6 +24,7 @@ from typing import Any
 
 from common import (
     MiB,
+    Run,
     add_common_args,
     libvirt_connection,
     machine_info,
@@ -54,13 +55,10 @@ SNAP_MS: list[float] = []
 class TimedCapture(rbd_volumes.RbdCapture):
     """The adapter's capture with each ``create_snap`` timed (the flow's window holds exactly these calls)."""
 
-    def snapshot(self) -> list[rbd_volumes.VolumeSnapshot]:
-        made = []
-        for disk, img in self.opened:
-            started = time.perf_counter()
-            img.create_snap(self.snap)
-            SNAP_MS.append((time.perf_counter() - started) * 1000.0)
-            made.append(rbd_volumes.VolumeSnapshot(disk, self.snap, f"rbd:{disk.source_path}@{self.snap}"))
+    def snap_one(self, disk: DiskSpec, img: Any) -> rbd_volumes.VolumeSnapshot:
+        started = time.perf_counter()
+        made = super().snap_one(disk, img)
+        SNAP_MS.append((time.perf_counter() - started) * 1000.0)
         return made
 
 
@@ -190,29 +188,21 @@ def main() -> None:
     if replot(args, NAME, plot):
         return
     out = output_dir(args, NAME)
-    started = time.time()
+    run = Run(NAME, args.quick)
     up = time.perf_counter()
     info = Cluster().up()
     up_s = time.perf_counter() - up
     rbd_volumes.RbdCapture = TimedCapture  # type: ignore[misc]  # time each snapshot the flow takes
     samples = 3 if args.quick else 10
     with libvirt_connection() as conn, scratch_dir(NAME) as tmp:
+        run.machine = machine_info(conn, tmp)
         for key, value in info.env().items():
             os.environ[key] = value
         rows = [measure(n, samples, info, conn, tmp) for n in ((1,) if args.quick else (1, 3, 8))]
         sizes = (64 * MiB,) if args.quick else (64 * MiB, 256 * MiB)
         restores = [restore_times(info, size, 3 if args.quick else 7, tmp) for size in sizes]
-        report = {
-            "benchmark": NAME,
-            "mode": "quick" if args.quick else "full",
-            "when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-            "duration_s": round(time.time() - started, 1),
-            "testbed_ceph_up_s": round(up_s, 2),
-            "machine": machine_info(conn, tmp),
-            "by_rbd_disks": rows,
-            "restore": restores,
-        }
-    (out / f"{NAME}.json").write_text(json.dumps(report, indent=2) + "\n")
+        payload = {"testbed_ceph_up_s": round(up_s, 2), "by_rbd_disks": rows, "restore": restores}
+        report = json.loads(run.write(out, payload, conn).read_text())
     plot(report, out / f"{NAME}.png", run_note(args.quick))
     print(json.dumps([rows, restores], indent=2))
     print(f"wrote {out / f'{NAME}.json'} and {out / f'{NAME}.png'}")

@@ -13,8 +13,8 @@ import rbd
 
 from ceph_helpers import ceph_testbed, dead_conf, qemu_source, volumes_for
 from freezeframe.adapters.rbd_members import RbdMembers
-from freezeframe.adapters.rbd_volumes import TAG_PREFIX, CephSettings, RbdVolumes, snapshot_name
-from freezeframe.errors import InvalidRequest, PreflightFailed
+from freezeframe.adapters.rbd_volumes import TAG_PREFIX, CephSettings, RbdCapture, RbdVolumes, snapshot_name
+from freezeframe.errors import CaptureFailed, InvalidRequest, PreflightFailed
 from freezeframe.model import RBD_STORE, STORE_KEY, DiskSpec, Member
 from freezeframe.ports.volumes import DiffableMembers, Extent
 from freezeframe.testbed.ceph import CephTestbed, Cluster, create_image, open_pool, remove_image
@@ -156,3 +156,31 @@ def test_changed_extents_between_two_members_are_what_rbd_diff_reports(
         members.changed_extents(newer, other)
     volumes.remove(first_id, [str(image.source_path)])
     volumes.remove(second_id, [str(image.source_path)])
+
+
+class _Image:
+    """Stands for an open ``rbd.Image``: records its snapshot, or fails like a full pool."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.fail = fail
+        self.snaps: list[str] = []
+
+    def create_snap(self, name: str) -> None:
+        time.sleep(0.2)
+        if self.fail:
+            raise rbd.DiskQuotaExceeded("[errno 122] error creating snapshot: Disk quota exceeded")
+        self.snaps.append(name)
+
+
+def test_several_images_are_snapshotted_at_once_and_a_failure_is_a_capture_error() -> None:
+    disks = [DiskSpec(f"vd{c}", "virtio", f"pool/i{c}", "raw", MiB, "network", protocol="rbd") for c in "bcdefghi"]
+    images = [_Image() for _ in disks]
+    started = time.monotonic()
+    made = RbdCapture("s", list(zip(disks, images, strict=True))).snapshot()
+    assert time.monotonic() - started < 0.2 * len(disks) / 2, "the snapshots were taken one after another"
+    assert [m.source for m in made] == [f"rbd:{d.source_path}@s" for d in disks]
+    assert all(i.snaps == ["s"] for i in images)
+    images = [_Image(), _Image(fail=True), _Image()]
+    with pytest.raises(CaptureFailed, match=r"pool/ic \(vdc\) failed: .*quota"):
+        RbdCapture("s", list(zip(disks, images, strict=False))).snapshot()
+    assert images[0].snaps == ["s"] and images[2].snaps == ["s"], "the others ran; the flow removes what they made"
