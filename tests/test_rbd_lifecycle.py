@@ -151,7 +151,7 @@ def test_verify_boot_of_a_set_with_an_rbd_member(service: Freezeframe, snapshot_
 
 def test_export_imports_back_onto_rbd_identical_and_boots(
     service: Freezeframe, snapshot_set: SnapshotSet, ceph_testbed: CephTestbed, home: Path, tmp_path: Path,
-    guest_image: Any,
+    guest_image: Any, libvirt_conn: Any,
 ) -> None:  # fmt: skip
     portable = wiring.portable(service, boot_dirs=guest_boot_dirs(guest_image))
     ova = portable.export(snapshot_set.id, tmp_path / "rbd-set.ova").path
@@ -163,8 +163,10 @@ def test_export_imports_back_onto_rbd_identical_and_boots(
         for target, path in paths.items():
             assert _same_data(ceph_testbed, path, _member(snapshot_set, target).path), target
         assert _ledger_runs(home / "instances" / name / "console.log") > 0
+        _shut_off(libvirt_conn, name)  # a destroyed QEMU's watch would hold the images for 30 s
     finally:
         done = service.lifecycle.discard(name)
+    assert f"removed domain {name}" in done
     assert f"removed RBD image {ceph_testbed.pool}/{name}-vdc" in done
 
 

@@ -284,7 +284,8 @@ def shutdown_via_agent(dom: libvirt.virDomain, timeout_s: float) -> bool:
 
 
 def disk_sources(dom: libvirt.virDomain, live: bool = True) -> dict[str, str]:
-    """target -> source file of every file-backed disk, as the domain currently uses them."""
+    """target -> source file of every file-backed disk, and ``rbd:POOL/IMAGE`` of every RBD disk, as the domain
+    currently uses them."""
     flags = 0 if live else libvirt.VIR_DOMAIN_XML_INACTIVE
     root = etree.fromstring(dom.XMLDesc(flags).encode())
     found: dict[str, str] = {}
@@ -292,6 +293,8 @@ def disk_sources(dom: libvirt.virDomain, live: bool = True) -> dict[str, str]:
         target, source = el.find("target"), el.find("source")
         if target is not None and source is not None and source.get("file"):
             found[target.get("dev", "")] = str(source.get("file"))
+        elif target is not None and source is not None and source.get("protocol") == "rbd" and source.get("name"):
+            found[target.get("dev", "")] = f"{RBD_PREFIX}{source.get('name')}"
     return found
 
 

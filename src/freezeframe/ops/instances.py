@@ -144,12 +144,14 @@ class InstanceBuilder:
                 log.exception("could not forget the restore rows of %s", name)
 
     def remove_domain_in(self, name: str, directory: Path) -> bool:
-        """Remove the domain called ``name`` only if every disk of it lives in ``directory`` (so it is ours)."""
+        """Remove the domain called ``name`` only if every disk of it lives in ``directory``, or is an RBD image noted
+        there (``<target>.rbd``) — so it is ours."""
         uuid = self.domains().uuid_of(name)
         if uuid is None:
             return False
         sources = self.domains().disk_sources(uuid)
-        if sources and all(Path(s).resolve().parent == directory.resolve() for s in sources.values()):
+        noted = {f"{RBD_PREFIX}{p.read_text().strip()}" for p in directory.glob(f"*{CLONE_SUFFIX}")}
+        if sources and all(s in noted or Path(s).resolve().parent == directory.resolve() for s in sources.values()):
             return self.domains().remove(uuid)
         return False
 
