@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import subprocess
@@ -184,3 +185,49 @@ def test_several_images_are_snapshotted_at_once_and_a_failure_is_a_capture_error
     with pytest.raises(CaptureFailed, match=r"pool/ic \(vdc\) failed: .*quota"):
         RbdCapture("s", list(zip(disks, images, strict=False))).snapshot()
     assert images[0].snaps == ["s"] and images[2].snaps == ["s"], "the others ran; the flow removes what they made"
+
+
+FULL_POOL = "ff-full-test"
+"""A pool of its own for the full-pool test (a quota on the shared pool would fail everyone's writes); left in place
+(deleting pools is off on the test bed), its quota cleared."""
+
+
+def test_a_pool_that_fills_up_inside_the_window_is_a_capture_error(ceph_testbed: CephTestbed) -> None:
+    """The quota is reached after the images are opened and tagged: the snapshot fails within the client timeouts."""
+    cluster = Cluster()
+
+    def ceph(*args: str) -> str:
+        return subprocess.run(["ceph", "-c", ceph_testbed.conf, "-n", "client.admin", "--keyring",
+                               str(cluster.admin_keyring), *args], check=True, capture_output=True, text=True,
+                              timeout=60).stdout  # fmt: skip
+
+    ceph("osd", "pool", "create", FULL_POOL, "8")
+    ceph("osd", "pool", "application", "enable", FULL_POOL, "rbd")
+    ceph("osd", "pool", "set-quota", FULL_POOL, "max_objects", "0")
+    volumes = RbdVolumes(CephSettings(ceph_testbed.conf, "admin", str(cluster.admin_keyring), timeout_s=3))
+    disk = DiskSpec("vdb", "virtio", f"{FULL_POOL}/img", "raw", 8 * MiB, "network", protocol="rbd")
+    with volumes.cluster() as handle:
+        ioctx = handle.open_ioctx(FULL_POOL)
+        try:
+            with contextlib.suppress(rbd.ImageNotFound):
+                rbd.RBD().remove(ioctx, "img")
+            rbd.RBD().create(ioctx, "img", 8 * MiB, old_format=False,
+                             features=rbd.RBD_FEATURE_LAYERING | rbd.RBD_FEATURE_EXCLUSIVE_LOCK)  # fmt: skip
+            with rbd.Image(ioctx, "img") as img:
+                img.write(b"data" * 1024, 0)
+        finally:
+            ioctx.close()
+    try:
+        with volumes.open(SET_ID, "full", [disk]) as capture:
+            ceph("osd", "pool", "set-quota", FULL_POOL, "max_objects", "1")
+            deadline = time.monotonic() + 60
+            while "full_quota" not in ceph("osd", "pool", "ls", "detail"):
+                assert time.monotonic() < deadline, "the pool never became full"
+                time.sleep(0.5)
+            started = time.monotonic()
+            with pytest.raises(CaptureFailed, match=rf"RBD snapshot of {FULL_POOL}/img \(vdb\) failed"):
+                capture.snapshot()
+            assert time.monotonic() - started < 30
+    finally:
+        ceph("osd", "pool", "set-quota", FULL_POOL, "max_objects", "0")
+    assert volumes.remove(SET_ID, [disk.source_path or ""]) == []  # nothing was made; the tag goes
