@@ -112,41 +112,48 @@ def test_unreachable_cluster_fails_the_set_and_leaves_the_guest_running(
     _alive(rbd_guest)
 
 
-def test_sigkill_inside_the_window_is_repaired_and_the_rbd_snapshot_removed_once_the_cluster_answers(
+def test_sigkill_during_the_set_is_repaired_and_its_rbd_snapshot_removed_once_the_cluster_answers(
     rbd_guest: TestInstance, ceph_testbed: CephTestbed, tmp_path: Path
 ) -> None:
-    """Killed inside the window; the first repair runs while the cluster is unreachable: it thaws the guest and fails
-    the set (clearing the journal) but cannot remove the snapshot; the set's row keeps it for the next repair."""
+    """Killed as soon as its RBD snapshot exists (inside the window or just after it); the first repair runs while the
+    cluster is unreachable: it thaws/resumes the guest and fails the set (clearing the journal) but cannot remove
+    the snapshot; the set's row keeps it, and the next repair, with the cluster back, removes it."""
+    import rbd
+
     home = tmp_path / "kill-home"
-    env = {**os.environ, "FREEZEFRAME_HOME": str(home), "FREEZEFRAME_FAULT_HOLD_IN_WINDOW_S": "60",
-           "FREEZEFRAME_FREEZE_CAP_S": "120"}  # fmt: skip
+    env = {**os.environ, "FREEZEFRAME_HOME": str(home)}
+    volume = rbd_guest.disks[2].rbd
+    assert volume is not None
     proc = subprocess.Popen([sys.executable, "-m", "freezeframe.cli", "snapshot", rbd_guest.name], env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     try:
-        deadline = time.monotonic() + 60
-        while rbd_guest.agent({"execute": "guest-fsfreeze-status"})["return"] != "frozen" or not _rbd_snaps(
-            ceph_testbed, rbd_guest
-        ):
-            assert time.monotonic() < deadline, "guest never became frozen with its RBD snapshot made"
-            time.sleep(0.05)
+        # Opened for writing so librbd keeps a watch and sees the new snapshot at once (no write is made).
+        with open_pool(ceph_testbed) as ioctx, rbd.Image(ioctx, volume.volume.split("/")[1]) as img:
+            deadline = time.monotonic() + 60
+            while not img.list_snaps() or not any(s["name"].startswith("freezeframe-") for s in img.list_snaps()):
+                assert proc.poll() is None and time.monotonic() < deadline, "no RBD snapshot while the set ran"
+                time.sleep(0.01)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-    dead = str(dead_conf(ceph_testbed, tmp_path))
-    cut_off = {**env, "FREEZEFRAME_CEPH_CONF": dead, "FREEZEFRAME_CEPH_TIMEOUT_S": "2"}
-    repair = subprocess.run([sys.executable, "-m", "freezeframe.cli", "repair"], env=cut_off, capture_output=True,
-                            text=True, timeout=120)  # fmt: skip
-    assert repair.returncode == 0, repair.stderr
-    assert "thawed" in repair.stdout and "repair retries" in repair.stdout, repair.stdout
-    (left,) = _rbd_snaps(ceph_testbed, rbd_guest)
-    _alive(rbd_guest)
-    assert not list((home / "journal").glob("*.json")), "the journal entry is cleared; the set's row remembers"
-    again = subprocess.run([sys.executable, "-m", "freezeframe.cli", "repair"], env=env, capture_output=True,
-                           text=True, timeout=120)  # fmt: skip
-    assert again.returncode == 0, again.stderr
-    assert "removed the RBD snapshots its failure left" in again.stdout, again.stdout
-    assert left.removeprefix("freezeframe-") in again.stdout
-    assert _rbd_snaps(ceph_testbed, rbd_guest) == []
+    try:
+        dead = str(dead_conf(ceph_testbed, tmp_path))
+        cut_off = {**env, "FREEZEFRAME_CEPH_CONF": dead, "FREEZEFRAME_CEPH_TIMEOUT_S": "2"}
+        repair = subprocess.run([sys.executable, "-m", "freezeframe.cli", "repair"], env=cut_off, capture_output=True,
+                                text=True, timeout=120)  # fmt: skip
+        assert repair.returncode == 0, repair.stderr
+        assert "marked set" in repair.stdout and "repair retries" in repair.stdout, repair.stdout
+        (left,) = _rbd_snaps(ceph_testbed, rbd_guest)
+        _alive(rbd_guest)
+        assert not list((home / "journal").glob("*.json")), "the journal entry is cleared; the set's row remembers"
+        again = subprocess.run([sys.executable, "-m", "freezeframe.cli", "repair"], env=env, capture_output=True,
+                               text=True, timeout=120)  # fmt: skip
+        assert again.returncode == 0, again.stderr
+        assert "removed the RBD snapshots its failure left" in again.stdout, again.stdout
+        assert left.removeprefix("freezeframe-") in again.stdout
+        assert _rbd_snaps(ceph_testbed, rbd_guest) == []
+    finally:  # whatever failed above, the guest is not left frozen for the tests after this one
+        subprocess.run([sys.executable, "-m", "freezeframe.cli", "repair"], env=env, capture_output=True, timeout=120)
 
 
 def _wait_ledger_progress(console: Path, timeout_s: float = 120) -> int:
