@@ -62,6 +62,8 @@ BLOCK = 64 * 1024
 CLUSTER = 64 * 1024
 """The qcow2 cluster size of the guest's disks and so, by QEMU's default, the dirty bitmaps' granularity."""
 PROBE_BYTES = 64 * MiB
+PROBE_ROUNDS = 5
+LIVE_COUNTS = (0, 1, 2)
 NO_CHAIN_LIMIT = 1000
 STEPS: dict[str, tuple[str, ...]] = {
     "hypervisor": ("lookup", "agent_ping", "freeze", "start_capture", "thaw", "wait_capture"),
@@ -114,6 +116,7 @@ class Bench:
     def __init__(self, ff: Freezeframe, inst: TestInstance, sizes: Sizes) -> None:
         self.ff, self.inst, self.sizes = ff, inst, sizes
         self.clock = StepClock()
+        self.probes = 0
         for part, methods in STEPS.items():
             for method in methods:
                 self.clock.wrap(getattr(ff, part), method, f"{part}.{method}")
@@ -133,16 +136,29 @@ class Bench:
         return {"id": taken.id, "s": round(seconds, 3), "freeze_ms": taken.freeze_window_ms, "bytes": _written(taken),
                 "steps_ms": steps}  # fmt: skip
 
-    def probe(self, live: int) -> dict[str, Any]:
-        """Guest write throughput on vdb (random 64 KiB O_DIRECT writes), with ``live`` dirty bitmaps."""
-        names = [c.getName() for c in self.inst.dom.listAllCheckpoints()]
-        assert len(names) == live, f"expected {live} live checkpoints, found {names}"
-        rates = []
-        for i in range(self.sizes.repeats):
-            count = PROBE_BYTES // BLOCK
-            written, seconds = _guest_rewrite(self.inst, "vdb", self.sizes.fill, BLOCK, count, 0, 900 + live * 10 + i)
-            rates.append(written / seconds / MiB)
-        return {"live_bitmaps": live, "mib_per_s": summary(rates), "samples": [round(r, 1) for r in rates]}
+    def throughput(self, rounds: int) -> list[dict[str, Any]]:
+        """Guest write throughput on vdb (random 64 KiB O_DIRECT writes) with 0, 1 and 2 (freezeframe's maximum)
+        live dirty bitmaps per disk, in interleaved rounds so a busy moment of the host hits every count alike.
+        The bitmaps are plain libvirt checkpoints (what a set leaves), made and deleted around each probe."""
+        samples: dict[int, list[float]] = {live: [] for live in LIVE_COUNTS}
+        self.probe()  # warm-up: the first writes after boot are slower whatever the bitmaps
+        for i in range(rounds):
+            for live in LIVE_COUNTS:
+                xml = "<domaincheckpoint><name>bench-{}-{}</name></domaincheckpoint>"
+                made = [self.inst.dom.checkpointCreateXML(xml.format(i, n), 0) for n in range(live)]
+                try:
+                    samples[live].append(self.probe())
+                finally:
+                    for checkpoint in made:
+                        checkpoint.delete(0)
+        return [{"live_bitmaps": live, "mib_per_s": summary(v), "samples": [round(x, 1) for x in v]}
+                for live, v in samples.items()]  # fmt: skip
+
+    def probe(self) -> float:
+        self.probes += 1
+        count = PROBE_BYTES // BLOCK
+        written, seconds = _guest_rewrite(self.inst, "vdb", self.sizes.fill, BLOCK, count, 0, 900 + self.probes)
+        return written / seconds / MiB
 
 
 def measure(conn: Any, sizes: Sizes, tmp: Path, virtnbdbackup: bool) -> dict[str, Any]:
@@ -155,14 +171,10 @@ def measure(conn: Any, sizes: Sizes, tmp: Path, virtnbdbackup: bool) -> dict[str
         prepared_s = time.monotonic() - started
         with Freezeframe.open(Settings(home=tmp / "home", agent_timeout_s=5)) as ff:
             bench = Bench(ff, inst, sizes)
-            # Full sets are kept (deleting one with children would merge it into them); each adds a checkpoint.
-            throughput = [bench.probe(0)]
-            fulls = [bench.take("full")]
-            throughput.append(bench.probe(1))
-            fulls.append(bench.take("full"))
-            throughput.append(bench.probe(2))
-            bench.take("auto")  # takes in the probe's writes: the next incrementals have nothing to copy
-            empty = [bench.take("auto") for _ in range(sizes.repeats)]
+            throughput = bench.throughput(PROBE_ROUNDS)
+            # Full sets are kept (deleting one with children would merge it into them).
+            fulls = [bench.take("full") for _ in range(sizes.repeats - 1)]
+            empty = [bench.take("auto") for _ in range(sizes.repeats)]  # nothing changed since the set before
             fulls.append(bench.take("full"))  # the head of the chain the incrementals build on
             rows = []
             cases = [(f"{r * 100:g} %", r, BLOCK, 0) for r in RATES]

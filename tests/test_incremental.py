@@ -88,7 +88,8 @@ def _reference(inst: TestInstance, folder: Path) -> dict[str, Path]:
     refs = {d.target: folder / f"{d.target}.qcow2" for d in inst.disks}
     disks = ""
     for target, path in refs.items():
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(64 * MiB)], check=True)
+        size = inst.dom.blockInfo(target)[0]  # a test before may have resized the disk
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)], check=True)
         disks += f"<disk name='{target}' backup='yes' type='file'><target file='{path}'/><driver type='qcow2'/></disk>"
     inst.dom.backupBegin(
         f"<domainbackup mode='push'><disks>{disks}</disks></domainbackup>",
@@ -313,6 +314,7 @@ def test_libvirtd_restarted_between_sets_keeps_the_chain(
     """The daemon goes away and comes back (an upgrade, a crash) between two sets; the guest runs on. The next set
     (a new process, as a new CLI call would be) builds on the last one and equals a full copy of its instant."""
     settings = Settings(home=home, agent_timeout_s=3)
+    _wait_agent(guest)  # a test before may have just started the guest again
     with wiring.open_service(settings) as ff:
         base = _snap(ff, guest)
     _guest_writes(guest, random.Random(3), 1)
