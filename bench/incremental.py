@@ -265,7 +265,8 @@ def plot(report: dict[str, Any], path: Path, note: str | None) -> None:
     s = report["summary"]
     labels = list(s["cases"])
     x = list(range(len(labels)))
-    short = [label.replace(", ", "\n") for label in labels]
+    short = [label.replace(", 4 KiB off the clusters", "\nshifted 4K").replace(", 4 KiB writes", "\n4K writes")
+             for label in labels]  # fmt: skip
     ax = axes[0]
     ax.bar([i - 0.2 for i in x], [s["cases"][c]["changed_bytes"]["median"] / MiB for c in labels], 0.4,
            label="changed by the guest")  # fmt: skip
