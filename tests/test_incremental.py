@@ -27,6 +27,7 @@ from freezeframe.config import Settings
 from freezeframe.flow import SnapshotRequest
 from freezeframe.model import Member, SnapshotSet
 from freezeframe.service import Freezeframe
+from freezeframe.testbed.daemon import restart_libvirtd
 from freezeframe.testbed.instance import DiskRequest, TestbedError, TestInstance, running_instance
 from freezeframe.testbed.ledger import check_ledger
 
@@ -45,8 +46,13 @@ def guest(libvirt_conn: Any, guest_image: Any, tmp_path_factory: pytest.TempPath
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Freezeframe]:
-    home = tmp_path_factory.mktemp("incr-home")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("incr-home")
+
+
+@pytest.fixture
+def service(home: Path) -> Iterator[Freezeframe]:
+    """One service per test, like one CLI call each: a libvirtd restart in one test leaves the next a live one."""
     with wiring.open_service(Settings(home=home, agent_timeout_s=3)) as ff:
         yield ff
 
@@ -82,7 +88,8 @@ def _reference(inst: TestInstance, folder: Path) -> dict[str, Path]:
     refs = {d.target: folder / f"{d.target}.qcow2" for d in inst.disks}
     disks = ""
     for target, path in refs.items():
-        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(64 * MiB)], check=True)
+        size = inst.dom.blockInfo(target)[0]  # a test before may have resized the disk
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(path), str(size)], check=True)
         disks += f"<disk name='{target}' backup='yes' type='file'><target file='{path}'/><driver type='qcow2'/></disk>"
     inst.dom.backupBegin(
         f"<domainbackup mode='push'><disks>{disks}</disks></domainbackup>",
@@ -299,3 +306,69 @@ def test_untrusted_change_tracking_gives_full_members_with_reasons(
         guest.dom.create()
     assert set(_kinds(off).values()) == {"full"}
     assert all("shutoff" in r for r in _reasons(off).values()), _reasons(off)
+
+
+def test_libvirtd_restarted_between_sets_keeps_the_chain(
+    guest: TestInstance, home: Path, libvirt_conn: Any, tmp_path: Path
+) -> None:
+    """The daemon goes away and comes back (an upgrade, a crash) between two sets; the guest runs on. The next set
+    (a new process, as a new CLI call would be) builds on the last one and equals a full copy of its instant."""
+    settings = Settings(home=home, agent_timeout_s=3)
+    _wait_agent(guest)  # a test before may have just started the guest again
+    with wiring.open_service(settings) as ff:
+        base = _snap(ff, guest)
+    _guest_writes(guest, random.Random(3), 1)
+    away = restart_libvirtd(settings.libvirt_uri, [libvirt_conn])
+    print(f"libvirtd was away for {away:.1f} s")
+    guest.dom = libvirt_conn.lookupByUUIDString(guest.uuid)
+    assert guest.dom.isActive(), "the guest kept running"
+    guest.wait_for_progress(timeout_s=30)
+    with wiring.open_service(settings) as ff:
+        guest.dom.suspend()
+        try:
+            after = _snap(ff, guest)
+            refs = _reference(guest, tmp_path / "ref")
+        finally:
+            guest.dom.resume()
+        qcow2 = {m.target for m in after.members if m.format == "qcow2" and m.target in refs}
+        assert {t: _kinds(after)[t] for t in qcow2} == dict.fromkeys(qcow2, "incremental"), _reasons(after)
+        assert {_members(after)[t].metadata["freezeframe.parent_set"] for t in qcow2} == {base.id}
+        _assert_equal_to_references(ff, after.id, refs)
+        m = _members(after)
+        assert check_ledger(Path(m["vdb"].path), Path(m["vdc"].path), tmp_dir=tmp_path).ok
+
+
+@pytest.fixture
+def loop_device(tmp_path: Path) -> Iterator[str]:
+    """A 128 MiB block device holding 14 MiB of data (a loop device over a sparse file), as an LVM volume is."""
+    backing = tmp_path / "volume.img"
+    with backing.open("wb") as f:
+        f.truncate(128 * MiB)
+        f.seek(40 * MiB)
+        f.write(os.urandom(14 * MiB))
+    dev = subprocess.run(["losetup", "--find", "--show", str(backing)], capture_output=True, text=True, check=True)
+    try:
+        yield dev.stdout.strip()
+    finally:
+        # Still open by QEMU until the guest goes: the kernel detaches it then (autoclear).
+        subprocess.run(["losetup", "-d", dev.stdout.strip()], check=False)
+
+
+def test_a_raw_block_device_member_is_as_small_as_its_data(
+    guest: TestInstance, service: Freezeframe, loop_device: str
+) -> None:
+    """The issue's case: 128 MiB device, 14 MiB of data, and the member was 129 MiB. (The data is written from
+    the host: the tiny guest's kernel does not pick up a hot-plugged disk, while QEMU's backup job reads it all.)"""
+    guest.dom.attachDeviceFlags(
+        f"<disk type='block' device='disk'><driver name='qemu' type='raw'/><source dev='{loop_device}'/>"
+        "<target dev='vdf' bus='virtio'/></disk>",
+        libvirt.VIR_DOMAIN_AFFECT_LIVE,
+    )
+    taken = _snap(service, guest)
+    member = _members(taken)["vdf"]
+    written = int(member.metadata["freezeframe.bytes_written"])
+    print(f"member of a 128 MiB block device holding 14 MiB: {written / MiB:.1f} MiB")
+    assert 14 * MiB <= written < 15 * MiB, written
+    assert member.metadata["freezeframe.kind"] == "full" and member.metadata["freezeframe.full_reason"]
+    same = ["qemu-img", "compare", "-f", "qcow2", "-F", "raw", member.path, loop_device]
+    assert subprocess.run(same, capture_output=True).returncode == 0, "the member holds the device's content"

@@ -6,6 +6,7 @@ The planner decides before the guest is touched; the flow then makes incremental
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -371,3 +372,24 @@ def test_change_tracking_that_cannot_be_read_gives_full_members() -> None:
     plan = _plan(parent=_set("p"), tracking=Broken())
     assert _kinds(plan) == {"vda": "full", "vdb": "full"}
     assert all("could not be read (monitor gone)" in (r or "") for r in _reasons(plan).values())
+
+
+def test_a_member_of_a_raw_block_device_keeps_no_zeros(tmp_path: Path) -> None:
+    """The backup job copies a block device's zeros as data (it cannot tell them apart); the member is rewritten
+    without them. A file-backed disk's member is left alone (its holes were never copied)."""
+    repo = DirectoryRepository(tmp_path / "repo", QemuImg())
+    block = DiskSpec("vdb", "virtio", "/dev/loop9", "raw", 16 * MiB, source_type="block")
+    file = DiskSpec("vdc", "virtio", "/vm/vdc.img", "raw", 16 * MiB)
+    targets = repo.prepare("s1", [block, file])
+    for target in targets:  # what the backup job leaves: 1 MiB of data, then zeros written as data
+        command = ["qemu-io", "-f", "qcow2", "-c", "write -P 7 0 1M", "-c", f"write -P 0 1M {15 * MiB}"]
+        subprocess.run([*command, str(target.path)], check=True, capture_output=True)
+    before = {t.disk.target: repo.written_bytes(t.path) for t in targets}
+    repo.drop_zeros(targets)
+    after = {t.disk.target: repo.written_bytes(t.path) for t in targets}
+    assert before["vdb"] > 15 * MiB and after["vdb"] < 2 * MiB, (before, after)
+    assert after["vdc"] == before["vdc"], "a file disk's member is not rewritten"
+    same = ["qemu-img", "compare", "-f", "qcow2", "-F", "qcow2", str(targets[0].path), str(targets[1].path)]
+    assert subprocess.run(same, capture_output=True).returncode == 0, "the content is unchanged"
+    assert oct(targets[0].path.stat().st_mode & 0o777) == "0o600"
+    assert sorted(p.name for p in targets[0].path.parent.iterdir()) == ["vdb.qcow2", "vdc.qcow2"]

@@ -107,6 +107,19 @@ def test_deleting_a_middle_set_rebases_its_child_onto_the_grandparent(chain: Cha
     assert chain.repository.manifest_checksums(s2.id) == {"vda": child.sha256}
 
 
+def test_deleting_a_middle_set_lowers_the_chain_depth_of_every_descendant(chain: Chain, tmp_path: Path) -> None:
+    """--max-chain counts the depth: a grandchild of the deleted set sits one level higher too."""
+    s3 = chain.add([(4, 3)])
+    s0, s1, s2 = chain.sets[:3]
+    chain.retention.delete(s1.id)
+    depths = {s.id: chain.catalog.get_set(s.id).members[0].metadata.get("freezeframe.chain_depth") for s in (s2, s3)}
+    assert depths == {s2.id: "1", s3.id: "2"}
+    assert chain.catalog.get_set(s3.id).members[0].metadata["freezeframe.parent_set"] == s2.id
+    chain.retention.delete(s0.id)
+    depths = {s.id: chain.catalog.get_set(s.id).members[0].metadata.get("freezeframe.chain_depth") for s in (s2, s3)}
+    assert depths == {s2.id: None, s3.id: "1"}, "the new full head has no depth, its child is the first level"
+
+
 def test_deleting_the_full_head_makes_its_child_standalone(chain: Chain, tmp_path: Path) -> None:
     before = _before(chain, tmp_path)
     s0, s1, s2 = chain.sets

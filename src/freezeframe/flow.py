@@ -397,6 +397,8 @@ class SnapshotFlow(Recovery):
     ) -> None:
         """The proposal's naming scheme: every member carries its set's UUID (and what it is in a chain)."""
         chain = decode_metadata(entry.extra.get("chain"))
+        if snapshot_set.instance_state is not InstanceState.SHUTOFF:  # offline copies skip zeros already
+            self.repository.drop_zeros(targets)
         if snapshot_set.achieved is None:
             snapshot_set.achieved = snapshot_set.requested
         common = {

@@ -92,6 +92,24 @@ class DirectoryRepository:
     def written_bytes(self, path: Path) -> int:
         return path.stat().st_blocks * 512
 
+    def drop_zeros(self, targets: Sequence[CaptureTarget]) -> None:
+        """A raw block device (an LVM volume) cannot say which of its blocks hold no data, so QEMU's backup job
+        copies every block and its zeros land in the member as data; libvirt gives the backup target no
+        ``detect-zeroes``. ``qemu-img convert`` detects zeroed 4 KiB runs and leaves them out: the member ends as
+        small as the device's data. A raw or qcow2 *file* reports its holes and needs none of this."""
+        for target in targets:
+            if target.disk.source_type != "block" or target.disk.format != "raw":
+                continue
+            sparse = target.path.with_name(f".{target.path.name}.sparse")
+            try:
+                self.images.convert(ImageRef(target.path, MEMBER_FORMAT), ImageRef(sparse, MEMBER_FORMAT))
+                sparse.chmod(PRIVATE_FILE)
+                sparse.replace(target.path)
+            except HypervisorError as exc:
+                raise CaptureFailed(f"cannot drop the zeros of member {target.path}: {exc}") from exc
+            finally:
+                sparse.unlink(missing_ok=True)
+
     def write_manifest(self, snapshot_set: SnapshotSet) -> None:
         """A set.json beside the data lets anyone tell which images belong together without the catalog."""
         record = set_to_dict(snapshot_set)

@@ -21,6 +21,7 @@ from freezeframe.incremental import (
     KIND_KEY,
     PARENT_KEY,
     WRITTEN_KEY,
+    depth_of,
     set_checkpoint,
 )
 from freezeframe.model import Member, SetStatus, SnapshotSet
@@ -67,8 +68,31 @@ class Chains:
                     self._merge(snapshot_set, member)
             self.repository.write_manifest(child)
             self.catalog.update_set(child)
+            self.renumber_descendants(child)
             merged.append(child.id)
         return merged
+
+    def renumber_descendants(self, snapshot_set: SnapshotSet) -> None:
+        """Every member building on this set's members, at any level, gets its chain depth recounted from its
+        parent's: one incremental fewer under a deleted set means one fewer for ``--max-chain`` all the way down.
+        Recounted, not decremented, so running it again (repair) changes nothing."""
+        pending = [snapshot_set]
+        while pending:
+            parent = pending.pop()
+            depths = {m.target: depth_of(m) for m in parent.members}
+            for child in self.children(parent):
+                changed = False
+                for member in child.members:
+                    if member.metadata.get(PARENT_KEY) != parent.id or member.target not in depths:
+                        continue
+                    depth = str(depths[member.target] + 1)
+                    if member.metadata.get(DEPTH_KEY) != depth:
+                        member.metadata[DEPTH_KEY] = depth
+                        changed = True
+                if changed:
+                    self.repository.write_manifest(child)
+                    self.catalog.update_set(child)
+                pending.append(child)
 
     def _merge(self, snapshot_set: SnapshotSet, member: Member) -> None:
         mine = next((m for m in snapshot_set.members if m.target == member.target), None)
@@ -93,7 +117,7 @@ class Chains:
         else:
             meta[KIND_KEY] = INCREMENTAL
             meta[PARENT_KEY] = grandparent.set_id
-            meta[DEPTH_KEY] = str(max(1, int(meta.get(DEPTH_KEY, "1")) - 1))
+            meta[DEPTH_KEY] = str(depth_of(grandparent) + 1)
         meta[WRITTEN_KEY] = str(self.repository.written_bytes(path))
         member.sha256 = self.stores.of(member).checksum(member)
 

@@ -123,6 +123,9 @@ class Repository(Protocol):
     def written_bytes(self, path: Path) -> int:
         """Bytes the member's own file takes (its backing files not counted)."""
 
+    def drop_zeros(self, targets: Sequence[CaptureTarget]) -> None:
+        """Rewrite, without their zeros, the members a live copy filled with zeros it could not tell from data."""
+
     def write_manifest(self, snapshot_set: SnapshotSet) -> None:
         """Store a self-describing record of the set next to its data."""
 

@@ -11,6 +11,11 @@
  *     Every ~5 ms append "seq realtime_ns" to <mount>/heartbeat.log on each mount (fsync each), so the
  *     longest stall the guest saw can be computed afterwards.
  *
+ *   ff-workload rewrite <device> <region-bytes> <block> <count> <shift> <seed>
+ *     Write <count> distinct random blocks of <block> bytes, at k * <block> + <shift> inside the first
+ *     <region-bytes> of <device>, with random content (O_DIRECT, fdatasync at the end); print
+ *     "rewrote <bytes> in <ns> ns". The benchmark's change maker and write-throughput probe.
+ *
  * Records are fixed width so a torn record at the end of a file is detectable.
  */
 #define _GNU_SOURCE
@@ -260,11 +265,58 @@ static int heartbeat(int nmounts, char **mounts) {
     return 0;
 }
 
+static unsigned long long xorshift(unsigned long long *state) {
+    unsigned long long x = *state;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    *state = x;
+    return x * 2685821657736338717ULL;
+}
+
+static int rewrite(const char *dev, long long region, long long block, long long count, long long shift,
+                   unsigned long long seed) {
+    if (block <= 0 || block % 4096 != 0 || shift < 0 || shift % 4096 != 0 || region < block + shift) {
+        fprintf(stderr, "ff-workload rewrite: block and shift must be multiples of 4096 within the region\n");
+        return 2;
+    }
+    long long slots = (region - shift) / block;
+    if (count < 0 || count > slots) {
+        fprintf(stderr, "ff-workload rewrite: %lld blocks asked, %lld fit\n", count, slots);
+        return 2;
+    }
+    int fd = open(dev, O_WRONLY | O_DIRECT);
+    if (fd < 0) die("open %s", dev);
+    unsigned char *used = calloc((size_t)slots, 1);
+    void *buf = NULL;
+    if (used == NULL || posix_memalign(&buf, 4096, (size_t)block) != 0) die("allocate");
+    unsigned long long state = seed ? seed : 1;
+    long long start = now_ns(CLOCK_MONOTONIC);
+    for (long long done = 0; done < count; done++) {
+        long long k = (long long)(xorshift(&state) % (unsigned long long)slots);
+        while (used[k]) k = (k + 1) % slots;
+        used[k] = 1;
+        unsigned long long *words = buf;
+        for (size_t w = 0; w < (size_t)block / sizeof *words; w++) words[w] = xorshift(&state);
+        write_all_at(fd, buf, (size_t)block, (off_t)(k * block + shift), dev);
+    }
+    while (fdatasync(fd) != 0) {
+        if (errno != EINTR) die("fdatasync %s", dev);
+    }
+    printf("rewrote %lld in %lld ns\n", count * block, now_ns(CLOCK_MONOTONIC) - start);
+    close(fd);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (argc >= 2 && strcmp(argv[1], "idle") == 0) return 0;
     if (argc == 4 && strcmp(argv[1], "ledger") == 0) return ledger(argv[2], argv[3]);
     if (argc >= 3 && strcmp(argv[1], "heartbeat") == 0) return heartbeat(argc - 2, argv + 2);
-    fprintf(stderr, "usage: ff-workload idle | ledger <journal-mount> <state-mount> | heartbeat <mount>...\n");
+    if (argc == 8 && strcmp(argv[1], "rewrite") == 0)
+        return rewrite(argv[2], atoll(argv[3]), atoll(argv[4]), atoll(argv[5]), atoll(argv[6]),
+                       strtoull(argv[7], NULL, 10));
+    fprintf(stderr, "usage: ff-workload idle | ledger <journal-mount> <state-mount> | heartbeat <mount>... | "
+                    "rewrite <device> <region-bytes> <block> <count> <shift> <seed>\n");
     return 2;
 }
