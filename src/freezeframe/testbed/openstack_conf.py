@@ -7,10 +7,9 @@ service user. Everything on 127.0.0.1.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
-
-import json
 
 REGION = "RegionOne"
 DOMAIN = "freezeframe"
