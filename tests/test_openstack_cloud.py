@@ -219,3 +219,34 @@ def test_errors_reach_the_clients_with_their_exit_codes_and_exceptions(cloud: Cl
     # Nothing half-made: none of the refused requests left an image in Glance.
     names = {i.name for i in cloud.connection("ff-admin").image.images(owner=cloud.info["project_id"])}
     assert not names & {"not mine", "reader's", "b", "x"}
+
+
+def test_export_to_glance_and_import_from_it(cloud: Cloud, libvirt_conn: Any) -> None:
+    env = OpenStackTestbed().settings().env()
+    if not [s for s in cloud.sets() if s.instance_uuid == cloud.alpha]:  # run alone (-k): make a set first
+        cloud.connection("ff-member").compute.create_server_image(cloud.alpha, "for export", wait=True, timeout=300)
+    source = next(s for s in cloud.sets() if s.instance_uuid == cloud.alpha and len(s.members) == 3)
+    done = _cli(cloud.home, env, "export", source.id, "--to-glance", "--name", "alpha OVA", "--json")
+    assert done.returncode == 0, done.stderr
+    image_id = json.loads(done.stdout)["image_id"]
+    image = cloud.glance_image(image_id)
+    assert (image["status"], image["container_format"], image["disk_format"]) == ("active", "ova", "qcow2")
+    assert image["freezeframe_set_uuid"] == source.id and image["architecture"] == "x86_64"
+    assert (image["freezeframe_vcpus"], image["freezeframe_memory_mib"]) == ("2", "96")
+    (recorded,) = [s for s in cloud.sets() if s.id == source.id]
+    assert {m.metadata["freezeframe.glance_image_id"] for m in recorded.members} == {image_id}
+    name = f"ffos-imported-{uuid.uuid4().hex[:8]}"
+    try:
+        imported = _cli(cloud.home, env, "import", image_id, "--as", name, "--json")
+        assert imported.returncode == 0, imported.stderr
+        assert [d["target"] for d in json.loads(imported.stdout)["disks"]] == ["vda", "vdb", "vdc"]
+    finally:
+        try:
+            libvirt_conn.lookupByName(name).undefine()
+        except libvirt.libvirtError as exc:
+            print(f"no imported domain to clean up: {exc}")
+        cloud.connection("ff-admin").image.delete_image(image_id, ignore_missing=True)
+    # Not an OVA: refused with one line and the invalid-request exit code.
+    snap = next(s for s in cloud.sets() if s.metadata.get("freezeframe.glance_image_id") and s.id != source.id)
+    refused = _cli(cloud.home, env, "import", snap.metadata["freezeframe.glance_image_id"], "--as", name + "x")
+    assert refused.returncode == 3 and "only active 'ova' images" in refused.stderr, refused.stderr

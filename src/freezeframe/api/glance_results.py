@@ -22,13 +22,12 @@ from freezeframe.adapters.glance import Glance
 from freezeframe.errors import FreezeframeError
 from freezeframe.model import Instance, SnapshotSet
 from freezeframe.ops.compute import Taken, root_disk
+from freezeframe.ops.glance_records import GLANCE_KEY, record_glance_image
 from freezeframe.ports import ImageRef
 from freezeframe.service import Freezeframe
 
 log = logging.getLogger("freezeframe.api")
 
-GLANCE_KEY = "freezeframe.glance_image_id"
-"""Set (and member) metadata: the Glance image a set was published as."""
 DISK_FORMAT = "qcow2"
 
 
@@ -80,7 +79,9 @@ class GlancePublisher:
         """Describe every member, upload the root disk, then delete the images of rotated-out sets."""
         from freezeframe.api.nova_views import block_device_mapping
 
-        snapshot_set = taken.snapshot_set
+        snapshot_set = record_glance_image(
+            self.service.catalog, self.service.repository, taken.snapshot_set, self.image_id
+        )
         root, bdm = block_device_mapping(snapshot_set)
         self.glance.set_properties(self.image_id, {"block_device_mapping": json.dumps(bdm)})
         if root is not None:

@@ -16,7 +16,7 @@ from fastapi import APIRouter, Body, Request, Response
 from fastapi.responses import JSONResponse
 
 from freezeframe.api.deps import PrincipalDep, StateDep
-from freezeframe.api.glance_results import GLANCE_KEY, GlancePublisher, glance_properties
+from freezeframe.api.glance_results import GlancePublisher, glance_properties
 from freezeframe.api.nova import (
     IMAGE_ID_IN_BODY,
     IMAGE_PREFIX,
@@ -34,6 +34,7 @@ from freezeframe.api.state import AppState
 from freezeframe.errors import InvalidRequest
 from freezeframe.model import Instance
 from freezeframe.ops.compute import Order, nova_order
+from freezeframe.ops.glance_records import GLANCE_KEY
 
 router = APIRouter(tags=["nova"])
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$")
