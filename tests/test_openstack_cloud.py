@@ -246,7 +246,12 @@ def test_export_to_glance_and_import_from_it(cloud: Cloud, libvirt_conn: Any) ->
         except libvirt.libvirtError as exc:
             print(f"no imported domain to clean up: {exc}")
         cloud.connection("ff-admin").image.delete_image(image_id, ignore_missing=True)
-    # Not an OVA: refused with one line and the invalid-request exit code.
-    snap = next(s for s in cloud.sets() if s.metadata.get("freezeframe.glance_image_id") and s.id != source.id)
-    refused = _cli(cloud.home, env, "import", snap.metadata["freezeframe.glance_image_id"], "--as", name + "x")
-    assert refused.returncode == 3 and "only active 'ova' images" in refused.stderr, refused.stderr
+    # Not an OVA: refused with one line and the invalid-request exit code, nothing defined.
+    admin = cloud.connection("ff-admin")
+    bare = admin.image.create_image("not a package", data=b"\0" * 4096, disk_format="raw", container_format="bare")
+    try:
+        refused = _cli(cloud.home, env, "import", bare.id, "--as", name + "x")
+        assert refused.returncode == 3 and "only active 'ova' images" in refused.stderr, refused.stderr
+        assert name + "x" not in libvirt_conn.listDefinedDomains()
+    finally:
+        admin.image.delete_image(bare.id, ignore_missing=True)
