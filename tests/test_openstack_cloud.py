@@ -136,9 +136,15 @@ def test_testbed_up_answers_with_the_catalog_and_a_stock_clouds_yaml(cloud: Clou
     conn = cloud.connection(info["cloud"])
     assert conn.session.get_endpoint(service_type="compute", interface="public") == info["serve_url"] + "/v2.1"
     assert conn.session.get_endpoint(service_type="image", interface="public").rstrip("/") == info["glance_url"]
-    # A second `up` leaves the running test bed as it is.
+    # A second `up` leaves the running test bed as it is; `status` says it is healthy.
+    serve_pid = (Path(info["state_dir"]) / "serve.pid").read_text()
     again = _cli(cloud.home, {}, "testbed", "openstack", "up", "--json")
     assert again.returncode == 0 and json.loads(again.stdout)["serve_url"] == info["serve_url"]
+    assert (Path(info["state_dir"]) / "serve.pid").read_text() == serve_pid
+    status = _cli(cloud.home, {}, "testbed", "openstack", "status", "--json")
+    assert status.returncode == 0 and json.loads(status.stdout)["healthy"] is True, status.stdout
+    env_lines = Path(info["env_file"]).read_text()
+    assert f"export FREEZEFRAME_KEYSTONE_URL={info['auth_url']}" in env_lines
 
 
 def test_keystone_tokens_scope_servers_by_project_and_role(cloud: Cloud) -> None:

@@ -55,6 +55,8 @@ class CloudInfo:
     serve_url: str
     compute_url: str
     clouds_yaml: str
+    env_file: str
+    """``export FREEZEFRAME_KEYSTONE_…`` lines (the serve's service user) for CLI commands that talk to the cloud."""
     cloud: str
     clouds: dict[str, str]
     """cloud name -> its role (``ff-other`` is a member of another project)."""
@@ -143,6 +145,9 @@ class OpenStackTestbed:
         clouds = self.state / "clouds.yaml"
         clouds.write_text(clouds_yaml(record["auth_url"], record["passwords"]))
         clouds.chmod(0o600)
+        env_file = self.state / "freezeframe.env"
+        env_file.write_text("".join(f"export {k}={v}\n" for k, v in self.settings().env().items()))
+        env_file.chmod(0o600)
         return self._info(record)
 
     def down(self) -> None:
@@ -169,10 +174,7 @@ class OpenStackTestbed:
         record = self._record()
         if not record.get("bootstrapped"):
             raise TestbedError(f"no OpenStack test bed in {self.state}: run `freezeframe testbed openstack up`")
-        return CloudSettings(
-            auth_url=record["auth_url"], username="freezeframe", password=record["passwords"]["freezeframe"],
-            region_name=REGION, glance=record["glance_url"],
-        )  # fmt: skip
+        return _serve_settings(record)
 
     # ---- making it -----------------------------------------------------------------------------------------
 
@@ -252,11 +254,7 @@ class OpenStackTestbed:
         if _alive(self._pid("serve")) and record.get("serve_home") == str(home) and _answers(record["serve_url"]):
             return
         self._stop("serve")
-        settings = CloudSettings(
-            auth_url=record["auth_url"], username="freezeframe", password=record["passwords"]["freezeframe"],
-            region_name=REGION, glance=record["glance_url"],
-        )  # fmt: skip
-        env = {**os.environ, **settings.env(), "FREEZEFRAME_HOME": str(home)}
+        env = {**os.environ, **_serve_settings(record).env(), "FREEZEFRAME_HOME": str(home)}
         port = str(record["ports"]["serve"])
         self._spawn("serve", [sys.executable, "-m", "freezeframe.cli", "serve", "--port", port], env)
         self._wait("serve", record["serve_url"] + "/healthz")
@@ -287,11 +285,19 @@ class OpenStackTestbed:
         return CloudInfo(
             state_dir=str(self.state), auth_url=record["auth_url"], glance_url=record["glance_url"],
             serve_url=record["serve_url"], compute_url=record["serve_url"] + "/v2.1",
-            clouds_yaml=str(self.state / "clouds.yaml"), cloud=MEMBER_CLOUD,
+            clouds_yaml=str(self.state / "clouds.yaml"), env_file=str(self.state / "freezeframe.env"),
+            cloud=MEMBER_CLOUD,
             clouds={u.cloud: u.role for u in USERS}, project=PROJECT, project_id=projects[PROJECT],
             other_project=OTHER_PROJECT, other_project_id=projects[OTHER_PROJECT], domain=DOMAIN,
             home=record.get("serve_home", ""),
         )  # fmt: skip
+
+
+def _serve_settings(record: dict[str, Any]) -> CloudSettings:
+    return CloudSettings(
+        auth_url=record["auth_url"], username="freezeframe", password=record["passwords"]["freezeframe"],
+        region_name=REGION, glance=record["glance_url"],
+    )  # fmt: skip
 
 
 def _reap(pid: int) -> None:
