@@ -4,6 +4,7 @@ tests/test_openstack_cloud.py."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,6 +14,7 @@ from freezeframe.api.cloud_links import KEYSTONE_TOKEN_PREFIX, keystone_principa
 from freezeframe.api.glance_results import glance_properties
 from freezeframe.api.problems import ApiProblem
 from freezeframe.cloud_settings import CloudSettings
+from freezeframe.config import Settings
 from freezeframe.errors import InvalidRequest
 from freezeframe.model import DiskSpec, Hardware, Instance, InstanceState
 from freezeframe.ops.compute import decode_meta_key, encode_meta_key
@@ -121,3 +123,62 @@ def test_metadata_keys_up_to_novas_255_characters() -> None:
     assert decode_meta_key(encode_meta_key(longest + "z")) == longest + "z"
     with pytest.raises(InvalidRequest, match="1-255"):
         encode_meta_key(longest + "zz")
+
+
+# ---- the publisher: real catalog, repository and qemu-img; a Glance that records what it is asked -------------
+
+
+class _RecordingGlance:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+        self.uploaded = b""
+
+    def create(self, name: str, disk_format: str, container_format: str, owner: str | None, props: Any) -> Any:
+        self.calls.append(("create", name))
+        return {"id": "img-new", "status": "queued"}
+
+    def set_properties(self, image_id: str, properties: dict[str, str]) -> None:
+        self.calls.append(("set_properties", (image_id, properties)))
+
+    def upload(self, image_id: str, data: Any) -> None:
+        self.uploaded = data.read()
+        self.calls.append(("upload", image_id))
+
+    def delete(self, image_id: str) -> bool:
+        self.calls.append(("delete", image_id))
+        return True
+
+
+def test_publisher_uploads_the_root_records_the_id_and_deletes_rotated_images(tmp_path: Any) -> None:
+    import json
+
+    from freezeframe.api.glance_results import GlancePublisher
+    from freezeframe.ops.compute import Taken
+    from freezeframe.ops.glance_records import GLANCE_KEY
+    from freezeframe.ports import MANIFEST
+    from freezeframe.service import Freezeframe
+    from portable_support import synthetic_set
+
+    hardware = Hardware(vcpus=1, memory_kib=65536, arch="x86_64", machine=None, disks=_instance().hardware.disks)
+    with Freezeframe.open(Settings(home=tmp_path)) as ff:
+        old = synthetic_set(ff, hardware, {"vda": 1}, instance_uuid="i-1", metadata={GLANCE_KEY: "img-old"})
+        new = synthetic_set(ff, hardware, {"vda": 2, "vdb": 3}, instance_uuid="i-1")
+        glance = _RecordingGlance()
+        publisher = GlancePublisher(glance, ff, "img-new", "i-1")  # type: ignore[arg-type]
+        publisher.prepare()
+        assert publisher.earlier == {old.id: "img-old"}
+        result = publisher.publish(Taken(new, rotated=[old.id]))
+        assert result == {"glance_image_id": "img-new", "glance_rotated_out": ["img-old"]}
+        (_, (image_id, props)), upload, delete = glance.calls
+        bdm = json.loads(props["block_device_mapping"])
+        assert image_id == "img-new" and [b["device_name"] for b in bdm] == ["/dev/vda", "/dev/vdb"]
+        assert upload == ("upload", "img-new") and delete == ("delete", "img-old")
+        root = next(m for m in new.members if m.target == "vda")
+        assert glance.uploaded == Path(root.path).read_bytes()  # a standalone qcow2 goes as stored
+        (recorded,) = ff.catalog.load_sets([new.id])
+        assert recorded.metadata[GLANCE_KEY] == "img-new"
+        assert {m.metadata[GLANCE_KEY] for m in recorded.members} == {"img-new"}
+        on_disk = json.loads((ff.repository.set_dir(new.id) / MANIFEST).read_text())
+        assert {m["metadata"][GLANCE_KEY] for m in on_disk["members"]} == {"img-new"}
+        publisher.discard()
+        assert glance.calls[-1] == ("delete", "img-new")
