@@ -77,10 +77,11 @@ class _Validator:
 
 
 def test_keystone_principal_is_scoped_to_the_project_id() -> None:
-    identity = KeystoneIdentity("u1", "alice", "0123abcd", "demo", ("member", "reader"))
+    user_id = "0a1b2c3d" * 4  # Keystone's ids: 32 hex digits
+    identity = KeystoneIdentity(user_id, "alice", "0123abcd", "demo", ("member", "reader"))
     principal = keystone_principal(_Validator(identity), "tok")  # type: ignore[arg-type]
     assert (principal.role, principal.project) == ("member", "0123abcd")
-    assert principal.token_id == KEYSTONE_TOKEN_PREFIX + "u1"
+    assert principal.token_id == KEYSTONE_TOKEN_PREFIX + user_id[:29] and len(principal.token_id) == 32
     assert principal.sees("0123abcd") and not principal.sees("demo")
 
 

@@ -17,8 +17,9 @@ from freezeframe.api.access import Principal
 from freezeframe.api.problems import forbidden, unauthorized
 from freezeframe.cloud_settings import CloudSettings
 
-KEYSTONE_TOKEN_PREFIX = "keystone:"
-"""``Principal.token_id`` of a Keystone caller: ``keystone:<user id>`` (jobs record who asked)."""
+KEYSTONE_TOKEN_PREFIX = "ks-"
+"""``Principal.token_id`` of a Keystone caller: ``ks-`` and the first 29 characters of the user id (jobs record who
+asked in 32 characters; Keystone's ids are 32 hex digits, our tokens' 16)."""
 
 
 @dataclass(frozen=True)
@@ -48,4 +49,4 @@ def keystone_principal(validator: TokenValidator, token: str) -> Principal:
         raise forbidden(
             f"the token's roles ({', '.join(identity.roles) or 'none'}) include none of admin, member, reader"
         )
-    return Principal(KEYSTONE_TOKEN_PREFIX + identity.user_id, role, identity.project_id)
+    return Principal(KEYSTONE_TOKEN_PREFIX + identity.user_id[:29], role, identity.project_id)
