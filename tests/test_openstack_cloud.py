@@ -201,11 +201,12 @@ def test_sdk_and_novaclient_get_glance_image_ids(cloud: Cloud) -> None:
     image = conn.compute.create_server_image(cloud.alpha, "sdk image", wait=True, timeout=300)
     assert conn.image.get_image(image.id).status == "active"
     nova = cloud.nova("ff-member", "2.45")
-    image_id = nova.servers.create_image(cloud.alpha, "nova image")
+    long_key = "Image Type " + "k" * 244  # Nova's limit: 255 characters
+    image_id = nova.servers.create_image(cloud.alpha, "nova image", metadata={long_key: "gold"})
     deadline = time.monotonic() + 300
     while (status := cloud.glance_image(image_id)["status"]) != "active" and time.monotonic() < deadline:
         time.sleep(1)
-    assert status == "active"
+    assert status == "active" and cloud.glance_image(image_id)[long_key] == "gold"
 
 
 def test_errors_reach_the_clients_with_their_exit_codes_and_exceptions(cloud: Cloud) -> None:
