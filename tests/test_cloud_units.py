@@ -170,7 +170,7 @@ def test_publisher_uploads_the_root_records_the_id_and_deletes_rotated_images(tm
         assert publisher.earlier == {old.id: "img-old"}
         result = publisher.publish(Taken(new, rotated=[old.id]))
         assert result == {"glance_image_id": "img-new", "glance_rotated_out": ["img-old"]}
-        (_, (image_id, props)), upload, delete = glance.calls
+        delete, (_, (image_id, props)), upload = glance.calls
         bdm = json.loads(props["block_device_mapping"])
         assert image_id == "img-new" and [b["device_name"] for b in bdm] == ["/dev/vda", "/dev/vdb"]
         assert upload == ("upload", "img-new") and delete == ("delete", "img-old")

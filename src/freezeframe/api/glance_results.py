@@ -76,18 +76,19 @@ class GlancePublisher:
                 self.earlier[s.id] = s.metadata[GLANCE_KEY]
 
     def publish(self, taken: Taken) -> dict[str, object]:
-        """Describe every member, upload the root disk, then delete the images of rotated-out sets."""
+        """Record the image on the set, delete the images of rotated-out sets, describe every member, upload."""
         from freezeframe.api.nova_views import block_device_mapping
 
         snapshot_set = record_glance_image(
             self.service.catalog, self.service.repository, taken.snapshot_set, self.image_id
         )
+        # The rotation already removed its sets: their images go first, whatever the upload does.
+        deleted = [self.earlier[s] for s in taken.rotated if s in self.earlier and self.glance.delete(self.earlier[s])]
         root, bdm = block_device_mapping(snapshot_set)
         self.glance.set_properties(self.image_id, {"block_device_mapping": json.dumps(bdm)})
         if root is not None:
             with self._root_data(snapshot_set, root.target) as path, path.open("rb") as data:
                 self.glance.upload(self.image_id, data)
-        deleted = [self.earlier[s] for s in taken.rotated if s in self.earlier and self.glance.delete(self.earlier[s])]
         return {"glance_image_id": self.image_id, "glance_rotated_out": deleted}
 
     def discard(self) -> None:

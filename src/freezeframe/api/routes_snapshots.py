@@ -85,20 +85,19 @@ def submit_order(
                 ctx.phase("copying")
             ctx.progress(done, total)
 
-        if publisher is None:
+        published: dict[str, Any] = {}
+        try:
+            if publisher is not None:
+                publisher.prepare()
             made = take(state.service, instance, replace(order, metadata=metadata), set_id=set_id,
                         visible=visible, progress=progress)  # fmt: skip
-            published: dict[str, Any] = {}
-        else:
-            try:
-                publisher.prepare()
-                made = take(state.service, instance, replace(order, metadata=metadata), set_id=set_id,
-                            visible=visible, progress=progress)  # fmt: skip
+            if publisher is not None:
                 ctx.phase("uploading")
                 published = publisher.publish(made)
-            except BaseException:
-                publisher.discard()
-                raise
+        except BaseException:
+            if publisher is not None:
+                publisher.discard()  # a failed request leaves no image behind, as Nova's
+            raise
         return {
             **published,
             "set_id": made.snapshot_set.id,
