@@ -143,6 +143,9 @@ def test_testbed_up_answers_with_the_catalog_and_a_stock_clouds_yaml(cloud: Clou
     assert (Path(info["state_dir"]) / "serve.pid").read_text() == serve_pid
     status = _cli(cloud.home, {}, "testbed", "openstack", "status", "--json")
     assert status.returncode == 0 and json.loads(status.stdout)["healthy"] is True, status.stdout
+    # project assign takes Keystone's names and ids only: an unknown one is not-found (exit code 2).
+    unknown = _cli(cloud.home, OpenStackTestbed().settings().env(), "project", "assign", cloud.alpha, "no-such")
+    assert unknown.returncode == 2 and "Keystone has no project" in unknown.stderr, unknown.stderr
     env_lines = Path(info["env_file"]).read_text()
     assert f"export FREEZEFRAME_KEYSTONE_URL={info['auth_url']}" in env_lines
 
