@@ -38,6 +38,39 @@ if [ ${#missing[@]} -gt 0 ]; then
     || die "apt-get install ${missing[*]} failed; run it by hand to see why"
 fi
 
+# OpenStack test bed (freezeframe testbed openstack): Debian's Keystone and Glance, run by our own command, never
+# as system services. Their postinst scripts ask debconf (database via dbconfig, endpoint registration, admin
+# user) and try to start the daemons: preseed every answer to "no" and, where no policy-rc.d exists (a host with an
+# init system), forbid service starts for the duration of the install.
+OPENSTACK_PACKAGES=(keystone glance-api python3-keystonemiddleware uwsgi-plugin-python3)
+os_missing=()
+for p in "${OPENSTACK_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || os_missing+=("$p")
+done
+if [ ${#os_missing[@]} -gt 0 ]; then
+  say "installing the OpenStack test bed's packages: ${os_missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q --no-install-recommends debconf-utils >/dev/null || die "apt-get install debconf-utils failed"
+  debconf-set-selections <<'SEED'
+keystone keystone/configure_db boolean false
+keystone keystone/register-endpoint boolean false
+glance-common glance/configure_db boolean false
+glance-api glance/configure_api-endpoint boolean false
+glance-common glance/ksat-create-service-user boolean false
+SEED
+  policy=/usr/sbin/policy-rc.d
+  made_policy=0
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\n# freezeframe setup-host.sh: no service starts while installing\nexit 101\n' > "$policy"
+    chmod 755 "$policy"
+    made_policy=1
+  fi
+  rc=0
+  apt-get install -y -q --no-install-recommends "${os_missing[@]}" >/dev/null || rc=$?
+  [ "$made_policy" = 1 ] && rm -f "$policy"
+  [ "$rc" = 0 ] || die "apt-get install ${os_missing[*]} failed; run it by hand to see why"
+fi
+
 # libvirtd resolves these before reading qemu.conf and dies with "Failed to parse user" without them.
 getent group kvm >/dev/null || groupadd -r kvm
 getent group libvirt-qemu >/dev/null || groupadd -r libvirt-qemu

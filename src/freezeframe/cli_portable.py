@@ -6,6 +6,7 @@ cli_output. The export/import code is imported when a command runs, not when the
 
 from __future__ import annotations
 
+import contextlib
 import enum
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -14,7 +15,16 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from freezeframe.cli_common import ConnectOpt, HomeOpt, JsonOpt, SetArg, check_name, open_service, print_json
+from freezeframe.cli_common import (
+    ConnectOpt,
+    HomeOpt,
+    JsonOpt,
+    SetArg,
+    check_name,
+    open_service,
+    print_json,
+    settings_for,
+)
 from freezeframe.cli_output import Col, print_fields, print_table, progress_bar, say
 from freezeframe.errors import InvalidRequest
 from freezeframe.validation import validate_import_storage, validate_name
@@ -63,15 +73,21 @@ def export(
         ),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="replace an existing output file")] = False,
+    to_glance: Annotated[
+        bool, typer.Option("--to-glance", help="upload the OVA to the configured Glance (container_format ova)")
+    ] = False,
     as_json: JsonOpt = False,
     connect: ConnectOpt = None,
     home: HomeOpt = None,
 ) -> None:
-    """Write SET as one OVA package (descriptor, manifest, every member disk), to a file or the store."""
-    if (output is None) == (not to_store):
-        raise InvalidRequest("say where the package goes: -o FILE.ova or --to-store")
+    """Write SET as one OVA package (descriptor, manifest, every member disk), to a file, the store or Glance."""
+    if [output is not None, to_store, to_glance].count(True) != 1:
+        raise InvalidRequest("say where the package goes: one of -o FILE.ova, --to-store, --to-glance")
+    if to_glance:
+        _export_to_glance(set_ref, name, str(disk_format), ovf_version, manifest_digest, as_json, connect, home)
+        return
     if name is not None and not to_store:
-        raise InvalidRequest("--name names a stored image; use it with --to-store")
+        raise InvalidRequest("--name names a stored or Glance image; use it with --to-store or --to-glance")
     if force and to_store:
         raise InvalidRequest("--force replaces an output file; the store never overwrites (each export is a new image)")
     image_name = check_name(name, "image name")
@@ -97,8 +113,30 @@ def export(
     )
 
 
+def _export_to_glance(
+    set_ref: str, name: str | None, disk_format: str, ovf_version: int, digest: str | None, as_json: bool,
+    connect: str | None, home: Path | None,
+) -> None:  # fmt: skip
+    from freezeframe.glance_packages import export_to_glance, glance_from_env
+    from freezeframe.ops.compute import check_display_name
+
+    if name is not None:
+        check_display_name(name)
+    glance = glance_from_env()
+    with open_service(home, connect) as service:
+        result = export_to_glance(service, glance, set_ref, name=name, disk_format=disk_format,
+                                  ovf_version=ovf_version, manifest_digest=digest)  # fmt: skip
+    if as_json:
+        print_json(result.to_dict())
+        return
+    say(f"set {result.set_id} is Glance image {result.image_id} ({result.name}): {result.status}, {result.size} bytes, "
+        f"{result.container_format}/{result.disk_format}")  # fmt: skip
+
+
 def import_(
-    source: Annotated[str, typer.Argument(metavar="FILE.ova|IMAGE", help="an OVA file or a stored image")],
+    source: Annotated[
+        str, typer.Argument(metavar="FILE.ova|IMAGE", help="an OVA file, a stored image or a Glance image id")
+    ],
     as_name: Annotated[str, typer.Option("--as", metavar="NAME", help="name of the new instance")],
     start: Annotated[bool, typer.Option("--start", help="boot the new instance")] = False,
     network: Annotated[
@@ -117,9 +155,17 @@ def import_(
     images POOL/NAME-TARGET with --storage rbd --pool POOL."""
     name = validate_name(as_name, "instance name")
     validate_import_storage(storage, pool)
-    with _portable(home, connect) as portable, progress_bar(not as_json, "importing") as progress:
+    with contextlib.ExitStack() as stack:
+        portable = stack.enter_context(_portable(home, connect))
+        package: str | Path = source
+        if _from_glance(portable, source):
+            from freezeframe.glance_packages import glance_from_env, glance_package
+
+            cache = settings_for(home, connect).cache_dir
+            package = stack.enter_context(glance_package(cache, glance_from_env(), source))
+        progress = stack.enter_context(progress_bar(not as_json, "importing"))
         result = portable.import_package(
-            source, name, start=start, network=network, progress=progress, storage=storage, pool=pool
+            package, name, start=start, network=network, progress=progress, storage=storage, pool=pool
         )
     if as_json:
         print_json(result.to_dict())
@@ -138,6 +184,16 @@ def import_(
         say(f"  nic: {nic}")
     for target, why in result.left_out.items():
         say(f"  {target}: left out ({why})")
+
+
+def _from_glance(portable: Portable, source: str) -> bool:
+    """A UUID that is no file and no stored image, with a Glance configured: a Glance image id."""
+    from freezeframe.cloud_settings import CloudSettings
+    from freezeframe.glance_packages import looks_like_glance_id
+
+    if not looks_like_glance_id(source) or CloudSettings.from_env() is None:
+        return False
+    return all(image.id != source for image in portable.images())
 
 
 IMAGE_COLUMNS = (

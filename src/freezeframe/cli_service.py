@@ -170,18 +170,27 @@ project_app = typer.Typer(
 @project_app.command("assign")
 def project_assign(
     instance: Annotated[str, typer.Argument(help="instance name or UUID")],
-    project: Annotated[str, typer.Argument(help="project name")],
+    project: Annotated[str, typer.Argument(help="project name (with Keystone: a Keystone project name or id)")],
     connect: ConnectOpt = None,
     home: HomeOpt = None,
 ) -> None:
-    """Put INSTANCE in PROJECT (wins over the project in the domain's <metadata>)."""
+    """Put INSTANCE in PROJECT (wins over the project in the domain's <metadata>). With FREEZEFRAME_KEYSTONE_URL set,
+    PROJECT is a Keystone project name or id, and its id is recorded (what Keystone tokens carry)."""
     from freezeframe.adapters.service_store import ProjectMap
+    from freezeframe.cloud_settings import CloudSettings
 
+    cloud = CloudSettings.from_env()
+    shown = project
+    if cloud is not None:
+        from freezeframe.adapters.keystone import resolve_project, service_session
+
+        project, name = resolve_project(service_session(cloud), project)
+        shown = f"{name} (Keystone project {project})"
     validate_project(project)
     with open_service(home, connect) as service:
         found = service.instance(instance)
         ProjectMap(service.catalog).assign(found.uuid, found.name, project)
-    say(f"{found.name} ({found.uuid}) is in project {project}")
+    say(f"{found.name} ({found.uuid}) is in project {shown}")
 
 
 @project_app.command("unassign")

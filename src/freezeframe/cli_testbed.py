@@ -9,7 +9,7 @@ import dataclasses
 
 import typer
 
-from freezeframe.cli_common import JsonOpt, print_json
+from freezeframe.cli_common import HomeOpt, JsonOpt, print_json
 from freezeframe.cli_output import say
 from freezeframe.errors import PreflightFailed
 
@@ -66,6 +66,59 @@ def ceph_status(as_json: JsonOpt = False) -> None:
         say(f"state: {status['state_dir']}")
         say(f"daemons: {status['daemons']}")
         say(f"healthy: {status['healthy']}")
+    if not status["healthy"]:
+        raise typer.Exit(1)
+
+
+openstack_app = typer.Typer(
+    help="A real Keystone and Glance (Debian's packages, SQLite, fernet tokens, file store) on 127.0.0.1, and a "
+    "`freezeframe serve` on the current data home registered as `compute`; state in "
+    "$FREEZEFRAME_OPENSTACK_TESTBED_DIR (default /var/tmp/freezeframe-openstack).",
+    no_args_is_help=True,
+    context_settings=CONTEXT,
+)
+testbed_app.add_typer(openstack_app, name="openstack")
+
+
+@openstack_app.command("up")
+def openstack_up(as_json: JsonOpt = False, home: HomeOpt = None) -> None:
+    """Bring Keystone, Glance and the serve up (a running test bed is left as it is) and say how to reach them."""
+    from freezeframe.cli_common import settings_for
+    from freezeframe.testbed.instance import TestbedError
+    from freezeframe.testbed.openstack import OpenStackTestbed, info_dict
+
+    try:
+        info = info_dict(OpenStackTestbed().up(settings_for(home, None).home))
+    except TestbedError as exc:
+        raise PreflightFailed(f"testbed openstack up: {exc}") from exc
+    if as_json:
+        print_json(info)
+        return
+    for key, value in info.items():
+        say(f"{key}: {value}")
+    say(f"export OS_CLIENT_CONFIG_FILE={info['clouds_yaml']} OS_CLOUD={info['cloud']}")
+
+
+@openstack_app.command("down")
+def openstack_down() -> None:
+    """Stop Keystone, Glance and the serve, and remove the test bed's data."""
+    from freezeframe.testbed.openstack import OpenStackTestbed
+
+    OpenStackTestbed().down()
+    say("openstack test bed stopped")
+
+
+@openstack_app.command("status")
+def openstack_status(as_json: JsonOpt = False) -> None:
+    """Which daemons run and whether they answer; exit code 1 when it is not healthy."""
+    from freezeframe.testbed.openstack import OpenStackTestbed
+
+    status = OpenStackTestbed().status()
+    if as_json:
+        print_json(status)
+    else:
+        for key, value in status.items():
+            say(f"{key}: {value}")
     if not status["healthy"]:
         raise typer.Exit(1)
 

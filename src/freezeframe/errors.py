@@ -237,6 +237,13 @@ class TokenNotFound(NotFound):
     pass
 
 
+# ---- adapters/keystone.py, adapters/glance.py ------------------------------------------------------------
+
+
+class CloudServiceError(FreezeframeError):
+    """Keystone or Glance could not be reached or refused what the service user asked."""
+
+
 # ---- the table ---------------------------------------------------------------------------------------------
 
 _NO_SPACE = Category(5, 409, "preflight-failed", "Preflight check failed", public=True)
@@ -254,6 +261,7 @@ TABLE: dict[type[FreezeframeError], Category] = {
     ImageStoreError: Category(9, 503, "image-store-unavailable", "Image store unavailable", public=False),
     VerifyFailed: Category(10, 500, "verify-failed", "Verification failed", public=True),
     OvaNoSpace: _NO_SPACE,
+    CloudServiceError: Category(11, 502, "cloud-service-error", "Cloud service error", public=True),
 }
 """The categories. Every other class inherits the row of its nearest listed ancestor (Python's MRO). OvfError,
 OvaError and OvaWriteError have no row on purpose: their subclasses also derive from InvalidRequest or

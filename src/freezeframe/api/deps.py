@@ -11,8 +11,9 @@ from fastapi import Path as PathParam
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 
-from freezeframe.adapters.service_store import Job
+from freezeframe.adapters.service_store import TOKEN_PREFIX, Job
 from freezeframe.api.access import Principal
+from freezeframe.api.cloud_links import keystone_principal
 from freezeframe.api.problems import PROBLEM_JSON, unauthorized
 from freezeframe.api.schemas import REF_PATTERN, UUID_PATTERN, JobView, Problem
 from freezeframe.api.state import AppState
@@ -43,9 +44,11 @@ def get_principal(
         )
     state: AppState = request.app.state.ff
     token = state.tokens.authenticate(secret)
-    if token is None:
-        raise unauthorized("the token is unknown or revoked")
-    return Principal.of(token)
+    if token is not None:
+        return Principal.of(token)
+    if state.cloud.keystone is not None and not secret.startswith(f"{TOKEN_PREFIX}_"):
+        return keystone_principal(state.cloud.keystone, secret)  # one of ours that failed is not Keystone's
+    raise unauthorized("the token is unknown or revoked")
 
 
 StateDep = Annotated[AppState, Depends(get_state)]

@@ -12,7 +12,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from freezeframe.api.nova import EMBEDDED_FLAVOR, NOVA_PREFIX
-from freezeframe.model import Instance, InstanceState, SetStatus, SnapshotSet
+from freezeframe.model import Instance, InstanceState, Member, SetStatus, SnapshotSet
 from freezeframe.ops.compute import display_name, user_metadata
 
 _STATUS = {
@@ -95,8 +95,8 @@ def _time(value: datetime | None) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def image_view(snapshot_set: SnapshotSet, project: str | None, base: str) -> dict[str, Any]:
-    """A set as a Glance v2 image: flat properties, the status clients wait on, every member in the BDM."""
+def block_device_mapping(snapshot_set: SnapshotSet) -> tuple[Member | None, list[dict[str, Any]]]:
+    """The root member and, like Nova's volume-backed snapshots, one mapping per member (each a volume snapshot)."""
     members = snapshot_set.members
     root = next((m for m in members if m.boot_order == 1), members[0] if members else None)
     bdm = [
@@ -107,6 +107,12 @@ def image_view(snapshot_set: SnapshotSet, project: str | None, base: str) -> dic
         }
         for m in members
     ]  # fmt: skip
+    return root, bdm
+
+
+def image_view(snapshot_set: SnapshotSet, project: str | None, base: str) -> dict[str, Any]:
+    """A set as a Glance v2 image: flat properties, the status clients wait on, every member in the BDM."""
+    root, bdm = block_device_mapping(snapshot_set)
     view: dict[str, Any] = {
         **user_metadata(snapshot_set.metadata),
         "id": snapshot_set.id,

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import re
 import uuid
+from dataclasses import replace
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Request, Response
 from fastapi.responses import JSONResponse
 
 from freezeframe.api.deps import PrincipalDep, StateDep
+from freezeframe.api.glance_results import GlancePublisher, glance_properties
 from freezeframe.api.nova import (
     IMAGE_ID_IN_BODY,
     IMAGE_PREFIX,
@@ -31,7 +33,8 @@ from freezeframe.api.routes_snapshots import submit_order
 from freezeframe.api.state import AppState
 from freezeframe.errors import InvalidRequest
 from freezeframe.model import Instance
-from freezeframe.ops.compute import nova_order
+from freezeframe.ops.compute import Order, nova_order
+from freezeframe.ops.glance_records import GLANCE_KEY
 
 router = APIRouter(tags=["nova"])
 _UUID = re.compile(r"^[0-9a-fA-F]{8}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{4}-?[0-9a-fA-F]{12}$")
@@ -122,12 +125,49 @@ def server_action(
             kind = "backup"
     except InvalidRequest as exc:
         raise NovaFault(400, str(exc)) from None
-    submit_order(state, principal, instance, project, order, {action: args}, kind, set_id=set_id)
+    glance = state.cloud.glance
+    if glance is None:
+        submit_order(state, principal, instance, project, order, {action: args}, kind, set_id=set_id)
+        image_id, image_root = set_id, f"{base_url(request)}{IMAGE_PREFIX}"
+    else:
+        image_id, image_root = _submit_to_glance(state, principal, instance, project, order, action, args, kind, set_id)
     headers = version_headers(version)
     if version >= IMAGE_ID_IN_BODY:
-        return JSONResponse({"image_id": set_id}, status_code=202, headers=headers)
-    headers["Location"] = f"{base_url(request)}{IMAGE_PREFIX}/images/{set_id}"
+        return JSONResponse({"image_id": image_id}, status_code=202, headers=headers)
+    headers["Location"] = f"{image_root}/images/{image_id}"
     return Response(status_code=202, headers=headers)
+
+
+def _submit_to_glance(
+    state: AppState, principal: PrincipalDep, instance: Instance, project: str | None, order: Order, action: str,
+    args: dict[str, Any], kind: str, set_id: str,
+) -> tuple[str, str]:  # fmt: skip
+    """Nova's order: the Glance image first (``queued``, its id answered), the job captures and uploads it."""
+    glance = state.cloud.glance
+    assert glance is not None
+    backup_type = args.get("backup_type") if kind == "backup" else None
+    properties = glance_properties(instance, set_id, kind, backup_type, _glance_metadata(_metadata(args)))
+    publisher = GlancePublisher.reserve(glance, state.service, _name(args), project, instance, properties)
+    order = replace(order, metadata={**order.metadata, GLANCE_KEY: publisher.image_id})
+    try:
+        submit_order(state, principal, instance, project, order, {action: args}, kind, set_id=set_id,
+                     publisher=publisher)  # fmt: skip
+    except BaseException:
+        publisher.discard()
+        raise
+    return publisher.image_id, f"{glance.endpoint}{IMAGE_PREFIX}"
+
+
+_GLANCE_CORE = frozenset({
+    "id", "name", "status", "owner", "visibility", "protected", "size", "virtual_size", "checksum", "container_format",
+    "disk_format", "created_at", "updated_at", "tags", "locations", "direct_url", "self", "file", "schema", "min_disk",
+    "min_ram", "os_hidden", "os_hash_algo", "os_hash_value", "stores",
+})  # fmt: skip
+
+
+def _glance_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    """The request's metadata as image properties (as Nova copies it), minus names Glance keeps for itself."""
+    return {k: v for k, v in metadata.items() if k not in _GLANCE_CORE and not k.startswith("os_glance")}
 
 
 _ALLOWED = {"createImage": {"name", "metadata"}, "createBackup": {"name", "backup_type", "rotation", "metadata"}}

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Response
 from freezeframe.adapters.service_store import Job
 from freezeframe.api.access import Principal
 from freezeframe.api.deps import InstanceId, PrincipalDep, StateDep, accepted, problems
+from freezeframe.api.glance_results import GlancePublisher
 from freezeframe.api.jobs import JobContext, JobSpec
 from freezeframe.api.problems import conflict, redact
 from freezeframe.api.projects import JOB_KEY, PROJECT_KEY
@@ -57,6 +58,7 @@ def submit_order(
     request: dict[str, Any],
     kind: str,
     set_id: str | None = None,
+    publisher: GlancePublisher | None = None,
 ) -> Job:
     """An already validated ``Order`` (``request``: what the client sent, kept in the job row) as a job."""
     check_order(instance, order)
@@ -83,15 +85,21 @@ def submit_order(
                 ctx.phase("copying")
             ctx.progress(done, total)
 
-        made = take(
-            state.service,
-            instance,
-            replace(order, metadata=metadata),
-            set_id=set_id,
-            visible=visible,
-            progress=progress,
-        )
+        published: dict[str, Any] = {}
+        try:
+            if publisher is not None:
+                publisher.prepare()
+            made = take(state.service, instance, replace(order, metadata=metadata), set_id=set_id,
+                        visible=visible, progress=progress)  # fmt: skip
+            if publisher is not None:
+                ctx.phase("uploading")
+                published = publisher.publish(made)
+        except BaseException:
+            if publisher is not None:
+                publisher.discard()  # a failed request leaves no image behind, as Nova's
+            raise
         return {
+            **published,
             "set_id": made.snapshot_set.id,
             "status": str(made.snapshot_set.status),
             "consistency": str(made.snapshot_set.achieved) if made.snapshot_set.achieved else None,

@@ -10,6 +10,7 @@ import re
 from freezeframe.adapters.image_records import StoredImage
 from freezeframe.adapters.service_store import ImageOwners, Job, JobStore, ProjectMap, TokenStore
 from freezeframe.api.access import Principal
+from freezeframe.api.cloud_links import CloudLinks
 from freezeframe.api.jobs import JobRunner, recover
 from freezeframe.api.problems import conflict, log, not_found
 from freezeframe.api.projects import ProjectResolver
@@ -38,6 +39,7 @@ class AppState:
         self.owners = ImageOwners(catalog)
         self.portable = self.service.portable
         self.resolver = ProjectResolver(self.service, self.projects)
+        self.cloud = CloudLinks.from_env()
         self.runner: JobRunner | None = None
         self._lock_fd: int | None = None
 

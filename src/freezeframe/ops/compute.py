@@ -170,7 +170,7 @@ DISPLAY_NAME_KEY = "freezeframe.display_name"
 safe slug of it."""
 MAX_DISPLAY_NAME = 255
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-_NOVA_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_:. -]{0,127}$")
+_NOVA_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_:. -]{0,254}$")
 
 
 def internal_name(display: str, set_id: str) -> str:
@@ -202,10 +202,11 @@ _SAFE_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 
 def encode_meta_key(key: str) -> str:
     """A Nova metadata key in our key alphabet: a space becomes ``/`` (which Nova keys cannot hold, so it reads
-    back exactly). Keys must start with a letter or digit and fit 128 characters; ``freezeframe.`` is ours."""
+    back exactly). Keys must start with a letter or digit and fit 255 characters (Nova's limit); ``freezeframe.`` is
+    ours."""
     if not _NOVA_KEY.fullmatch(key):
         raise InvalidRequest(
-            f"metadata key {key[:40]!r}: this service keeps keys of 1-128 letters, digits, '_', ':', '.', '-' and "
+            f"metadata key {key[:40]!r}: this service keeps keys of 1-255 letters, digits, '_', ':', '.', '-' and "
             "spaces, starting with a letter or digit"
         )
     if key.startswith(RESERVED_META_PREFIX):
