@@ -237,6 +237,25 @@ class TokenNotFound(NotFound):
     pass
 
 
+# ---- off-site copies (ops/copy.py, adapters/s3_remote.py) ---------------------------------------------------
+
+
+class RemoteNotFound(NotFound):
+    pass
+
+
+class PolicyNotFound(NotFound):
+    pass
+
+
+class RemoteError(FreezeframeError):
+    """The object store refused or failed a request (unreachable endpoint, credentials, bucket, digest mismatch)."""
+
+
+class DecryptionFailed(RemoteError):
+    """A copy cannot be decrypted: the remote's key file is not the key it was written with, or the data changed."""
+
+
 # ---- the table ---------------------------------------------------------------------------------------------
 
 _NO_SPACE = Category(5, 409, "preflight-failed", "Preflight check failed", public=True)
@@ -254,6 +273,7 @@ TABLE: dict[type[FreezeframeError], Category] = {
     ImageStoreError: Category(9, 503, "image-store-unavailable", "Image store unavailable", public=False),
     VerifyFailed: Category(10, 500, "verify-failed", "Verification failed", public=True),
     OvaNoSpace: _NO_SPACE,
+    RemoteError: Category(11, 502, "remote-error", "Remote storage error", public=True),
 }
 """The categories. Every other class inherits the row of its nearest listed ancestor (Python's MRO). OvfError,
 OvaError and OvaWriteError have no row on purpose: their subclasses also derive from InvalidRequest or

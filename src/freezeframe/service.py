@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from freezeframe.adapters.qemu_img import QemuImg
     from freezeframe.adapters.repository import DirectoryRepository
     from freezeframe.lifecycle import Lifecycle
+    from freezeframe.offsite import Offsite
     from freezeframe.portable import Portable
     from freezeframe.wiring import Wiring
 
@@ -125,6 +126,11 @@ class Freezeframe:
     def portable(self) -> Portable:
         """Export to OVA, the image store and import."""
         return self.parts.portable(self)
+
+    @property
+    def offsite(self) -> Offsite:
+        """Remotes, copies to them, scan and restore from them (issue 15)."""
+        return self.parts.offsite
 
     def repair(self, instance: str | None = None) -> list[str]:
         reports = self.flow().repair(instance)

@@ -39,10 +39,13 @@ if TYPE_CHECKING:
     from freezeframe.adapters.locks import FileLocks
     from freezeframe.adapters.qemu_img import QemuImg
     from freezeframe.adapters.rbd_volumes import RbdVolumes
+    from freezeframe.adapters.remote_registry import CatalogRemotes
     from freezeframe.adapters.repository import DirectoryRepository
     from freezeframe.adapters.restore_log import RestoreLog
     from freezeframe.lifecycle import Lifecycle
+    from freezeframe.offsite import Offsite
     from freezeframe.ops.common import Holds, Markers, Stores
+    from freezeframe.ops.copy import RemoteHandle
     from freezeframe.ops.instances import InstanceBuilder
     from freezeframe.portable import Portable
     from freezeframe.ports import ImageStore
@@ -272,6 +275,41 @@ class Wiring:
 
     def portable(self, service: Freezeframe) -> Portable:
         return portable(service)
+
+    # ---- off-site copies (issue 15) ----------------------------------------------------------------------------
+
+    @cached_property
+    def remotes(self) -> CatalogRemotes:
+        from freezeframe.adapters.remote_registry import CatalogRemotes
+
+        return CatalogRemotes(self.catalog)
+
+    def open_remote(self, name: str) -> RemoteHandle:
+        """A remote's S3 store (boto3) and, with a key file, its AES-GCM sealer."""
+        from freezeframe.adapters.s3_remote import S3Store
+        from freezeframe.adapters.sealing import AesGcmSealer
+        from freezeframe.ops.copy import RemoteHandle
+
+        spec = self.remotes.get(name)
+        sealer = AesGcmSealer(Path(spec.key_file)) if spec.key_file else None
+        return RemoteHandle(spec, S3Store(spec), sealer)
+
+    @cached_property
+    def offsite(self) -> Offsite:
+        from freezeframe.adapters.remote_pack import QemuPacker
+        from freezeframe.offsite import Offsite
+        from freezeframe.ops.copy import Copier
+        from freezeframe.ops.remote_delete import RemoteDeleter
+        from freezeframe.ops.remote_fetch import RemoteSets
+
+        packer = QemuPacker()
+        staging = self.settings.home / "staging"
+        copier = Copier(self.catalog, self.stores, packer, self.remotes, self.open_remote, self.holds, staging)
+        fetcher = RemoteSets(
+            self.catalog, self.repository, self.repository.member_path, packer, self.remotes, self.open_remote
+        )
+        deleter = RemoteDeleter(self.catalog, self.remotes, self.open_remote, fetcher.manifest)
+        return Offsite(self.remotes, copier, fetcher, deleter, lambda: self.lifecycle)
 
 
 # ---- export / import / image store: the "port" helper's section (its construction replaces this body) --------
