@@ -30,6 +30,7 @@ from freezeframe.cli_common import (
 )
 from freezeframe.cli_lifecycle import register as register_lifecycle
 from freezeframe.cli_output import Col, Piece, print_fields, print_table, progress_bar, say
+from freezeframe.cli_policy import register as register_policy
 from freezeframe.cli_portable import register as register_portable
 from freezeframe.cli_remote import register as register_remote
 from freezeframe.cli_service import register as register_service
@@ -292,6 +293,7 @@ register_portable(app)
 register_service(app)
 register_testbed(app)
 register_remote(app)
+register_policy(app)
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from freezeframe.lifecycle import Lifecycle
     from freezeframe.offsite import Offsite
     from freezeframe.portable import Portable
+    from freezeframe.scheduling import Policies
     from freezeframe.wiring import Wiring
 
 
@@ -131,6 +132,11 @@ class Freezeframe:
     def offsite(self) -> Offsite:
         """Remotes, copies to them, scan and restore from them (issue 15)."""
         return self.parts.offsite
+
+    @property
+    def policies(self) -> Policies:
+        """Scheduled snapshot, copy and prune policies (issue 15)."""
+        return self.parts.policies
 
     def repair(self, instance: str | None = None) -> list[str]:
         reports = self.flow().repair(instance)

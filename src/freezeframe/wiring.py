@@ -47,8 +47,10 @@ if TYPE_CHECKING:
     from freezeframe.ops.common import Holds, Markers, Stores
     from freezeframe.ops.copy import RemoteHandle
     from freezeframe.ops.instances import InstanceBuilder
+    from freezeframe.ops.prune import Candidate
     from freezeframe.portable import Portable
     from freezeframe.ports import ImageStore
+    from freezeframe.scheduling import Policies
 
 FAULT_HOLD_ENV = "FREEZEFRAME_FAULT_HOLD_IN_WINDOW_S"
 
@@ -310,6 +312,27 @@ class Wiring:
         )
         deleter = RemoteDeleter(self.catalog, self.remotes, self.open_remote, fetcher.manifest)
         return Offsite(self.remotes, copier, fetcher, deleter, lambda: self.lifecycle)
+
+    @cached_property
+    def policies(self) -> Policies:
+        """Policies over the catalog; a run snapshots through the flow, copies and prunes through ``offsite``."""
+        from freezeframe.adapters.policy_store import CatalogPolicies
+        from freezeframe.adapters.service_store import JobStore
+        from freezeframe.ops.policies import PolicyRun, RemoteCopies, remote_candidates
+        from freezeframe.scheduling import Policies
+
+        def candidates(remote: str, policy: str) -> list[Candidate]:
+            handle = self.open_remote(remote)
+            ids = [c.set_id for c in self.remotes.copies() if c.remote == remote]
+            return remote_candidates([self.offsite.fetcher.manifest(handle, i) for i in ids], policy)
+
+        def run() -> PolicyRun:
+            offsite = self.offsite
+            remote = RemoteCopies(offsite.copy, candidates, offsite.delete_copy)
+            delete = self.lifecycle.delete
+            return PolicyRun(self.catalog, self.restores, self.snapshot, delete, remote)
+
+        return Policies(CatalogPolicies(self.catalog), JobStore(self.catalog), run)
 
 
 # ---- export / import / image store: the "port" helper's section (its construction replaces this body) --------
