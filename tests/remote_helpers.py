@@ -11,8 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from freezeframe import wiring
-from freezeframe.config import Settings
 from freezeframe.model import Consistency, DiskSpec, Hardware, Member, SetStatus, SnapshotSet
 from freezeframe.service import Freezeframe
 from freezeframe.testbed.ceph import Cluster
@@ -42,12 +40,6 @@ def s3() -> Iterator[S3Access]:
 
 def bucket_url() -> str:
     return f"s3://fftest-{uuid.uuid4().hex[:12]}/copies"
-
-
-@pytest.fixture
-def ff(tmp_path: Path) -> Iterator[Freezeframe]:
-    with wiring.open_service(Settings.from_env(home=tmp_path / "home")) as service:
-        yield service
 
 
 def run(*argv: str) -> None:
@@ -83,8 +75,9 @@ def make_set(
     hardware = Hardware(vcpus=1, memory_kib=128 * 1024, arch="x86_64", machine="pc", disks=(disk,))
     when = datetime.now(UTC) - timedelta(seconds=age_s)
     made = SnapshotSet(
-        id=set_id, name=f"remote-{set_id[:8]}", instance_name=instance, instance_uuid=str(uuid.uuid5(uuid.NAMESPACE_DNS, instance)),
-        requested=Consistency.CRASH, status=SetStatus.AVAILABLE, created_at=when, completed_at=when,
+        id=set_id, name=f"remote-{set_id[:8]}", instance_name=instance,
+        instance_uuid=str(uuid.uuid5(uuid.NAMESPACE_DNS, instance)), requested=Consistency.CRASH,
+        status=SetStatus.AVAILABLE, created_at=when, completed_at=when,
         hardware=hardware, achieved=Consistency.CRASH, members=[member],
     )  # fmt: skip
     ff.catalog.add_set(made)

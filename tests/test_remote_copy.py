@@ -14,9 +14,8 @@ import time
 from pathlib import Path
 
 import boto3
-from botocore.exceptions import ClientError
 import pytest
-from remote_helpers import MiB, bucket_url, ff, make_set, s3, same_data  # noqa: F401 (fixtures)
+from botocore.exceptions import ClientError
 
 from freezeframe import wiring
 from freezeframe.config import Settings
@@ -24,6 +23,10 @@ from freezeframe.errors import InvalidRequest
 from freezeframe.ops.remotes import remote_spec
 from freezeframe.service import Freezeframe
 from freezeframe.testbed.radosgw import S3Access
+from remote_helpers import MiB, bucket_url, make_set, same_data
+
+pytest_plugins = ("remote_helpers",)
+"""The ``s3`` fixture (radosgw on the test bed); ``ff`` is portable_support's."""
 
 
 def client(access: S3Access) -> object:
@@ -179,10 +182,12 @@ def test_an_encrypted_remote_round_trips_and_a_wrong_key_fails_clearly(
     body = client(s3).get_object(Bucket=spec.bucket, Key=f"{spec.prefix}/sets/{made.id}/vda.qcow2.sealed")  # type: ignore[attr-defined]
     data = body["Body"].read()
     assert data.startswith(b"FFSEAL1\n") and b"QFI\xfb" not in data[:4096]  # no qcow2 header in clear
-    assert client(s3).list_objects_v2(Bucket=spec.bucket, Prefix=f"{spec.prefix}/sets/{made.id}/set.json.sealed")["KeyCount"] == 1  # type: ignore[attr-defined]
+    listed = client(s3).list_objects_v2(Bucket=spec.bucket, Prefix=f"{spec.prefix}/sets/{made.id}/")  # type: ignore[attr-defined]
+    assert {o["Key"].rsplit("/", 1)[1] for o in listed["Contents"]} == {"set.json.sealed", "vda.qcow2.sealed"}
 
     good = tmp_path / "good"
-    assert cli(good, "remote", "add", "vault", url, "--endpoint", s3.s3_endpoint, "--key-file", str(key)).returncode == 0
+    added = cli(good, "remote", "add", "vault", url, "--endpoint", s3.s3_endpoint, "--key-file", str(key))
+    assert added.returncode == 0
     assert cli(good, "remote", "scan", "vault").returncode == 0
     restored = cli(good, "restore", made.id, "--from", "vault", "--disk", "vda", "--to", str(tmp_path / "vda.qcow2"))
     assert restored.returncode == 0, restored.stderr

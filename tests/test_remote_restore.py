@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from remote_helpers import bucket_url, s3  # noqa: F401 (fixture)
 
 from freezeframe import wiring
 from freezeframe.adapters import libvirt_define as ld
@@ -22,8 +21,10 @@ from freezeframe.testbed.guest import GuestImage
 from freezeframe.testbed.instance import DiskRequest, TestInstance, running_instance
 from freezeframe.testbed.ledger import check_ledger
 from freezeframe.testbed.radosgw import S3Access
+from remote_helpers import bucket_url
 
 pytestmark = pytest.mark.vm
+pytest_plugins = ("remote_helpers",)
 
 MiB = 1 << 20
 _PROGRESS = re.compile(rb"ff-ledger (?:paused |resumed )?i=(\d+)")

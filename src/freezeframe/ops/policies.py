@@ -6,8 +6,9 @@ runs (missed ticks are not replayed). Starting a tick is a compare-and-set in th
 
 One run (``PolicyRun.run``): a set of the instance (tagged ``freezeframe.policy=<name>``); a copy to the policy's
 remote; pruning of the policy's local sets (``keep``) and of its copies on the remote (``remote_keep``), each by
-``ops/prune.py``. Locally, a set is also kept while a restored instance builds on it or a set that is not the
-policy's builds on it (incremental parent); on the remote, deletion is chain-aware (``ops/remote_delete.py``).
+``ops/prune.py``. Locally, a set is also kept while a restored instance builds on it, and a pruned set that is
+an incremental parent is merged into its children first (the lifecycle's delete), so no remaining set loses data;
+on the remote a pruned parent stays, marked deleted, until no copy builds on it (``ops/remote_delete.py``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from typing import Any
 
 from freezeframe.errors import InvalidRequest
 from freezeframe.flow import SnapshotRequest
-from freezeframe.incremental import MODES, PARENT_KEY
+from freezeframe.incremental import MODES
 from freezeframe.model import Consistency, SetStatus, SnapshotSet
 from freezeframe.ops import prune
 from freezeframe.ports import Catalog, Restores
@@ -168,35 +169,21 @@ class PolicyRun:
         return report
 
     def _local_plan(self, policy: Policy, made: SnapshotSet) -> tuple[dict[str, str], list[str]]:
-        every = self.catalog.list_sets(instance=made.instance_uuid)
-        mine = [s for s in every if s.metadata.get(POLICY_KEY) == policy.name and s.status is SetStatus.AVAILABLE]
-        needed_by_others = {p for s in every if s.metadata.get(POLICY_KEY) != policy.name for p in _parents(s)}
-        candidates = [
-            prune.Candidate(s.id, s.created_at, frozenset(_parents(s)), self._pin(s.id, needed_by_others))
-            for s in mine
-        ]
-        result = prune.plan(candidates, policy.keep)
+        every = self.catalog.list_sets(instance=made.instance_uuid, status=SetStatus.AVAILABLE)
+        mine = [s for s in every if s.metadata.get(POLICY_KEY) == policy.name]
+        result = prune.plan([prune.Candidate(s.id, s.created_at, self._pin(s.id)) for s in mine], policy.keep)
         return result.keep, result.delete
 
-    def _pin(self, set_id: str, needed_by_others: set[str]) -> str | None:
+    def _pin(self, set_id: str) -> str | None:
         restored = self.restores.for_set(set_id)
-        if restored:
-            return f"restored instance {restored[0].instance_name} builds on it"
-        return "a set outside the policy builds on it" if set_id in needed_by_others else None
-
-
-def _parents(snapshot_set: SnapshotSet) -> set[str]:
-    return {m.metadata[PARENT_KEY] for m in snapshot_set.members if PARENT_KEY in m.metadata}
+        return f"restored instance {restored[0].instance_name} builds on it" if restored else None
 
 
 def remote_candidates(manifests: Sequence[dict[str, Any]], policy: str) -> list[prune.Candidate]:
-    """The policy's copies on a remote, from their manifests (created_at, metadata, each member's parent set)."""
+    """The policy's copies on a remote, from their manifests (their sets may be gone locally)."""
     found = []
     for manifest in manifests:
-        if manifest.get("metadata", {}).get(POLICY_KEY) != policy:
-            continue
-        members = manifest.get("remote", {}).get("members", {})
-        parents = frozenset(str(m["parent_set"]) for m in members.values() if m.get("parent_set"))
-        created = datetime.fromisoformat(str(manifest["created_at"])).astimezone(UTC)
-        found.append(prune.Candidate(str(manifest["id"]), created, parents))
+        if manifest.get("metadata", {}).get(POLICY_KEY) == policy:
+            created = datetime.fromisoformat(str(manifest["created_at"])).astimezone(UTC)
+            found.append(prune.Candidate(str(manifest["id"]), created))
     return found

@@ -12,9 +12,10 @@ The keep rules, as borg documents them:
   newer ones replace it).
 - Periods are taken in UTC (borg uses local time: a host's time zone must not change what a policy keeps).
 
-Then, whatever the rules say, these are kept: the newest set; a set a restored instance still builds on
-(copy-on-write); every set a kept incremental set builds on (its parent chain). With no rule at all nothing is
-pruned (borg refuses to prune without a rule).
+Then, whatever the rules say, these are kept: the newest set, and a set a restored instance still builds on
+(copy-on-write). With no rule at all nothing is pruned (borg refuses to prune without a rule). Incremental chains
+are the deleting side's business: a local delete merges the set into its children first (docs/incremental.md), a
+remote delete keeps a parent, marked deleted, until no copy builds on it (ops/remote_delete.py).
 """
 
 from __future__ import annotations
@@ -68,8 +69,6 @@ class Candidate:
 
     id: str
     created_at: datetime
-    parents: frozenset[str] = frozenset()
-    """Sets this one's incremental members build on."""
     pinned: str | None = None
     """Why it must stay whatever the rules say (a restored instance uses it), or None."""
 
@@ -77,7 +76,7 @@ class Candidate:
 @dataclass
 class PrunePlan:
     keep: dict[str, str] = field(default_factory=dict)
-    """Set id -> why it is kept (``daily #3``, ``newest``, ``restored instance …``, ``parent of …``)."""
+    """Set id -> why it is kept (``daily #3``, ``newest``, ``restored instance …``)."""
     delete: list[str] = field(default_factory=list)
     """Newest first."""
 
@@ -120,13 +119,5 @@ def plan(candidates: Sequence[Candidate], rules: KeepRules) -> PrunePlan:
     for c in candidates:
         if c.pinned is not None:
             keep.setdefault(c.id, c.pinned)
-    by_id = {c.id: c for c in candidates}
-    pending = list(keep)
-    while pending:
-        child = pending.pop()
-        for parent in by_id[child].parents if child in by_id else ():
-            if parent in by_id and parent not in keep:
-                keep[parent] = f"parent of {child}"
-                pending.append(parent)
     ordered = sorted(candidates, key=lambda c: (c.created_at, c.id), reverse=True)
     return PrunePlan(keep=keep, delete=[c.id for c in ordered if c.id not in keep])
