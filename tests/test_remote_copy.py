@@ -65,6 +65,10 @@ def test_copy_sends_each_set_once_and_an_incremental_only_its_own_clusters(
     again = ff.offsite.copy(child.id, "site-b")
     assert again.sets_copied == [] and again.bytes_sent == 0
     assert {c.set_id for c in ff.offsite.copies()} == {full.id, child.id}
+    listed = {row.split("\t")[0]: row.split("\t") for row in cli(ff.settings.home, "list").stdout.splitlines()}
+    assert listed[child.id][-1] == "site-b" and len(listed[child.id]) == 9  # `list` shows where copies are
+    as_json = json.loads(cli(ff.settings.home, "list", "--json").stdout)
+    assert {s["id"]: s["copies"] for s in as_json} == {full.id: ["site-b"], child.id: ["site-b"]}
 
     # What the bucket holds is readable with qemu-img alone: download side by side, compare with the local chain.
     s3c = client(s3)

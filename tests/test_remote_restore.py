@@ -1,12 +1,17 @@
-"""Disaster recovery on a real guest: a chain of sets of a ledger guest copied to radosgw, the home deleted, then
-``remote scan`` and ``restore --from --start`` on a new home bring the instance back and its ledger holds."""
+"""Off-site copies and policies on a real guest (one ledger guest for the module).
+
+Disaster recovery: a chain of sets copied to radosgw, the home deleted, then ``remote scan`` and
+``restore --from --start`` on a new home bring the instance back and its ledger holds. Policies: ``serve`` runs a
+short-interval policy on time, copying and pruning."""
 
 from __future__ import annotations
 
+import itertools
 import re
 import shutil
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +19,12 @@ import pytest
 
 from freezeframe import wiring
 from freezeframe.adapters import libvirt_define as ld
+from freezeframe.adapters.service_store import JobStore
 from freezeframe.config import Settings
 from freezeframe.flow import SnapshotRequest
-from freezeframe.model import Consistency
+from freezeframe.model import Consistency, SetStatus
+from freezeframe.ops.policies import POLICY_KEY
+from freezeframe.testbed.api_server import issue_token, running_server
 from freezeframe.testbed.guest import GuestImage
 from freezeframe.testbed.instance import DiskRequest, TestInstance, running_instance
 from freezeframe.testbed.ledger import check_ledger
@@ -96,3 +104,36 @@ def test_restore_from_a_remote_after_the_home_is_lost_boots_and_the_ledger_holds
             assert after.ok and after.state is not None and after.state >= progressed, after
         finally:
             ff.lifecycle.discard(name)
+
+
+def test_a_policy_in_serve_snapshots_copies_and_prunes_on_time(
+    ledger_guest: TestInstance, s3: S3Access, tmp_path: Path
+) -> None:
+    """``freezeframe serve`` runs a 10-second policy on the ledger guest: each tick one job, the sets copied to
+    radosgw, keep-last 2 locally and keep-last 1 on the remote."""
+    home = tmp_path / "policy-home"
+    with wiring.open_service(Settings(home=home, agent_timeout_s=5)) as ff:
+        ff.offsite.add_remote("pol", bucket_url(), s3.s3_endpoint)
+        ff.policies.create("often", ledger_guest.name, every="10s", cron=None, keep={"last": 2}, copy_to="pol",
+                           remote_keep={"last": 1})  # fmt: skip
+    token = issue_token(home, "admin")
+    started = time.monotonic()
+    with running_server(home, env={"FREEZEFRAME_POLICY_TICK_S": "1"}) as server, server.client(token) as client:
+        done: list[dict[str, Any]] = []
+        while len(done) < 4:
+            assert time.monotonic() - started < 240, f"only {len(done)} policy runs finished: {server.log_tail()}"
+            jobs = client.get("/v1/jobs", params={"kind": "policy"}).json()["items"]
+            assert not [j for j in jobs if j["state"] == "failed"], jobs
+            done = [j for j in jobs if j["state"] == "succeeded"]
+            time.sleep(1)
+        view = client.get("/v1/policies/often").json()
+        assert view["last_outcome"] == "succeeded" and view["last_error"] is None, view
+    with wiring.open_service(Settings(home=home, agent_timeout_s=5)) as ff:
+        jobs = [j for j in JobStore(ff.catalog).query(kind="policy") if j.state == "succeeded"]
+        ticks = sorted(datetime.fromisoformat(j.request["tick"]) for j in jobs)
+        assert len(set(ticks)) == len(ticks), "a tick ran twice"
+        assert all((b - a).total_seconds() >= 10 for a, b in itertools.pairwise(ticks))
+        mine = ff.list_sets(metadata={POLICY_KEY: "often"}, status=SetStatus.AVAILABLE)
+        assert len(mine) == 2, [s.id for s in mine]  # keep-last 2: the others were pruned
+        assert {s.id for s in ff.offsite.scan("pol")} == {mine[0].id}  # keep-last 1 on the remote
+        assert len(jobs) >= 4

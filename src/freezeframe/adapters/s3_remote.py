@@ -1,6 +1,7 @@
 """The ObjectStore port over boto3 (any S3-compatible store; tested against Ceph's radosgw).
 
-Uploads are multipart, done part by part from the file (one part in memory), each part sent with its Content-MD5
+Uploads are multipart, read part by part from the file and sent 4 at a time (so at most 4 parts, 64 MiB, are in
+memory whatever the object's size), each part sent with its Content-MD5
 so the store rejects a damaged part. The upload id and part size are kept in a sidecar file next to the staged file
 (``<file>.upload.json``): a process killed mid-upload leaves it, and the next upload of the same file lists the
 parts already there, checks each one's MD5 against the local bytes and sends only the others. After completion the
@@ -17,7 +18,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,8 @@ from freezeframe.errors import RemoteError
 from freezeframe.ports.remote import PartCallback, RemoteSpec, SentObject, StoredObject
 
 MIN_PART = 16 * 1024 * 1024
+PARALLEL_PARTS = 4
+"""Parts sent at once (boto3's client is thread-safe); memory holds at most this many parts."""
 MAX_PARTS = 9000
 SHA_KEY = "ff-sha256"
 """Object metadata (``x-amz-meta-ff-sha256``): SHA-256 of the object's bytes, checked after every download."""
@@ -196,26 +201,31 @@ class S3Store:
         parts: list[dict[str, Any]] = []
         sent = reused = done = 0
         total = path.stat().st_size
-        with path.open("rb") as source:
+        in_flight: deque[tuple[int, Future[int]]] = deque()
+
+        def settle(limit: int) -> None:
+            nonlocal sent, done
+            while len(in_flight) > limit:
+                size, future = in_flight.popleft()
+                sent += future.result()
+                done += size
+                if progress is not None:
+                    progress(done, total)
+
+        with path.open("rb") as source, ThreadPoolExecutor(PARALLEL_PARTS, thread_name_prefix="ff-s3-part") as pool:
             number = 1
             while chunk := source.read(part_size):
                 digest = hashlib.md5(chunk)
                 if there.get(number) == digest.hexdigest():
                     reused += 1
+                    done += len(chunk)
                 else:
-                    answer = self.client.upload_part(
-                        Bucket=self.spec.bucket, Key=self._key(key), UploadId=upload_id, PartNumber=number,
-                        Body=chunk, ContentMD5=base64.b64encode(digest.digest()).decode(),
-                    )  # fmt: skip
-                    if str(answer["ETag"]).strip('"') != digest.hexdigest():
-                        raise RemoteError(f"{self._where(key)}: the store's ETag of part {number} is not its MD5")
-                    sent += len(chunk)
+                    settle(PARALLEL_PARTS - 1)  # at most PARALLEL_PARTS parts in memory
+                    in_flight.append((len(chunk), pool.submit(self._send_part, key, upload_id, number, chunk, digest)))
                 parts.append({"PartNumber": number, "ETag": digest.hexdigest()})
                 md5s += digest.digest()
-                done += len(chunk)
-                if progress is not None:
-                    progress(done, total)
                 number += 1
+            settle(0)
         if not parts:  # an empty file still needs one (empty) part
             digest = hashlib.md5(b"")
             self.client.upload_part(Bucket=self.spec.bucket, Key=self._key(key), UploadId=upload_id, PartNumber=1,
@@ -223,6 +233,15 @@ class S3Store:
             parts.append({"PartNumber": 1, "ETag": digest.hexdigest()})
             md5s += digest.digest()
         return sent, reused, parts, md5s
+
+    def _send_part(self, key: str, upload_id: str, number: int, chunk: bytes, digest: Any) -> int:
+        answer = self.client.upload_part(
+            Bucket=self.spec.bucket, Key=self._key(key), UploadId=upload_id, PartNumber=number, Body=chunk,
+            ContentMD5=base64.b64encode(digest.digest()).decode(),
+        )  # fmt: skip
+        if str(answer["ETag"]).strip('"') != digest.hexdigest():
+            raise RemoteError(f"{self._where(key)}: the store's ETag of part {number} is not its MD5")
+        return len(chunk)
 
     def _check_etag(self, key: str, md5s: bytes, count: int) -> None:
         """The multipart ETag is MD5(concatenated part MD5s)-N: computed here from the local bytes."""

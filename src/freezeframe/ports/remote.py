@@ -78,7 +78,7 @@ class ObjectStore(Protocol):
     def upload(
         self, key: str, path: Path, metadata: dict[str, str], progress: PartCallback | None = None
     ) -> SentObject:
-        """Multipart, one part in memory at a time; resumes an upload of the same file interrupted earlier
+        """Multipart, a bounded number of parts in memory; resumes an upload of the same file interrupted earlier
         (parts already on the store, checked by their MD5, are not sent again); verified after completion."""
 
     def download(self, key: str, path: Path, progress: PartCallback | None = None) -> None: ...
