@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,6 +32,7 @@ def s3() -> Iterator[S3Access]:
     try:
         yield access
     finally:
+        purge_buckets(access, TEST_BUCKET_PREFIX)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)
@@ -38,8 +40,36 @@ def s3() -> Iterator[S3Access]:
                 os.environ[key] = value
 
 
+TEST_BUCKET_PREFIX = "fftest-"
+
+
 def bucket_url() -> str:
-    return f"s3://fftest-{uuid.uuid4().hex[:12]}/copies"
+    return f"s3://{TEST_BUCKET_PREFIX}{uuid.uuid4().hex[:12]}/copies"
+
+
+def purge_buckets(access: S3Access, prefix: str) -> None:
+    """Remove the tests' buckets and everything in them: the memstore OSD keeps objects in RAM (4 GiB in all)."""
+    names = [b["Name"] for b in _client(access).list_buckets().get("Buckets", [])]
+    purge(access, [name for name in names if name.startswith(prefix)])
+
+
+def _client(access: S3Access) -> Any:
+    import boto3
+
+    return boto3.client("s3", endpoint_url=access.s3_endpoint, region_name="us-east-1",
+                        aws_access_key_id=access.s3_access_key_id,
+                        aws_secret_access_key=access.s3_secret_access_key)  # fmt: skip
+
+
+def purge(access: S3Access, buckets: list[str]) -> None:
+    client = _client(access)
+    for bucket in buckets:
+        for upload in client.list_multipart_uploads(Bucket=bucket).get("Uploads", []):
+            client.abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            for item in page.get("Contents", []):
+                client.delete_object(Bucket=bucket, Key=item["Key"])
+        client.delete_bucket(Bucket=bucket)
 
 
 def run(*argv: str) -> None:

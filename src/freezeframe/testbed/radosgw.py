@@ -131,6 +131,9 @@ class Gateway:
             "rgw_dns_name": "127.0.0.1",
             "osd_pool_default_pg_num": "8",
             "osd_pool_default_pgp_num": "8",
+            # The OSD keeps objects in RAM: give deleted objects' space back in seconds, not the default 2 hours.
+            "rgw_gc_obj_min_wait": "5",
+            "rgw_gc_processor_period": "10",
         }
         args = ["radosgw", "-c", str(self.conf), "-n", RGW_NAME]
         for key, value in options.items():
