@@ -25,9 +25,6 @@ from freezeframe.service import Freezeframe
 from freezeframe.testbed.radosgw import S3Access
 from remote_helpers import MiB, bucket_url, make_set, same_data
 
-pytest_plugins = ("remote_helpers",)
-"""The ``s3`` fixture (radosgw on the test bed); ``ff`` is portable_support's."""
-
 
 def client(access: S3Access) -> object:
     return boto3.client("s3", endpoint_url=access.s3_endpoint, region_name="us-east-1")

@@ -32,7 +32,6 @@ from freezeframe.testbed.radosgw import S3Access
 from remote_helpers import bucket_url
 
 pytestmark = pytest.mark.vm
-pytest_plugins = ("remote_helpers",)
 
 MiB = 1 << 20
 _PROGRESS = re.compile(rb"ff-ledger (?:paused |resumed )?i=(\d+)")

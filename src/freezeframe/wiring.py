@@ -298,6 +298,7 @@ class Wiring:
 
     @cached_property
     def offsite(self) -> Offsite:
+        from freezeframe.adapters.rbd_diff_pack import RbdDiffPacker
         from freezeframe.adapters.remote_pack import QemuPacker
         from freezeframe.offsite import Offsite
         from freezeframe.ops.copy import Copier
@@ -306,7 +307,10 @@ class Wiring:
 
         packer = QemuPacker()
         staging = self.settings.home / "staging"
-        copier = Copier(self.catalog, self.stores, packer, self.remotes, self.open_remote, self.holds, staging)
+        changes = RbdDiffPacker(self.volumes)
+        copier = Copier(
+            self.catalog, self.stores, packer, self.remotes, self.open_remote, self.holds, staging, changes
+        )
         fetcher = RemoteSets(
             self.catalog, self.repository, self.repository.member_path, packer, self.remotes, self.open_remote
         )

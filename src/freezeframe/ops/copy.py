@@ -22,11 +22,12 @@ from typing import Any
 
 from freezeframe.errors import InvalidRequest
 from freezeframe.incremental import KIND_KEY, PARENT_KEY
-from freezeframe.model import Member, SetStatus, SnapshotSet
+from freezeframe.model import RBD_STORE, Member, SetStatus, SnapshotSet
 from freezeframe.ops import remote_layout as layout
 from freezeframe.ops.common import Holds, Stores
 from freezeframe.ports import Catalog, ImageRef
 from freezeframe.ports.remote import (
+    ChangePacker,
     CopyRecord,
     MemberPacker,
     ObjectStore,
@@ -39,6 +40,8 @@ from freezeframe.ports.remote import (
 )
 from freezeframe.serialize import set_to_dict
 
+PARENT_META = "ff-parent-set"
+"""Object metadata: the set whose object this one's backing file names (empty for a standalone object)."""
 PACKED_SHA_KEY = "ff-packed-sha256"
 """Object metadata: SHA-256 of the member's qcow2 before sealing (what a download is checked against)."""
 
@@ -117,6 +120,7 @@ class Copier:
         open_store: Callable[[str], RemoteHandle],
         holds: Holds,
         staging: Path,
+        changes: ChangePacker | None = None,
     ) -> None:
         self.catalog = catalog
         self.stores = stores
@@ -125,6 +129,7 @@ class Copier:
         self.open_store = open_store
         self.holds = holds
         self.staging = staging
+        self.changes = changes
 
     def copy(self, set_ref: str, remote_name: str, progress: PartCallback | None = None) -> CopyReport:
         snapshot_set = self.catalog.get_set(set_ref)
@@ -190,11 +195,17 @@ class Copier:
         parent_set = member.metadata.get(PARENT_KEY) if member.metadata.get(KIND_KEY) == "incremental" else None
         there = remote.store.head(key)
         if there is not None and PACKED_SHA_KEY in there.metadata:
-            return layout.RemoteMember(member.target, key, there.metadata[PACKED_SHA_KEY], there.size, parent_set), 0
+            parent_there = there.metadata.get(PARENT_META) or None  # what the object's backing file names
+            return layout.RemoteMember(member.target, key, there.metadata[PACKED_SHA_KEY], there.size, parent_there), 0
         packed = folder / f"{member.target}.qcow2"
+        previous = self._previous_volume_copy(member, remote)
         if not packed.exists():
-            over, backing = self._parent_image(member, parent_set)
-            self.packer.pack(self.stores.of(member).source(member), packed, over, backing)
+            if previous is not None and self.changes is not None:
+                parent_set = previous.set_id
+                self.changes.pack_changes(member, previous, packed, layout.parent_name(parent_set, member.target))
+            else:
+                over, backing = self._parent_image(member, parent_set)
+                self.packer.pack(self.stores.of(member).source(member), packed, over, backing)
         packed_sha = self.packer.sha256(packed)
         upload = packed
         if remote.sealer is not None:
@@ -203,9 +214,31 @@ class Copier:
                 partial = upload.with_name(upload.name + ".part")
                 remote.sealer.seal(packed, partial, key)
                 partial.rename(upload)
-        metadata = {PACKED_SHA_KEY: packed_sha, "ff-set": member.set_id, "ff-target": member.target}
+        if previous is not None:
+            parent_set = previous.set_id
+        metadata = {PACKED_SHA_KEY: packed_sha, "ff-set": member.set_id, "ff-target": member.target,
+                    PARENT_META: parent_set or ""}  # fmt: skip
         sent = remote.store.upload(key, upload, metadata, progress)
         return layout.RemoteMember(member.target, key, packed_sha, sent.size, parent_set), sent.bytes_sent
+
+    def _previous_volume_copy(self, member: Member, remote: RemoteHandle) -> Member | None:
+        """For an RBD member: the same volume's member in the newest earlier set of the instance that is on this
+        remote and whose snapshot still exists; its copy is the base the changes since it go over."""
+        if member.store != RBD_STORE or self.changes is None:
+            return None
+        snapshot_set = self.catalog.get_set(member.set_id)
+        copied = {c.set_id for c in self.registry.copies() if c.remote == remote.spec.name}
+        earlier = [
+            s for s in self.catalog.list_sets(instance=snapshot_set.instance_uuid, status=SetStatus.AVAILABLE)
+            if s.id in copied and s.created_at < snapshot_set.created_at
+        ]  # fmt: skip
+        for candidate in sorted(earlier, key=lambda s: s.created_at, reverse=True):
+            same = [m for m in candidate.members if m.target == member.target and m.store == RBD_STORE]
+            if not same or same[0].source_path != member.source_path:
+                continue
+            there = remote.store.head(layout.manifest_key(candidate.id, remote.sealed)) is not None
+            return same[0] if there and self.stores.of(same[0]).present(same[0]) else None
+        return None
 
     def _parent_image(self, member: Member, parent_set: str | None) -> tuple[ImageRef | None, str | None]:
         if parent_set is None:

@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
+from freezeframe.model import Member
 from freezeframe.ports.images import ImageRef
 
 PartCallback = Callable[[int, int], None]
@@ -107,6 +108,14 @@ class MemberPacker(Protocol):
         file then named ``backing_name`` (relative: ``../<parent set>/<target>.qcow2``)."""
 
     def sha256(self, path: Path) -> str: ...
+
+
+class ChangePacker(Protocol):
+    """A backend-native member (an RBD snapshot) as the changes since an earlier snapshot of the same volume."""
+
+    def pack_changes(self, member: Member, since: Member, dst: Path, backing_name: str) -> int:
+        """A zstd qcow2 at ``dst`` holding what changed since ``since``, its backing file named ``backing_name``;
+        returns the bytes of guest data written."""
 
 
 @dataclass(frozen=True)
