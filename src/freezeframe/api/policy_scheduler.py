@@ -48,6 +48,8 @@ class PolicyScheduler:
                 self.tick()
             except FreezeframeError as exc:  # the catalog was busy or down: the next tick retries
                 log.warning("policy scheduler: %s", exc)
+            except Exception:  # the thread's boundary: a bug is logged and the scheduler keeps ticking
+                log.exception("policy scheduler: unexpected error; retrying at the next tick")
 
     def tick(self, now: datetime | None = None) -> list[str]:
         """Submit every due policy once; returns the jobs started."""
