@@ -22,6 +22,7 @@ from freezeframe.config import Settings
 from freezeframe.errors import InvalidRequest
 from freezeframe.ops.remotes import remote_spec
 from freezeframe.service import Freezeframe
+from freezeframe.testbed.ceph import Cluster
 from freezeframe.testbed.radosgw import S3Access
 from remote_helpers import MiB, bucket_url, make_set, same_data
 
@@ -241,3 +242,15 @@ def test_remote_delete_keeps_a_parent_until_the_copies_building_on_it_are_gone(f
 def test_bad_remote_definitions_are_refused(url: str, endpoint: str | None, message: str) -> None:
     with pytest.raises(InvalidRequest, match=message):
         remote_spec("r", url, endpoint)
+
+
+def test_testbed_up_starts_radosgw_and_prints_its_s3_access(s3: S3Access, tmp_path: Path) -> None:
+    shown = subprocess.run([sys.executable, "-m", "freezeframe.cli", "testbed", "ceph", "up", "--json"],
+                           capture_output=True, text=True, check=True, timeout=300)  # fmt: skip
+    info = json.loads(shown.stdout)
+    assert info["s3_endpoint"] == s3.s3_endpoint == "http://127.0.0.1:7480"
+    assert info["s3_access_key_id"] == s3.s3_access_key_id and info["s3_secret_access_key"]
+    gateway = Cluster().gateway()
+    gateway.stop()  # a dead gateway is started again by the next `up`, with the same user
+    assert Cluster().up().s3_access_key_id == s3.s3_access_key_id
+    assert "Buckets" in client(s3).list_buckets()  # type: ignore[attr-defined]
