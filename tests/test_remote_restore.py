@@ -122,7 +122,7 @@ def test_a_policy_in_serve_snapshots_copies_and_prunes_on_time(
         while len(done) < 4:
             assert time.monotonic() - started < 240, f"only {len(done)} policy runs finished: {server.log_tail()}"
             jobs = client.get("/v1/jobs", params={"kind": "policy"}).json()["items"]
-            assert not [j for j in jobs if j["state"] == "failed"], jobs
+            assert not [j for j in jobs if j["state"] == "failed"], [(j["error_type"], j["error"]) for j in jobs]
             done = [j for j in jobs if j["state"] == "succeeded"]
             time.sleep(1)
         view = client.get("/v1/policies/often").json()
