@@ -525,6 +525,36 @@ def rbd_window_section(report: dict[str, Any] | None) -> str:
     return text + f"\n\n![rbd_window]({image_link('rbd_window')})"
 
 
+def s3_copy_section(report: dict[str, Any] | None) -> str:
+    """Off-site copies (bench/s3_copy.py): upload throughput, incremental bytes sent, peak memory."""
+    if report is None:
+        return missing("s3_copy")
+    tp = report["throughput"]
+    text = smoke_warning(report) + provenance(report)
+    text += (
+        f"Upload of one {num(tp['object_bytes'] / MiB)} MiB object to radosgw (memstore OSD), {tp['repeats']} "
+        "alternating rounds, MiB/s median (p95): freezeframe's multipart upload against boto3's `upload_file` of the "
+        "same bytes and against reading the file (the storage read limit).\n\n"
+    )
+    labels = {"read": "read the staged file", "boto3_upload_file": "boto3 upload_file", "freezeframe": "freezeframe"}
+    rows = [[label, med_p95(tp["mib_per_s"][key], 1)] for key, label in labels.items()]
+    text += table(["", "MiB/s"], rows)
+    text += (
+        f"\n\nfreezeframe / boto3: **{num(tp['ours_vs_boto3'], 2)}**; freezeframe / read limit: "
+        f"{num(tp['ours_vs_read'], 3)}.\n\nIncremental copy (a full set copied first, then a child with N MiB of "
+        "random data changed):\n\n"
+    )
+    inc = [[num(r["changed_bytes"] / MiB), num(r["incremental_sent"] / MiB, 2), num(r["sent_per_changed"], 2),
+            num(r["full_sent"] / MiB, 1), num(r["incremental_s"], 2)] for r in report["incremental"]]  # fmt: skip
+    text += table(["changed MiB", "sent MiB", "sent / changed", "full copy sent MiB", "incremental copy s"], inc)
+    text += "\n\nPeak memory of `freezeframe copy` (own process; largest child, qemu-img):\n\n"
+    mem = [[f"{r['virtual_bytes'] / (1024 * MiB):g} GiB", num(r["data_bytes"] / MiB), num(r["stored_bytes"] / MiB),
+            num(r["copy_s"], 1), num(r["peak_rss_mib"], 1), num(r["peak_child_rss_mib"], 1)]
+           for r in report["peak_memory"]]  # fmt: skip
+    text += table(["member", "data MiB", "stored MiB", "copy s", "peak RSS MiB", "peak child RSS MiB"], mem)
+    return text + f"\n\n![s3_copy]({image_link('s3_copy')})"
+
+
 def verdict_section(reports: dict[str, dict[str, Any]]) -> str:
     """The acceptance targets, each with the measured number and met / missed."""
     rows: list[list[str]] = []
@@ -608,7 +638,7 @@ def image_link(name: str) -> str:
 
 def load(results: Path) -> dict[str, dict[str, Any]]:
     reports = {}
-    for name in ("consistency", "window", "throughput", "concurrency", "startup", "incremental", "rbd_window"):
+    for name in ("consistency", "window", "throughput", "concurrency", "startup", "incremental", "rbd_window", "s3_copy"):
         path = results / f"{name}.json"
         if path.is_file():
             reports[name] = json.loads(path.read_text())
@@ -626,6 +656,7 @@ def render(doc: str, reports: dict[str, dict[str, Any]]) -> str:
         "startup": lambda: startup_section(reports.get("startup")),
         "incremental": lambda: incremental_section(reports.get("incremental")),
         "rbd_window": lambda: rbd_window_section(reports.get("rbd_window")),
+        "s3_copy": lambda: s3_copy_section(reports.get("s3_copy")),
     }
     for name, build in sections.items():
         pattern = re.compile(rf"(<!-- report:{name} -->).*?(<!-- /report:{name} -->)", re.DOTALL)

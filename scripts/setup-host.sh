@@ -22,6 +22,7 @@ DEB_PACKAGES=(
   gcc libc6-dev openssl
   ovmf
   ceph-mon ceph-osd ceph-mgr ceph-common python3-rados python3-rbd qemu-block-extra
+  radosgw
   virt-v2v
   virtnbdbackup
 )

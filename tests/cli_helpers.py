@@ -165,6 +165,16 @@ class FakePortable:
         raise SetNotFound("scripted: stop here")
 
 
+class FakeOffsite:
+    """Off-site copies as ``list`` reads them: none unless a test adds records."""
+
+    def __init__(self) -> None:
+        self.records: list[Any] = []
+
+    def copies(self, set_ids: Sequence[str] | None = None) -> list[Any]:
+        return [r for r in self.records if set_ids is None or r.set_id in set_ids]
+
+
 class FakeService:
     """The parts of ``Freezeframe`` the CLI calls, scripted; every call is recorded in ``calls``."""
 
@@ -176,6 +186,7 @@ class FakeService:
         self.calls = Calls()
         self.lifecycle = FakeLifecycle(self.calls)
         self.portable = FakePortable(self.calls, images)
+        self.offsite = FakeOffsite()
 
     def list_sets(self, **filters: Any) -> list[SnapshotSet]:
         self.calls.args["list_sets"] = filters

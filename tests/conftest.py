@@ -26,8 +26,8 @@ from freezeframe.testbed.instance import (
     running_instance,
 )
 
-pytest_plugins = ("portable_support",)
-"""The export/import fixtures (ff, pt) for the modules that test packages."""
+pytest_plugins = ("portable_support", "remote_helpers")
+"""The export/import fixtures (ff, pt) for the modules that test packages; ``s3`` (radosgw) for off-site copies."""
 
 _session_home: Path | None = None
 

@@ -30,13 +30,16 @@ from freezeframe.cli_common import (
 )
 from freezeframe.cli_lifecycle import register as register_lifecycle
 from freezeframe.cli_output import Col, Piece, print_fields, print_table, progress_bar, say
+from freezeframe.cli_policy import register as register_policy
 from freezeframe.cli_portable import register as register_portable
+from freezeframe.cli_remote import register as register_remote
 from freezeframe.cli_service import register as register_service
 from freezeframe.cli_testbed import register as register_testbed
 from freezeframe.model import Consistency, SetStatus
 
 if TYPE_CHECKING:
     from freezeframe.model import Instance, Member, SnapshotSet
+    from freezeframe.service import Freezeframe
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 """``-h`` everywhere: subcommands inherit their parent's help options."""
@@ -152,11 +155,27 @@ def list_sets(
     """
     with open_service(home, connect) as service:
         sets = service.list_sets(instance=instance, status=status, metadata=parse_meta(meta) or None)
+        copies = _copies(service, sets)
     if as_json:
-        print_json([_set_view(s, hardware=False) for s in sets])
+        print_json([{**_set_view(s, hardware=False), "copies": copies.get(s.id, [])} for s in sets])
         return
     rows = [_set_row(s, s.id[:8], f"{s.created_at:%Y-%m-%d %H:%M}") for s in sets]
-    print_table(SET_COLUMNS, rows, [_set_row(s, s.id, s.created_at.isoformat(timespec="seconds")) for s in sets])
+    plain = [_set_row(s, s.id, s.created_at.isoformat(timespec="seconds")) for s in sets]
+    if copies:  # a "copies" column once any set has an off-site copy (docs/remotes.md)
+        for row, full, s in zip(rows, plain, sets, strict=True):
+            row.append(",".join(copies.get(s.id, [])) or "-")
+            full.append(row[-1])
+        print_table((*SET_COLUMNS, Col("copies", wraps=True, drop=5)), rows, plain)
+        return
+    print_table(SET_COLUMNS, rows, plain)
+
+
+def _copies(service: Freezeframe, sets: list[SnapshotSet]) -> dict[str, list[str]]:
+    """The remotes holding a copy of each set (from the catalog's copy records)."""
+    found: dict[str, list[str]] = {}
+    for record in service.offsite.copies([s.id for s in sets]):
+        found.setdefault(record.set_id, []).append(record.remote)
+    return found
 
 
 def _set_row(s: SnapshotSet, set_id: str, created: str) -> list[str]:
@@ -290,6 +309,8 @@ register_lifecycle(app)
 register_portable(app)
 register_service(app)
 register_testbed(app)
+register_remote(app)
+register_policy(app)
 
 
 def main() -> None:

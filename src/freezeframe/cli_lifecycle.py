@@ -63,8 +63,14 @@ def restore(
     as_json: JsonOpt = False,
     connect: ConnectOpt = None,
     home: HomeOpt = None,
+    from_remote: Annotated[
+        str | None, typer.Option("--from", metavar="REMOTE", help="fetch the set from this remote first")
+    ] = None,
 ) -> None:
     """Build a new instance from SET (--as NAME), or write one of its disks to a file (--disk T --to PATH)."""
+    if from_remote is not None:
+        with open_service(home, connect) as service:
+            set_ref = service.offsite.fetch(set_ref, from_remote).id
     if (disk is None) != (to is None):
         raise InvalidRequest("--disk and --to go together: --disk TARGET --to PATH")
     if disk is not None and to is not None:

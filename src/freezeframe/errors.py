@@ -242,6 +242,23 @@ class TokenNotFound(NotFound):
 
 class CloudServiceError(FreezeframeError):
     """Keystone or Glance could not be reached or refused what the service user asked."""
+# ---- off-site copies (ops/copy.py, adapters/s3_remote.py) ---------------------------------------------------
+
+
+class RemoteNotFound(NotFound):
+    pass
+
+
+class PolicyNotFound(NotFound):
+    pass
+
+
+class RemoteError(FreezeframeError):
+    """The object store refused or failed a request (unreachable endpoint, credentials, bucket, digest mismatch)."""
+
+
+class DecryptionFailed(RemoteError):
+    """A copy cannot be decrypted: the remote's key file is not the key it was written with, or the data changed."""
 
 
 # ---- the table ---------------------------------------------------------------------------------------------
@@ -262,6 +279,7 @@ TABLE: dict[type[FreezeframeError], Category] = {
     VerifyFailed: Category(10, 500, "verify-failed", "Verification failed", public=True),
     OvaNoSpace: _NO_SPACE,
     CloudServiceError: Category(11, 502, "cloud-service-error", "Cloud service error", public=True),
+    RemoteError: Category(12, 502, "remote-error", "Remote storage error", public=True),
 }
 """The categories. Every other class inherits the row of its nearest listed ancestor (Python's MRO). OvfError,
 OvaError and OvaWriteError have no row on purpose: their subclasses also derive from InvalidRequest or

@@ -24,7 +24,9 @@ if TYPE_CHECKING:
     from freezeframe.adapters.qemu_img import QemuImg
     from freezeframe.adapters.repository import DirectoryRepository
     from freezeframe.lifecycle import Lifecycle
+    from freezeframe.offsite import Offsite
     from freezeframe.portable import Portable
+    from freezeframe.scheduling import Policies
     from freezeframe.wiring import Wiring
 
 
@@ -125,6 +127,16 @@ class Freezeframe:
     def portable(self) -> Portable:
         """Export to OVA, the image store and import."""
         return self.parts.portable(self)
+
+    @property
+    def offsite(self) -> Offsite:
+        """Remotes, copies to them, scan and restore from them (issue 15)."""
+        return self.parts.offsite
+
+    @property
+    def policies(self) -> Policies:
+        """Scheduled snapshot, copy and prune policies (issue 15)."""
+        return self.parts.policies
 
     def repair(self, instance: str | None = None) -> list[str]:
         reports = self.flow().repair(instance)

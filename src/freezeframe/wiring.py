@@ -39,13 +39,18 @@ if TYPE_CHECKING:
     from freezeframe.adapters.locks import FileLocks
     from freezeframe.adapters.qemu_img import QemuImg
     from freezeframe.adapters.rbd_volumes import RbdVolumes
+    from freezeframe.adapters.remote_registry import CatalogRemotes
     from freezeframe.adapters.repository import DirectoryRepository
     from freezeframe.adapters.restore_log import RestoreLog
     from freezeframe.lifecycle import Lifecycle
+    from freezeframe.offsite import Offsite
     from freezeframe.ops.common import Holds, Markers, Stores
+    from freezeframe.ops.copy import RemoteHandle
     from freezeframe.ops.instances import InstanceBuilder
+    from freezeframe.ops.prune import Candidate
     from freezeframe.portable import Portable
     from freezeframe.ports import ImageStore
+    from freezeframe.scheduling import Policies
 
 FAULT_HOLD_ENV = "FREEZEFRAME_FAULT_HOLD_IN_WINDOW_S"
 
@@ -272,6 +277,66 @@ class Wiring:
 
     def portable(self, service: Freezeframe) -> Portable:
         return portable(service)
+
+    # ---- off-site copies (issue 15) ----------------------------------------------------------------------------
+
+    @cached_property
+    def remotes(self) -> CatalogRemotes:
+        from freezeframe.adapters.remote_registry import CatalogRemotes
+
+        return CatalogRemotes(self.catalog)
+
+    def open_remote(self, name: str) -> RemoteHandle:
+        """A remote's S3 store (boto3) and, with a key file, its AES-GCM sealer."""
+        from freezeframe.adapters.s3_remote import S3Store
+        from freezeframe.adapters.sealing import AesGcmSealer
+        from freezeframe.ops.copy import RemoteHandle
+
+        spec = self.remotes.get(name)
+        sealer = AesGcmSealer(Path(spec.key_file)) if spec.key_file else None
+        return RemoteHandle(spec, S3Store(spec), sealer)
+
+    @cached_property
+    def offsite(self) -> Offsite:
+        from freezeframe.adapters.rbd_diff_pack import RbdDiffPacker
+        from freezeframe.adapters.remote_pack import QemuPacker
+        from freezeframe.offsite import Offsite
+        from freezeframe.ops.copy import Copier
+        from freezeframe.ops.remote_delete import RemoteDeleter
+        from freezeframe.ops.remote_fetch import RemoteSets
+
+        packer = QemuPacker()
+        staging = self.settings.home / "staging"
+        changes = RbdDiffPacker(self.volumes)
+        copier = Copier(
+            self.catalog, self.stores, packer, self.remotes, self.open_remote, self.holds, staging, changes
+        )
+        fetcher = RemoteSets(
+            self.catalog, self.repository, self.repository.member_path, packer, self.remotes, self.open_remote
+        )
+        deleter = RemoteDeleter(self.catalog, self.remotes, self.open_remote, fetcher.manifest)
+        return Offsite(self.remotes, copier, fetcher, deleter, lambda: self.lifecycle)
+
+    @cached_property
+    def policies(self) -> Policies:
+        """Policies over the catalog; a run snapshots through the flow, copies and prunes through ``offsite``."""
+        from freezeframe.adapters.policy_store import CatalogPolicies
+        from freezeframe.adapters.service_store import JobStore
+        from freezeframe.ops.policies import PolicyRun, RemoteCopies, remote_candidates
+        from freezeframe.scheduling import Policies
+
+        def candidates(remote: str, policy: str) -> list[Candidate]:
+            handle = self.open_remote(remote)
+            ids = [c.set_id for c in self.remotes.copies() if c.remote == remote]
+            return remote_candidates([self.offsite.fetcher.manifest(handle, i) for i in ids], policy)
+
+        def run() -> PolicyRun:
+            offsite = self.offsite
+            remote = RemoteCopies(offsite.copy, candidates, offsite.delete_copy)
+            delete = self.lifecycle.delete
+            return PolicyRun(self.catalog, self.restores, self.snapshot, delete, remote)
+
+        return Policies(CatalogPolicies(self.catalog), JobStore(self.catalog), run)
 
 
 # ---- export / import / image store: the "port" helper's section (its construction replaces this body) --------

@@ -28,7 +28,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.types import TypeDecorator
 
-SCHEMA_REVISIONS = ("0001", "0002", "0003", "0004")
+SCHEMA_REVISIONS = ("0001", "0002", "0003", "0004", "0005")
 """Every Alembic revision in ``migrations/versions``, oldest first; the last is what these tables describe.
 Opening a catalog at the last one needs no Alembic at all (tests check this list against the scripts)."""
 SCHEMA_HEAD = SCHEMA_REVISIONS[-1]
@@ -204,3 +204,38 @@ STORED_IMAGES = Table(
     _req("summary", JSON),
 )
 """One package in an image store."""
+
+REMOTES = Table(
+    "remotes",
+    METADATA,
+    Column("name", String(64), primary_key=True),
+    Column("bucket", String(63), nullable=False),
+    Column("prefix", Text(), nullable=False),
+    Column("endpoint", Text(), nullable=True),
+    Column("region", String(64), nullable=True),
+    Column("key_file", Text(), nullable=True),
+    Column("created_at", UtcDateTime(), nullable=False),
+)
+
+SET_COPIES = Table(
+    "set_copies",
+    METADATA,
+    Column("set_id", String(36), primary_key=True),
+    Column("remote", String(64), primary_key=True),
+    Column("copied_at", UtcDateTime(), nullable=False),
+    Column("bytes_sent", BigInteger(), nullable=False),
+    Column("stored_bytes", BigInteger(), nullable=False),
+)
+
+POLICIES = Table(
+    "policies",
+    METADATA,
+    Column("name", String(64), primary_key=True),
+    Column("record", JSON(), nullable=False),
+    Column("paused", Integer(), nullable=False),
+    Column("created_at", UtcDateTime(), nullable=False),
+    Column("last_tick", UtcDateTime(), nullable=True),
+    Column("last_job_id", String(36), nullable=True),
+    Column("last_outcome", String(16), nullable=True),
+    Column("last_error", Text(), nullable=True),
+)

@@ -30,6 +30,8 @@ from freezeframe.api import (
     routes_instances,
     routes_jobs,
     routes_nova,
+    routes_policies,
+    routes_remotes,
     routes_sets,
     routes_snapshots,
 )
@@ -103,6 +105,7 @@ def create_app(config: ApiConfig) -> FastAPI:
 
     for module in (
         routes_instances, routes_snapshots, routes_jobs, routes_sets, routes_images, routes_nova, routes_glance,
+        routes_remotes, routes_policies,
     ):  # fmt: skip
         app.include_router(module.router)
     return app

@@ -12,6 +12,7 @@ from freezeframe.adapters.service_store import ImageOwners, Job, JobStore, Proje
 from freezeframe.api.access import Principal
 from freezeframe.api.cloud_links import CloudLinks
 from freezeframe.api.jobs import JobRunner, recover
+from freezeframe.api.policy_scheduler import PolicyScheduler
 from freezeframe.api.problems import conflict, log, not_found
 from freezeframe.api.projects import ProjectResolver
 from freezeframe.api.schemas import UUID_PATTERN
@@ -41,6 +42,7 @@ class AppState:
         self.resolver = ProjectResolver(self.service, self.projects)
         self.cloud = CloudLinks.from_env()
         self.runner: JobRunner | None = None
+        self.scheduler: PolicyScheduler | None = None
         self._lock_fd: int | None = None
 
     # ---- start and stop ------------------------------------------------------------------------------
@@ -68,6 +70,15 @@ class AppState:
             log.warning("job %s (%s) was interrupted by the previous stop; marked failed", job.id, job.kind)
         self._warm_hypervisor()
         self.runner = JobRunner(self.jobs, self.workers)
+        self.scheduler = PolicyScheduler(self.service.policies, self.runner, self._instance_key)
+        self.scheduler.start()
+
+    def _instance_key(self, ref: str) -> str:
+        """A policy's instance as the job lock key the snapshot API uses (its UUID), or its name if not found."""
+        try:
+            return self.service.instance(ref).uuid
+        except FreezeframeError:
+            return ref
 
     def _take_service_lock(self) -> None:
         path = self.settings.home / "service.lock"
@@ -93,6 +104,8 @@ class AppState:
             log.warning("libvirt is not reachable yet (%s); instance calls answer 502 until it is", exc)
 
     def close(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.stop()
         try:
             if self.runner is not None:
                 left = self.runner.shutdown(self.shutdown_grace_s)

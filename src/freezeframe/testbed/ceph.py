@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -22,11 +23,12 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from freezeframe.testbed.instance import TestbedError
+from freezeframe.testbed.radosgw import Gateway
 
 STATE_ENV = "FREEZEFRAME_CEPH_TESTBED_DIR"
 DEFAULT_STATE = Path("/var/tmp/freezeframe-ceph")
@@ -49,6 +51,9 @@ class CephTestbed:
     mon_host: str
     secret_uuid: str
     state_dir: str
+    s3_endpoint: str | None = None
+    s3_access_key_id: str | None = None
+    s3_secret_access_key: str | None = None
 
     def env(self) -> dict[str, str]:
         """The settings freezeframe reads to reach this cluster."""
@@ -121,11 +126,18 @@ class Cluster:
     # ---- up / down -----------------------------------------------------------------------------------------
 
     def up(self) -> CephTestbed:
-        """Idempotent: a healthy cluster is left alone; anything else is rebuilt from scratch."""
+        """Idempotent: a healthy cluster is left alone; anything else is rebuilt from scratch. A file lock keeps
+        two concurrent ``up`` (several test runs sharing the test bed) from rebuilding it under each other."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with (self.root / "up.lock").open("a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return self._up()
+
+    def _up(self) -> CephTestbed:
         info = self.info()
         if info is not None and self.healthy():
             self._ensure_secret(info.secret_uuid)
-            return info
+            return self._with_s3(info)
         self.down()
         self._write_config()
         self._start_mon()
@@ -139,10 +151,19 @@ class Cluster:
             mon_host=f"127.0.0.1:{MON_PORT}", secret_uuid=secret, state_dir=str(self.root),
         )  # fmt: skip
         self.info_file.write_text(json.dumps(asdict(info), indent=2))
-        return info
+        return self._with_s3(info)
+
+    def gateway(self) -> Gateway:
+        return Gateway(self.root, self.conf, self.admin_keyring)
+
+    def _with_s3(self, info: CephTestbed) -> CephTestbed:
+        """radosgw on the cluster (testbed/radosgw.py), its endpoint and S3 keys added to what ``up`` prints."""
+        access = self.gateway().ensure()
+        return replace(info, **asdict(access))
 
     def down(self) -> None:
         """Stop the daemons (SIGKILL by pid: memstore keeps nothing worth a clean stop) and remove the data."""
+        self.gateway().stop()
         for daemon in DAEMONS:
             pid = self._pid(daemon)
             if pid is not None:
