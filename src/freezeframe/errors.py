@@ -237,6 +237,10 @@ class TokenNotFound(NotFound):
     pass
 
 
+class GroupNotFound(NotFound):
+    """No consistency group or group set by that name or id."""
+
+
 # ---- the table ---------------------------------------------------------------------------------------------
 
 _NO_SPACE = Category(5, 409, "preflight-failed", "Preflight check failed", public=True)
