@@ -24,7 +24,7 @@ from freezeframe import cli_common
 from freezeframe.cli import app
 from freezeframe.cli_errors import run
 from freezeframe.config import Settings
-from freezeframe.errors import SetNotFound
+from freezeframe.errors import GroupNotFound, SetNotFound
 from freezeframe.model import Consistency, Hardware, Instance, InstanceState, Member, SetStatus, SnapshotSet
 from freezeframe.ports import ProgressCallback
 
@@ -165,6 +165,13 @@ class FakePortable:
         raise SetNotFound("scripted: stop here")
 
 
+class FakeGroups:
+    """No consistency groups: a SET that is no set is no group set either."""
+
+    def show_set(self, ref: str) -> Any:
+        raise GroupNotFound(f"no group set {ref!r}")
+
+
 class FakeService:
     """The parts of ``Freezeframe`` the CLI calls, scripted; every call is recorded in ``calls``."""
 
@@ -176,6 +183,7 @@ class FakeService:
         self.calls = Calls()
         self.lifecycle = FakeLifecycle(self.calls)
         self.portable = FakePortable(self.calls, images)
+        self.groups = FakeGroups()
 
     def list_sets(self, **filters: Any) -> list[SnapshotSet]:
         self.calls.args["list_sets"] = filters

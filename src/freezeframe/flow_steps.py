@@ -130,4 +130,3 @@ class WindowSteps:
         deadline = time.monotonic() + self.settings.hold_in_window_s
         while time.monotonic() < deadline:
             time.sleep(0.05)
-

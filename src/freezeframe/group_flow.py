@@ -171,8 +171,7 @@ class GroupFlow:
             request.require,
             name=f"{group_set.name}-{member.instance_name}",
             metadata={**request.metadata, GROUP_SET_KEY: group_set.id, GROUP_KEY: group.name},
-            backup_type=request.backup_type,
-        )
+        )  # no backup type on the members: rotation works on whole group sets, never on one member
         return self.flow.prepare_member(member.instance_uuid, single, in_group=True)
 
     def _group_window(self, group: Group, prepared: Sequence[PreparedMember]) -> float | None:

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from freezeframe.adapters.restore_log import RestoreLog
     from freezeframe.lifecycle import Lifecycle
     from freezeframe.ops.common import Holds, Markers, Stores
+    from freezeframe.ops.groups import GroupOps
     from freezeframe.ops.instances import InstanceBuilder
     from freezeframe.portable import Portable
     from freezeframe.ports import ImageStore
@@ -272,6 +273,18 @@ class Wiring:
 
     def portable(self, service: Freezeframe) -> Portable:
         return portable(service)
+
+    # ---- consistency groups (issue 14) -----------------------------------------------------------------------
+
+    @cached_property
+    def group_ops(self) -> GroupOps:
+        from freezeframe.adapters.group_records import SqlGroups
+        from freezeframe.group_flow import GroupFlow
+        from freezeframe.ops.groups import GroupOps
+
+        groups = SqlGroups(self.catalog)
+        flow = lambda: GroupFlow(self.flow(), groups)  # noqa: E731 - built per operation, like flow()
+        return GroupOps(groups, self.catalog, lambda: self.hypervisor, flow, lambda: self.lifecycle)
 
 
 # ---- export / import / image store: the "port" helper's section (its construction replaces this body) --------

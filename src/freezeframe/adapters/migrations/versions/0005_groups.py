@@ -36,9 +36,7 @@ def upgrade() -> None:
         sa.Column("position", sa.Integer(), nullable=False),
         sa.Column("instance_uuid", sa.String(64), nullable=False),
         sa.Column("instance_name", sa.Text(), nullable=False),
-        sa.UniqueConstraint(
-            "group_name", "instance_uuid", name="uq_instance_group_members_group_name_instance_uuid"
-        ),
+        sa.UniqueConstraint("group_name", "instance_uuid", name="uq_instance_group_members_group_name_instance_uuid"),
     )
     op.create_index("ix_instance_group_members_group_name", "instance_group_members", ["group_name"])
     op.create_table(
