@@ -16,12 +16,14 @@ from freezeframe.adapters.journal import FileJournal
 from freezeframe.adapters.locks import FileLocks
 from freezeframe.adapters.qemu_img import QemuImg
 from freezeframe.adapters.repository import DirectoryRepository
+from freezeframe.config import Settings
 from freezeframe.errors import AgentUnavailable, CaptureFailed, HypervisorError, InstanceNotFound
 from freezeframe.flow import FlowSettings, SnapshotFlow
 from freezeframe.group_flow import GroupFlow
 from freezeframe.group_model import Group, GroupMember
 from freezeframe.model import DiskSpec, Hardware, Instance, InstanceState
 from freezeframe.ports import CaptureTarget, ProgressCallback
+from freezeframe.wiring import Wiring
 
 MiB = 1 << 20
 
@@ -198,3 +200,19 @@ def group_world(tmp_path: Path, n: int = 2) -> GroupWorld:
     catalog = SqlCatalog(f"sqlite:///{tmp_path / 'catalog.sqlite'}")
     return GroupWorld(hv, catalog, DirectoryRepository(tmp_path / "repo", QemuImg()), FileJournal(tmp_path / "journal"),
                       FileLocks(tmp_path / "locks"), SqlGroups(catalog))  # fmt: skip
+
+
+class ScriptedWiring(Wiring):
+    """The real wiring of one home, with the scripted hypervisor in place of libvirt."""
+
+    def __init__(self, settings: Settings, hv: GroupHypervisor) -> None:
+        super().__init__(settings)
+        self.hv = hv
+
+    @property
+    def hypervisor(self):  # type: ignore[no-untyped-def, override]
+        return self.hv
+
+    def flow(self) -> SnapshotFlow:
+        return SnapshotFlow(self.hv, self.catalog, self.repository, self.journal, self.locks,  # type: ignore[arg-type]
+                            FlowSettings(thaw_retry_s=1.0))  # fmt: skip

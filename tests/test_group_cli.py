@@ -13,27 +13,9 @@ import pytest
 from cli_helpers import run_cli
 from freezeframe import cli_common
 from freezeframe.config import Settings
-from freezeframe.flow import FlowSettings, SnapshotFlow
 from freezeframe.model import InstanceState
 from freezeframe.service import Freezeframe
-from freezeframe.wiring import Wiring
-from group_fakes import GroupHypervisor
-
-
-class ScriptedWiring(Wiring):
-    """The real wiring of one home, with the scripted hypervisor in place of libvirt."""
-
-    def __init__(self, settings: Settings, hv: GroupHypervisor) -> None:
-        super().__init__(settings)
-        self.hv = hv
-
-    @property
-    def hypervisor(self):  # type: ignore[no-untyped-def, override]
-        return self.hv
-
-    def flow(self) -> SnapshotFlow:
-        return SnapshotFlow(self.hv, self.catalog, self.repository, self.journal, self.locks,  # type: ignore[arg-type]
-                            FlowSettings(thaw_retry_s=1.0))  # fmt: skip
+from group_fakes import GroupHypervisor, ScriptedWiring
 
 
 @pytest.fixture
@@ -48,7 +30,7 @@ def hv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[GroupHypervi
         try:
             yield service
         finally:
-            service.catalog.close()
+            service.close()
 
     monkeypatch.setattr(cli_common, "service_factory", factory)
     monkeypatch.setenv("FREEZEFRAME_HOME", str(tmp_path / "home"))
