@@ -76,7 +76,7 @@ def measure(conn: Any, tmp: Path, sizes: Sequence[int], rounds: int) -> dict[str
         boot = [DiskRequest(32 * MiB)]
         guests = [
             stack.enter_context(running_instance(conn, disks=boot, workload="idle", name_prefix="ffgrpbench",
-                                                 workdir=tmp / "guests", guest=image, memory_mib=128))
+                                                 workdir=tmp / "guests", guest=image, memory_mib=192))
             for _ in range(max(sizes))
         ]  # fmt: skip
         with wiring.open_service(Settings(home=tmp / "home", agent_timeout_s=5)) as ff:

@@ -461,6 +461,31 @@ def incremental_section(report: dict[str, Any] | None) -> str:
     return text + table(header, rows) + f"\n\n![incremental]({image_link('incremental')})"
 
 
+def group_window_section(report: dict[str, Any] | None) -> str:
+    """Consistency groups (bench/group_window.py): the group window against one instance's and the bare floor."""
+    if report is None:
+        return missing("group_window")
+    stats = report["stats_ms"]
+    biggest = max(report["instances"])
+    text = smoke_warning(report) + provenance(report)
+    text += (
+        f"{report['rounds']} rounds; each round: bare freeze+thaw of 1 guest and of {biggest} guests at once, one "
+        "filesystem-level set of one guest, then one group set of each size (the window: first freeze to last "
+        "thaw).\n\n"
+    )
+    rows = [["bare floor, 1 guest", med_p95(stats["floor_1"]), "-"],
+            [f"bare floor, {biggest} guests at once", med_p95(stats[f"floor_{biggest}"]), "-"],
+            ["single-instance window", med_p95(stats["single"]), "1.00x"]]  # fmt: skip
+    for n in report["instances"]:
+        rows.append([f"group window, {n} instances", med_p95(stats[f"group_{n}"]),
+                     times(report["group_vs_single"][str(n)])])  # fmt: skip
+    return (
+        text
+        + table(["what", "median / p95 ms", "vs single"], rows)
+        + f"\n\n![group window]({image_link('group_window')})"
+    )
+
+
 def verdict_section(reports: dict[str, dict[str, Any]]) -> str:
     """The acceptance targets, each with the measured number and met / missed."""
     rows: list[list[str]] = []
@@ -509,6 +534,12 @@ def verdict_section(reports: dict[str, dict[str, Any]]) -> str:
     if conc:
         rows.append(["concurrent snapshots stay consistent", f"{conc['violations']} / {conc['checked']} violations",
                      "met" if conc["checked"] and not conc["violations"] else "**missed**"])  # fmt: skip
+    group = reports.get("group_window")
+    if group:
+        worst_n, worst = max(group["group_vs_single"].items(), key=lambda kv: kv[1] or 0.0)
+        met = worst is not None and worst <= WINDOW_TARGET
+        rows.append([f"group window ≤ {WINDOW_TARGET}x the single-instance window",
+                     f"worst {worst_n} instances: {times(worst)}", "met" if met else "**missed**"])  # fmt: skip
     start = reports.get("startup")
     if start:
         for name in STARTUP_TARGETS:
@@ -544,7 +575,7 @@ def image_link(name: str) -> str:
 
 def load(results: Path) -> dict[str, dict[str, Any]]:
     reports = {}
-    for name in ("consistency", "window", "throughput", "concurrency", "startup", "incremental"):
+    for name in ("consistency", "window", "throughput", "concurrency", "startup", "incremental", "group_window"):
         path = results / f"{name}.json"
         if path.is_file():
             reports[name] = json.loads(path.read_text())
@@ -561,6 +592,7 @@ def render(doc: str, reports: dict[str, dict[str, Any]]) -> str:
         "concurrency": lambda: concurrency_section(reports.get("concurrency")),
         "startup": lambda: startup_section(reports.get("startup")),
         "incremental": lambda: incremental_section(reports.get("incremental")),
+        "group_window": lambda: group_window_section(reports.get("group_window")),
     }
     for name, build in sections.items():
         pattern = re.compile(rf"(<!-- report:{name} -->).*?(<!-- /report:{name} -->)", re.DOTALL)
