@@ -131,7 +131,7 @@ def main() -> None:
         return
     out = output_dir(args, NAME)
     bench = Run(NAME, args.quick)
-    sizes, rounds = ((2, 4), 2) if args.quick else ((2, 4, 8), 12)
+    sizes, rounds = ((2, 4), 2) if args.quick else ((2, 4, 8), 10)
     with libvirt_connection() as conn, scratch_dir(NAME) as tmp:
         bench.machine = machine_info(conn, tmp)
         payload = measure(conn, tmp, sizes, rounds)
