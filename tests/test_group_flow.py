@@ -255,3 +255,17 @@ def test_unknown_and_empty_groups_are_refused(world: GroupWorld) -> None:
         world.group_flow().snapshot(GroupRequest("empty"))
     with pytest.raises(InvalidRequest, match="group set id"):
         GroupRequest("app", group_set_id="x")
+
+
+def test_paused_and_shut_off_members_join_the_group_as_they_are(world: GroupWorld) -> None:
+    """A paused member is captured paused (and stays so); a shut-off one is copied at rest after the window."""
+    world.hv.guests["vm2"].state = InstanceState.PAUSED
+    world.hv.guests["vm3"].state = InstanceState.SHUTOFF
+    world.make_group("app", "vm1", "vm2", "vm3")
+    group_set = world.group_flow().snapshot(GroupRequest("app"))
+    assert world.hv.calls("vm2") == ["capture", "wait"] and world.hv.guests["vm2"].state is InstanceState.PAUSED
+    assert world.hv.calls("vm3") == ["copy_offline"]
+    by_name = {s.instance_name: s for s in world.catalog.list_sets()}
+    assert by_name["vm2"].achieved is Consistency.CRASH and "paused" in (by_name["vm2"].reason or "")
+    assert by_name["vm3"].achieved is Consistency.FILESYSTEM and "at rest" in (by_name["vm3"].reason or "")
+    assert group_set.status is SetStatus.AVAILABLE and group_set.achieved is Consistency.CRASH
