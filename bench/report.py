@@ -555,6 +555,31 @@ def s3_copy_section(report: dict[str, Any] | None) -> str:
     return text + f"\n\n![s3_copy]({image_link('s3_copy')})"
 
 
+def group_window_section(report: dict[str, Any] | None) -> str:
+    """Consistency groups (bench/group_window.py): the group window against one instance's and the bare floor."""
+    if report is None:
+        return missing("group_window")
+    stats = report["stats_ms"]
+    biggest = max(report["instances"])
+    text = smoke_warning(report) + provenance(report)
+    text += (
+        f"{report['rounds']} rounds; each round: bare freeze+thaw of 1 guest and of {biggest} guests at once, one "
+        "filesystem-level set of one guest, then one group set of each size (the window: first freeze to last "
+        "thaw).\n\n"
+    )
+    rows = [["bare floor, 1 guest", med_p95(stats["floor_1"]), "-"],
+            [f"bare floor, {biggest} guests at once", med_p95(stats[f"floor_{biggest}"]), "-"],
+            ["single-instance window", med_p95(stats["single"]), "1.00x"]]  # fmt: skip
+    for n in report["instances"]:
+        rows.append([f"group window, {n} instances", med_p95(stats[f"group_{n}"]),
+                     times(report["group_vs_single"][str(n)])])  # fmt: skip
+    return (
+        text
+        + table(["what", "median / p95 ms", "vs single"], rows)
+        + f"\n\n![group window]({image_link('group_window')})"
+    )
+
+
 def verdict_section(reports: dict[str, dict[str, Any]]) -> str:
     """The acceptance targets, each with the measured number and met / missed."""
     rows: list[list[str]] = []
@@ -603,6 +628,12 @@ def verdict_section(reports: dict[str, dict[str, Any]]) -> str:
     if conc:
         rows.append(["concurrent snapshots stay consistent", f"{conc['violations']} / {conc['checked']} violations",
                      "met" if conc["checked"] and not conc["violations"] else "**missed**"])  # fmt: skip
+    group = reports.get("group_window")
+    if group:
+        worst_n, worst = max(group["group_vs_single"].items(), key=lambda kv: kv[1] or 0.0)
+        met = worst is not None and worst <= WINDOW_TARGET
+        rows.append([f"group window ≤ {WINDOW_TARGET}x the single-instance window",
+                     f"worst {worst_n} instances: {times(worst)}", "met" if met else "**missed**"])  # fmt: skip
     start = reports.get("startup")
     if start:
         for name in STARTUP_TARGETS:
@@ -636,9 +667,16 @@ def image_link(name: str) -> str:
     return os.path.relpath(_results_dir / f"{name}.png", _doc_path.parent)
 
 
+REPORTS = (
+    "consistency", "window", "throughput", "concurrency", "startup", "incremental", "rbd_window", "s3_copy",
+    "group_window", "catalog", "hosts_load",
+)
+"""The bench/results/NAME.json files a section is rendered from."""
+
+
 def load(results: Path) -> dict[str, dict[str, Any]]:
     reports = {}
-    for name in ("consistency", "window", "throughput", "concurrency", "startup", "incremental", "rbd_window", "s3_copy"):
+    for name in REPORTS:
         path = results / f"{name}.json"
         if path.is_file():
             reports[name] = json.loads(path.read_text())
@@ -657,6 +695,7 @@ def render(doc: str, reports: dict[str, dict[str, Any]]) -> str:
         "incremental": lambda: incremental_section(reports.get("incremental")),
         "rbd_window": lambda: rbd_window_section(reports.get("rbd_window")),
         "s3_copy": lambda: s3_copy_section(reports.get("s3_copy")),
+        "group_window": lambda: group_window_section(reports.get("group_window")),
     }
     for name, build in sections.items():
         pattern = re.compile(rf"(<!-- report:{name} -->).*?(<!-- /report:{name} -->)", re.DOTALL)

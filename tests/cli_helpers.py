@@ -24,7 +24,7 @@ from freezeframe import cli_common
 from freezeframe.cli import app
 from freezeframe.cli_errors import run
 from freezeframe.config import Settings
-from freezeframe.errors import SetNotFound
+from freezeframe.errors import GroupNotFound, SetNotFound
 from freezeframe.model import Consistency, Hardware, Instance, InstanceState, Member, SetStatus, SnapshotSet
 from freezeframe.ports import ProgressCallback
 
@@ -173,6 +173,11 @@ class FakeOffsite:
 
     def copies(self, set_ids: Sequence[str] | None = None) -> list[Any]:
         return [r for r in self.records if set_ids is None or r.set_id in set_ids]
+class FakeGroups:
+    """No consistency groups: a SET that is no set is no group set either."""
+
+    def show_set(self, ref: str) -> Any:
+        raise GroupNotFound(f"no group set {ref!r}")
 
 
 class FakeService:
@@ -187,6 +192,7 @@ class FakeService:
         self.lifecycle = FakeLifecycle(self.calls)
         self.portable = FakePortable(self.calls, images)
         self.offsite = FakeOffsite()
+        self.groups = FakeGroups()
 
     def list_sets(self, **filters: Any) -> list[SnapshotSet]:
         self.calls.args["list_sets"] = filters

@@ -28,6 +28,7 @@ from freezeframe.cli_common import (
     parse_meta,
     print_json,
 )
+from freezeframe.cli_groups import register as register_groups
 from freezeframe.cli_lifecycle import register as register_lifecycle
 from freezeframe.cli_output import Col, Piece, print_fields, print_table, progress_bar, say
 from freezeframe.cli_policy import register as register_policy
@@ -35,6 +36,7 @@ from freezeframe.cli_portable import register as register_portable
 from freezeframe.cli_remote import register as register_remote
 from freezeframe.cli_service import register as register_service
 from freezeframe.cli_testbed import register as register_testbed
+from freezeframe.errors import InvalidRequest, SetNotFound
 from freezeframe.model import Consistency, SetStatus
 
 if TYPE_CHECKING:
@@ -70,7 +72,10 @@ def _root(
 
 @app.command()
 def snapshot(
-    instance: Annotated[str, typer.Argument(metavar="INSTANCE", help="instance name or UUID")],
+    instance: Annotated[str | None, typer.Argument(metavar="[INSTANCE]", help="instance name or UUID")] = None,
+    group: Annotated[
+        str | None, typer.Option("--group", metavar="NAME", help="every instance of this group at one point in time")
+    ] = None,
     consistency: Annotated[Consistency, typer.Option("--consistency", help="how consistent")] = Consistency.FILESYSTEM,
     require: Annotated[bool, typer.Option("--require", help="fail instead of falling back to a lower level")] = False,
     name: NameOpt = None,
@@ -95,9 +100,23 @@ def snapshot(
     connect: ConnectOpt = None,
     home: HomeOpt = None,
 ) -> None:
-    """Snapshot the root disk and every attached volume of INSTANCE as one set."""
+    """Snapshot the root disk and every attached volume of INSTANCE as one set (--group NAME: of every instance
+    of the group, at one point in time, as one group set)."""
     from freezeframe.flow import SnapshotRequest
 
+    if instance is not None and group is not None:
+        raise InvalidRequest("snapshot INSTANCE or --group NAME, not both")
+    if group is not None:
+        from freezeframe.cli_groups import snapshot_group
+
+        if exclude_disk or pause or not wait or mode != "auto" or max_chain is not None:
+            raise InvalidRequest("--group takes --consistency, --require, --name, --meta and --freeze-cap only")
+        with open_service(home, connect, freeze_cap(cap)) as service:
+            snapshot_group(service, group, consistency, require, check_name(name, "group set name"),
+                           parse_meta(meta), as_json)  # fmt: skip
+        return
+    if instance is None:
+        raise typer.BadParameter("Missing argument 'INSTANCE' (or --group NAME)", param_hint="INSTANCE")
     request = SnapshotRequest(
         instance=instance,
         consistency=consistency,
@@ -186,9 +205,18 @@ def _set_row(s: SnapshotSet, set_id: str, created: str) -> list[str]:
 
 @app.command()
 def show(set_ref: SetArg, as_json: JsonOpt = False, connect: ConnectOpt = None, home: HomeOpt = None) -> None:
-    """Show one snapshot set and its members."""
+    """Show one snapshot set and its members, or a group set and its sets."""
     with open_service(home, connect) as service:
-        s = service.show(set_ref)
+        try:
+            s = service.show(set_ref)
+        except SetNotFound:
+            from freezeframe.cli_groups import find_group_set, show_group_set
+
+            view = find_group_set(service, set_ref)
+            if view is None:
+                raise
+            show_group_set(view, as_json)
+            return
     if as_json:
         print_json(_set_view(s))
         return
@@ -311,6 +339,7 @@ register_service(app)
 register_testbed(app)
 register_remote(app)
 register_policy(app)
+register_groups(app)
 
 
 def main() -> None:

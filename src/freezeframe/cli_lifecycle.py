@@ -30,7 +30,7 @@ from freezeframe.cli_common import (
     print_json,
 )
 from freezeframe.cli_output import Col, Piece, print_table, progress_bar, say
-from freezeframe.errors import InvalidRequest, VerifyFailed
+from freezeframe.errors import InvalidRequest, SetNotFound, VerifyFailed
 from freezeframe.model import Consistency
 from freezeframe.validation import validate_backup_type, validate_int, validate_name
 
@@ -50,6 +50,10 @@ def _lifecycle(home: Path | None, connect: str | None) -> Iterator[Lifecycle]:
 def restore(
     set_ref: SetArg,
     as_name: Annotated[str | None, typer.Option("--as", metavar="NAME", help="name of the new instance")] = None,
+    as_prefix: Annotated[
+        str | None,
+        typer.Option("--as-prefix", metavar="PREFIX", help="a group set: every instance, as PREFIX<instance name>"),
+    ] = None,
     start: Annotated[bool, typer.Option("--start", help="boot the new instance")] = False,
     full: Annotated[bool, typer.Option("--full", help="independent copies instead of copy-on-write")] = False,
     disk: Annotated[str | None, typer.Option("--disk", metavar="TARGET", help="restore only this disk ...")] = None,
@@ -71,6 +75,14 @@ def restore(
     if from_remote is not None:
         with open_service(home, connect) as service:
             set_ref = service.offsite.fetch(set_ref, from_remote).id
+    if as_prefix is not None:
+        from freezeframe.cli_groups import restore_group_set
+
+        if as_name or disk or to:
+            raise InvalidRequest("--as-prefix restores a whole group set; it does not go with --as, --disk or --to")
+        with open_service(home, connect) as service:
+            restore_group_set(service, set_ref, as_prefix, start, full, as_json)
+        return
     if (disk is None) != (to is None):
         raise InvalidRequest("--disk and --to go together: --disk TARGET --to PATH")
     if disk is not None and to is not None:
@@ -132,9 +144,18 @@ def delete(
     connect: ConnectOpt = None,
     home: HomeOpt = None,
 ) -> None:
-    """Delete SET and its data (refused while restored instances depend on it, unless --force)."""
-    with _lifecycle(home, connect) as lifecycle:
-        result = lifecycle.delete(set_ref, force=force)
+    """Delete SET and its data (refused while restored instances depend on it, unless --force); a group set: every
+    one of its sets."""
+    with open_service(home, connect) as service:
+        try:
+            result = service.lifecycle.delete(set_ref, force=force)
+        except SetNotFound:
+            from freezeframe.cli_groups import delete_group_set, find_group_set
+
+            if find_group_set(service, set_ref) is None:
+                raise
+            delete_group_set(service, set_ref, force, as_json)
+            return
     if as_json:
         print_json(dataclasses.asdict(result))
         return

@@ -259,6 +259,8 @@ class RemoteError(FreezeframeError):
 
 class DecryptionFailed(RemoteError):
     """A copy cannot be decrypted: the remote's key file is not the key it was written with, or the data changed."""
+class GroupNotFound(NotFound):
+    """No consistency group or group set by that name or id."""
 
 
 # ---- the table ---------------------------------------------------------------------------------------------

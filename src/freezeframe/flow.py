@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +27,7 @@ from freezeframe.errors import (
     PreflightFailed,
     RepositoryFull,
 )
+from freezeframe.flow_steps import Plan, PreparedMember, WindowSteps
 from freezeframe.incremental import (
     AUTO,
     DEFAULT_MAX_CHAIN,
@@ -61,7 +61,7 @@ from freezeframe.ports import (
     ProgressCallback,
     Repository,
 )
-from freezeframe.ports.volumes import VolumeCapture, Volumes, VolumeSnapshot
+from freezeframe.ports.volumes import Volumes, VolumeSnapshot
 from freezeframe.recovery import Recovery
 from freezeframe.signals import deferred_signals
 from freezeframe.validation import validate_freeze_cap, validate_uuid
@@ -72,7 +72,7 @@ from freezeframe.volume_members import (
     remove_volumes,
     volume_members,
 )
-from freezeframe.window import THAW_PENDING, GuestWindow
+from freezeframe.window import THAW_PENDING
 
 log = logging.getLogger(__name__)
 
@@ -120,16 +120,7 @@ class FlowSettings:
         validate_freeze_cap(self.freeze_cap_s, "freeze cap")
 
 
-@dataclass
-class _Plan:
-    level: Consistency
-    reason: str | None
-    pause: bool
-    several_captures: bool = False
-    """Several capture mechanisms (backup job, each RBD snapshot) meet at one instant only in a paused guest."""
-
-
-class SnapshotFlow(Recovery):
+class SnapshotFlow(WindowSteps, Recovery):
     settings: FlowSettings
 
     def __init__(
@@ -164,44 +155,25 @@ class SnapshotFlow(Recovery):
         """
         instance = self.hypervisor.lookup(request.instance)
         with self.locks.hold(instance.uuid) as lock:
-            self.repair_locked(instance.uuid)
-            instance = self.hypervisor.lookup(instance.uuid)
-            disks = discover_disks(instance, request.exclude_disks)
-            files, vols = split_volumes(disks.captured)
-            self._preflight(files)
-            plan = self._plan(instance, request)
-            plan.several_captures = (1 if files else 0) + len(vols) > 1
-            if plan.level is Consistency.CRASH and plan.several_captures:
-                plan.pause = True
-            snapshot_set = self._new_set(instance, request, disks)
-            chain = self._chain(instance, request, files, snapshot_set.id)
-            self.catalog.add_set(snapshot_set)
-            entry = JournalEntry(instance.uuid, instance.name, snapshot_set.id, os.getpid(), "preparing")
-            journal_volumes(entry, vols)
-            entry.extra["chain"] = chain.encode()
-            self.journal.record(entry)
+            member = self.prepare_member(instance.uuid, request)
+            instance, snapshot_set, entry = member.instance, member.snapshot_set, member.entry
             handed_off = False
             try:
-                targets = with_tracking(chain, self.repository.prepare(snapshot_set.id, files, chain.parents()))
-                with open_volumes(self.volumes, snapshot_set, vols) as capture:
-                    snapshot_set.achieved, snapshot_set.reason = plan.level, plan.reason
+                self.prepare_targets(member)
+                with open_volumes(self.volumes, snapshot_set, member.vols) as capture:
+                    member.capture = capture
                     if instance.state is InstanceState.SHUTOFF:
-                        entry.phase = "copying"
-                        self.journal.record(entry)
-                        self.hypervisor.copy_offline(instance, targets, progress)
-                        snaps = capture.snapshot()
+                        self.copy_at_rest(member, progress)
                     else:
-                        snaps = self._capture_point_in_time(
-                            instance, snapshot_set, targets, plan, entry, request.require, capture
-                        )
+                        self._capture_point_in_time(member)
                 if instance.state is not InstanceState.SHUTOFF:
                     if handoff is not None:
                         handoff(snapshot_set, lock)
                         handed_off = True
                         return snapshot_set
-                    if targets:
+                    if member.targets:
                         self.hypervisor.wait_capture(instance, progress)
-                self._record_members(snapshot_set, targets, snaps, entry)
+                self._record_members(snapshot_set, member.targets, member.snaps, entry)
             except BaseException as exc:
                 raise self._failed(instance, snapshot_set, exc, entry) from exc
             finally:
@@ -209,6 +181,41 @@ class SnapshotFlow(Recovery):
                     self.journal.clear(instance.uuid)
             prune_checkpoints(self.tracking, self.catalog, instance)
             return snapshot_set
+
+    def prepare_member(self, instance_uuid: str, request: SnapshotRequest, *, in_group: bool = False) -> PreparedMember:
+        """Everything before the guest is touched, with the instance's lock held: repair what a dead process left,
+        discover, preflight, plan, record the set (``creating``) and the journal entry. Nothing is made on disk."""
+        self.repair_locked(instance_uuid)
+        instance = self.hypervisor.lookup(instance_uuid)
+        disks = discover_disks(instance, request.exclude_disks)
+        files, vols = split_volumes(disks.captured)
+        self._preflight(files)
+        plan = self._plan(instance, request)
+        plan.several_captures = in_group or (1 if files else 0) + len(vols) > 1
+        if plan.level is Consistency.CRASH and plan.several_captures:
+            plan.pause = True
+        snapshot_set = self._new_set(instance, request, disks)
+        chain = self._chain(instance, request, files, snapshot_set.id)
+        self.catalog.add_set(snapshot_set)
+        entry = JournalEntry(instance.uuid, instance.name, snapshot_set.id, os.getpid(), "preparing")
+        journal_volumes(entry, vols)
+        entry.extra["chain"] = chain.encode()
+        self.journal.record(entry)
+        snapshot_set.achieved, snapshot_set.reason = plan.level, plan.reason
+        return PreparedMember(instance, snapshot_set, plan, entry, request.require, files, vols, chain)
+
+    def prepare_targets(self, member: PreparedMember) -> None:
+        """Empty target images (incremental where the chain says so), ready before any guest-visible step."""
+        chain = member.chain
+        parents = chain.parents()
+        member.targets = with_tracking(chain, self.repository.prepare(member.snapshot_set.id, member.files, parents))
+
+    def copy_at_rest(self, member: PreparedMember, progress: ProgressCallback | None) -> None:
+        """A shut-off instance's disks do not change: copy them, no window needed."""
+        member.entry.phase = "copying"
+        self.journal.record(member.entry)
+        self.hypervisor.copy_offline(member.instance, member.targets, progress)
+        member.snaps = member.capture.snapshot()
 
     def complete(self, set_id: str, progress: ProgressCallback | None = None) -> SnapshotSet:
         """Wait for and record a set whose copy another process started and handed over, lock already held."""
@@ -248,18 +255,18 @@ class SnapshotFlow(Recovery):
             )
         return exc
 
-    def _plan(self, instance: Instance, request: SnapshotRequest) -> _Plan:
+    def _plan(self, instance: Instance, request: SnapshotRequest) -> Plan:
         """Which level we will try and why it is lower than asked, decided before the guest is touched."""
         wanted = request.consistency
 
-        def lower(reason: str) -> _Plan:
+        def lower(reason: str) -> Plan:
             if request.require and wanted is not Consistency.CRASH:
                 raise ConsistencyUnavailable(f"--require {wanted}: {reason}; nothing was changed")
-            return _Plan(Consistency.CRASH, reason if wanted is not Consistency.CRASH else None, False)
+            return Plan(Consistency.CRASH, reason if wanted is not Consistency.CRASH else None, False)
 
         if instance.state is InstanceState.SHUTOFF:
             if instance.clean_shutdown:
-                return _Plan(wanted, "instance is shut off: its disks are at rest", False)
+                return Plan(wanted, "instance is shut off: its disks are at rest", False)
             return lower("instance is shut off after a crash or forced stop: disks as they were left")
         if instance.state is InstanceState.PAUSED:
             return lower("instance is paused: the guest agent cannot freeze or thaw a paused guest")
@@ -267,14 +274,14 @@ class SnapshotFlow(Recovery):
             raise PreflightFailed(f"{instance.name} is neither running, paused nor shut off; cannot snapshot it")
         pause = request.pause_vcpus or not self.hypervisor.supports_atomic_capture(instance)
         if wanted is Consistency.CRASH:
-            return _Plan(wanted, None, pause)
+            return Plan(wanted, None, pause)
         try:
             self.hypervisor.agent_ping(instance)
         except AgentUnavailable as exc:
             plan = lower(f"guest agent not answering ({exc})")
             plan.pause = pause
             return plan
-        return _Plan(wanted, None, pause)
+        return Plan(wanted, None, pause)
 
     def _chain(self, instance: Instance, request: SnapshotRequest, disks: Sequence[DiskSpec], set_id: str) -> ChainPlan:
         """Which members copy only changes, checked against the catalog and the checkpoints before the window."""
@@ -312,81 +319,25 @@ class SnapshotFlow(Recovery):
             instance_state=instance.state,
         )
 
-    def _capture_point_in_time(
-        self,
-        instance: Instance,
-        snapshot_set: SnapshotSet,
-        targets: Sequence[CaptureTarget],
-        plan: _Plan,
-        entry: JournalEntry,
-        require: bool,
-        capture: VolumeCapture,
-    ) -> list[VolumeSnapshot]:
+    def _capture_point_in_time(self, member: PreparedMember) -> None:
         """quiesce → capture all (backup job start, RBD snapshots) → thaw; the copy itself runs after the window."""
-        achieved, reason = snapshot_set.achieved, snapshot_set.reason
-        running = instance.state is InstanceState.RUNNING
-        pause = plan.pause and running
-        # A failed freeze falls back to crash level inside the window, where no journal write happens: record now
-        # that the guest may be paused then, so that repair resumes it.
-        may_pause = pause or (running and plan.several_captures and plan.level.freezes_filesystems)
-        entry.froze, entry.paused, entry.capture_started = plan.level.freezes_filesystems, may_pause, True
-        entry.phase = "window"
-        self.journal.record(entry)
-        window = GuestWindow(self.hypervisor, self.journal, self.ensure_thawed, instance, entry)
+        window = self.open_window(member)
         watchdog = threading.Timer(self.settings.freeze_cap_s, window.expire)
         watchdog.daemon = True
         try:
             with deferred_signals():
                 watchdog.start()
                 try:
-                    if plan.level.freezes_filesystems:
-                        try:
-                            window.freeze()
-                        except AgentUnavailable as exc:
-                            if not window.thaw_confirmed:
-                                raise CaptureFailed(
-                                    f"freeze failed ({exc}) and the guest agent has not confirmed a thaw since; "
-                                    "`freezeframe repair` keeps trying"
-                                ) from exc
-                            if require:
-                                raise ConsistencyUnavailable(f"--require {snapshot_set.requested}: {exc}") from exc
-                            achieved, reason = Consistency.CRASH, f"freeze failed: {exc}"
-                            pause = may_pause
-                    if pause:
-                        window.pause()
-                    self._hold_for_tests()
-                    if window.expired:
-                        raise FreezeWindowExceeded(self._cap_message(instance))
-                    if targets:
-                        self.hypervisor.start_capture(instance, targets)
-                    snaps = capture.snapshot()
+                    self.enter_window(member, window)
+                    self.hold_for_tests()
+                    self.capture_in_window(member, window)
                 finally:
                     window.release()
             if window.expired:
-                raise FreezeWindowExceeded(self._cap_message(instance))
+                raise FreezeWindowExceeded(self.cap_message(member.instance))
         finally:
             watchdog.cancel()
-        snapshot_set.achieved = achieved
-        snapshot_set.reason = reason
-        snapshot_set.freeze_window_ms = window.ms(window.freeze_started, window.freeze_ended)
-        snapshot_set.pause_window_ms = window.ms(window.pause_started, window.pause_ended)
-        if window.thaw_confirmed:
-            entry.froze = entry.paused = False
-            entry.phase = "copying"
-            self.journal.record(entry)
-        self.catalog.update_set(snapshot_set)
-        return snaps
-
-    def _cap_message(self, instance: Instance) -> str:
-        return (
-            f"the freeze/pause window of {instance.name} reached its cap of {self.settings.freeze_cap_s:g} s; "
-            "the guest was released and the set failed"
-        )
-
-    def _hold_for_tests(self) -> None:
-        deadline = time.monotonic() + self.settings.hold_in_window_s
-        while time.monotonic() < deadline:
-            time.sleep(0.05)
+        self.close_window(member, window)
 
     def _record_members(
         self,

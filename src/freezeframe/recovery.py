@@ -59,12 +59,24 @@ class Recovery:
                 self.hypervisor.thaw(instance)
                 return True
             except FreezeframeError as exc:
+                if self._stopped(instance):
+                    log.warning("%s stopped while frozen: no filesystem is left to thaw", instance.name)
+                    return True
                 log.warning("thaw of %s not confirmed yet: %s", instance.name, exc)
             if time.monotonic() > deadline:
                 log.error("could not confirm %s thawed; `freezeframe repair` will retry", instance.name)
                 return False
             time.sleep(0.5)
             self._unblock(instance)
+
+    def _stopped(self, instance: Instance) -> bool:
+        """A guest that shut down (or was destroyed) holds no frozen filesystem: there is nothing to thaw."""
+        try:
+            return self.hypervisor.state(instance) is InstanceState.SHUTOFF
+        except NotFound:
+            return True
+        except FreezeframeError:
+            return False
 
     # ---- repair --------------------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     from freezeframe.adapters.repository import DirectoryRepository
     from freezeframe.lifecycle import Lifecycle
     from freezeframe.offsite import Offsite
+    from freezeframe.ops.groups import GroupOps
     from freezeframe.portable import Portable
     from freezeframe.scheduling import Policies
     from freezeframe.wiring import Wiring
@@ -137,10 +138,15 @@ class Freezeframe:
     def policies(self) -> Policies:
         """Scheduled snapshot, copy and prune policies (issue 15)."""
         return self.parts.policies
+    def groups(self) -> GroupOps:
+        """Consistency groups: manage them, snapshot them, restore/delete/rotate their group sets."""
+        return self.parts.group_ops
 
     def repair(self, instance: str | None = None) -> list[str]:
         reports = self.flow().repair(instance)
-        return reports if instance is not None else reports + self.lifecycle.repair() + self.portable.repair()
+        if instance is not None:
+            return reports
+        return reports + self.groups.repair() + self.lifecycle.repair() + self.portable.repair()
 
     def instances(self) -> list[Instance]:
         return self.hypervisor.list_instances()

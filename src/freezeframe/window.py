@@ -65,11 +65,18 @@ class GuestWindow:
                 self.froze = False
                 self.freeze_started = self.freeze_ended = None
             raise
+        with self._lock:
+            if self.released:  # the watchdog released the guest while the freeze was still on its way
+                self._thaw()
 
     def pause(self) -> None:
         self.pause_started = time.monotonic()
         self.paused = True
         self.hypervisor.pause(self.instance)
+        with self._lock:
+            if self.released:  # released by the watchdog while the pause was on its way: undo it
+                self.hypervisor.resume(self.instance)
+                self.pause_ended = time.monotonic()
 
     def _thaw(self) -> None:
         self.thaw_confirmed = self.ensure_thawed(self.instance)

@@ -46,6 +46,7 @@ if TYPE_CHECKING:
     from freezeframe.offsite import Offsite
     from freezeframe.ops.common import Holds, Markers, Stores
     from freezeframe.ops.copy import RemoteHandle
+    from freezeframe.ops.groups import GroupOps
     from freezeframe.ops.instances import InstanceBuilder
     from freezeframe.ops.prune import Candidate
     from freezeframe.portable import Portable
@@ -337,6 +338,17 @@ class Wiring:
             return PolicyRun(self.catalog, self.restores, self.snapshot, delete, remote)
 
         return Policies(CatalogPolicies(self.catalog), JobStore(self.catalog), run)
+    # ---- consistency groups (issue 14) -----------------------------------------------------------------------
+
+    @cached_property
+    def group_ops(self) -> GroupOps:
+        from freezeframe.adapters.group_records import SqlGroups
+        from freezeframe.group_flow import GroupFlow
+        from freezeframe.ops.groups import GroupOps
+
+        groups = SqlGroups(self.catalog)
+        flow = lambda: GroupFlow(self.flow(), groups)  # noqa: E731 - built per operation, like flow()
+        return GroupOps(groups, self.catalog, lambda: self.hypervisor, flow, lambda: self.lifecycle)
 
 
 # ---- export / import / image store: the "port" helper's section (its construction replaces this body) --------

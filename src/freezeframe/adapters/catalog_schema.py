@@ -239,3 +239,48 @@ POLICIES = Table(
     Column("last_outcome", String(16), nullable=True),
     Column("last_error", Text(), nullable=True),
 )
+# ---- consistency groups (revision 0005) -----------------------------------------------------------------
+
+GROUPS = Table(
+    "instance_groups",
+    METADATA,
+    Column("name", String(255), primary_key=True),
+    _req("created_at", UtcDateTime),
+)
+"""A consistency group: instances snapshotted at one point in time."""
+
+GROUP_MEMBERS = Table(
+    "instance_group_members",
+    METADATA,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    _req(
+        "group_name",
+        String(255),
+        ForeignKey("instance_groups.name", name="fk_instance_group_members_group_name", ondelete="CASCADE"),
+        index=True,
+    ),
+    _req("position", Integer),
+    _req("instance_uuid", String(64)),
+    _req("instance_name", Text),
+    UniqueConstraint("group_name", "instance_uuid", name="uq_instance_group_members_group_name_instance_uuid"),
+)
+"""The instances of a group, in the order they were added."""
+
+GROUP_SETS = Table(
+    "group_sets",
+    METADATA,
+    Column("id", String(36), primary_key=True),
+    _req("name", Text),
+    _req("group_name", String(255), index=True),
+    _req("requested", String(16)),
+    _opt("achieved", String(16)),
+    _req("status", String(16)),
+    _req("created_at", UtcDateTime, index=True),
+    _opt("completed_at", UtcDateTime),
+    _opt("window_ms", Float),
+    _opt("error", Text),
+    _opt("backup_type", String(255)),
+    _req("instances", JSON),
+)
+"""One point in time across a group's instances; its sets carry its id in their metadata. No foreign key to
+the group: a group set stays restorable after its group is deleted."""

@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from freezeframe import __version__
 from freezeframe.api import (
     routes_glance,
+    routes_groups,
     routes_images,
     routes_instances,
     routes_jobs,
@@ -108,4 +109,5 @@ def create_app(config: ApiConfig) -> FastAPI:
         routes_remotes, routes_policies,
     ):  # fmt: skip
         app.include_router(module.router)
+    app.include_router(routes_groups.router)
     return app

@@ -10,7 +10,9 @@ from lxml import etree
 
 from freezeframe.testbed.guest import GuestImage
 
-WORKLOADS = ("idle", "ledger", "heartbeat")
+WORKLOADS = ("idle", "ledger", "heartbeat", "link-send", "link-recv")
+LINK_PORT = "ff.link"
+"""The virtio-serial port of the two-instance ledger (``link-send`` / ``link-recv``)."""
 DISK_FORMATS = ("qcow2", "raw")
 # Quiet and skip slow probes: every console byte and every legacy-device probe costs time under TCG.
 # pci=noacpi alone cut the virtio probe from ~2.3 s to ~0.3 s (ACPI interrupt-link setup is slow under TCG).
@@ -47,6 +49,25 @@ class TestDisk:
 
 
 @dataclass(frozen=True)
+class GuestLink:
+    """One end of a virtio-serial link between two guests, joined on the host by a UNIX socket: the guest that
+    starts first listens (``bind``), the other connects to the same path (``connect``)."""
+
+    socket: Path
+    mode: str
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("bind", "connect"):
+            raise ValueError(f"link mode must be bind or connect, not {self.mode!r}")
+
+
+def _link_channel(devices: etree._Element, link: GuestLink) -> None:
+    channel = etree.SubElement(devices, "channel", type="unix")
+    etree.SubElement(channel, "source", mode=link.mode, path=str(link.socket))
+    etree.SubElement(channel, "target", type="virtio", name=LINK_PORT)
+
+
+@dataclass(frozen=True)
 class RbdDisk:
     """Where a test disk lives in the Ceph test bed and how QEMU authenticates (a libvirt secret)."""
 
@@ -77,6 +98,7 @@ def domain_xml(
     disk_cache: str = "none",
     description: str = "freezeframe test bed guest",
     extra_cmdline: Sequence[str] = (),
+    link: GuestLink | None = None,
 ) -> str:
     """The domain definition; ``disk_cache='none'`` needs O_DIRECT on the disks' filesystem.
 
@@ -128,6 +150,8 @@ def domain_xml(
 
     channel = etree.SubElement(devices, "channel", type="unix")
     etree.SubElement(channel, "target", type="virtio", name="org.qemu.guest_agent.0")
+    if link is not None:
+        _link_channel(devices, link)
 
     serial = etree.SubElement(devices, "serial", type="file")
     etree.SubElement(serial, "source", path=str(console_log))

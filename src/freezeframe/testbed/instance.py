@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import libvirt
 import libvirt_qemu
 
-from freezeframe.testbed.domain import DISK_FORMATS, RbdDisk, TestDisk, disk_target, domain_xml
+from freezeframe.testbed.domain import DISK_FORMATS, GuestLink, RbdDisk, TestDisk, disk_target, domain_xml
 from freezeframe.testbed.guest import GuestImage, build_guest
 
 if TYPE_CHECKING:
@@ -35,6 +35,7 @@ MIB = 1024 * 1024
 LIBVIRT_DOMAIN_LOG_DIR = Path("/var/log/libvirt/qemu")
 _LEDGER_RE = re.compile(rb"ff-ledger (?:paused |resumed )?i=(\d+)")
 _HEARTBEAT_RE = re.compile(rb"ff-heartbeat seq=(\d+)")
+_LINK_RE = re.compile(rb"ff-link(?:-recv)? (?:start )?(?:i|last)=(\d+)")
 _UNDEFINE_FLAGS = (
     libvirt.VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
     | libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
@@ -161,6 +162,9 @@ class TestInstance:
             return self.ledger_progress()
         if self.workload == "heartbeat":
             return self.heartbeat_progress()
+        if self.workload in ("link-send", "link-recv"):
+            found = _LINK_RE.findall(self.console_bytes())
+            return int(found[-1]) if found else None
         return None
 
     def wait_for_progress(self, after: int | None = None, timeout_s: float = 30.0) -> int:
@@ -307,7 +311,7 @@ def _wait_ready(inst: TestInstance, started: float, deadline: float) -> None:
         if time.monotonic() > deadline:
             raise TestbedError(f"{inst.name}: init never printed FF-READY; console:\n{inst.console_tail()}")
         time.sleep(0.1)
-    if inst.workload in ("ledger", "heartbeat"):
+    if inst.workload in ("ledger", "heartbeat"):  # a link workload needs its partner: its caller waits
         inst.wait_for_progress(timeout_s=max(1.0, deadline - time.monotonic()))
 
 
@@ -325,6 +329,7 @@ def running_instance(
     nics: int = 1,
     boot_timeout_s: float = 60.0,
     extra_cmdline: Sequence[str] = (),
+    link: GuestLink | None = None,
 ) -> Iterator[TestInstance]:
     """Define and start a fresh guest, wait until it is usable, and always remove it and its files."""
     quiet_libvirt_errors()
@@ -366,6 +371,7 @@ def running_instance(
             nics=nics,
             disk_cache="none" if _supports_o_direct(workdir) else "writeback",
             extra_cmdline=extra_cmdline,
+            link=link,
         )
         started = time.monotonic()
         dom = conn.defineXML(xml)

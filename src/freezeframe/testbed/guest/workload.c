@@ -7,6 +7,13 @@
  *     state <= last journal record <= state + 1. SIGUSR1 (sent by the fsfreeze hook) pauses the writer
  *     after a complete record pair; SIGUSR2 resumes it.
  *
+ *   ff-workload link-send <mount> <port> / link-recv <mount> <port>
+ *     The two-instance ledger: the sender appends record i to <mount>/ledger/journal (fsync), sends i over the
+ *     virtio-serial port named <port> (joined to the other guest's port on the host), and waits for the receiver's
+ *     acknowledgement before i+1 (resending i every 2 s meanwhile); the receiver appends each new i to its own
+ *     journal (fsync) and acknowledges it. Any consistent cut across both guests has
+ *     receiver.last <= sender.last <= receiver.last + 1.
+ *
  *   ff-workload heartbeat <mount>...
  *     Every ~5 ms append "seq realtime_ns" to <mount>/heartbeat.log on each mount (fsync each), so the
  *     longest stall the guest saw can be computed afterwards.
@@ -19,7 +26,9 @@
  * Records are fixed width so a torn record at the end of a file is detectable.
  */
 #define _GNU_SOURCE
+#include <dirent.h>
 #include <errno.h>
+#include <poll.h>
 #include <fcntl.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -215,6 +224,153 @@ static int ledger(const char *jmount, const char *smount) {
     return 0;
 }
 
+/* The device of the virtio-serial port called `name` (/dev/vportNpM), waiting up to 60 s for it to appear. */
+static int open_port(const char *name) {
+    char path[512], dev[300], buf[128];
+    for (int tries = 0; tries < 1200; tries++) {
+        DIR *d = opendir("/sys/class/virtio-ports");
+        struct dirent *e;
+        while (d != NULL && (e = readdir(d)) != NULL) {
+            if (e->d_name[0] == '.') continue;
+            snprintf(path, sizeof path, "/sys/class/virtio-ports/%s/name", e->d_name);
+            FILE *f = fopen(path, "r");
+            if (f == NULL) continue;
+            int match = fgets(buf, sizeof buf, f) != NULL && (buf[strcspn(buf, "\n")] = 0, strcmp(buf, name) == 0);
+            fclose(f);
+            if (!match) continue;
+            snprintf(dev, sizeof dev, "/dev/%s", e->d_name);
+            closedir(d);
+            int fd = open(dev, O_RDWR);
+            if (fd < 0) die("open %s", dev);
+            return fd;
+        }
+        if (d != NULL) closedir(d);
+        usleep(50000);
+    }
+    errno = ENOENT;
+    die("virtio-serial port %s", name);
+    return -1;
+}
+
+/* Open (creating) <mount>/ledger/journal; return the fd, the next offset and the last record in *last. */
+static int open_journal(const char *mount, off_t *end, unsigned long long *last) {
+    char path[512], rec[LEDGER_REC];
+    snprintf(path, sizeof path, "%s/ledger", mount);
+    ensure_dir(path);
+    snprintf(path, sizeof path, "%s/ledger/journal", mount);
+    int fd = open(path, O_RDWR | O_CREAT, 0644);
+    if (fd < 0) die("open %s", path);
+    snprintf(path, sizeof path, "%s/ledger", mount);
+    sync_dir(path);
+    off_t size = lseek(fd, 0, SEEK_END);
+    unsigned long long n = (unsigned long long)size / LEDGER_REC;
+    *last = 0;
+    if (n > 0 && (pread(fd, rec, LEDGER_REC, (off_t)((n - 1) * LEDGER_REC)) != LEDGER_REC ||
+                  parse_rec(rec, LEDGER_REC, last) != 0))
+        die("unreadable last record in %s/ledger/journal", mount);
+    *end = (off_t)(n * LEDGER_REC);
+    return fd;
+}
+
+static void append_record(int fd, off_t *end, unsigned long long i) {
+    char rec[LEDGER_REC + 1];
+    snprintf(rec, sizeof rec, "%019llu\n", i);
+    write_all_at(fd, rec, LEDGER_REC, *end, "journal");
+    sync_fd(fd, "journal");
+    *end += LEDGER_REC;
+}
+
+/* Send one record over the port; a host side that is not connected yet drops it (the sender resends). */
+static void send_record(int port, unsigned long long i) {
+    char rec[LEDGER_REC + 1];
+    snprintf(rec, sizeof rec, "%019llu\n", i);
+    if (write(port, rec, LEDGER_REC) != LEDGER_REC) usleep(100000);
+}
+
+/* Read one record within timeout_ms: 1 with *out set, 0 on timeout (or nothing connected yet). */
+static int recv_record(int port, int timeout_ms, unsigned long long *out) {
+    static char buf[LEDGER_REC];
+    static size_t have = 0;
+    long long deadline = now_ns(CLOCK_MONOTONIC) + (long long)timeout_ms * 1000000LL;
+    for (;;) {
+        long long left = (deadline - now_ns(CLOCK_MONOTONIC)) / 1000000LL;
+        if (left <= 0) return 0;
+        struct pollfd p = {port, POLLIN, 0};
+        int r = poll(&p, 1, (int)left);
+        if (r < 0 && errno != EINTR) die("poll port");
+        if (r <= 0) continue;
+        ssize_t n = read(port, buf + have, LEDGER_REC - have);
+        if (n <= 0) { /* host side not connected: nothing to read yet */
+            usleep(50000);
+            continue;
+        }
+        have += (size_t)n;
+        if (have < LEDGER_REC) continue;
+        have = 0;
+        if (parse_rec(buf, LEDGER_REC, out) == 0) return 1;
+    }
+}
+
+static int link_send(const char *mount, const char *port_name) {
+    off_t end;
+    unsigned long long last, ack;
+    int fd = open_journal(mount, &end, &last);
+    int port = open_port(port_name);
+    printf("ff-link start i=%llu\n", last + 1);
+    fflush(stdout);
+    long long next_report = now_ns(CLOCK_MONOTONIC) + 1000000000LL;
+    for (unsigned long long i = last + 1;; i++) {
+        append_record(fd, &end, i);
+        for (;;) {
+            send_record(port, i);
+            int got = 0;
+            while (recv_record(port, 2000, &ack) == 1) {
+                if (ack == i) {
+                    got = 1;
+                    break;
+                }
+            } /* a stale acknowledgement of a resent record is skipped */
+            if (got) break;
+        }
+        long long now = now_ns(CLOCK_MONOTONIC);
+        if (now >= next_report) {
+            printf("ff-link i=%llu\n", i);
+            fflush(stdout);
+            next_report = now + 1000000000LL;
+        }
+    }
+    return 0;
+}
+
+static int link_recv(const char *mount, const char *port_name) {
+    off_t end;
+    unsigned long long last, i;
+    int fd = open_journal(mount, &end, &last);
+    int port = open_port(port_name);
+    printf("ff-link-recv start last=%llu\n", last);
+    fflush(stdout);
+    long long next_report = now_ns(CLOCK_MONOTONIC) + 1000000000LL;
+    for (;;) {
+        if (recv_record(port, 1000, &i) != 1) continue;
+        if (i == last + 1) {
+            append_record(fd, &end, i);
+            last = i;
+        } else if (i > last + 1) {
+            printf("ff-link-recv gap: got %llu after %llu\n", i, last);
+            fflush(stdout);
+            continue;
+        }
+        send_record(port, i); /* a resent record already stored is acknowledged again */
+        long long now = now_ns(CLOCK_MONOTONIC);
+        if (now >= next_report) {
+            printf("ff-link-recv i=%llu\n", last);
+            fflush(stdout);
+            next_report = now + 1000000000LL;
+        }
+    }
+    return 0;
+}
+
 static int heartbeat(int nmounts, char **mounts) {
     enum { MAXM = 26 };
     int fds[MAXM];
@@ -316,7 +472,10 @@ int main(int argc, char **argv) {
     if (argc == 8 && strcmp(argv[1], "rewrite") == 0)
         return rewrite(argv[2], atoll(argv[3]), atoll(argv[4]), atoll(argv[5]), atoll(argv[6]),
                        strtoull(argv[7], NULL, 10));
+    if (argc == 4 && strcmp(argv[1], "link-send") == 0) return link_send(argv[2], argv[3]);
+    if (argc == 4 && strcmp(argv[1], "link-recv") == 0) return link_recv(argv[2], argv[3]);
     fprintf(stderr, "usage: ff-workload idle | ledger <journal-mount> <state-mount> | heartbeat <mount>... | "
-                    "rewrite <device> <region-bytes> <block> <count> <shift> <seed>\n");
+                    "rewrite <device> <region-bytes> <block> <count> <shift> <seed> | "
+                    "link-send|link-recv <mount> <port>\n");
     return 2;
 }
