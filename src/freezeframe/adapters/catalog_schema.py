@@ -101,7 +101,7 @@ SET_INDEXES = {
     "ix_snapshot_sets_created_at_id": ("created_at", "id"),
     "ix_snapshot_sets_instance_uuid_created_at_id": ("instance_uuid", "created_at", "id"),
     "ix_snapshot_sets_instance_name_instance_uuid": ("instance_name", "instance_uuid"),
-    "ix_snapshot_sets_name": ("name",),
+    "ix_snapshot_sets_name_created_at_id": ("name", "created_at", "id"),
     "ix_snapshot_sets_status_created_at_id": ("status", "created_at", "id"),
     "ix_snapshot_sets_backup_type_created_at_id": ("backup_type", "created_at", "id"),
     "ix_snapshot_sets_project_created_at_id": ("project", "created_at", "id"),
