@@ -25,6 +25,7 @@ DEB_PACKAGES=(
   radosgw
   virt-v2v
   virtnbdbackup
+  postgresql
 )
 
 missing=()
