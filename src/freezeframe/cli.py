@@ -28,6 +28,7 @@ from freezeframe.cli_common import (
     parse_meta,
     print_json,
 )
+from freezeframe.cli_hosts import register as register_hosts
 from freezeframe.cli_lifecycle import register as register_lifecycle
 from freezeframe.cli_output import Col, Piece, print_fields, print_table, progress_bar, say
 from freezeframe.cli_portable import register as register_portable
@@ -290,6 +291,7 @@ register_lifecycle(app)
 register_portable(app)
 register_service(app)
 register_testbed(app)
+register_hosts(app)
 
 
 def main() -> None:

@@ -237,6 +237,25 @@ class TokenNotFound(NotFound):
     pass
 
 
+# ---- many hosts (agents, hosts, the job queue) --------------------------------------------------------------
+
+
+class HostNotFound(NotFound):
+    pass
+
+
+class AgentNotAuthorized(FreezeframeError):
+    """An agent presented no key, or one that is not its host's (``freezeframe hosts enroll`` issues keys)."""
+
+
+class HostUnavailable(FreezeframeError):
+    """The host that runs the instance (or holds the set) stopped answering: its agent's heartbeat is stale."""
+
+
+class WrongHost(FreezeframeError):
+    """A job reached an agent that does not run its instance: agents act on their own host's instances only."""
+
+
 # ---- the table ---------------------------------------------------------------------------------------------
 
 _NO_SPACE = Category(5, 409, "preflight-failed", "Preflight check failed", public=True)
@@ -254,6 +273,9 @@ TABLE: dict[type[FreezeframeError], Category] = {
     ImageStoreError: Category(9, 503, "image-store-unavailable", "Image store unavailable", public=False),
     VerifyFailed: Category(10, 500, "verify-failed", "Verification failed", public=True),
     OvaNoSpace: _NO_SPACE,
+    AgentNotAuthorized: Category(11, 403, "agent-not-authorized", "Agent not authorized", public=True),
+    HostUnavailable: Category(12, 503, "host-unavailable", "Host unavailable", public=True),
+    WrongHost: Category(13, 409, "wrong-host", "Wrong host", public=True),
 }
 """The categories. Every other class inherits the row of its nearest listed ancestor (Python's MRO). OvfError,
 OvaError and OvaWriteError have no row on purpose: their subclasses also derive from InvalidRequest or

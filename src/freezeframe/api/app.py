@@ -60,6 +60,8 @@ class ApiConfig:
     max_body_bytes: int = MAX_BODY_BYTES
     shutdown_grace_s: float = 60.0
     """How long a stop waits for running jobs (longer than the freeze cap, so no guest stays frozen)."""
+    multi_host: bool = False
+    """A stateless replica of a multi-host deployment: agents run the jobs, PostgreSQL holds catalog and queue."""
 
 
 def create_app(config: ApiConfig) -> FastAPI:
@@ -67,7 +69,7 @@ def create_app(config: ApiConfig) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = AppState(config.settings, config.workers, config.shutdown_grace_s)
+        state = AppState(config.settings, config.workers, config.shutdown_grace_s, config.multi_host)
         try:
             await run_in_threadpool(state.start)
         except BaseException:

@@ -7,9 +7,11 @@ import fcntl
 import os
 import re
 
+from freezeframe.adapters.host_registry import HostRegistry
 from freezeframe.adapters.image_records import StoredImage
 from freezeframe.adapters.service_store import ImageOwners, Job, JobStore, ProjectMap, TokenStore
 from freezeframe.api.access import Principal
+from freezeframe.api.cluster import ClusterJobs, Inventory
 from freezeframe.api.jobs import JobRunner, recover
 from freezeframe.api.problems import conflict, log, not_found
 from freezeframe.api.projects import ProjectResolver
@@ -26,7 +28,7 @@ _UUID_RE = re.compile(UUID_PATTERN)
 class AppState:
     """One ``Freezeframe`` for the process (catalog engine and libvirt connection are thread-safe)."""
 
-    def __init__(self, settings: Settings, workers: int, shutdown_grace_s: float) -> None:
+    def __init__(self, settings: Settings, workers: int, shutdown_grace_s: float, multi_host: bool = False) -> None:
         self.settings = settings
         self.workers = workers
         self.shutdown_grace_s = shutdown_grace_s
@@ -37,14 +39,23 @@ class AppState:
         self.projects = ProjectMap(catalog)
         self.owners = ImageOwners(catalog)
         self.portable = self.service.portable
-        self.resolver = ProjectResolver(self.service, self.projects)
+        self.cluster: ClusterJobs | None = None
+        self.inventory: Inventory | Freezeframe = self.service
+        if multi_host:
+            self.registry = HostRegistry(catalog)
+            self.inventory = Inventory(self.registry)
+        self.resolver = ProjectResolver(self.inventory, self.projects)
         self.runner: JobRunner | None = None
         self._lock_fd: int | None = None
 
     # ---- start and stop ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Service lock, repair, recovery of interrupted jobs, then workers: in that order, before serving."""
+        """Service lock, repair, recovery of interrupted jobs, then workers: in that order, before serving.
+        A multi-host API replica has none of these (the agents have): it only prepares the job queue."""
+        if isinstance(self.inventory, Inventory):
+            self.cluster = ClusterJobs(self.service.catalog, self.settings.catalog_url, self.inventory.registry)
+            return
         self._take_service_lock()
         reports: list[str] = []
         repair_error: str | None = None
@@ -107,6 +118,8 @@ class AppState:
     # ---- lookups with visibility ----------------------------------------------------------------------
 
     def require_runner(self) -> JobRunner:
+        if self.cluster is not None:
+            raise conflict("in a multi-host deployment this operation is not available through the API yet")
         if self.runner is None:
             raise conflict("the service is starting or stopping; retry in a moment")
         return self.runner
@@ -115,7 +128,7 @@ class AppState:
         """The instances this token may see, with their projects."""
         mapping = self.resolver.mapping_snapshot()
         found = []
-        for instance in self.service.instances():
+        for instance in self.inventory.instances():
             project, _ = self.resolver.of_instance(instance, mapping)
             if principal.sees(project):
                 found.append((instance, project))
@@ -125,7 +138,7 @@ class AppState:
         if len(ref) == 36 and ref.count("-") == 4 and not _UUID_RE.match(ref.lower()):
             raise not_found(f"instance {ref!r}")
         try:
-            instance = self.service.instance(ref.lower() if _UUID_RE.match(ref.lower()) else ref)
+            instance = self.inventory.instance(ref.lower() if _UUID_RE.match(ref.lower()) else ref)
         except NotFound:
             raise not_found(f"instance {ref!r}") from None
         project, source = self.resolver.of_instance(instance)

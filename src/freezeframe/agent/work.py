@@ -1,0 +1,91 @@
+"""Run one job that the queue delivered to this host's agent, exactly once.
+
+The queue (procrastinate) hands a job to one worker; the claim here (the ``jobs`` row goes queued -> running only
+if it is still queued) makes a second delivery of the same job - a retry after a lost connection, a duplicate in
+the queue - a logged no-op. The job then runs through the same boundary as in the embedded service
+(``api.jobs.execute``): every outcome is recorded on the row clients read. An agent acts on its own host's
+instances only: a job whose instance this host's libvirt does not run fails with ``WrongHost``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from freezeframe.adapters.host_registry import HostRegistry
+from freezeframe.adapters.service_store import Job, JobStore, ProjectMap
+from freezeframe.api.jobs import JobContext, execute
+from freezeframe.api.projects import ProjectResolver
+from freezeframe.api.routes_snapshots import order_from_body, run_snapshot
+from freezeframe.api.schemas import SnapshotCreate
+from freezeframe.errors import InstanceNotFound, InvalidRequest, WrongHost
+from freezeframe.model import Instance, SnapshotSet
+from freezeframe.service import Freezeframe
+
+log = logging.getLogger("freezeframe.agent")
+
+SNAPSHOT_KINDS = ("snapshot", "backup")
+
+
+@dataclass
+class HostWork:
+    """This host's name, its service (local libvirt, its repository) and the shared catalog's stores."""
+
+    host: str
+    service: Freezeframe
+    registry: HostRegistry
+
+    def __post_init__(self) -> None:
+        self.store = JobStore(self.service.catalog)
+        self.resolver = ProjectResolver(self.service, ProjectMap(self.service.catalog))
+
+    def run(self, job_id: str) -> bool:
+        """Claim and run ``job_id``; False when another delivery already claimed it (nothing is done)."""
+        job = self.store.claim(job_id, os.getpid())
+        if job is None:
+            log.warning("job %s was delivered again but is no longer queued; not running it twice", job_id)
+            return False
+        routed = self.registry.job_host(job_id)
+        if routed != self.host:
+            fail = WrongHost(f"job {job_id} is routed to host {routed!r}, not to {self.host!r}; this agent refuses it")
+            execute(self.store, job, _raise(fail))
+            return True
+        execute(self.store, job, self._body(job))
+        return True
+
+    def _body(self, job: Job) -> Callable[[JobContext], dict[str, Any]]:
+        if job.kind in SNAPSHOT_KINDS:
+            return lambda ctx: self._snapshot(ctx, job)
+        return _raise(InvalidRequest(f"jobs of kind {job.kind!r} do not run on agents"))
+
+    def own_instance(self, ref: str) -> Instance:
+        """The instance if THIS host runs it; an agent never reaches another host's libvirt."""
+        try:
+            return self.service.instance(ref)
+        except InstanceNotFound:
+            raise WrongHost(f"instance {ref} does not run on host {self.host}; it was moved or removed") from None
+
+    def _snapshot(self, ctx: JobContext, job: Job) -> dict[str, Any]:
+        instance = self.own_instance(job.instance_uuid or "")
+        order = order_from_body(SnapshotCreate.model_validate(job.request))
+        set_id = job.set_id or ""
+        project = job.project
+
+        def visible(snapshot_set: SnapshotSet) -> bool:
+            return project is None or self.resolver.of_set(snapshot_set) == project
+
+        try:
+            return run_snapshot(self.service, ctx, instance, order, project, set_id, visible)
+        finally:
+            if self.service.catalog.load_sets([set_id]):
+                self.registry.record_set(set_id, self.host)
+
+
+def _raise(exc: Exception) -> Callable[[JobContext], dict[str, Any]]:
+    def fail(ctx: JobContext) -> dict[str, Any]:
+        raise exc
+
+    return fail
