@@ -23,6 +23,7 @@ DEB_PACKAGES=(
   ovmf
   ceph-mon ceph-osd ceph-mgr ceph-common python3-rados python3-rbd qemu-block-extra
   virt-v2v
+  postgresql
 )
 
 missing=()

@@ -1,4 +1,5 @@
-"""SqlCatalog against real SQLite files: round trips, lookups, filters, migrations, concurrency."""
+"""SqlCatalog against real SQLite files and the PostgreSQL test bed: round trips, lookups, filters, migrations,
+concurrency. Tests taking ``catalog``/``catalog_url`` run on both backends."""
 
 from __future__ import annotations
 
@@ -17,10 +18,10 @@ from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import create_engine
+from sqlalchemy import func, select, text
 
 from freezeframe.adapters.catalog import METADATA, MIGRATIONS_DIR, SqlCatalog
-from freezeframe.adapters.catalog_schema import SCHEMA_HEAD, SCHEMA_REVISIONS
+from freezeframe.adapters.catalog_schema import MEMBERS, SCHEMA_HEAD, SCHEMA_REVISIONS
 from freezeframe.errors import CatalogError, InvalidRequest, SetNotFound
 from freezeframe.model import (
     BootSpec,
@@ -33,6 +34,7 @@ from freezeframe.model import (
     SetStatus,
     SnapshotSet,
 )
+from pg_helpers import catalog_url, pg_server, pg_url
 
 T0 = datetime(2024, 11, 27, 12, 0, 0, 123456, tzinfo=UTC)
 
@@ -121,15 +123,18 @@ def db_path(tmp_path: Path) -> Path:
     return tmp_path / "home" / "catalog.sqlite"
 
 
+__all__ = ["catalog_url", "pg_server", "pg_url"]  # fixtures
+
+
 @pytest.fixture
-def catalog(db_path: Path) -> Iterator[SqlCatalog]:
-    with SqlCatalog(url_for(db_path)) as cat:
+def catalog(catalog_url: str) -> Iterator[SqlCatalog]:
+    with SqlCatalog(catalog_url) as cat:
         yield cat
 
 
-def member_count(db_path: Path) -> int:
-    with sqlite3.connect(db_path) as con:
-        count: int = con.execute("SELECT count(*) FROM members").fetchone()[0]
+def member_count(catalog: SqlCatalog) -> int:
+    with catalog.connect("counting members", write=False) as connection:
+        count: int = connection.scalar(select(func.count()).select_from(MEMBERS)) or 0
     return count
 
 
@@ -170,7 +175,7 @@ def test_round_trip_minimal_set_and_other_offsets(catalog: SqlCatalog) -> None:
     assert loaded.created_at.hour == 12
 
 
-def test_update_replaces_every_field_and_members(catalog: SqlCatalog, db_path: Path) -> None:
+def test_update_replaces_every_field_and_members(catalog: SqlCatalog) -> None:
     s = make_set(status=SetStatus.CREATING, completed_at=None, achieved=None)
     catalog.add_set(s)
     s.status = SetStatus.FAILED
@@ -186,7 +191,7 @@ def test_update_replaces_every_field_and_members(catalog: SqlCatalog, db_path: P
     s.members = [member(s.id, "vda", sha256="cd" * 32, virtual_size=1), member(s.id, "vdc")]
     catalog.update_set(s)
     assert catalog.get_set(s.id) == s
-    assert member_count(db_path) == 2
+    assert member_count(catalog) == 2
 
 
 def test_update_unknown_set(catalog: SqlCatalog) -> None:
@@ -296,13 +301,13 @@ def test_list_filters_and_order(catalog: SqlCatalog) -> None:
 # -- delete ------------------------------------------------------------------------------------
 
 
-def test_delete_cascades_members(catalog: SqlCatalog, db_path: Path) -> None:
+def test_delete_cascades_members(catalog: SqlCatalog) -> None:
     keep, drop = make_set("keep"), make_set("drop")
     catalog.add_set(keep)
     catalog.add_set(drop)
-    assert member_count(db_path) == 4
+    assert member_count(catalog) == 4
     catalog.delete_set(drop.id)
-    assert member_count(db_path) == 2
+    assert member_count(catalog) == 2
     assert catalog.list_sets() == [keep]
     with pytest.raises(SetNotFound):
         catalog.get_set(drop.id)
@@ -340,14 +345,10 @@ def test_migrates_an_existing_empty_database_and_reopens(db_path: Path) -> None:
     assert {"snapshot_sets", "members", "unrelated", "alembic_version"} <= tables
 
 
-def test_models_match_migrations(catalog: SqlCatalog, db_path: Path) -> None:
-    """A schema change without a migration (or the reverse) shows up here."""
-    engine = create_engine(url_for(db_path))
-    try:
-        with engine.connect() as con:
-            diff = compare_metadata(MigrationContext.configure(con, opts={"compare_type": True}), METADATA)
-    finally:
-        engine.dispose()
+def test_models_match_migrations(catalog: SqlCatalog) -> None:
+    """A schema change without a migration (or the reverse) shows up here, on each backend."""
+    with catalog.connect("comparing the schema", write=False) as con:
+        diff = compare_metadata(MigrationContext.configure(con, opts={"compare_type": True}), METADATA)
     assert diff == []
 
 
@@ -371,12 +372,13 @@ def test_schema_revisions_list_every_migration() -> None:
     ],
 )
 def test_rows_with_bad_values_are_one_line_catalog_errors(
-    catalog: SqlCatalog, db_path: Path, column: str, value: str, message: str
+    catalog: SqlCatalog, column: str, value: str, message: str
 ) -> None:
     s = make_set()
     catalog.add_set(s)
-    with sqlite3.connect(db_path) as con:
-        con.execute(f"UPDATE snapshot_sets SET {column} = ? WHERE id = ?", (value, s.id))
+    cast = "CAST(:value AS JSON)" if column == "hardware" else ":value"
+    with catalog.connect("corrupting a row", write=True) as con:
+        con.execute(text(f"UPDATE snapshot_sets SET {column} = {cast} WHERE id = :id"), {"value": value, "id": s.id})
     for read in (lambda: catalog.get_set(s.id), catalog.list_sets, lambda: catalog.load_sets([s.id])):
         with pytest.raises(CatalogError, match=message) as caught:
             read()
@@ -384,12 +386,11 @@ def test_rows_with_bad_values_are_one_line_catalog_errors(
         assert caught.value.__cause__ is None
 
 
-def test_newer_schema_is_reported(db_path: Path) -> None:
-    SqlCatalog(url_for(db_path)).close()
-    with sqlite3.connect(db_path) as con:
-        con.execute("UPDATE alembic_version SET version_num = '9999'")
+def test_newer_schema_is_reported(catalog_url: str) -> None:
+    with SqlCatalog(catalog_url) as cat, cat.connect("faking a newer schema", write=True) as con:
+        con.execute(text("UPDATE alembic_version SET version_num = '9999'"))
     with pytest.raises(CatalogError, match="newer freezeframe"):
-        SqlCatalog(url_for(db_path))
+        SqlCatalog(catalog_url)
 
 
 def test_unusable_paths_raise_catalog_error(tmp_path: Path) -> None:
@@ -417,8 +418,9 @@ def test_locked_database_raises_catalog_error(db_path: Path) -> None:
         cat.add_set(make_set())  # usable again once the other writer is gone
 
 
-def test_reader_is_not_blocked_by_a_writer(catalog: SqlCatalog, db_path: Path) -> None:
+def test_reader_is_not_blocked_by_a_writer(db_path: Path) -> None:
     """WAL: a CLI can list while a service holds a write transaction."""
+    catalog = SqlCatalog(url_for(db_path))
     s = make_set()
     catalog.add_set(s)
     holder = sqlite3.connect(db_path, isolation_level=None)
@@ -428,6 +430,7 @@ def test_reader_is_not_blocked_by_a_writer(catalog: SqlCatalog, db_path: Path) -
         assert [x.name for x in catalog.list_sets()] == [s.name]
     finally:
         holder.close()
+        catalog.close()
 
 
 def test_in_memory_catalog(tmp_path: Path) -> None:
@@ -446,17 +449,17 @@ def _open_and_add(url: str, barrier: Any, name: str) -> None:
         cat.add_set(make_set(name))
 
 
-def test_processes_opening_a_fresh_database_concurrently(db_path: Path) -> None:
+def test_processes_opening_a_fresh_database_concurrently(catalog_url: str) -> None:
     ctx = multiprocessing.get_context("spawn")
     workers = 4
     barrier = ctx.Barrier(workers)
-    procs = [ctx.Process(target=_open_and_add, args=(url_for(db_path), barrier, f"p{i}")) for i in range(workers)]
+    procs = [ctx.Process(target=_open_and_add, args=(catalog_url, barrier, f"p{i}")) for i in range(workers)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(timeout=120)
     assert [p.exitcode for p in procs] == [0] * workers
-    with SqlCatalog(url_for(db_path)) as cat:
+    with SqlCatalog(catalog_url) as cat:
         assert sorted(s.name for s in cat.list_sets()) == [f"p{i}" for i in range(workers)]
 
 

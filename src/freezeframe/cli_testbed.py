@@ -15,8 +15,8 @@ from freezeframe.errors import PreflightFailed
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
-testbed_app = typer.Typer(help="Real systems for tests and the demo (a Ceph cluster).", no_args_is_help=True,
-                          context_settings=CONTEXT)  # fmt: skip
+testbed_app = typer.Typer(help="Real systems for tests and the demo (a Ceph cluster, a PostgreSQL server).",
+                          no_args_is_help=True, context_settings=CONTEXT)  # fmt: skip
 ceph_app = typer.Typer(
     help="A one-node Ceph cluster on 127.0.0.1 (mon, mgr, memstore OSD, cephx, a pool, a libvirt secret); state in "
     "$FREEZEFRAME_CEPH_TESTBED_DIR (default /var/tmp/freezeframe-ceph).",
@@ -24,6 +24,14 @@ ceph_app = typer.Typer(
     context_settings=CONTEXT,
 )
 testbed_app.add_typer(ceph_app, name="ceph")
+postgres_app = typer.Typer(
+    help="A PostgreSQL server on 127.0.0.1 (Debian's postgresql, initdb in a private directory) with a database and "
+    "role freezeframe; state in $FREEZEFRAME_PG_TESTBED_DIR (default /var/tmp/freezeframe-pg), port "
+    "$FREEZEFRAME_PG_TESTBED_PORT (default 54329).",
+    no_args_is_help=True,
+    context_settings=CONTEXT,
+)
+testbed_app.add_typer(postgres_app, name="postgres")
 
 
 @ceph_app.command("up")
@@ -70,6 +78,53 @@ def ceph_status(as_json: JsonOpt = False) -> None:
         raise typer.Exit(1)
 
 
+@postgres_app.command("up")
+def postgres_up(as_json: JsonOpt = False) -> None:
+    """Start the server (one already running is left as it is) and print its URL and environment."""
+    from freezeframe.testbed.instance import TestbedError
+    from freezeframe.testbed.postgres import Server
+
+    try:
+        info = Server().up()
+    except TestbedError as exc:
+        raise PreflightFailed(f"testbed postgres up: {exc}") from exc
+    if as_json:
+        print_json(info.as_dict())
+        return
+    for key, value in dataclasses.asdict(info).items():
+        say(f"{key}: {value}")
+    for key, value in info.env().items():
+        say(f"export {key}={value}")
+
+
+@postgres_app.command("down")
+def postgres_down() -> None:
+    """Stop the server and remove its directory (every database in it)."""
+    from freezeframe.testbed.instance import TestbedError
+    from freezeframe.testbed.postgres import Server
+
+    try:
+        Server().down()
+    except TestbedError as exc:
+        raise PreflightFailed(f"testbed postgres down: {exc}") from exc
+    say("postgres test bed stopped")
+
+
+@postgres_app.command("status")
+def postgres_status(as_json: JsonOpt = False) -> None:
+    """Whether the server runs and the freezeframe role reaches its database; exit code 1 when not healthy."""
+    from freezeframe.testbed.postgres import Server
+
+    status = Server().status()
+    if as_json:
+        print_json(status)
+    else:
+        for key, value in status.items():
+            say(f"{key}: {value}")
+    if not status["healthy"]:
+        raise typer.Exit(1)
+
+
 hosts_app = typer.Typer(
     help="N libvirt hosts on this machine (own daemons and namespaces, an agent each) sharing a PostgreSQL "
     "catalog and job queue; state in $FREEZEFRAME_HOSTS_TESTBED_DIR (default /var/tmp/freezeframe-hosts).",
@@ -85,12 +140,12 @@ def hosts_up(
 ) -> None:
     """Start (or keep) hosts ffhost1..N with their agents and print each host's name and URI, the catalog URL
     and the environment that points freezeframe commands at this deployment."""
-    from freezeframe.testbed.hosts import up
+    from freezeframe.testbed.hosts import testbed_dir, up
     from freezeframe.testbed.instance import TestbedError
     from freezeframe.testbed.multi_host import catalog_url
 
     try:
-        testbed = up(count, catalog_url())
+        testbed = up(count, catalog_url(testbed_dir()))
     except TestbedError as exc:
         raise PreflightFailed(f"testbed hosts up: {exc}") from exc
     if as_json:

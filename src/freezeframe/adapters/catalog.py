@@ -20,7 +20,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, delete, event, exc, insert, inspect, or_, select, text, update
+from sqlalchemy import Table, create_engine, delete, event, exc, insert, inspect, or_, select, text, update
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.pool import StaticPool
 
@@ -36,7 +36,7 @@ MIN_PREFIX = 4
 """Shorter id prefixes match too many sets to be a safe way to name one."""
 LOAD_BATCH = 500
 
-__all__ = ["METADATA", "MIGRATIONS_DIR", "MIN_PREFIX", "SetEntry", "SqlCatalog"]
+__all__ = ["METADATA", "MIGRATIONS_DIR", "MIN_PREFIX", "SetEntry", "SqlCatalog", "upsert"]
 
 
 class SqlCatalog:
@@ -414,6 +414,19 @@ def _record(row: Mapping[str, Any], members: Sequence[Mapping[str, Any]]) -> dic
         "hardware": row["hardware"],
         "members": [{**{k: m[k] for k in _MEMBER_KEYS}, "size": m["virtual_size"]} for m in members],
     }
+
+
+def upsert(connection: Connection, table: Table, keys: Mapping[str, Any], values: Mapping[str, Any]) -> None:
+    """Insert the row or update it in ONE statement (``INSERT .. ON CONFLICT DO UPDATE`` on both backends): an
+    update-then-insert pair lets two concurrent writers both insert, and one of them fails."""
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    if connection.dialect.name == "postgresql":
+        pg_statement = postgresql.insert(table).values(**keys, **values)
+        connection.execute(pg_statement.on_conflict_do_update(index_elements=list(keys), set_=dict(values)))
+    else:
+        lite_statement = sqlite.insert(table).values(**keys, **values)
+        connection.execute(lite_statement.on_conflict_do_update(index_elements=list(keys), set_=dict(values)))
 
 
 def _revision(connection: Connection) -> str | None:

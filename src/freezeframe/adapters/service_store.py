@@ -17,7 +17,7 @@ from typing import Any
 
 from sqlalchemy import Row, delete, insert, select, update
 
-from freezeframe.adapters.catalog import SqlCatalog
+from freezeframe.adapters.catalog import SqlCatalog, upsert
 from freezeframe.adapters.catalog_schema import IMAGE_OWNERS, INSTANCE_PROJECTS, JOBS, TOKENS
 from freezeframe.errors import InvalidRequest, JobNotFound, TokenNotFound
 from freezeframe.validation import validate_project, validate_text
@@ -281,9 +281,7 @@ class ProjectMap:
         now = _now()
         with self._catalog.connect(f"assigning {instance_name} to {project}", write=True) as connection:
             values = {"instance_name": instance_name, "project": project, "assigned_at": now}
-            where = INSTANCE_PROJECTS.c.instance_uuid == instance_uuid
-            if connection.execute(update(INSTANCE_PROJECTS).where(where).values(**values)).rowcount == 0:
-                connection.execute(insert(INSTANCE_PROJECTS).values(instance_uuid=instance_uuid, **values))
+            upsert(connection, INSTANCE_PROJECTS, {"instance_uuid": instance_uuid}, values)
         return ProjectAssignment(instance_uuid, instance_name, project, now)
 
     def unassign(self, instance_uuid: str) -> bool:
@@ -316,14 +314,12 @@ class ImageOwners:
 
     def record(self, image_id: str, project: str | None, set_id: str | None) -> None:
         with self._catalog.connect(f"recording the owner of image {image_id}", write=True) as connection:
+            # created_at is the first record's: an update keeps it.
             where = IMAGE_OWNERS.c.image_id == image_id
-            if (
-                connection.execute(update(IMAGE_OWNERS).where(where).values(project=project, set_id=set_id)).rowcount
-                == 0
-            ):
-                connection.execute(
-                    insert(IMAGE_OWNERS).values(image_id=image_id, project=project, set_id=set_id, created_at=_now())
-                )
+            if connection.execute(update(IMAGE_OWNERS).where(where).values(project=project, set_id=set_id)).rowcount:
+                return
+            values = {"project": project, "set_id": set_id}
+            upsert(connection, IMAGE_OWNERS, {"image_id": image_id}, {**values, "created_at": _now()})
 
     def all(self) -> dict[str, str | None]:
         """image id -> project, for every image the service recorded."""

@@ -1,14 +1,31 @@
-"""The PostgreSQL database a multi-host test bed shares (catalog + job queue)."""
+"""The PostgreSQL database a multi-host test bed shares (catalog + job queue), on the PostgreSQL test bed.
+
+Its own database (``ffhosts``) on the server of ``testbed.postgres``, reached through the server's UNIX socket:
+the agents live in network namespaces with nothing but their own loopback, and a socket in the file system is
+the one way in that needs no address at all. ``up`` keeps the database of a test bed already up (its jobs, sets
+and hosts), and makes a fresh one otherwise.
+"""
 
 from __future__ import annotations
 
-import os
+from pathlib import Path
 
-from freezeframe.testbed.instance import TestbedError
+from freezeframe.testbed.hosts import load_state
+from freezeframe.testbed.postgres import Server
+
+DATABASE = "ffhosts"
 
 
-def catalog_url() -> str:
-    url = os.environ.get("FREEZEFRAME_CATALOG_URL", "")
-    if not url.startswith("postgresql"):
-        raise TestbedError("set FREEZEFRAME_CATALOG_URL to a PostgreSQL database")
+def socket_url(socket_dir: str, port: int, user: str, database: str) -> str:
+    return f"postgresql+psycopg://{user}@/{database}?host={socket_dir}&port={port}"
+
+
+def catalog_url(root: Path) -> str:
+    """The URL of the test bed's database (started, and created if this test bed has none yet)."""
+    server = Server()
+    info = server.up()
+    url = socket_url(info.socket_dir, info.port, info.user, DATABASE)
+    previous = load_state(root)
+    if previous is None or previous.catalog_url != url:
+        server.create_database(DATABASE)
     return url
