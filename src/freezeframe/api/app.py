@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from freezeframe import __version__
 from freezeframe.api import (
     routes_glance,
+    routes_hosts,
     routes_images,
     routes_instances,
     routes_jobs,
@@ -105,6 +106,7 @@ def create_app(config: ApiConfig) -> FastAPI:
 
     for module in (
         routes_instances, routes_snapshots, routes_jobs, routes_sets, routes_images, routes_nova, routes_glance,
+        routes_hosts,
     ):  # fmt: skip
         app.include_router(module.router)
     return app
