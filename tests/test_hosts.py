@@ -21,7 +21,6 @@ from typing import Any
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
-from pg_helpers import pg_server, pg_url  # noqa: F401 - fixtures
 from sqlalchemy import select
 
 from freezeframe.adapters.catalog import SqlCatalog
@@ -39,6 +38,7 @@ from freezeframe.config import Settings
 from freezeframe.errors import AgentNotAuthorized, HostUnavailable, InstanceBusy, InstanceNotFound
 from freezeframe.model import DiskSpec, Hardware, Instance, InstanceState
 from freezeframe.service import Freezeframe
+from pg_helpers import pg_server, pg_url  # noqa: F401 - fixtures
 
 
 def _vm(name: str) -> Instance:
@@ -46,7 +46,8 @@ def _vm(name: str) -> Instance:
         DiskSpec("vda", "virtio", f"/img/{name}-vda.qcow2", "qcow2", 1 << 20, boot_order=1),
         DiskSpec("vdb", "virtio", f"/img/{name}-vdb.qcow2", "qcow2", 1 << 20),
     )
-    return Instance(name, str(uuid.uuid4()), InstanceState.RUNNING, Hardware(vcpus=1, memory_kib=65536, arch="x86_64", machine=None, disks=disks))
+    hardware = Hardware(vcpus=1, memory_kib=65536, arch="x86_64", machine=None, disks=disks)
+    return Instance(name, str(uuid.uuid4()), InstanceState.RUNNING, hardware)
 
 
 @pytest.fixture
