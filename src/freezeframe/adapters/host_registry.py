@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import os
 import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -22,11 +23,12 @@ from sqlalchemy import insert, select, update
 from freezeframe.adapters.catalog import SqlCatalog
 from freezeframe.adapters.catalog_schema import HOSTS, JOB_ROUTES, SET_HOSTS
 from freezeframe.errors import AgentNotAuthorized, HostNotFound, InstanceNotFound
-from freezeframe.validation import validate_name
+from freezeframe.validation import validate_int, validate_name
 
 UP, DOWN, STOPPED, ENROLLED = "up", "down", "stopped", "enrolled"
-STALE_AFTER_S = 15.0
-"""Three missed heartbeats (every 5 s): the host is down."""
+STALE_AFTER_S = 15
+"""Three missed heartbeats (every 5 s): the host is down (``FREEZEFRAME_HOST_STALE_S`` changes it)."""
+STALE_ENV = "FREEZEFRAME_HOST_STALE_S"
 _DUMMY = hashlib.sha256(b"freezeframe: no such host").hexdigest()
 
 
@@ -61,9 +63,11 @@ class HostRecord:
 class HostRegistry:
     """Rows of ``hosts``, ``job_routes`` and ``set_hosts``; each call its own short transaction."""
 
-    def __init__(self, catalog: SqlCatalog, stale_after_s: float = STALE_AFTER_S) -> None:
+    def __init__(self, catalog: SqlCatalog, stale_after_s: float | None = None) -> None:
         self._catalog = catalog
-        self.stale_after_s = stale_after_s
+        env = os.environ.get(STALE_ENV)
+        from_env = validate_int(env, STALE_ENV, 2, 3600) if env else STALE_AFTER_S
+        self.stale_after_s = float(from_env) if stale_after_s is None else stale_after_s
 
     # ---- enrolment and the agent's side ----------------------------------------------------------------
 

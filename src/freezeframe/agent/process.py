@@ -14,14 +14,17 @@ import asyncio
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import procrastinate
+import psycopg
+from procrastinate import exceptions as queue_errors
 
 from freezeframe.adapters.host_registry import HostRegistry
 from freezeframe.adapters.job_queue import CONTROL_QUEUE, REAP_TASK, RUN_JOB_TASK, conninfo, ensure_schema, queue_of
-from freezeframe.adapters.service_store import FAILED, QUEUED, RUNNING, JobStore
+from freezeframe.adapters.service_store import FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore
 from freezeframe.agent.inventory import free_bytes, instance_record
 from freezeframe.agent.reaper import fail_stranded, stranded_jobs
 from freezeframe.agent.work import HostWork
@@ -32,6 +35,7 @@ from freezeframe.service import Freezeframe
 log = logging.getLogger("freezeframe.agent")
 
 HEARTBEAT_S = 5.0
+RECONNECT_S = 1.0
 KEY_ENV = "FREEZEFRAME_AGENT_KEY"
 
 
@@ -90,12 +94,17 @@ class Agent:
             free_bytes=free_bytes(settings.repository_dir), instances=instances, agent_pid=os.getpid(),
         )  # fmt: skip
 
+    @property
+    def heartbeat_every_s(self) -> float:
+        """At least three beats within the time after which the API calls the host down."""
+        return min(self.config.heartbeat_s, self.registry.stale_after_s / 3)
+
     def _heartbeats(self) -> None:
-        while not self._stop.wait(self.config.heartbeat_s):
+        while not self._stop.wait(self.heartbeat_every_s):
             try:
                 self.heartbeat()
             except FreezeframeError as exc:  # the catalog restarting, libvirt busy: the next beat retries
-                log.warning("heartbeat failed (retrying in %.0f s): %s", self.config.heartbeat_s, exc)
+                log.warning("heartbeat failed (retrying in %.1f s): %s", self.heartbeat_every_s, exc)
 
     # ---- the queue -----------------------------------------------------------------------------------------------
 
@@ -115,13 +124,22 @@ class Agent:
 
         return app
 
+    def _serve_until_stopped(self) -> bool:
+        """True: stopped by a signal (graceful); False: the database went away (PostgreSQL restarted)."""
+        try:
+            asyncio.run(self._serve_queue())
+        except (queue_errors.ConnectorException, psycopg.OperationalError, OSError) as exc:
+            log.warning("job queue connection failed: %s", exc)
+            return False
+        return True
+
     async def _serve_queue(self) -> None:
         app = self.queue_app()
         async with app.open_async():
             await self._finish_orphaned_queue_jobs(app)
             await app.run_worker_async(
                 queues=[queue_of(self.config.name), CONTROL_QUEUE], name=f"agent-{self.config.name}",
-                concurrency=self.config.concurrency, install_signal_handlers=True, delete_jobs="successful",
+                concurrency=self.config.concurrency, install_signal_handlers=True,
             )  # fmt: skip
 
     async def _reap(self, app: procrastinate.App) -> None:
@@ -132,8 +150,8 @@ class Agent:
             await asyncio.to_thread(fail_stranded, catalog, job, registry.stale_after_s)
 
     async def _finish_orphaned_queue_jobs(self, app: procrastinate.App) -> None:
-        """Queue rows a dead predecessor had fetched (``doing``): a job it never claimed goes back to the queue
-        (it runs once, now); one it claimed was failed above, so its queue row is closed as failed."""
+        """Queue rows left ``doing`` by a dead predecessor (or a lost connection): a job never claimed goes back to
+        the queue (it runs once, now); a claimed one has its outcome on its row already, which closes the queue row."""
         manager, store = app.job_manager, JobStore(self.service.catalog)
         for queued in await manager.list_jobs_async(queue=queue_of(self.config.name), status="doing"):
             if queued.id is None:
@@ -141,15 +159,18 @@ class Agent:
             job = await asyncio.to_thread(store.get, str(queued.task_kwargs.get("job_id")))
             if job.state == QUEUED:
                 await manager.retry_job_by_id_async(queued.id, retry_at=datetime.now(UTC))
-            else:
-                await manager.finish_job_by_id_async(queued.id, procrastinate.jobs.Status.FAILED, delete_job=False)
+                continue
+            done = procrastinate.jobs.Status.SUCCEEDED if job.state == SUCCEEDED else procrastinate.jobs.Status.FAILED
+            await manager.finish_job_by_id_async(queued.id, done, delete_job=False)
 
     def run(self) -> None:
         self.start()
         beats = threading.Thread(target=self._heartbeats, name="ff-agent-heartbeat", daemon=True)
         beats.start()
         try:
-            asyncio.run(self._serve_queue())
+            while not self._serve_until_stopped():
+                log.warning("lost the job queue's database; reconnecting in %.0f s", RECONNECT_S)
+                time.sleep(RECONNECT_S)
         finally:
             self._stop.set()
             beats.join(timeout=self.config.heartbeat_s + 1)

@@ -152,16 +152,16 @@ def agent_env(host: TestbedHost, catalog_url: str, key: str) -> dict[str, str]:
     }
 
 
-def start_agent(host: TestbedHost, catalog_url: str, key: str) -> int:
+def start_agent(host: TestbedHost, catalog_url: str, key: str, extra_env: dict[str, str] | None = None) -> int:
     """``freezeframe agent`` inside the host's namespaces (nsenter into its libvirtd's); returns its pid."""
     argv = ["nsenter", "-t", str(host.libvirtd_pid), "--mount", "--net", "--uts", "--",
             sys.executable, "-m", "freezeframe.cli", "agent", "--name", host.name]  # fmt: skip
+    env = _child_env({**agent_env(host, catalog_url, key), **(extra_env or {})})
     log = (Path(host.dir) / "agent.log").open("ab")
     try:
         process = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=_child_env(agent_env(host, catalog_url, key)),
-            start_new_session=True,
-        )  # fmt: skip
+            argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=env, start_new_session=True
+        )
     finally:
         log.close()
     (Path(host.dir) / "agent.pid").write_text(str(process.pid))
@@ -251,15 +251,23 @@ def enroll(catalog_url: str, name: str) -> str:
         catalog.close()
 
 
-def restart_agent(root: Path, name: str, *, kill: bool = False) -> TestbedHost:
-    """Stop a host's agent (SIGKILL with ``kill``: no clean-up at all) and start it again with the same key."""
+def stop_agent(root: Path, name: str, *, kill: bool = False) -> TestbedHost:
+    """Stop a host's agent: SIGTERM (it finishes its jobs and signs off) or, with ``kill``, SIGKILL (nothing)."""
     state = load_state(root)
     if state is None:
         raise TestbedError(f"no hosts test bed in {root}")
     host = next(h for h in state.hosts if h.name == name)
     stop_pid(host.agent_pid, sig=signal.SIGKILL if kill else signal.SIGTERM)
+    return host
+
+
+def restart_agent(root: Path, name: str, *, kill: bool = False, extra_env: dict[str, str] | None = None) -> TestbedHost:
+    """Stop a host's agent (see ``stop_agent``) and start it again with the same key (and ``extra_env``)."""
+    host = stop_agent(root, name, kill=kill)
+    state = load_state(root)
+    assert state is not None
     key = (Path(host.dir) / "agent.key").read_text().strip()
-    fresh = TestbedHost(**{**asdict(host), "agent_pid": start_agent(host, state.catalog_url, key)})
+    fresh = TestbedHost(**{**asdict(host), "agent_pid": start_agent(host, state.catalog_url, key, extra_env)})
     save_state(root, HostsTestbed([fresh if h.name == name else h for h in state.hosts], state.catalog_url, state.env))
     return fresh
 
