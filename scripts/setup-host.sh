@@ -24,6 +24,7 @@ DEB_PACKAGES=(
   ceph-mon ceph-osd ceph-mgr ceph-common python3-rados python3-rbd qemu-block-extra
   virt-v2v
   postgresql
+  iproute2 util-linux  # the multi-host test bed: ip (loopback in each host's netns), unshare, nsenter
 )
 
 missing=()
