@@ -314,3 +314,59 @@ def test_job_rows_and_routes_match_one_to_one(catalog: SqlCatalog, pg_url: str) 
     with catalog.connect("reading", write=False) as connection:
         assert connection.scalar(select(JOBS.c.id).where(JOBS.c.state != QUEUED)) is None
     assert replace(registry.host("h1"), instances=[]).instance_count == 5
+
+
+# ---- restore on another host: the verified transfer ------------------------------------------------------------
+
+
+def _set_with_members(tmp_path: Path, payloads: dict[str, bytes], sha: dict[str, str] | None = None) -> Any:
+    import hashlib
+    from datetime import UTC, datetime
+
+    from freezeframe.model import Consistency, Member, SetStatus, SnapshotSet
+
+    vm = _vm("src")
+    set_id = str(uuid.uuid4())
+    members = []
+    for target, data in payloads.items():
+        path = tmp_path / "source-repo" / set_id / f"{target}.qcow2"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        digest = (sha or {}).get(target) or hashlib.sha256(data).hexdigest()
+        members.append(Member(set_id, target, "virtio", None, len(data), "qcow2", str(path), sha256=digest))
+    return SnapshotSet(
+        set_id, "s", vm.name, vm.uuid, Consistency.CRASH, SetStatus.AVAILABLE, datetime.now(UTC), vm.hardware,
+        members=members,
+    )  # fmt: skip
+
+
+def test_members_are_transferred_verified_and_restore_reads_the_copies(tmp_path: Path) -> None:
+    from freezeframe.agent.transfer import RelocatedCatalog, relocated, transfer_members
+
+    source = _set_with_members(tmp_path, {"vda": b"root" * 5000, "vdb": b"data" * 3000})
+    seen: list[tuple[int, int]] = []
+    copies = transfer_members(source, tmp_path / "here", lambda done, total: seen.append((done, total)))
+    assert {t: p.read_bytes() for t, p in copies.items()} == {"vda": b"root" * 5000, "vdb": b"data" * 3000}
+    assert all(p.is_relative_to(tmp_path / "here") for p in copies.values())
+    assert seen[-1] == (32000, 32000)
+
+    class Backing:
+        def get_set(self, ref: str) -> Any:
+            raise AssertionError("the relocated set is answered without the catalog")
+
+        def load_sets(self, ids: list[str]) -> list[Any]:
+            return [source]
+
+    view = RelocatedCatalog(Backing(), relocated(source, copies))
+    assert [m.path for m in view.get_set(source.id).members] == [str(copies["vda"]), str(copies["vdb"])]
+    assert [m.path for m in view.load_sets([source.id])[0].members] == [str(copies["vda"]), str(copies["vdb"])]
+
+
+def test_a_member_that_arrives_damaged_fails_the_transfer_and_leaves_nothing(tmp_path: Path) -> None:
+    from freezeframe.agent.transfer import transfer_members
+    from freezeframe.errors import VerifyFailed
+
+    source = _set_with_members(tmp_path, {"vda": b"fine", "vdb": b"rotten"}, sha={"vdb": "0" * 64})
+    with pytest.raises(VerifyFailed, match="nothing was restored"):
+        transfer_members(source, tmp_path / "here", lambda done, total: None)
+    assert not (tmp_path / "here" / source.id).exists()

@@ -265,3 +265,46 @@ def test_postgresql_restarted_under_load_loses_and_repeats_no_job(
         ).fetchone()
     assert rows == []  # no job queued twice
     assert stuck == (0,)
+
+
+def test_a_set_restored_onto_another_host_is_transferred_and_boots(
+    deployment: Deployment, api: tuple[ServerProcess, str]
+) -> None:
+    import libvirt
+    import libvirt_qemu
+
+    server, token = api
+    wait_reported(deployment)
+    guest = deployment.guests["ffhost1"][1]
+    name = f"ffhosts-restored-{int(time.time())}"
+    with server.client(token) as client:
+        made = server.wait_job(client, snapshot(client, guest.name), timeout_s=120)
+        assert made["state"] == "succeeded", made
+        response = client.post(
+            f"/v1/snapshot-sets/{made['set_id']}/restore", json={"name": name, "host": "ffhost2", "start": True}
+        )
+        assert response.status_code == 202, response.text
+        job = server.wait_job(client, response.json()["id"], timeout_s=180)
+    assert job["state"] == "succeeded", job
+    assert job["result"]["transferred_from"] == "ffhost1" and job["result"]["host"] == "ffhost2"
+    ffhost2 = next(h for h in deployment.testbed.hosts if h.name == "ffhost2")
+    with _libvirt(ffhost2.uri) as conn:
+        domain = conn.lookupByName(name)
+        try:
+            disks = [
+                p for p in (deployment.home_of("ffhost2") / "repository" / "transferred").rglob("*") if p.is_file()
+            ]
+            assert len(disks) == 3
+            deadline = time.monotonic() + 150
+            while True:  # booted: its guest agent answers
+                try:
+                    libvirt_qemu.qemuAgentCommand(domain, '{"execute": "guest-ping"}', 5, 0)
+                    break
+                except libvirt.libvirtError:
+                    assert time.monotonic() < deadline, "the restored guest never answered"
+                    time.sleep(1)
+        finally:
+            domain.destroy()
+            domain.undefine()
+    with _libvirt(next(h.uri for h in deployment.testbed.hosts if h.name == "ffhost1")) as conn:
+        assert name not in [d.name() for d in conn.listAllDomains()]

@@ -171,6 +171,46 @@ def jobs_show(
     )  # fmt: skip
 
 
+# ---- restore onto another host ---------------------------------------------------------------------------------
+
+
+def restore_on_host(set_ref: str, name: str, host: str, *, start: bool, full: bool, as_json: bool) -> None:
+    """``restore SET --as NAME --host H``: a job on H's agent (members transferred there, verified), followed with
+    a progress bar until it finishes."""
+    import time
+
+    from freezeframe.adapters.host_registry import HostRegistry
+    from freezeframe.adapters.service_store import JobStore
+    from freezeframe.api.cluster import ClusterJobs
+    from freezeframe.cli_output import progress_bar
+    from freezeframe.errors import by_slug
+
+    validate_name(name, "--as")
+    validate_name(host, "--host")
+    with open_service(None, None) as service:
+        snapshot_set = service.catalog.get_set(set_ref)
+        jobs = ClusterJobs(service.catalog, service.settings.catalog_url, HostRegistry(service.catalog))
+        request = {"name": name, "start": start, "full": full, "host": host}
+        job = jobs.submit_restore(snapshot_set, request, project=None, token_id=None)
+        store = JobStore(service.catalog)
+        with progress_bar(not as_json, f"restoring on {host}") as progress:
+            while not job.finished:
+                time.sleep(0.2)
+                job = store.get(job.id)
+                if progress is not None and job.progress_total:
+                    progress(job.progress_done, job.progress_total)
+    if as_json:
+        print_json(job_dict(job, host))
+    if job.state != "succeeded":
+        category = by_slug(job.error_type or "")
+        say(f"restore on {host} failed: {job.error}", stderr=True)
+        raise typer.Exit(category.exit_code if category else 1)
+    if not as_json:
+        result = job.result or {}
+        moved = f", members transferred from {result['transferred_from']}" if result.get("transferred_from") else ""
+        say(f"instance {name} restored on host {host} from set {snapshot_set.name}{moved}")
+
+
 def register(app: typer.Typer) -> None:
     app.command("agent")(agent)
     app.add_typer(hosts_app, name="hosts")

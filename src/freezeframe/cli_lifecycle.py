@@ -60,8 +60,18 @@ def restore(
     as_json: JsonOpt = False,
     connect: ConnectOpt = None,
     home: HomeOpt = None,
+    host: Annotated[
+        str | None, typer.Option("--host", metavar="HOST", help="multi-host: restore on this host's agent")
+    ] = None,
 ) -> None:
     """Build a new instance from SET (--as NAME), or write one of its disks to a file (--disk T --to PATH)."""
+    if host is not None:
+        from freezeframe.cli_hosts import restore_on_host
+
+        if not as_name or disk is not None:
+            raise InvalidRequest("--host restores a whole instance: --as NAME --host HOST")
+        restore_on_host(set_ref, as_name, host, start=start, full=full, as_json=as_json)
+        return
     if (disk is None) != (to is None):
         raise InvalidRequest("--disk and --to go together: --disk TARGET --to PATH")
     if disk is not None and to is not None:

@@ -17,10 +17,11 @@ from typing import Any
 
 from freezeframe.adapters.host_registry import HostRegistry
 from freezeframe.adapters.service_store import Job, JobStore, ProjectMap
+from freezeframe.agent.transfer import RelocatedCatalog, discard_copies, relocated, transfer_members
 from freezeframe.api.jobs import JobContext, execute
 from freezeframe.api.projects import ProjectResolver
 from freezeframe.api.routes_snapshots import order_from_body, run_snapshot
-from freezeframe.api.schemas import SnapshotCreate
+from freezeframe.api.schemas import RestoreRequest, SnapshotCreate
 from freezeframe.errors import InstanceNotFound, InvalidRequest, WrongHost
 from freezeframe.model import Instance, SnapshotSet
 from freezeframe.service import Freezeframe
@@ -59,6 +60,8 @@ class HostWork:
     def _body(self, job: Job) -> Callable[[JobContext], dict[str, Any]]:
         if job.kind in SNAPSHOT_KINDS:
             return lambda ctx: self._snapshot(ctx, job)
+        if job.kind == "restore":
+            return lambda ctx: self._restore(ctx, job)
         return _raise(InvalidRequest(f"jobs of kind {job.kind!r} do not run on agents"))
 
     def own_instance(self, ref: str) -> Instance:
@@ -82,6 +85,37 @@ class HostWork:
         finally:
             if self.service.catalog.load_sets([set_id]):
                 self.registry.record_set(set_id, self.host)
+
+    def _restore(self, ctx: JobContext, job: Job) -> dict[str, Any]:
+        """Restore here; members captured on another host are transferred (verified) into this repository first."""
+        request = RestoreRequest.model_validate(job.request)
+        snapshot_set = self.service.catalog.get_set(job.set_id or "")
+        source = self.registry.set_host(snapshot_set.id)
+        catalog: Any = self.service.catalog
+        into = self.service.settings.repository_dir / "transferred"
+        if source is not None and source != self.host:
+            ctx.phase("transferring")
+            paths = transfer_members(snapshot_set, into, ctx.progress)
+            catalog = RelocatedCatalog(catalog, relocated(snapshot_set, paths))
+        ctx.phase("restoring")
+        try:
+            result = self.service.parts.restore_over(catalog).restore(
+                snapshot_set.id, request.name, start=request.start, full=request.full
+            )
+        except BaseException:
+            if catalog is not self.service.catalog:
+                discard_copies(into, snapshot_set.id)
+            raise
+        if job.project is not None:
+            ProjectMap(self.service.catalog).assign(result.uuid, result.name, job.project)
+        return {
+            "instance": {"name": result.name, "uuid": result.uuid},
+            "host": self.host,
+            "transferred_from": source if source != self.host else None,
+            "mode": result.mode,
+            "disks": [d.target for d in result.disks],
+            "started": result.started,
+        }
 
 
 def _raise(exc: Exception) -> Callable[[JobContext], dict[str, Any]]:

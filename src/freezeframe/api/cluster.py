@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import insert, select
 
@@ -22,8 +23,8 @@ from freezeframe.adapters.job_queue import JobQueue, ensure_schema
 from freezeframe.adapters.service_store import QUEUED, RUNNING, Job
 from freezeframe.agent.inventory import instance_from_record
 from freezeframe.api.jobs import JobSpec
-from freezeframe.errors import HostUnavailable, InstanceBusy, InstanceNotFound
-from freezeframe.model import Instance
+from freezeframe.errors import HostUnavailable, InstanceBusy, InstanceNotFound, InvalidRequest
+from freezeframe.model import Instance, SnapshotSet
 
 
 class Inventory:
@@ -77,7 +78,8 @@ class ClusterJobs:
             )
         running = self.active_job(spec.lock_key)
         if running is not None:
-            raise InstanceBusy(f"job {running} is still running on this instance; wait for it to finish")
+            what = spec.lock_key.split(":")[0]
+            raise InstanceBusy(f"job {running} is still running on this {what}; wait for it to finish")
         job = Job(
             id=str(uuid.uuid4()), kind=spec.kind, state=QUEUED, project=spec.project, lock_key=spec.lock_key,
             request=spec.request, created_at=datetime.now(UTC), instance_uuid=spec.instance_uuid,
@@ -89,3 +91,16 @@ class ClusterJobs:
             queue_job_id = self.queue.defer(connection, job_id=job.id, host=host.name, lock_key=spec.lock_key)
             connection.execute(insert(JOB_ROUTES).values(job_id=job.id, host=host.name, queue_job_id=queue_job_id))
         return job
+
+    def submit_restore(
+        self, snapshot_set: SnapshotSet, request: dict[str, Any], *, project: str | None, token_id: str | None
+    ) -> Job:
+        """A restore on ``request["host"]`` (default: the host holding the members), locked on the set."""
+        host = request.get("host") or self.registry.set_host(snapshot_set.id)
+        if host is None:
+            raise InvalidRequest(f"set {snapshot_set.id} was not captured by an agent: say which host restores it")
+        spec = JobSpec(
+            kind="restore", lock_key=f"set:{snapshot_set.id}", project=project, request=request, token_id=token_id,
+            instance_uuid=snapshot_set.instance_uuid, instance_name=snapshot_set.instance_name, set_id=snapshot_set.id,
+        )  # fmt: skip
+        return self.submit(spec, self.registry.host(str(host)))

@@ -149,7 +149,7 @@ class AppState:
     def require_free_name(self, name: str) -> None:
         """Only that the name is taken, whoever's instance holds it."""
         try:
-            self.service.instance(name)
+            self.inventory.instance(name)
         except NotFound:
             return
         raise conflict(f"an instance named {name!r} already exists; choose another name")
