@@ -40,13 +40,15 @@ class AppState:
         self.owners = ImageOwners(catalog)
         self.portable = self.service.portable
         self.cluster: ClusterJobs | None = None
-        self.inventory: Inventory | Freezeframe = self.service
-        if multi_host:
-            self.registry = HostRegistry(catalog)
-            self.inventory = Inventory(self.registry)
+        self.hosts_inventory = Inventory(HostRegistry(catalog)) if multi_host else None
         self.resolver = ProjectResolver(self.inventory, self.projects)
         self.runner: JobRunner | None = None
         self._lock_fd: int | None = None
+
+    @property
+    def inventory(self) -> Inventory | Freezeframe:
+        """Where instances are looked up: the hosts' heartbeats (multi-host) or this host's libvirt."""
+        return self.hosts_inventory if self.hosts_inventory is not None else self.service
 
     # ---- start and stop ------------------------------------------------------------------------------
 
