@@ -51,9 +51,8 @@ from freezeframe.adapters.catalog import SqlCatalog
 from freezeframe.adapters.host_registry import HostRegistry
 from freezeframe.api.projects import JOB_KEY
 from freezeframe.testbed import hosts as bed
-from freezeframe.testbed.api_server import ServerProcess, free_port, issue_token, running_server
-from freezeframe.testbed.multi_host import socket_url
-from freezeframe.testbed.postgres import Server
+from freezeframe.testbed.api_server import ServerProcess, issue_token, running_server
+from freezeframe.testbed.multi_host import private_server
 
 HOSTS, PER_HOST, AGENT_CONCURRENCY = 3, 4, 2
 
@@ -158,12 +157,9 @@ def embedded(args: argparse.Namespace, tmp: Path, conn: Any) -> dict[str, Any]:
 
 
 def multi_host(args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    pg = Server(root=tmp / "pg", tcp_port=free_port())
-    info = pg.up()
-    url = socket_url(info.socket_dir, info.port, info.user, info.database)
-    env = {"FREEZEFRAME_CATALOG_URL": url}
     with contextlib.ExitStack() as stack:
-        stack.callback(pg.down)
+        _, url = stack.enter_context(private_server())
+        env = {"FREEZEFRAME_CATALOG_URL": url}
         testbed = bed.up(HOSTS, url, tmp / "hosts")
         stack.callback(bed.down, tmp / "hosts")
         names = []

@@ -24,11 +24,11 @@ from freezeframe.adapters.host_registry import HostRegistry
 from freezeframe.adapters.service_store import JobStore
 from freezeframe.model import SetStatus
 from freezeframe.testbed import hosts as bed
-from freezeframe.testbed.api_server import ServerProcess, free_port, issue_token, running_server
+from freezeframe.testbed.api_server import ServerProcess, issue_token, running_server
 from freezeframe.testbed.guest import GuestImage
 from freezeframe.testbed.instance import DiskRequest, TestInstance, running_instance
 from freezeframe.testbed.ledger import check_ledger
-from freezeframe.testbed.multi_host import socket_url
+from freezeframe.testbed.multi_host import private_server
 from freezeframe.testbed.postgres import Server
 
 pytestmark = pytest.mark.vm
@@ -62,13 +62,10 @@ def deployment(
     guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory, monkeypatch_module: pytest.MonkeyPatch
 ) -> Iterator[Deployment]:
     root = tmp_path_factory.mktemp("hostsbed")
-    pg = Server(root=root / "pg", tcp_port=free_port())
-    info = pg.up()
-    url = socket_url(info.socket_dir, info.port, info.user, info.database)
-    monkeypatch_module.setenv("FREEZEFRAME_CATALOG_URL", url)
-    monkeypatch_module.setenv("FREEZEFRAME_HOST_STALE_S", STALE_S)
     with contextlib.ExitStack() as stack:
-        stack.callback(pg.down)
+        pg, url = stack.enter_context(private_server())
+        monkeypatch_module.setenv("FREEZEFRAME_CATALOG_URL", url)
+        monkeypatch_module.setenv("FREEZEFRAME_HOST_STALE_S", STALE_S)
         testbed = bed.up(3, url, root)
         stack.callback(bed.down, root)
         lock = threading.Lock()

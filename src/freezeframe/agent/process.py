@@ -13,12 +13,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import signal
 import threading
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import procrastinate
+import procrastinate.worker
 import psycopg
 from procrastinate import exceptions as queue_errors
 
@@ -55,6 +57,7 @@ class Agent:
         self.registry = HostRegistry(self.service.catalog)
         self.work = HostWork(config.name, self.service, self.registry)
         self._stop = threading.Event()
+        self._signalled = threading.Event()
 
     # ---- start-up -------------------------------------------------------------------------------------------
 
@@ -131,16 +134,31 @@ class Agent:
         except (queue_errors.ConnectorException, psycopg.OperationalError, OSError) as exc:
             log.warning("job queue connection failed: %s", exc)
             return False
-        return True
+        return self._signalled.is_set()
 
     async def _serve_queue(self) -> None:
+        """procrastinate's worker until SIGTERM/SIGINT (graceful: running jobs finish) or until it stops itself
+        because its database connection failed (then ``run`` reconnects)."""
         app = self.queue_app()
         async with app.open_async():
             await self._finish_orphaned_queue_jobs(app)
-            await app.run_worker_async(
-                queues=[queue_of(self.config.name), CONTROL_QUEUE], name=f"agent-{self.config.name}",
-                concurrency=self.config.concurrency, install_signal_handlers=True,
+            worker = procrastinate.worker.Worker(
+                app, queues=[queue_of(self.config.name), CONTROL_QUEUE], name=f"agent-{self.config.name}",
+                concurrency=self.config.concurrency, install_signal_handlers=False,
             )  # fmt: skip
+            loop = asyncio.get_running_loop()
+
+            def stop() -> None:
+                self._signalled.set()
+                worker.stop()  # type: ignore[no-untyped-call]
+
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop)
+            try:
+                await worker.run()  # type: ignore[no-untyped-call]
+            finally:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    loop.remove_signal_handler(sig)
 
     async def _reap(self, app: procrastinate.App) -> None:
         catalog, registry = self.service.catalog, self.registry

@@ -8,6 +8,10 @@ and hosts), and makes a fresh one otherwise.
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from freezeframe.testbed.hosts import load_state
@@ -29,3 +33,21 @@ def catalog_url(root: Path) -> str:
     if previous is None or previous.catalog_url != url:
         server.create_database(DATABASE)
     return url
+
+
+@contextlib.contextmanager
+def private_server() -> Iterator[tuple[Server, str]]:
+    """A PostgreSQL server of its own (tests and benchmarks that restart it disturb nobody), and its socket URL.
+
+    Its directory is under /var/tmp: the ``postgres`` user must reach it, which a 0700 temp dir would forbid.
+    """
+    from freezeframe.testbed.api_server import free_port
+
+    root = Path(tempfile.mkdtemp(prefix="ffhosts-pg-", dir="/var/tmp"))
+    server = Server(root=root, tcp_port=free_port())
+    try:
+        info = server.up()
+        yield server, socket_url(info.socket_dir, info.port, info.user, info.database)
+    finally:
+        server.down()
+        shutil.rmtree(root, ignore_errors=True)
