@@ -305,3 +305,28 @@ def test_a_set_restored_onto_another_host_is_transferred_and_boots(
             domain.undefine()
     with _libvirt(next(h.uri for h in deployment.testbed.hosts if h.name == "ffhost1")) as conn:
         assert name not in [d.name() for d in conn.listAllDomains()]
+
+
+def test_two_api_replicas_accept_one_job_per_instance_and_both_report_it(
+    deployment: Deployment, api: tuple[ServerProcess, str]
+) -> None:
+    first, token = api
+    wait_reported(deployment)
+    guest = deployment.guests["ffhost3"][0]
+    with running_server(deployment.home / "replica2", args=("--multi-host",)) as second:
+        replicas = [first, second]
+        barrier = threading.Barrier(10)
+
+        def ask(i: int) -> httpx.Response:
+            with replicas[i % 2].client(token) as client:
+                barrier.wait()
+                return client.post(f"/v1/instances/{guest.name}/snapshots", json={})
+
+        with concurrent.futures.ThreadPoolExecutor(10) as pool:
+            answers = list(pool.map(ask, range(10)))
+        assert sorted(a.status_code for a in answers) == [202] + [409] * 9, [a.text for a in answers]
+        job_id = next(a.json()["id"] for a in answers if a.status_code == 202)
+        with first.client(token) as one, second.client(token) as two:
+            job = second.wait_job(two, job_id, timeout_s=120)
+            assert job["state"] == "succeeded", job
+            assert one.get(f"/v1/jobs/{job_id}").json() == job
