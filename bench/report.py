@@ -698,6 +698,28 @@ def verdict_section(reports: dict[str, dict[str, Any]]) -> str:
     return note + table(["target", "measured", "verdict"], rows)
 
 
+def hosts_load_section(report: dict[str, Any] | None) -> str:
+    """Multi-host deployment vs the embedded service, same load, same run (bench/hosts_load.py)."""
+    if report is None:
+        return missing("hosts_load")
+    rows = []
+    for mode, r in report["modes"].items():
+        s = r["request_to_start_s"]
+        rows.append([
+            mode, str(r["accepted"]), str(r["errors"]), str(r["lost"]), str(r["duplicated"]), str(r["failed"]),
+            num(s["median"], 2, " s"), num(s["p95"], 2, " s"), num(r["sets_per_minute"], 1),
+        ])  # fmt: skip
+    header = ["mode", "jobs", "errors", "lost", "duplicated", "failed", "request→start median", "p95", "sets/min"]
+    return "\n".join([
+        smoke_warning(report) + provenance(report),
+        f"{report['clients']} API clients for {report['load_seconds']:.0f} s on {report['instances']} instances.",
+        "",
+        table(header, rows),
+        "",
+        f"![hosts load]({image_link('hosts_load')})",
+    ])  # fmt: skip
+
+
 def missing(name: str) -> str:
     where = os.path.relpath(_results_dir, REPO_ROOT) if _results_dir.is_relative_to(REPO_ROOT) else _results_dir
     return (
@@ -746,6 +768,7 @@ def render(doc: str, reports: dict[str, dict[str, Any]]) -> str:
         "s3_copy": lambda: s3_copy_section(reports.get("s3_copy")),
         "group_window": lambda: group_window_section(reports.get("group_window")),
         "catalog": lambda: catalog_section(reports.get("catalog")),
+        "hosts_load": lambda: hosts_load_section(reports.get("hosts_load")),
     }
     for name, build in sections.items():
         pattern = re.compile(rf"(<!-- report:{name} -->).*?(<!-- /report:{name} -->)", re.DOTALL)

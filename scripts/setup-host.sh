@@ -26,6 +26,7 @@ DEB_PACKAGES=(
   virt-v2v
   virtnbdbackup
   postgresql
+  iproute2 util-linux  # the multi-host test bed: ip (loopback in each host's netns), unshare, nsenter
 )
 
 missing=()

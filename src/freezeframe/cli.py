@@ -29,6 +29,7 @@ from freezeframe.cli_common import (
     print_json,
 )
 from freezeframe.cli_groups import register as register_groups
+from freezeframe.cli_hosts import register as register_hosts
 from freezeframe.cli_lifecycle import register as register_lifecycle
 from freezeframe.cli_output import Col, Piece, print_fields, print_table, progress_bar, say
 from freezeframe.cli_policy import register as register_policy
@@ -333,6 +334,7 @@ register_testbed(app)
 register_remote(app)
 register_policy(app)
 register_groups(app)
+register_hosts(app)
 
 
 def main() -> None:

@@ -70,6 +70,9 @@ def restore(
     from_remote: Annotated[
         str | None, typer.Option("--from", metavar="REMOTE", help="fetch the set from this remote first")
     ] = None,
+    host: Annotated[
+        str | None, typer.Option("--host", metavar="HOST", help="multi-host: restore on this host's agent")
+    ] = None,
 ) -> None:
     """Build a new instance from SET (--as NAME), or write one of its disks to a file (--disk T --to PATH)."""
     if from_remote is not None:
@@ -82,6 +85,13 @@ def restore(
             raise InvalidRequest("--as-prefix restores a whole group set; it does not go with --as, --disk or --to")
         with open_service(home, connect) as service:
             restore_group_set(service, set_ref, as_prefix, start, full, as_json)
+        return
+    if host is not None:
+        from freezeframe.cli_hosts import restore_on_host
+
+        if not as_name or disk is not None:
+            raise InvalidRequest("--host restores a whole instance: --as NAME --host HOST")
+        restore_on_host(set_ref, as_name, host, start=start, full=full, as_json=as_json)
         return
     if (disk is None) != (to is None):
         raise InvalidRequest("--disk and --to go together: --disk TARGET --to PATH")

@@ -55,6 +55,10 @@ def serve(
     log_level: Annotated[
         str, typer.Option("--log-level", metavar="LEVEL", help="debug | info | warning | error")
     ] = "info",
+    multi_host: Annotated[
+        bool,
+        typer.Option("--multi-host", help="a stateless API replica: agents run the jobs (PostgreSQL catalog)"),
+    ] = False,
     connect: ConnectOpt = None,
     home: HomeOpt = None,
 ) -> None:
@@ -65,7 +69,8 @@ def serve(
     if log_level not in ("debug", "info", "warning", "error"):
         raise InvalidRequest(f"--log-level {log_level!r}: use debug, info, warning or error")
     config = ApiConfig(
-        settings=settings_for(home, connect), workers=workers, max_body_bytes=max_body, shutdown_grace_s=shutdown_grace
+        settings=settings_for(home, connect), workers=workers, max_body_bytes=max_body, shutdown_grace_s=shutdown_grace,
+        multi_host=multi_host,
     )
     run_server(
         config, host, port, tls_cert=tls_cert, tls_key=tls_key, insecure_listen=insecure_listen, log_level=log_level

@@ -178,5 +178,49 @@ def postgres_status(as_json: JsonOpt = False) -> None:
         raise typer.Exit(1)
 
 
+hosts_app = typer.Typer(
+    help="N libvirt hosts on this machine (own daemons and namespaces, an agent each) sharing a PostgreSQL "
+    "catalog and job queue; state in $FREEZEFRAME_HOSTS_TESTBED_DIR (default /var/tmp/freezeframe-hosts).",
+    no_args_is_help=True,
+    context_settings=CONTEXT,
+)
+testbed_app.add_typer(hosts_app, name="hosts")
+
+
+@hosts_app.command("up")
+def hosts_up(
+    count: int = typer.Argument(3, metavar="N", min=1, max=16, help="how many hosts"), as_json: JsonOpt = False
+) -> None:
+    """Start (or keep) hosts ffhost1..N with their agents and print each host's name and URI, the catalog URL
+    and the environment that points freezeframe commands at this deployment."""
+    from freezeframe.testbed.hosts import testbed_dir, up
+    from freezeframe.testbed.instance import TestbedError
+    from freezeframe.testbed.multi_host import catalog_url
+
+    try:
+        testbed = up(count, catalog_url(testbed_dir()))
+    except TestbedError as exc:
+        raise PreflightFailed(f"testbed hosts up: {exc}") from exc
+    if as_json:
+        print_json(
+            {"hosts": [{"name": h.name, "uri": h.uri} for h in testbed.hosts], "catalog_url": testbed.catalog_url,
+             "env": testbed.env}
+        )  # fmt: skip
+        return
+    for host in testbed.hosts:
+        say(f"{host.name}: {host.uri}")
+    for key, value in testbed.env.items():
+        say(f"export {key}={value}")
+
+
+@hosts_app.command("down")
+def hosts_down() -> None:
+    """Stop every host: agents, their guests, daemons; remove the hosts' directories (the database stays)."""
+    from freezeframe.testbed.hosts import down
+
+    stopped = down()
+    say(f"hosts test bed stopped ({', '.join(stopped) or 'nothing was running'})")
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(testbed_app, name="testbed")

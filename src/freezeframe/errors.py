@@ -261,6 +261,23 @@ class DecryptionFailed(RemoteError):
     """A copy cannot be decrypted: the remote's key file is not the key it was written with, or the data changed."""
 class GroupNotFound(NotFound):
     """No consistency group or group set by that name or id."""
+# ---- many hosts (agents, hosts, the job queue) --------------------------------------------------------------
+
+
+class HostNotFound(NotFound):
+    pass
+
+
+class AgentNotAuthorized(FreezeframeError):
+    """An agent presented no key, or one that is not its host's (``freezeframe hosts enroll`` issues keys)."""
+
+
+class HostUnavailable(FreezeframeError):
+    """The host that runs the instance (or holds the set) stopped answering: its agent's heartbeat is stale."""
+
+
+class WrongHost(FreezeframeError):
+    """A job reached an agent that does not run its instance: agents act on their own host's instances only."""
 
 
 # ---- the table ---------------------------------------------------------------------------------------------
@@ -282,6 +299,9 @@ TABLE: dict[type[FreezeframeError], Category] = {
     OvaNoSpace: _NO_SPACE,
     CloudServiceError: Category(11, 502, "cloud-service-error", "Cloud service error", public=True),
     RemoteError: Category(12, 502, "remote-error", "Remote storage error", public=True),
+    AgentNotAuthorized: Category(13, 403, "agent-not-authorized", "Agent not authorized", public=True),
+    HostUnavailable: Category(14, 503, "host-unavailable", "Host unavailable", public=True),
+    WrongHost: Category(15, 409, "wrong-host", "Wrong host", public=True),
 }
 """The categories. Every other class inherits the row of its nearest listed ancestor (Python's MRO). OvfError,
 OvaError and OvaWriteError have no row on purpose: their subclasses also derive from InvalidRequest or

@@ -49,8 +49,9 @@ if TYPE_CHECKING:
     from freezeframe.ops.groups import GroupOps
     from freezeframe.ops.instances import InstanceBuilder
     from freezeframe.ops.prune import Candidate
+    from freezeframe.ops.restore import Restore
     from freezeframe.portable import Portable
-    from freezeframe.ports import ImageStore
+    from freezeframe.ports import Catalog, ImageStore
     from freezeframe.scheduling import Policies
 
 FAULT_HOLD_ENV = "FREEZEFRAME_FAULT_HOLD_IN_WINDOW_S"
@@ -251,16 +252,12 @@ class Wiring:
     @cached_property
     def lifecycle(self) -> Lifecycle:
         from freezeframe.lifecycle import Lifecycle
-        from freezeframe.ops.restore import Restore
         from freezeframe.ops.retention import Retention
         from freezeframe.ops.revert import Revert
         from freezeframe.ops.verify import Verify
 
         o = self.options
-        restore = Restore(
-            self.catalog, self.stores, self.images, lambda: self.domains, self.restores, self.builder, self.holds,
-            self.instances_dir, domain_type=o.domain_type,
-        )  # fmt: skip
+        restore = self.restore_over(self.catalog)
         revert = Revert(
             self.catalog, lambda: self.hypervisor, self.snapshot, self.stores, self.images, self.holds, self.markers
         )
@@ -275,6 +272,15 @@ class Wiring:
             boot_timeout_s=o.boot_timeout_s, shutdown_timeout_s=o.shutdown_timeout_s,
         )  # fmt: skip
         return Lifecycle(restore, revert, retention, verify, self.builder, self.restores)
+
+    def restore_over(self, catalog: Catalog) -> Restore:
+        """Restore reading sets from ``catalog`` (the agent's view of a set whose members it transferred)."""
+        from freezeframe.ops.restore import Restore
+
+        return Restore(
+            catalog, self.stores, self.images, lambda: self.domains, self.restores, self.builder, self.holds,
+            self.instances_dir, domain_type=self.options.domain_type,
+        )  # fmt: skip
 
     def portable(self, service: Freezeframe) -> Portable:
         return portable(service)

@@ -30,7 +30,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.types import TypeDecorator
 
-SCHEMA_REVISIONS = ("0001", "0002", "0003", "0004", "0005")
+SCHEMA_REVISIONS = ("0001", "0002", "0003", "0004", "0005", "0006", "0007", "0008")
 """Every Alembic revision in ``migrations/versions``, oldest first; the last is what these tables describe.
 Opening a catalog at the last one needs no Alembic at all (tests check this list against the scripts)."""
 SCHEMA_HEAD = SCHEMA_REVISIONS[-1]
@@ -276,7 +276,7 @@ POLICIES = Table(
     Column("last_outcome", String(16), nullable=True),
     Column("last_error", Text(), nullable=True),
 )
-# ---- consistency groups (revision 0005) -----------------------------------------------------------------
+# ---- consistency groups (revision 0007) -----------------------------------------------------------------
 
 GROUPS = Table(
     "instance_groups",
@@ -321,3 +321,38 @@ GROUP_SETS = Table(
 )
 """One point in time across a group's instances; its sets carry its id in their metadata. No foreign key to
 the group: a group set stays restorable after its group is deleted."""
+# ---- many hosts: agents, where jobs run and where sets live (revision 0006) ---------------------------
+
+HOSTS = Table(
+    "hosts",
+    METADATA,
+    Column("name", String(64), primary_key=True),
+    _opt("key_sha256", String(64)),
+    _opt("uri", Text),
+    _req("state", String(16)),
+    _opt("repository", Text),
+    _opt("free_bytes", BigInteger),
+    _req("instance_count", Integer),
+    _req("instances", JSON),
+    _opt("agent_pid", Integer),
+    _req("enrolled_at", UtcDateTime),
+    _opt("last_heartbeat", UtcDateTime),
+)
+"""One hypervisor host: its agent's key (hash only), URI, heartbeat and the instances it last reported."""
+
+JOB_ROUTES = Table(
+    "job_routes",
+    METADATA,
+    Column("job_id", String(36), primary_key=True),
+    _req("host", String(64), index=True),
+    _opt("queue_job_id", BigInteger),
+)
+"""Which host's agent a job was routed to (and its id in the job queue)."""
+
+SET_HOSTS = Table(
+    "set_hosts",
+    METADATA,
+    Column("set_id", String(36), primary_key=True),
+    _req("host", String(64), index=True),
+)
+"""The host whose repository holds a set's file members."""

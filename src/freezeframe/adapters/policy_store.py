@@ -1,4 +1,4 @@
-"""The PolicyStore port over the catalog (table ``policies``, revision 0005). ``claim_tick`` is a compare-and-set
+"""The PolicyStore port over the catalog (table ``policies``, revision 0008). ``claim_tick`` is a compare-and-set
 on ``last_tick``, so two schedulers (or a scheduler and a restart) never start the same tick twice."""
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """The RemoteRegistry port over the catalog: remotes and which sets have copies where (tables ``remotes``,
-``set_copies``, revision 0005). A remote's row holds no credential: boto3 finds them; ``key_file`` is a path."""
+``set_copies``, revision 0008). A remote's row holds no credential: boto3 finds them; ``key_file`` is a path."""
 
 from __future__ import annotations
 

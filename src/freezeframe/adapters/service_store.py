@@ -121,6 +121,15 @@ class JobStore:
         with self._catalog.connect("listing jobs", write=False) as connection:
             return [_job(row) for row in connection.execute(query)]
 
+    def claim(self, job_id: str, server_pid: int) -> Job | None:
+        """queued -> running, only if still queued: a second delivery of the same job claims nothing (None)."""
+        where = (JOBS.c.id == job_id) & (JOBS.c.state == QUEUED)
+        with self._catalog.connect(f"claiming job {job_id}", write=True) as connection:
+            values = {"state": RUNNING, "started_at": _now(), "server_pid": server_pid}
+            if connection.execute(update(JOBS).where(where).values(**values)).rowcount != 1:
+                return None
+            return _job(connection.execute(select(JOBS).where(JOBS.c.id == job_id)).one())
+
     def unfinished(self) -> list[Job]:
         query = select(JOBS).where(JOBS.c.state.in_([QUEUED, RUNNING])).order_by(JOBS.c.created_at)
         with self._catalog.connect("listing unfinished jobs", write=False) as connection:

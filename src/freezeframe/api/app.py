@@ -27,6 +27,7 @@ from freezeframe import __version__
 from freezeframe.api import (
     routes_glance,
     routes_groups,
+    routes_hosts,
     routes_images,
     routes_instances,
     routes_jobs,
@@ -63,6 +64,8 @@ class ApiConfig:
     max_body_bytes: int = MAX_BODY_BYTES
     shutdown_grace_s: float = 60.0
     """How long a stop waits for running jobs (longer than the freeze cap, so no guest stays frozen)."""
+    multi_host: bool = False
+    """A stateless replica of a multi-host deployment: agents run the jobs, PostgreSQL holds catalog and queue."""
 
 
 def create_app(config: ApiConfig) -> FastAPI:
@@ -70,7 +73,7 @@ def create_app(config: ApiConfig) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        state = AppState(config.settings, config.workers, config.shutdown_grace_s)
+        state = AppState(config.settings, config.workers, config.shutdown_grace_s, config.multi_host)
         try:
             await run_in_threadpool(state.start)
         except BaseException:
@@ -106,7 +109,7 @@ def create_app(config: ApiConfig) -> FastAPI:
 
     for module in (
         routes_instances, routes_snapshots, routes_jobs, routes_sets, routes_images, routes_nova, routes_glance,
-        routes_remotes, routes_policies,
+        routes_remotes, routes_policies, routes_hosts,
     ):  # fmt: skip
         app.include_router(module.router)
     app.include_router(routes_groups.router)

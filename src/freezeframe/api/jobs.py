@@ -144,34 +144,13 @@ class JobRunner:
                         del self._active[job.lock_key]
 
     def _run(self, job: Job, fn: JobFunction) -> None:
-        ctx = JobContext(self.store, job)
+        job.started_at = _now()
         try:
-            job.started_at = _now()
             self.store.update(job.id, state=RUNNING, started_at=job.started_at, server_pid=os.getpid())
-            result = fn(ctx)
-        except Exception as exc:  # noqa: BLE001 - the job boundary: every failure is recorded (and logged)
-            self._record_failure(job, exc)
-            return
-        try:
-            self.store.update(
-                job.id, state=SUCCEEDED, result=result, phase="done", finished_at=_now(),
-            )  # fmt: skip
         except FreezeframeError as exc:
-            log.exception("job %s finished but could not be recorded", job.id)
-            self._record_failure(job, exc)
-
-    def _record_failure(self, job: Job, exc: BaseException) -> None:
-        """The row keeps what a client may see (problem slug, redacted detail); the log keeps the rest."""
-        error_id = uuid.uuid4().hex[:12]
-        c = classify(exc, error_id)
-        if c.status >= 500:
-            log.error("job %s (%s) failed, error id %s: %s", job.id, job.kind, error_id, exc, exc_info=exc)
-        else:
-            log.info("job %s (%s) failed: %s", job.id, job.kind, exc)
-        try:
-            self.store.update(job.id, state=FAILED, error_type=c.slug, error=c.detail, finished_at=_now())
-        except FreezeframeError:
-            log.exception("could not record the failure of job %s", job.id)
+            record_failure(self.store, job, exc)
+            return
+        execute(self.store, job, fn)
 
     def shutdown(self, grace_s: float) -> list[str]:
         """Stop accepting, fail queued jobs, wait up to ``grace_s`` for running ones; return those still running."""
@@ -202,6 +181,35 @@ class JobRunner:
             thread.join(max(0.0, deadline - time.monotonic()))
         with self._lock:
             return sorted(self._active.values())
+
+
+def execute(store: JobStore, job: Job, fn: JobFunction) -> None:
+    """Run a job already marked running and record its outcome: the one job boundary of every runner."""
+    ctx = JobContext(store, job)
+    try:
+        result = fn(ctx)
+    except Exception as exc:  # noqa: BLE001 - the job boundary: every failure is recorded (and logged)
+        record_failure(store, job, exc)
+        return
+    try:
+        store.update(job.id, state=SUCCEEDED, result=result, phase="done", finished_at=_now())
+    except FreezeframeError as exc:
+        log.exception("job %s finished but could not be recorded", job.id)
+        record_failure(store, job, exc)
+
+
+def record_failure(store: JobStore, job: Job, exc: BaseException) -> None:
+    """The row keeps what a client may see (problem slug, redacted detail); the log keeps the rest."""
+    error_id = uuid.uuid4().hex[:12]
+    c = classify(exc, error_id)
+    if c.status >= 500:
+        log.error("job %s (%s) failed, error id %s: %s", job.id, job.kind, error_id, exc, exc_info=exc)
+    else:
+        log.info("job %s (%s) failed: %s", job.id, job.kind, exc)
+    try:
+        store.update(job.id, state=FAILED, error_type=c.slug, error=c.detail, finished_at=_now())
+    except FreezeframeError:
+        log.exception("could not record the failure of job %s", job.id)
 
 
 def recover(store: JobStore, reports: list[str], repair_error: str | None = None) -> list[Job]:

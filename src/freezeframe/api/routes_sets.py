@@ -11,6 +11,7 @@ from pydantic import AwareDatetime, BaseModel
 
 from freezeframe.api.access import Principal
 from freezeframe.api.deps import Limit, PrincipalDep, SetId, StateDep, accepted, json_response, problems
+from freezeframe.api.host_jobs import submit_restore_to_host
 from freezeframe.api.jobs import JobContext, JobRunner, JobSpec
 from freezeframe.api.problems import conflict, invalid, redact
 from freezeframe.api.schemas import (
@@ -172,6 +173,10 @@ def restore_set(
     set_id: SetId, body: RestoreRequest, response: Response, state: StateDep, principal: PrincipalDep
 ) -> JobView:
     """A new instance (in the set's project) from the set: copy-on-write over the members, or full copies."""
+    if state.cluster is not None:
+        return accepted(response, submit_restore_to_host(state, principal, set_id, body))
+    if body.host is not None:
+        raise InvalidRequest("host: only a multi-host deployment (serve --multi-host) restores onto another host")
     s, project, runner = _set_for_job(state, principal, set_id)
     state.require_free_name(body.name)
 

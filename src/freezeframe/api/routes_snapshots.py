@@ -14,6 +14,7 @@ from fastapi import APIRouter, Response
 
 from freezeframe.adapters.service_store import Job
 from freezeframe.api.access import Principal
+from freezeframe.api.cluster import Inventory
 from freezeframe.api.deps import InstanceId, PrincipalDep, StateDep, accepted, problems
 from freezeframe.api.glance_results import GlancePublisher
 from freezeframe.api.jobs import JobContext, JobSpec
@@ -22,12 +23,13 @@ from freezeframe.api.projects import JOB_KEY, PROJECT_KEY
 from freezeframe.api.schemas import BackupAction, JobView, ServerAction, SnapshotCreate
 from freezeframe.api.state import AppState
 from freezeframe.model import Instance
-from freezeframe.ops.compute import Order, check_order, image_exclusions, take
+from freezeframe.ops.compute import Order, Visible, check_order, image_exclusions, take
+from freezeframe.service import Freezeframe
 
 router = APIRouter(prefix="/v1", tags=["snapshots"])
 
 
-def _order(body: SnapshotCreate) -> Order:
+def order_from_body(body: SnapshotCreate) -> Order:
     return Order(
         name=body.name,
         consistency=body.consistency,
@@ -46,7 +48,7 @@ def submit_snapshot(
     state: AppState, principal: Principal, instance: Instance, project: str | None, body: SnapshotCreate, kind: str
 ) -> Job:
     """Refuse what cannot succeed now (bad disks, a busy instance), then queue the job under a new set id."""
-    return submit_order(state, principal, instance, project, _order(body), body.model_dump(mode="json"), kind)
+    return submit_order(state, principal, instance, project, order_from_body(body), body.model_dump(mode="json"), kind)
 
 
 def submit_order(
@@ -62,52 +64,69 @@ def submit_order(
 ) -> Job:
     """An already validated ``Order`` (``request``: what the client sent, kept in the job row) as a job."""
     check_order(instance, order)
-    runner = state.require_runner()
-    running = runner.active_job(f"instance:{instance.uuid}")
-    if running is not None:
-        raise conflict(f"job {running} is still running on this instance; wait for it to finish", job_id=running)
-    state.service.check_not_busy(instance.uuid)
     set_id = set_id or str(uuid.uuid4())
-    visible = state.visible_sets(principal)
     spec = JobSpec(
         kind=kind, lock_key=f"instance:{instance.uuid}", project=project, request=request,
         token_id=principal.token_id, instance_uuid=instance.uuid, instance_name=instance.name, set_id=set_id,
     )  # fmt: skip
+    if state.cluster is not None and isinstance(state.inventory, Inventory):
+        return state.cluster.submit(spec, state.inventory.host_of(instance))
+    runner = state.require_runner()
+    running = runner.active_job(spec.lock_key)
+    if running is not None:
+        raise conflict(f"job {running} is still running on this instance; wait for it to finish", job_id=running)
+    state.service.check_not_busy(instance.uuid)
+    visible = state.visible_sets(principal)
 
     def run(ctx: JobContext) -> dict[str, Any]:
-        metadata = {**order.metadata, JOB_KEY: ctx.id}
-        if project is not None:
-            metadata[PROJECT_KEY] = project
-        ctx.phase("snapshotting")
-
-        def progress(done: int, total: int) -> None:
-            if ctx.job.phase != "copying":
-                ctx.phase("copying")
-            ctx.progress(done, total)
-
-        published: dict[str, Any] = {}
-        try:
-            if publisher is not None:
-                publisher.prepare()
-            made = take(state.service, instance, replace(order, metadata=metadata), set_id=set_id,
-                        visible=visible, progress=progress)  # fmt: skip
-            if publisher is not None:
-                ctx.phase("uploading")
-                published = publisher.publish(made)
-        except BaseException:
-            if publisher is not None:
-                publisher.discard()  # a failed request leaves no image behind, as Nova's
-            raise
-        return {
-            **published,
-            "set_id": made.snapshot_set.id,
-            "status": str(made.snapshot_set.status),
-            "consistency": str(made.snapshot_set.achieved) if made.snapshot_set.achieved else None,
-            "rotated_out": made.rotated,
-            "kept_in_use": {k: redact(v) for k, v in made.kept.items()},
-        }
+        return run_snapshot(state.service, ctx, instance, order, project, set_id, visible, publisher)
 
     return runner.submit(spec, run)
+
+
+def run_snapshot(
+    service: Freezeframe,
+    ctx: JobContext,
+    instance: Instance,
+    order: Order,
+    project: str | None,
+    set_id: str,
+    visible: Visible,
+    publisher: GlancePublisher | None = None,
+) -> dict[str, Any]:
+    """The body of a snapshot job, wherever it runs (the service's workers, or the agent of the instance's host);
+    with a ``publisher`` the set also becomes a Glance image."""
+    metadata = {**order.metadata, JOB_KEY: ctx.id}
+    if project is not None:
+        metadata[PROJECT_KEY] = project
+    ctx.phase("snapshotting")
+
+    def progress(done: int, total: int) -> None:
+        if ctx.job.phase != "copying":
+            ctx.phase("copying")
+        ctx.progress(done, total)
+
+    published: dict[str, Any] = {}
+    try:
+        if publisher is not None:
+            publisher.prepare()
+        made = take(service, instance, replace(order, metadata=metadata), set_id=set_id, visible=visible,
+                    progress=progress)  # fmt: skip
+        if publisher is not None:
+            ctx.phase("uploading")
+            published = publisher.publish(made)
+    except BaseException:
+        if publisher is not None:
+            publisher.discard()  # a failed request leaves no image behind, as Nova's
+        raise
+    return {
+        **published,
+        "set_id": made.snapshot_set.id,
+        "status": str(made.snapshot_set.status),
+        "consistency": str(made.snapshot_set.achieved) if made.snapshot_set.achieved else None,
+        "rotated_out": made.rotated,
+        "kept_in_use": {k: redact(v) for k, v in made.kept.items()},
+    }
 
 
 @router.post(

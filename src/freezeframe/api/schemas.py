@@ -130,6 +130,11 @@ class RestoreRequest(_Input):
     name: Name = Field(description="name of the new instance")
     start: bool = False
     full: bool = Field(default=False, description="independent copies instead of copy-on-write over the members")
+    host: Name | None = Field(
+        default=None,
+        description="multi-host deployments: the host to restore on (default: the host holding the set's members); "
+        "members captured elsewhere are transferred there and verified first",
+    )
 
 
 class VerifyRequest(_Input):

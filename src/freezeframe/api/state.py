@@ -7,10 +7,12 @@ import fcntl
 import os
 import re
 
+from freezeframe.adapters.host_registry import HostRegistry
 from freezeframe.adapters.image_records import StoredImage
 from freezeframe.adapters.service_store import ImageOwners, Job, JobStore, ProjectMap, TokenStore
 from freezeframe.api.access import Principal
 from freezeframe.api.cloud_links import CloudLinks
+from freezeframe.api.cluster import ClusterJobs, Inventory
 from freezeframe.api.jobs import JobRunner, recover
 from freezeframe.api.policy_scheduler import PolicyScheduler
 from freezeframe.api.problems import conflict, log, not_found
@@ -28,7 +30,7 @@ _UUID_RE = re.compile(UUID_PATTERN)
 class AppState:
     """One ``Freezeframe`` for the process (catalog engine and libvirt connection are thread-safe)."""
 
-    def __init__(self, settings: Settings, workers: int, shutdown_grace_s: float) -> None:
+    def __init__(self, settings: Settings, workers: int, shutdown_grace_s: float, multi_host: bool = False) -> None:
         self.settings = settings
         self.workers = workers
         self.shutdown_grace_s = shutdown_grace_s
@@ -39,16 +41,27 @@ class AppState:
         self.projects = ProjectMap(catalog)
         self.owners = ImageOwners(catalog)
         self.portable = self.service.portable
-        self.resolver = ProjectResolver(self.service, self.projects)
         self.cloud = CloudLinks.from_env()
+        self.cluster: ClusterJobs | None = None
+        self.hosts_inventory = Inventory(HostRegistry(catalog)) if multi_host else None
+        self.resolver = ProjectResolver(self.inventory, self.projects)
         self.runner: JobRunner | None = None
         self.scheduler: PolicyScheduler | None = None
         self._lock_fd: int | None = None
 
+    @property
+    def inventory(self) -> Inventory | Freezeframe:
+        """Where instances are looked up: the hosts' heartbeats (multi-host) or this host's libvirt."""
+        return self.hosts_inventory if self.hosts_inventory is not None else self.service
+
     # ---- start and stop ------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Service lock, repair, recovery of interrupted jobs, then workers: in that order, before serving."""
+        """Service lock, repair, recovery of interrupted jobs, then workers: in that order, before serving.
+        A multi-host API replica has none of these (the agents have): it only prepares the job queue."""
+        if isinstance(self.inventory, Inventory):
+            self.cluster = ClusterJobs(self.service.catalog, self.settings.catalog_url, self.inventory.registry)
+            return
         self._take_service_lock()
         reports: list[str] = []
         repair_error: str | None = None
@@ -122,6 +135,8 @@ class AppState:
     # ---- lookups with visibility ----------------------------------------------------------------------
 
     def require_runner(self) -> JobRunner:
+        if self.cluster is not None:
+            raise conflict("in a multi-host deployment this operation is not available through the API yet")
         if self.runner is None:
             raise conflict("the service is starting or stopping; retry in a moment")
         return self.runner
@@ -130,7 +145,7 @@ class AppState:
         """The instances this token may see, with their projects."""
         mapping = self.resolver.mapping_snapshot()
         found = []
-        for instance in self.service.instances():
+        for instance in self.inventory.instances():
             project, _ = self.resolver.of_instance(instance, mapping)
             if principal.sees(project):
                 found.append((instance, project))
@@ -140,7 +155,7 @@ class AppState:
         if len(ref) == 36 and ref.count("-") == 4 and not _UUID_RE.match(ref.lower()):
             raise not_found(f"instance {ref!r}")
         try:
-            instance = self.service.instance(ref.lower() if _UUID_RE.match(ref.lower()) else ref)
+            instance = self.inventory.instance(ref.lower() if _UUID_RE.match(ref.lower()) else ref)
         except NotFound:
             raise not_found(f"instance {ref!r}") from None
         project, source = self.resolver.of_instance(instance)
@@ -151,7 +166,7 @@ class AppState:
     def require_free_name(self, name: str) -> None:
         """Only that the name is taken, whoever's instance holds it."""
         try:
-            self.service.instance(name)
+            self.inventory.instance(name)
         except NotFound:
             return
         raise conflict(f"an instance named {name!r} already exists; choose another name")
