@@ -739,8 +739,17 @@ def image_link(name: str) -> str:
 
 
 REPORTS = (
-    "consistency", "window", "throughput", "concurrency", "startup", "incremental", "rbd_window", "s3_copy",
-    "group_window", "catalog", "hosts_load",
+    "consistency",
+    "window",
+    "throughput",
+    "concurrency",
+    "startup",
+    "incremental",
+    "rbd_window",
+    "s3_copy",
+    "group_window",
+    "catalog",
+    "hosts_load",
 )
 """The bench/results/NAME.json files a section is rendered from."""
 

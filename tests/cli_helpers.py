@@ -174,6 +174,8 @@ class FakeOffsite:
 
     def copies(self, set_ids: Sequence[str] | None = None) -> list[Any]:
         return [r for r in self.records if set_ids is None or r.set_id in set_ids]
+
+
 class FakeGroups:
     """No consistency groups: a SET that is no set is no group set either."""
 

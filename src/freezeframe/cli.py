@@ -42,7 +42,6 @@ from freezeframe.model import Consistency, SetStatus
 
 if TYPE_CHECKING:
     from freezeframe.model import Instance, Member, SnapshotSet
-    from freezeframe.service import Freezeframe
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 """``-h`` everywhere: subcommands inherit their parent's help options."""

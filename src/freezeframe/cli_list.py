@@ -80,9 +80,7 @@ def list_page(
         say(f"more: {shown} older set(s); next page: --cursor {page.next_cursor} (or --all)", stderr=True)
 
 
-def list_all(
-    service: SetLister, wanted: SetFilter, cursor: Cursor | None, as_json: bool, copies_of: CopiesOf
-) -> None:
+def list_all(service: SetLister, wanted: SetFilter, cursor: Cursor | None, as_json: bool, copies_of: CopiesOf) -> None:
     """Every matching set, printed batch by batch as the catalog returns them: memory stays flat."""
     sets = service.iter_sets(wanted, cursor)
     if as_json:

@@ -69,7 +69,10 @@ def serve(
     if log_level not in ("debug", "info", "warning", "error"):
         raise InvalidRequest(f"--log-level {log_level!r}: use debug, info, warning or error")
     config = ApiConfig(
-        settings=settings_for(home, connect), workers=workers, max_body_bytes=max_body, shutdown_grace_s=shutdown_grace,
+        settings=settings_for(home, connect),
+        workers=workers,
+        max_body_bytes=max_body,
+        shutdown_grace_s=shutdown_grace,
         multi_host=multi_host,
     )
     run_server(

@@ -242,6 +242,8 @@ class TokenNotFound(NotFound):
 
 class CloudServiceError(FreezeframeError):
     """Keystone or Glance could not be reached or refused what the service user asked."""
+
+
 # ---- off-site copies (ops/copy.py, adapters/s3_remote.py) ---------------------------------------------------
 
 
@@ -259,8 +261,12 @@ class RemoteError(FreezeframeError):
 
 class DecryptionFailed(RemoteError):
     """A copy cannot be decrypted: the remote's key file is not the key it was written with, or the data changed."""
+
+
 class GroupNotFound(NotFound):
     """No consistency group or group set by that name or id."""
+
+
 # ---- many hosts (agents, hosts, the job queue) --------------------------------------------------------------
 
 

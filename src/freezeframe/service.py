@@ -139,6 +139,8 @@ class Freezeframe:
     def policies(self) -> Policies:
         """Scheduled snapshot, copy and prune policies (issue 15)."""
         return self.parts.policies
+
+    @property
     def groups(self) -> GroupOps:
         """Consistency groups: manage them, snapshot them, restore/delete/rotate their group sets."""
         return self.parts.group_ops

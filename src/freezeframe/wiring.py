@@ -315,9 +315,7 @@ class Wiring:
         packer = QemuPacker()
         staging = self.settings.home / "staging"
         changes = RbdDiffPacker(self.volumes)
-        copier = Copier(
-            self.catalog, self.stores, packer, self.remotes, self.open_remote, self.holds, staging, changes
-        )
+        copier = Copier(self.catalog, self.stores, packer, self.remotes, self.open_remote, self.holds, staging, changes)
         fetcher = RemoteSets(
             self.catalog, self.repository, self.repository.member_path, packer, self.remotes, self.open_remote
         )
@@ -344,6 +342,7 @@ class Wiring:
             return PolicyRun(self.catalog, self.restores, self.snapshot, delete, remote)
 
         return Policies(CatalogPolicies(self.catalog), JobStore(self.catalog), run)
+
     # ---- consistency groups (issue 14) -----------------------------------------------------------------------
 
     @cached_property

@@ -182,9 +182,7 @@ class Copier:
         stored = sum(e.size for e in entries.values())
         report.bytes_sent += sent_here
         report.stored_bytes += stored
-        self.registry.record_copy(
-            CopyRecord(snapshot_set.id, remote.spec.name, datetime.now(UTC), sent_here, stored)
-        )
+        self.registry.record_copy(CopyRecord(snapshot_set.id, remote.spec.name, datetime.now(UTC), sent_here, stored))
         shutil.rmtree(folder, ignore_errors=True)
 
     def _copy_member(
