@@ -340,10 +340,10 @@ def test_shut_off_instance_gets_a_reasoned_full_set(tmp_path: Path) -> None:
 
 
 def test_api_body_mode_reaches_the_snapshot_request() -> None:
-    from freezeframe.api.routes_snapshots import _order
+    from freezeframe.api.routes_snapshots import order_from_body
     from freezeframe.api.schemas import SnapshotCreate
 
-    order = _order(SnapshotCreate(mode="full", max_chain=3))
+    order = order_from_body(SnapshotCreate(mode="full", max_chain=3))
     assert (order.mode, order.max_chain) == ("full", 3)
     with pytest.raises(ValueError, match="mode"):
         SnapshotCreate(mode="differential")  # type: ignore[arg-type]
