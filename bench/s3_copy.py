@@ -9,7 +9,7 @@
 3. Peak memory: ``freezeframe copy`` of a member of --member-gib GiB (virtual; a quarter random data) and of one
    8 times smaller, each in its own process: peak RSS of the process and of its largest child (qemu-img).
 
-    flock /work/wt/vm.lock .venv/bin/python bench/s3_copy.py            # 4 GiB member, 512 MiB uploads x5
+    flock /work/wt/vm.lock .venv/bin/python bench/s3_copy.py            # 4 GiB member, 256 MiB uploads x4
     .venv/bin/python bench/s3_copy.py --quick                            # smoke run, temp dir
 """
 
@@ -238,8 +238,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     parser.add_argument("--member-gib", type=float, default=4.0)
-    parser.add_argument("--upload-mib", type=int, default=512)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--upload-mib", type=int, default=256)
+    parser.add_argument("--repeats", type=int, default=4)
     args = parser.parse_args()
     if replot(args, "s3_copy", plot):
         return
