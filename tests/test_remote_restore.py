@@ -126,7 +126,10 @@ def test_a_policy_in_serve_snapshots_copies_and_prunes_on_time(
             done = [j for j in jobs if j["state"] == "succeeded"]
             time.sleep(1)
         view = client.get("/v1/policies/often").json()
-        assert view["last_outcome"] == "succeeded" and view["last_error"] is None, view
+        if view["last_outcome"] == "skipped":  # a tick came while the previous run still worked on the instance
+            assert "still running" in view["last_error"], view
+        else:
+            assert view["last_outcome"] == "succeeded" and view["last_error"] is None, view
     with wiring.open_service(Settings(home=home, agent_timeout_s=5)) as ff:
         jobs = [j for j in JobStore(ff.catalog).query(kind="policy") if j.state == "succeeded"]
         ticks = sorted(datetime.fromisoformat(j.request["tick"]) for j in jobs)
