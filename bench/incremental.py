@@ -21,6 +21,7 @@ guest changed" is exact. Measured, all in one run:
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 import subprocess
@@ -104,6 +105,13 @@ def _guest_rewrite(
     return int(found.group(1)), int(found.group(2)) / 1e9
 
 
+def _own_data(path: str) -> int:
+    """Bytes of data clusters the member holds itself (not its backing files): what it writes beyond metadata."""
+    argv = ["qemu-img", "map", "--output=json", "-f", "qcow2", path]
+    extents = json.loads(subprocess.run(argv, capture_output=True, text=True, check=True).stdout)
+    return sum(e["length"] for e in extents if e["depth"] == 0 and e["data"])
+
+
 def _written(s: SnapshotSet) -> int:
     return sum(int(m.metadata.get("freezeframe.bytes_written", "0")) for m in s.members)
 
@@ -134,7 +142,7 @@ class Bench:
         order = [c.step for c in calls]
         steps = steps_in(calls, order[:1], order[-1:], list(dict.fromkeys(order))) if calls else {}
         return {"id": taken.id, "s": round(seconds, 3), "freeze_ms": taken.freeze_window_ms, "bytes": _written(taken),
-                "steps_ms": steps}  # fmt: skip
+                "data_bytes": sum(_own_data(m.path) for m in taken.members), "steps_ms": steps}  # fmt: skip
 
     def throughput(self, rounds: int) -> list[dict[str, Any]]:
         """Guest write throughput on vdb (random 64 KiB O_DIRECT writes) with 0, 1 and 2 (freezeframe's maximum)
@@ -253,6 +261,9 @@ def _summarise(
             "incremental_bytes": inc_b, "changed_bytes": changed,
             "written_per_changed": ratio(inc_b["median"], changed["median"]),
             "written_beyond_metadata_per_changed": ratio((inc_b["median"] or 0) - metadata, changed["median"]),
+            "data_bytes": summary([r["incremental"]["data_bytes"] for r in mine]),
+            "data_per_changed": ratio(summary([r["incremental"]["data_bytes"] for r in mine])["median"],
+                                      changed["median"]),
             "incremental_freeze_ms": summary([r["incremental"]["freeze_ms"] or 0.0 for r in mine]),
             "incremental_steps_ms": median_steps([r["incremental"]["steps_ms"] for r in mine]),
         }  # fmt: skip

@@ -26,7 +26,7 @@ EXPECTED_KEYS = {
     "throughput": {"data_bytes", "storage", "seconds", "capture", "export"},
     "concurrency": {"instances", "per_instance", "alone", "together", "ratio_of_medians", "violations", "checked"},
     "startup": {"runs", "target_s", "src", "wall", "imports"},
-    "incremental": {"sizes", "rows", "by_rate"},
+    "incremental": {"sizes", "rows", "summary", "fulls", "empty_incrementals", "throughput", "virtnbdbackup"},
     "catalog": {"backends", "page_size", "goal_ms", "repeat", "verdict"},
 }
 METHODS = {"naive", "naive_gap", "diy_snapshot", "diy_backup", "ff_crash", "ff_filesystem", "ff_application"}
