@@ -7,8 +7,10 @@ remains, an existing file given with ``force`` is untouched, and the image store
 
 from __future__ import annotations
 
+import contextlib
 import re
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -78,6 +80,21 @@ class ExportResult:
             "disks": [vars(d) for d in self.disks],
             "image": self.image.to_dict() if self.image is not None else None,
         }
+
+
+@dataclass(frozen=True)
+class CollectionExportResult:
+    """A group set's package: the whole file (``package``: path, size, every disk) and each set's part of it."""
+
+    name: str
+    package: ExportResult
+    sets: list[ExportResult]
+
+    def to_dict(self) -> dict[str, Any]:
+        whole = self.package.to_dict()
+        for key in ("set_id", "set_name", "image"):
+            whole.pop(key)
+        return {"name": self.name, **whole, "sets": [s.to_dict() for s in self.sets]}
 
 
 def package_base(name: str) -> str:
@@ -228,14 +245,52 @@ class Exporter:
         *,
         replace: bool = False,
     ) -> WrittenPackage:
-        sources = sources_of(snapshot_set, disk_format, self.stores)
         descriptor_name = f"{package_base(snapshot_set.instance_name)}.ovf"
         with tempfile.TemporaryDirectory(prefix=".ff-export-", dir=out.parent) as tmp:
-            ready = [self._standalone(s, Path(tmp)) for s in sources]
+            ready = self._sources(snapshot_set, disk_format, Path(tmp))
             return self.packages.write(
                 out, snapshot_set, descriptor_name, ready, ovf_version, progress, replace=replace,
                 manifest_digest=digest,
             )  # fmt: skip
+
+    def export_collection(
+        self,
+        name: str,
+        set_refs: Sequence[str],
+        out: Path,
+        *,
+        disk_format: str = "qcow2",
+        ovf_version: int = 1,
+        force: bool = False,
+        progress: ProgressCallback | None = None,
+        manifest_digest: str | None = None,
+    ) -> CollectionExportResult:
+        """One OVA at ``out`` holding several sets (a group set) as one VirtualSystemCollection named ``name``:
+        each set written as ``export`` writes one, every set held for the whole write."""
+        digest = check_export_args(disk_format, ovf_version, manifest_digest)
+        out = Path(out).absolute()
+        check_out_path(out, force)
+        sets = [self.available(ref) for ref in set_refs]
+        with contextlib.ExitStack() as held, tempfile.TemporaryDirectory(prefix=".ff-export-", dir=out.parent) as tmp:
+            for snapshot_set in sets:
+                held.enter_context(self.holds.set(snapshot_set))
+            sets = [self.available(s.id) for s in sets]
+            systems = [(s, self._sources(s, disk_format, Path(tmp))) for s in sets]
+            written = self.packages.write_collection(
+                out, name, systems, f"{package_base(name)}.ovf", ovf_version, progress, replace=force,
+                manifest_digest=digest,
+            )  # fmt: skip
+        per_set: list[ExportResult] = []
+        disks = list(written.disks)
+        for snapshot_set, sources in systems:
+            mine = replace(written, disks=tuple(disks[: len(sources)]))
+            disks = disks[len(sources) :]
+            per_set.append(export_result(snapshot_set, mine, disk_format, ovf_version, digest))
+        return CollectionExportResult(name, export_result(sets[0], written, disk_format, ovf_version, digest), per_set)
+
+    def _sources(self, snapshot_set: SnapshotSet, disk_format: str, tmp: Path) -> list[PackageSource]:
+        """One set's members as files the package writer can copy or convert as they are."""
+        return [self._standalone(s, tmp) for s in sources_of(snapshot_set, disk_format, self.stores)]
 
     def _standalone(self, source: PackageSource, tmp: Path) -> PackageSource:
         """A member the package writer can copy as is: an RBD snapshot is read once into a qcow2 file, and a
