@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import tarfile
+import time
 import uuid
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from freezeframe.adapters.ova import open_ova_collection, qemu_json_for
@@ -26,6 +28,10 @@ from freezeframe.adapters.ovf import (
     parse_collection,
     validate_descriptor,
 )
+from freezeframe.api.app import ApiConfig, create_app
+from freezeframe.api.jobs import JobRunner
+from freezeframe.api.state import AppState
+from freezeframe.config import Settings
 from freezeframe.errors import (
     HypervisorError,
     InvalidRequest,
@@ -50,6 +56,7 @@ from portable_support import (
     kdmv_with_descriptor,
     manifest_of,
     pt,
+    remove_everything,
     same_data,
     small_set,
     synthetic_hardware,
@@ -229,8 +236,10 @@ def test_the_commands_export_and_import_a_group_set(
     done = runner.invoke(app, ["export", gs.name, "-o", str(out), "--ovf-version", "2", *home])
     assert done.exit_code == 0, done.output
     assert f"group set {gs.name} exported" in done.output and "2 instances" in done.output
-    refused = runner.invoke(app, ["export", gs.name, "--to-store", *home])
-    assert isinstance(refused.exception, InvalidRequest) and "-o FILE.ova" in str(refused.exception)
+    stored = runner.invoke(app, ["export", gs.name, "--to-store", "--name", "shop-img", "--json", *home])
+    assert stored.exit_code == 0, stored.output
+    image = json.loads(stored.output)["image"]
+    assert image["name"] == "shop-img" and image["summary"]["vcpus"] == 3  # db's 2 + app's 1
     plain = runner.invoke(app, ["import", str(out), "--as", f"{PREFIX}c", *home], env=env)
     assert isinstance(plain.exception, OvfUnsupported) and "--as-prefix" in str(plain.exception)
     neither = runner.invoke(app, ["import", str(out), *home], env=env)
@@ -238,3 +247,39 @@ def test_the_commands_export_and_import_a_group_set(
     made = runner.invoke(app, ["import", str(out), "--as-prefix", f"{PREFIX}c-", "--json", *home], env=env)
     assert made.exit_code == 0, made.output
     assert [r["name"] for r in json.loads(made.output)] == [f"{PREFIX}c-app", f"{PREFIX}c-db"]
+
+
+def test_the_rest_api_exports_a_group_set_as_one_stored_image(guest_image: GuestImage, tmp_path: Path) -> None:
+    settings = Settings.from_env(home=tmp_path / "home")
+    state = AppState(settings, workers=1, shutdown_grace_s=5.0)
+    state.runner = JobRunner(state.jobs, 1)
+    app = create_app(ApiConfig(settings))
+    app.state.ff = state
+    admin = {"Authorization": f"Bearer {state.tokens.create('admin', None).secret}"}
+    member = {"Authorization": f"Bearer {state.tokens.create('member', 'alpha').secret}"}
+    pt = Pt(state.service, [guest_image.kernel.parent])
+    try:
+        gs, sets = group_set_of(state.service, guest_image)
+        http = TestClient(app)
+        url = f"/v1/group-sets/{gs.id}/export"
+        assert http.post(url, json={"ovf_version": 2}, headers=member).status_code == 403
+        accepted = http.post(url, json={"ovf_version": 2, "name": "shop-image"}, headers=admin)
+        assert accepted.status_code == 202, accepted.text
+        job_id = accepted.json()["id"]
+        deadline = time.monotonic() + 120
+        while (job := http.get(f"/v1/jobs/{job_id}", headers=admin).json())["state"] not in ("succeeded", "failed"):
+            assert time.monotonic() < deadline, job
+            time.sleep(0.05)
+        assert job["state"] == "succeeded", job
+        assert job["result"]["set_ids"] == [s.id for s in sets]
+        image_id = job["result"]["image_id"]
+        shown = http.get(f"/v1/images/{image_id}", headers=admin)
+        assert shown.status_code == 200 and shown.json()["name"] == "shop-image"
+        assert http.get(f"/v1/images/{image_id}", headers=member).status_code == 404, "admin's image leaked"
+        imported = pt.import_collection(image_id, f"{PREFIX}api-")
+        assert [r.name for r in imported] == [f"{PREFIX}api-app", f"{PREFIX}api-db"]
+        assert all(r.image_id == image_id for r in imported)
+    finally:
+        remove_everything(pt)
+        state.runner.shutdown(5.0)
+        state.service.close()

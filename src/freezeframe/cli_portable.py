@@ -82,9 +82,13 @@ def export(
     result: ExportResult | CollectionExportResult
     with open_service(home, connect) as service, progress_bar(not as_json, "exporting") as progress:
         portable = service.portable
-        if _is_group_set(service, set_ref):
-            if output is None:
-                raise InvalidRequest("a group set is exported to a file: -o FILE.ova (not --to-store)")
+        group_set = _is_group_set(service, set_ref)
+        if group_set and output is None:
+            result = portable.export_group_set_to_store(
+                set_ref, name=image_name, disk_format=str(disk_format), ovf_version=ovf_version, progress=progress,
+                manifest_digest=manifest_digest,
+            )  # fmt: skip
+        elif group_set and output is not None:
             result = portable.export_group_set(
                 set_ref, output, disk_format=str(disk_format), ovf_version=ovf_version, force=force,
                 progress=progress, manifest_digest=manifest_digest,
@@ -104,8 +108,9 @@ def export(
         return
     if isinstance(result, CollectionExportResult):
         whole = result.package
+        where = f"image {whole.image.id} ({whole.image.name})" if whole.image is not None else str(whole.path)
         say(
-            f"group set {result.name} exported to {whole.path}: {len(result.sets)} instances "
+            f"group set {result.name} exported to {where}: {len(result.sets)} instances "
             f"({', '.join(s.set_name for s in result.sets)}), {len(whole.disks)} disks as {whole.disk_format}, "
             f"OVF {whole.ovf_version}.x, {_size(whole.size)} in {whole.seconds:.1f}s"
         )

@@ -30,7 +30,7 @@ from freezeframe.ops.import_checks import BOOT_DIRS_ENV, DEFAULT_BOOT_DIRS
 from freezeframe.ports import ImageStore, ProgressCallback, StoredImage
 
 if TYPE_CHECKING:
-    from freezeframe.ops.groups import GroupOps
+    from freezeframe.ops.groups import GroupOps, GroupSetView
 
 
 class Portable:
@@ -113,13 +113,33 @@ class Portable:
     ) -> CollectionExportResult:
         """One OVA of every set of a group set: an OVF VirtualSystemCollection named after the group set, one
         VirtualSystem per instance (``import_collection`` brings them back)."""
-        if self._groups is None:
-            raise InvalidRequest("this Portable was built without consistency groups")
-        view = self._groups().usable(ref)
+        view = self._group_set(ref)
         return self.exporter.export_collection(
             view.group_set.name, [s.id for s in view.sets], out, disk_format=disk_format, ovf_version=ovf_version,
             force=force, progress=progress, manifest_digest=manifest_digest,
         )  # fmt: skip
+
+    def export_group_set_to_store(
+        self,
+        ref: str,
+        *,
+        name: str | None = None,
+        disk_format: str = "qcow2",
+        ovf_version: int = 1,
+        progress: ProgressCallback | None = None,
+        manifest_digest: str | None = None,
+    ) -> CollectionExportResult:
+        """``export_group_set`` into the image store (the REST API's group set export job)."""
+        view = self._group_set(ref)
+        return self.exporter.export_collection_to_store(
+            view.group_set.name, [s.id for s in view.sets], image_name=name, disk_format=disk_format,
+            ovf_version=ovf_version, progress=progress, manifest_digest=manifest_digest,
+        )  # fmt: skip
+
+    def _group_set(self, ref: str) -> GroupSetView:
+        if self._groups is None:
+            raise InvalidRequest("this Portable was built without consistency groups")
+        return self._groups().usable(ref)
 
     def images(self) -> list[StoredImage]:
         return self.stored.images()

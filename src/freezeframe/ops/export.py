@@ -92,7 +92,7 @@ class CollectionExportResult:
 
     def to_dict(self) -> dict[str, Any]:
         whole = self.package.to_dict()
-        for key in ("set_id", "set_name", "image"):
+        for key in ("set_id", "set_name"):
             whole.pop(key)
         return {"name": self.name, **whole, "sets": [s.to_dict() for s in self.sets]}
 
@@ -163,6 +163,20 @@ def export_result(
         ],
         manifest_digest=digest,
     )
+
+
+def collection_result(
+    name: str, sets: Sequence[SnapshotSet], written: WrittenPackage, disk_format: str, ovf_version: int, digest: str
+) -> CollectionExportResult:
+    """The whole package, and each set's part of it (its disks, in the package's order)."""
+    per_set: list[ExportResult] = []
+    disks = list(written.disks)
+    for snapshot_set in sets:
+        count = len(snapshot_set.members)
+        mine = replace(written, disks=tuple(disks[:count]))
+        disks = disks[count:]
+        per_set.append(export_result(snapshot_set, mine, disk_format, ovf_version, digest))
+    return CollectionExportResult(name, export_result(sets[0], written, disk_format, ovf_version, digest), per_set)
 
 
 class Exporter:
@@ -271,6 +285,45 @@ class Exporter:
         out = Path(out).absolute()
         check_out_path(out, force)
         sets = [self.available(ref) for ref in set_refs]
+        written, sets = self._write_collection(name, sets, out, disk_format, ovf_version, digest, progress, force)
+        return collection_result(name, sets, written, disk_format, ovf_version, digest)
+
+    def export_collection_to_store(
+        self,
+        name: str,
+        set_refs: Sequence[str],
+        *,
+        image_name: str | None = None,
+        disk_format: str = "qcow2",
+        ovf_version: int = 1,
+        progress: ProgressCallback | None = None,
+        manifest_digest: str | None = None,
+    ) -> CollectionExportResult:
+        """``export_collection`` into the image store under a new id (the image names no single source set)."""
+        digest = check_export_args(disk_format, ovf_version, manifest_digest)
+        check_image_name(image_name)
+        sets = [self.available(ref) for ref in set_refs]
+        filename = f"{package_base(name)}.ova"
+        with self.store.staging(filename) as staged:
+            written, sets = self._write_collection(name, sets, staged, disk_format, ovf_version, digest, progress)
+            image = self.store.put_file(staged, NewImage(image_name or name, filename, written.summary, None))
+        result = collection_result(name, sets, written, disk_format, ovf_version, digest)
+        whole = replace(result.package, path=image.location or filename, image=image)
+        return replace(result, package=whole)
+
+    def _write_collection(
+        self,
+        name: str,
+        sets: list[SnapshotSet],
+        out: Path,
+        disk_format: str,
+        ovf_version: int,
+        digest: str,
+        progress: ProgressCallback | None,
+        force: bool = False,
+    ) -> tuple[WrittenPackage, list[SnapshotSet]]:
+        """Every set held for the whole write, each written as ``export`` writes one; returns the sets as re-read
+        under the holds."""
         with contextlib.ExitStack() as held, tempfile.TemporaryDirectory(prefix=".ff-export-", dir=out.parent) as tmp:
             for snapshot_set in sets:
                 held.enter_context(self.holds.set(snapshot_set))
@@ -280,13 +333,7 @@ class Exporter:
                 out, name, systems, f"{package_base(name)}.ovf", ovf_version, progress, replace=force,
                 manifest_digest=digest,
             )  # fmt: skip
-        per_set: list[ExportResult] = []
-        disks = list(written.disks)
-        for snapshot_set, sources in systems:
-            mine = replace(written, disks=tuple(disks[: len(sources)]))
-            disks = disks[len(sources) :]
-            per_set.append(export_result(snapshot_set, mine, disk_format, ovf_version, digest))
-        return CollectionExportResult(name, export_result(sets[0], written, disk_format, ovf_version, digest), per_set)
+        return written, sets
 
     def _sources(self, snapshot_set: SnapshotSet, disk_format: str, tmp: Path) -> list[PackageSource]:
         """One set's members as files the package writer can copy or convert as they are."""
