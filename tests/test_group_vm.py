@@ -220,6 +220,26 @@ def test_restore_a_group_set_as_new_instances(pair: LinkedPair, ff: Freezeframe,
     assert all(s.id not in {x.id for x in ff.list_sets()} for s in view.sets)
 
 
+def test_a_group_set_exported_as_one_ova_comes_back_with_its_common_cut(
+    pair: LinkedPair, ff: Freezeframe, guest_image: Any, tmp_path: Path
+) -> None:
+    """Export of a live group set (one VirtualSystemCollection OVA), import --as-prefix: the imported disks hold
+    the same ledger cut as the group set's own images, and it is consistent."""
+    view = ff.groups.snapshot(GroupRequest("pair", Consistency.FILESYSTEM, name="to-export"))
+    portable = wiring.portable(ff, boot_dirs=[guest_image.kernel.parent])
+    portable.export_group_set("to-export", tmp_path / "pair.ova", disk_format="vmdk", ovf_version=2)
+    imported = portable.import_collection(tmp_path / "pair.ova", "ffx-")
+    try:
+        vda = {r.name: Path(next(d.path for d in r.disks if d.target == "vda")) for r in imported}
+        after = check_link(vda[f"ffx-{pair.sender.name}"], vda[f"ffx-{pair.receiver.name}"], tmp_dir=tmp_path)
+        before = _verdict(view, pair, tmp_path)
+        assert after.ok and (after.sender_last, after.receiver_last) == (before.sender_last, before.receiver_last)
+    finally:
+        for r in imported:
+            ff.lifecycle.discard(r.name)
+    ff.groups.delete_set(view.group_set.id)
+
+
 def test_an_instance_shut_down_between_prepare_and_freeze(pair: LinkedPair, ff: Freezeframe) -> None:
     """Last in the module: the receiver is destroyed after every member was prepared, before the window."""
     flow = ff.flow()

@@ -31,7 +31,9 @@ from freezeframe.validation import validate_import_storage, validate_name
 
 if TYPE_CHECKING:
     from freezeframe.adapters.image_store import StoredImage
-    from freezeframe.portable import Portable
+    from freezeframe.ops.import_build import ImportResult
+    from freezeframe.portable import ExportResult, Portable
+    from freezeframe.service import Freezeframe
 
 ImageArg = Annotated[str, typer.Argument(metavar="IMAGE", help="image id, id prefix (8 characters) or name")]
 
@@ -91,8 +93,23 @@ def export(
     if force and to_store:
         raise InvalidRequest("--force replaces an output file; the store never overwrites (each export is a new image)")
     image_name = check_name(name, "image name")
-    with _portable(home, connect) as portable, progress_bar(not as_json, "exporting") as progress:
-        if output is not None:
+    from freezeframe.portable import CollectionExportResult
+
+    result: ExportResult | CollectionExportResult
+    with open_service(home, connect) as service, progress_bar(not as_json, "exporting") as progress:
+        portable = service.portable
+        group_set = _is_group_set(service, set_ref)
+        if group_set and output is None:
+            result = portable.export_group_set_to_store(
+                set_ref, name=image_name, disk_format=str(disk_format), ovf_version=ovf_version, progress=progress,
+                manifest_digest=manifest_digest,
+            )  # fmt: skip
+        elif group_set and output is not None:
+            result = portable.export_group_set(
+                set_ref, output, disk_format=str(disk_format), ovf_version=ovf_version, force=force,
+                progress=progress, manifest_digest=manifest_digest,
+            )  # fmt: skip
+        elif output is not None:
             result = portable.export(
                 set_ref, output, disk_format=str(disk_format), ovf_version=ovf_version, force=force, progress=progress,
                 manifest_digest=manifest_digest,
@@ -104,6 +121,15 @@ def export(
             )  # fmt: skip
     if as_json:
         print_json(result.to_dict())
+        return
+    if isinstance(result, CollectionExportResult):
+        whole = result.package
+        where = f"image {whole.image.id} ({whole.image.name})" if whole.image is not None else str(whole.path)
+        say(
+            f"group set {result.name} exported to {where}: {len(result.sets)} instances "
+            f"({', '.join(s.set_name for s in result.sets)}), {len(whole.disks)} disks as {whole.disk_format}, "
+            f"OVF {whole.ovf_version}.x, {_size(whole.size)} in {whole.seconds:.1f}s"
+        )
         return
     where = f"image {result.image.id} ({result.image.name})" if result.image is not None else str(result.path)
     say(
@@ -133,11 +159,27 @@ def _export_to_glance(
         f"{result.container_format}/{result.disk_format}")  # fmt: skip
 
 
+def _is_group_set(service: Freezeframe, ref: str) -> bool:
+    """SET names a group set (and no ordinary set): ``show`` resolves it the same way."""
+    from freezeframe.cli_groups import find_group_set
+    from freezeframe.errors import SetNotFound
+
+    try:
+        service.show(ref)
+    except SetNotFound:
+        return find_group_set(service, ref) is not None
+    return False
+
+
 def import_(
     source: Annotated[
         str, typer.Argument(metavar="FILE.ova|IMAGE", help="an OVA file, a stored image or a Glance image id")
     ],
-    as_name: Annotated[str, typer.Option("--as", metavar="NAME", help="name of the new instance")],
+    as_name: Annotated[str | None, typer.Option("--as", metavar="NAME", help="name of the new instance")] = None,
+    as_prefix: Annotated[
+        str | None,
+        typer.Option("--as-prefix", metavar="P", help="a group set's package: every instance as P<instance name>"),
+    ] = None,
     start: Annotated[bool, typer.Option("--start", help="boot the new instance")] = False,
     network: Annotated[
         str | None,
@@ -152,9 +194,13 @@ def import_(
     home: HomeOpt = None,
 ) -> None:
     """A new instance from an OVA (ours or another tool's); its disks become qcow2 in the instance's folder, or RBD
-    images POOL/NAME-TARGET with --storage rbd --pool POOL."""
-    name = validate_name(as_name, "instance name")
+    images POOL/NAME-TARGET with --storage rbd --pool POOL. A group set's package (a VirtualSystemCollection) takes
+    --as-prefix P: one instance per system."""
+    if (as_name is None) == (as_prefix is None):
+        raise InvalidRequest("name what is imported: --as NAME (one instance) or --as-prefix P (a group set's package)")
     validate_import_storage(storage, pool)
+    if as_prefix is not None and storage != "file":
+        raise InvalidRequest("--as-prefix imports every disk as a file; --storage rbd takes one instance (--as NAME)")
     with contextlib.ExitStack() as stack:
         portable = stack.enter_context(_portable(home, connect))
         package: str | Path = source
@@ -164,12 +210,23 @@ def import_(
             cache = settings_for(home, connect).cache_dir
             package = stack.enter_context(glance_package(cache, glance_from_env(), source))
         progress = stack.enter_context(progress_bar(not as_json, "importing"))
-        result = portable.import_package(
-            package, name, start=start, network=network, progress=progress, storage=storage, pool=pool
-        )
+        if as_prefix is not None:
+            results = portable.import_collection(package, as_prefix, start=start, network=network, progress=progress)
+        else:
+            name = validate_name(str(as_name), "instance name")
+            results = [
+                portable.import_package(
+                    package, name, start=start, network=network, progress=progress, storage=storage, pool=pool
+                )
+            ]
     if as_json:
-        print_json(result.to_dict())
+        print_json([r.to_dict() for r in results] if as_prefix is not None else results[0].to_dict())
         return
+    for result in results:
+        _print_imported(result)
+
+
+def _print_imported(result: ImportResult) -> None:
     for warning in result.warnings:
         say(f"freezeframe: warning: {warning}", stderr=True)
     boot = "direct kernel boot" if result.direct_kernel_boot else result.firmware.upper()

@@ -12,12 +12,25 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import cached_property
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from freezeframe.ops.export import DISK_FORMATS, OVF_VERSIONS, ExportedDisk, Exporter, ExportResult, package_base
+from freezeframe.errors import InvalidRequest
+from freezeframe.ops.export import (
+    DISK_FORMATS,
+    OVF_VERSIONS,
+    CollectionExportResult,
+    ExportedDisk,
+    Exporter,
+    ExportResult,
+    package_base,
+)
 from freezeframe.ops.images import StoredImages
 from freezeframe.ops.import_build import ImportedDiskResult, Importer, ImportResult
 from freezeframe.ops.import_checks import BOOT_DIRS_ENV, DEFAULT_BOOT_DIRS
 from freezeframe.ports import ImageStore, ProgressCallback, StoredImage
+
+if TYPE_CHECKING:
+    from freezeframe.ops.groups import GroupOps, GroupSetView
 
 
 class Portable:
@@ -28,8 +41,11 @@ class Portable:
         exporter: Callable[[], Exporter],
         importer: Callable[[], Importer],
         images: Callable[[], StoredImages],
+        groups: Callable[[], GroupOps] | None = None,
     ) -> None:
-        """Each part is built on first use: listing or exporting needs no libvirt connection."""
+        """Each part is built on first use: listing or exporting needs no libvirt connection. ``groups``: where
+        group sets are found (``export_group_set``)."""
+        self._groups = groups
         self._make_exporter = exporter
         self._make_importer = importer
         self._make_images = images
@@ -84,6 +100,47 @@ class Portable:
             manifest_digest=manifest_digest,
         )  # fmt: skip
 
+    def export_group_set(
+        self,
+        ref: str,
+        out: Path,
+        *,
+        disk_format: str = "qcow2",
+        ovf_version: int = 1,
+        force: bool = False,
+        progress: ProgressCallback | None = None,
+        manifest_digest: str | None = None,
+    ) -> CollectionExportResult:
+        """One OVA of every set of a group set: an OVF VirtualSystemCollection named after the group set, one
+        VirtualSystem per instance (``import_collection`` brings them back)."""
+        view = self._group_set(ref)
+        return self.exporter.export_collection(
+            view.group_set.name, [s.id for s in view.sets], out, disk_format=disk_format, ovf_version=ovf_version,
+            force=force, progress=progress, manifest_digest=manifest_digest,
+        )  # fmt: skip
+
+    def export_group_set_to_store(
+        self,
+        ref: str,
+        *,
+        name: str | None = None,
+        disk_format: str = "qcow2",
+        ovf_version: int = 1,
+        progress: ProgressCallback | None = None,
+        manifest_digest: str | None = None,
+    ) -> CollectionExportResult:
+        """``export_group_set`` into the image store (the REST API's group set export job)."""
+        view = self._group_set(ref)
+        return self.exporter.export_collection_to_store(
+            view.group_set.name, [s.id for s in view.sets], image_name=name, disk_format=disk_format,
+            ovf_version=ovf_version, progress=progress, manifest_digest=manifest_digest,
+        )  # fmt: skip
+
+    def _group_set(self, ref: str) -> GroupSetView:
+        if self._groups is None:
+            raise InvalidRequest("this Portable was built without consistency groups")
+        return self._groups().usable(ref)
+
     def images(self) -> list[StoredImage]:
         return self.stored.images()
 
@@ -115,12 +172,26 @@ class Portable:
             source, name, start=start, network=network, progress=progress, storage=storage, pool=pool
         )
 
+    def import_collection(
+        self,
+        source: str | Path,
+        prefix: str,
+        *,
+        start: bool = False,
+        network: str | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> list[ImportResult]:
+        """Every virtual system of a collection package (a group set's export) as ``PREFIX<name>``; all or
+        nothing."""
+        return self.importer.import_collection(source, prefix, start=start, network=network, progress=progress)
+
 
 __all__ = [
     "BOOT_DIRS_ENV",
     "DEFAULT_BOOT_DIRS",
     "DISK_FORMATS",
     "OVF_VERSIONS",
+    "CollectionExportResult",
     "ExportResult",
     "ExportedDisk",
     "ImportResult",

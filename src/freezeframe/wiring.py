@@ -392,6 +392,7 @@ def portable(service: Freezeframe, *, boot_dirs: Sequence[Path] | None = None) -
         lambda: Exporter(parts.catalog, parts.stores, packages, image_store(), parts.holds, parts.images),
         importer,
         lambda: StoredImages(image_store(), parts.holds),
+        lambda: service.groups,
     )
 
 

@@ -9,11 +9,27 @@ before any QEMU tool opens it.
 from __future__ import annotations
 
 import uuid as uuidlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 
-from freezeframe.adapters.ova import OvaDiskMember, OvaDiskSource, OvaPackage, open_ova, probe_disk, write_ova
-from freezeframe.adapters.ovf import ImportedMachine, OvfDisk, build_descriptor, parse_descriptor
+from freezeframe.adapters.ova import (
+    OvaDiskMember,
+    OvaDiskSource,
+    OvaPackage,
+    open_ova,
+    open_ova_collection,
+    probe_disk,
+    write_ova,
+)
+from freezeframe.adapters.ovf import (
+    ImportedMachine,
+    OvfDisk,
+    build_collection_descriptor,
+    build_descriptor,
+    parse_collection,
+    parse_descriptor,
+)
 from freezeframe.durable import fsync_path, sha256_file
 from freezeframe.errors import OvaDiskError, OvaWriteError
 from freezeframe.model import SnapshotSet
@@ -62,6 +78,22 @@ def summarize(machine: ImportedMachine, disk_format: str) -> ImageSummary:
             for d in machine.disks
         ),
         nics=tuple(ImageNic(network=n.network, model=n.model) for n in machine.nics),
+    )
+
+
+def summarize_collection(name: str, machines: Sequence[ImportedMachine], disk_format: str) -> ImageSummary:
+    """A collection as one stored image summary: the systems' CPUs, memory, disks and NICs together."""
+    parts = [summarize(m, disk_format) for m in machines]
+    return ImageSummary(
+        machine_name=name,
+        vcpus=sum(p.vcpus for p in parts),
+        memory_bytes=sum(p.memory_bytes for p in parts),
+        ovf_version=parts[0].ovf_version,
+        disk_format=disk_format,
+        arch=parts[0].arch,
+        firmware=parts[0].firmware,
+        disks=tuple(replace(d, target=f"{p.machine_name}:{d.target}") for p in parts for d in p.disks),
+        nics=tuple(n for p in parts for n in p.nics),
     )
 
 
@@ -115,12 +147,55 @@ class OvaPackages:
         replace: bool = False,
         manifest_digest: str = "sha256",
     ) -> WrittenPackage:
-        replacing = replace and (out.exists() or out.is_symlink())
-        target = out.with_name(f".{out.name}.ff-{uuidlib.uuid4().hex[:8]}.tmp") if replacing else out
-
         def descriptor(disks: Sequence[OvfDisk]) -> bytes:
             return build_descriptor(snapshot_set, disks, ovf_version)
 
+        def summary(xml: bytes, disk_format: str) -> ImageSummary:
+            return summarize(parse_descriptor(xml), disk_format)
+
+        return self._write(out, descriptor_name, descriptor, sources, progress, replace, manifest_digest, summary)
+
+    def write_collection(
+        self,
+        out: Path,
+        name: str,
+        systems: Sequence[tuple[SnapshotSet, Sequence[PackageSource]]],
+        descriptor_name: str,
+        ovf_version: int,
+        progress: ProgressCallback | None,
+        *,
+        replace: bool = False,
+        manifest_digest: str = "sha256",
+    ) -> WrittenPackage:
+        counts = [len(sources) for _, sources in systems]
+
+        def descriptor(disks: Sequence[OvfDisk]) -> bytes:
+            per_system: list[tuple[SnapshotSet, Sequence[OvfDisk]]] = []
+            start = 0
+            for (snapshot_set, _), count in zip(systems, counts, strict=True):
+                per_system.append((snapshot_set, disks[start : start + count]))
+                start += count
+            return build_collection_descriptor(name, per_system, ovf_version)
+
+        def summary(xml: bytes, disk_format: str) -> ImageSummary:
+            return summarize_collection(name, parse_collection(xml), disk_format)
+
+        sources = [s for _, system_sources in systems for s in system_sources]
+        return self._write(out, descriptor_name, descriptor, sources, progress, replace, manifest_digest, summary)
+
+    def _write(
+        self,
+        out: Path,
+        descriptor_name: str,
+        descriptor: Callable[[Sequence[OvfDisk]], bytes],
+        sources: Sequence[PackageSource],
+        progress: ProgressCallback | None,
+        replace: bool,
+        manifest_digest: str,
+        summary: Callable[[bytes, str], ImageSummary],
+    ) -> WrittenPackage:
+        replacing = replace and (out.exists() or out.is_symlink())
+        target = out.with_name(f".{out.name}.ff-{uuidlib.uuid4().hex[:8]}.tmp") if replacing else out
         result = write_ova(
             target, descriptor_name, descriptor, [_ova_source(s) for s in sources], progress, manifest_digest
         )
@@ -141,11 +216,14 @@ class OvaPackages:
             disks=tuple(
                 WrittenDisk(d.target, d.href, d.format, d.file_size, d.capacity, d.populated_size) for d in result.disks
             ),
-            summary=summarize(parse_descriptor(result.descriptor), disk_format),
+            summary=summary(result.descriptor, disk_format),
         )
 
     def open(self, path: Path) -> OpenedPackage:
         return _opened(open_ova(path))
+
+    def open_collection(self, path: Path) -> tuple[OpenedPackage, ...]:
+        return tuple(_opened(p) for p in open_ova_collection(path))
 
     def probe(self, file: PackageFile) -> ProbedDisk:
         member = file.handle

@@ -10,14 +10,14 @@ from __future__ import annotations
 import uuid
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Body, Response
 from fastapi import Path as PathParam
 from pydantic import BaseModel, ConfigDict, Field
 
 from freezeframe.api.deps import PrincipalDep, StateDep, accepted, problems
 from freezeframe.api.jobs import JobContext, JobSpec
 from freezeframe.api.problems import conflict
-from freezeframe.api.schemas import NAME_PATTERN, REF_PATTERN, UUID_PATTERN, JobView, Metadata, Name
+from freezeframe.api.schemas import NAME_PATTERN, REF_PATTERN, UUID_PATTERN, ExportRequest, JobView, Metadata, Name
 from freezeframe.group_flow import GroupRequest
 from freezeframe.model import Consistency
 from freezeframe.serialize_groups import group_set_summary, group_set_to_dict, group_to_dict
@@ -114,6 +114,45 @@ def snapshot_group(
         g = view.group_set
         return {"group_set_id": g.id, "status": str(g.status), "consistency": str(g.achieved) if g.achieved else None,
                 "set_ids": [s.id for s in view.sets]}  # fmt: skip
+
+    return accepted(response, runner.submit(spec, run))
+
+
+@router.post(
+    "/group-sets/{group_set_id}/export",
+    status_code=202,
+    response_model=JobView,
+    tags=["images"],
+    responses=problems(400, 403, 404, 409),
+)
+def export_group_set(
+    group_set_id: GroupSetId,
+    response: Response,
+    state: StateDep,
+    principal: PrincipalDep,
+    body: Annotated[ExportRequest | None, Body()] = None,
+) -> JobView:
+    """Every set of the group set as ONE OVA image (an OVF VirtualSystemCollection) in the image store; the job's
+    ``image_id`` names it (``GET /v1/images/{image_id}``)."""
+    principal.require_admin()
+    group_set = state.service.groups.usable(group_set_id).group_set
+    runner = state.require_runner()
+    request = body or ExportRequest()
+    spec = JobSpec(kind="groupexport", lock_key=f"groupset:{group_set.id}", project=None,
+                   request=request.model_dump(mode="json"), token_id=principal.token_id)  # fmt: skip
+
+    def run(ctx: JobContext) -> dict[str, Any]:
+        ctx.phase("exporting")
+        exported = state.portable.export_group_set_to_store(
+            group_set.id, name=request.name, disk_format=request.disk_format, ovf_version=request.ovf_version,
+            progress=ctx.progress, manifest_digest=request.manifest_digest,
+        )  # fmt: skip
+        image = exported.package.image
+        assert image is not None
+        state.owners.record(image.id, None, None)
+        ctx.attach(image_id=image.id)
+        return {"image_id": image.id, "size": exported.package.size, "set_ids": [s.set_id for s in exported.sets],
+                "disk_format": exported.package.disk_format, "ovf_version": exported.package.ovf_version}  # fmt: skip
 
     return accepted(response, runner.submit(spec, run))
 

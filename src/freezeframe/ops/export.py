@@ -7,8 +7,10 @@ remains, an existing file given with ``force`` is untouched, and the image store
 
 from __future__ import annotations
 
+import contextlib
 import re
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -80,6 +82,21 @@ class ExportResult:
         }
 
 
+@dataclass(frozen=True)
+class CollectionExportResult:
+    """A group set's package: the whole file (``package``: path, size, every disk) and each set's part of it."""
+
+    name: str
+    package: ExportResult
+    sets: list[ExportResult]
+
+    def to_dict(self) -> dict[str, Any]:
+        whole = self.package.to_dict()
+        for key in ("set_id", "set_name"):
+            whole.pop(key)
+        return {"name": self.name, **whole, "sets": [s.to_dict() for s in self.sets]}
+
+
 def package_base(name: str) -> str:
     """A file-name-safe stem for the package's members (instance names may hold any character)."""
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("._-")[:60]
@@ -146,6 +163,20 @@ def export_result(
         ],
         manifest_digest=digest,
     )
+
+
+def collection_result(
+    name: str, sets: Sequence[SnapshotSet], written: WrittenPackage, disk_format: str, ovf_version: int, digest: str
+) -> CollectionExportResult:
+    """The whole package, and each set's part of it (its disks, in the package's order)."""
+    per_set: list[ExportResult] = []
+    disks = list(written.disks)
+    for snapshot_set in sets:
+        count = len(snapshot_set.members)
+        mine = replace(written, disks=tuple(disks[:count]))
+        disks = disks[count:]
+        per_set.append(export_result(snapshot_set, mine, disk_format, ovf_version, digest))
+    return CollectionExportResult(name, export_result(sets[0], written, disk_format, ovf_version, digest), per_set)
 
 
 class Exporter:
@@ -228,14 +259,85 @@ class Exporter:
         *,
         replace: bool = False,
     ) -> WrittenPackage:
-        sources = sources_of(snapshot_set, disk_format, self.stores)
         descriptor_name = f"{package_base(snapshot_set.instance_name)}.ovf"
         with tempfile.TemporaryDirectory(prefix=".ff-export-", dir=out.parent) as tmp:
-            ready = [self._standalone(s, Path(tmp)) for s in sources]
+            ready = self._sources(snapshot_set, disk_format, Path(tmp))
             return self.packages.write(
                 out, snapshot_set, descriptor_name, ready, ovf_version, progress, replace=replace,
                 manifest_digest=digest,
             )  # fmt: skip
+
+    def export_collection(
+        self,
+        name: str,
+        set_refs: Sequence[str],
+        out: Path,
+        *,
+        disk_format: str = "qcow2",
+        ovf_version: int = 1,
+        force: bool = False,
+        progress: ProgressCallback | None = None,
+        manifest_digest: str | None = None,
+    ) -> CollectionExportResult:
+        """One OVA at ``out`` holding several sets (a group set) as one VirtualSystemCollection named ``name``:
+        each set written as ``export`` writes one, every set held for the whole write."""
+        digest = check_export_args(disk_format, ovf_version, manifest_digest)
+        out = Path(out).absolute()
+        check_out_path(out, force)
+        sets = [self.available(ref) for ref in set_refs]
+        written, sets = self._write_collection(name, sets, out, disk_format, ovf_version, digest, progress, force)
+        return collection_result(name, sets, written, disk_format, ovf_version, digest)
+
+    def export_collection_to_store(
+        self,
+        name: str,
+        set_refs: Sequence[str],
+        *,
+        image_name: str | None = None,
+        disk_format: str = "qcow2",
+        ovf_version: int = 1,
+        progress: ProgressCallback | None = None,
+        manifest_digest: str | None = None,
+    ) -> CollectionExportResult:
+        """``export_collection`` into the image store under a new id (the image names no single source set)."""
+        digest = check_export_args(disk_format, ovf_version, manifest_digest)
+        check_image_name(image_name)
+        sets = [self.available(ref) for ref in set_refs]
+        filename = f"{package_base(name)}.ova"
+        with self.store.staging(filename) as staged:
+            written, sets = self._write_collection(name, sets, staged, disk_format, ovf_version, digest, progress)
+            image = self.store.put_file(staged, NewImage(image_name or name, filename, written.summary, None))
+        result = collection_result(name, sets, written, disk_format, ovf_version, digest)
+        whole = replace(result.package, path=image.location or filename, image=image)
+        return replace(result, package=whole)
+
+    def _write_collection(
+        self,
+        name: str,
+        sets: list[SnapshotSet],
+        out: Path,
+        disk_format: str,
+        ovf_version: int,
+        digest: str,
+        progress: ProgressCallback | None,
+        force: bool = False,
+    ) -> tuple[WrittenPackage, list[SnapshotSet]]:
+        """Every set held for the whole write, each written as ``export`` writes one; returns the sets as re-read
+        under the holds."""
+        with contextlib.ExitStack() as held, tempfile.TemporaryDirectory(prefix=".ff-export-", dir=out.parent) as tmp:
+            for snapshot_set in sets:
+                held.enter_context(self.holds.set(snapshot_set))
+            sets = [self.available(s.id) for s in sets]
+            systems = [(s, self._sources(s, disk_format, Path(tmp))) for s in sets]
+            written = self.packages.write_collection(
+                out, name, systems, f"{package_base(name)}.ovf", ovf_version, progress, replace=force,
+                manifest_digest=digest,
+            )  # fmt: skip
+        return written, sets
+
+    def _sources(self, snapshot_set: SnapshotSet, disk_format: str, tmp: Path) -> list[PackageSource]:
+        """One set's members as files the package writer can copy or convert as they are."""
+        return [self._standalone(s, tmp) for s in sources_of(snapshot_set, disk_format, self.stores)]
 
     def _standalone(self, source: PackageSource, tmp: Path) -> PackageSource:
         """A member the package writer can copy as is: an RBD snapshot is read once into a qcow2 file, and a

@@ -118,7 +118,7 @@ class GroupOps:
         progress: ProgressCallback | None = None,
     ) -> list[RestoreResult]:
         """Every instance of the group set as ``PREFIX<instance name>``; all or nothing."""
-        view = self._usable(ref)
+        view = self.usable(ref)
         names = {
             s.id: validate_name(f"{prefix}{s.instance_name}", "instance name (--as-prefix + name)") for s in view.sets
         }
@@ -159,7 +159,8 @@ class GroupOps:
         self.groups.delete_group_set(group_set.id)
         return results
 
-    def _usable(self, ref: str) -> GroupSetView:
+    def usable(self, ref: str) -> GroupSetView:
+        """The group set with every member set, if it is available (restore and export need all of them)."""
         view = self.show_set(ref)
         if view.group_set.status is not SetStatus.AVAILABLE:
             raise InvalidRequest(f"group set {view.group_set.name} is {view.group_set.status}, not available")

@@ -33,6 +33,7 @@ from freezeframe.ports import (
     ImageRef,
     Images,
     ImageStore,
+    OpenedPackage,
     Packages,
     ProgressCallback,
     StoredImage,
@@ -131,13 +132,9 @@ class Importer:
         planner = Planner(self.domains, self.domain_type, self.boot_dirs, network)
         planner.require_network()
         with self._open_source(source) as (path, image):
-            package = self.packages.open(path)
-            if not package.disks:
-                raise OvfUnsupported(f"{path.name} describes a machine without disks; there is nothing to import")
-            probed = {href: self.packages.probe(file) for href, file in package.files.items()}
-            plan = planner.plan(package, probed)
+            plan = self._plan(planner, self.packages.open(path), path)
             if rbd is None:
-                self._check_space(plan)
+                self._check_space([plan])
             with self.holds.name(name):
                 ensure_name_free(self.domains, name)
                 uuid, disks = self._build(name, plan, start, progress, (rbd, pool) if rbd and pool else None)
@@ -147,6 +144,59 @@ class Importer:
         if self.volume_images is None:
             raise InvalidRequest("--storage rbd: no Ceph cluster is configured (FREEZEFRAME_CEPH_CONF)")
         return self.volume_images()
+
+    def import_collection(
+        self,
+        source: str | Path,
+        prefix: str,
+        *,
+        start: bool = False,
+        network: str | None = None,
+        progress: ProgressCallback | None = None,
+    ) -> list[ImportResult]:
+        """One new instance ``PREFIX<system name>`` per virtual system of a collection package (a group set's
+        export); every system is opened, probed, planned and its name checked before anything is made, and a
+        failure removes every instance this import made (all or nothing)."""
+        planner = Planner(self.domains, self.domain_type, self.boot_dirs, network)
+        planner.require_network()
+        with self._open_source(source) as (path, image):
+            systems = self.packages.open_collection(path)
+            names = [validate_name(f"{prefix}{p.machine_name}", "instance name (--as-prefix + name)") for p in systems]
+            if len(set(names)) != len(names):
+                raise InvalidRequest(f"two virtual systems of {path.name} would both be named {sorted(names)}")
+            for name in names:
+                ensure_name_free(self.domains, name)
+            plans = [self._plan(planner, package, path) for package in systems]
+            self._check_space(plans)
+            with contextlib.ExitStack() as held:
+                for name in sorted(names):  # one order: two imports over the same names cannot hold half each
+                    held.enter_context(self.holds.name(name))
+                    ensure_name_free(self.domains, name)
+                built = self._build_all(names, plans, start, progress)
+        where = str(path) if image is None else image
+        return [_result(name, uuid, start, plan, disks, where) for name, plan, (uuid, disks) in built]
+
+    def _build_all(
+        self, names: Sequence[str], plans: Sequence[ImportPlan], start: bool, progress: ProgressCallback | None
+    ) -> list[tuple[str, ImportPlan, tuple[str, list[ImportedDiskResult]]]]:
+        built: list[tuple[str, ImportPlan, tuple[str, list[ImportedDiskResult]]]] = []
+        try:
+            for name, plan in zip(names, plans, strict=True):
+                built.append((name, plan, self._build(name, plan, start, progress, None)))
+        except BaseException:
+            for name, _, (uuid, _) in built:
+                self.builder.undo(name, self.instances_dir / name, uuid, forget_restores=False)
+            raise
+        return built
+
+    def _plan(self, planner: Planner, package: OpenedPackage, path: Path) -> ImportPlan:
+        """Every disk file probed (the hostile-image checks) before the plan (the hardware checks) reads it."""
+        if not package.disks:
+            raise OvfUnsupported(
+                f"{path.name}: {package.machine_name} is a machine without disks; there is nothing to import"
+            )
+        probed = {href: self.packages.probe(file) for href, file in package.files.items()}
+        return planner.plan(package, probed)
 
     @contextlib.contextmanager
     def _open_source(self, source: str | Path) -> Iterator[tuple[Path, StoredImage | None]]:
@@ -174,15 +224,15 @@ class Importer:
                 )
             yield local, image
 
-    def _check_space(self, plan: ImportPlan) -> None:
+    def _check_space(self, plans: Sequence[ImportPlan]) -> None:
         need = 0
-        for disk in plan.disks:
+        for disk in (d for plan in plans for d in plan.disks):
             need += BLANK_DISK_NEEDS if disk.source is None else self.images.measure(disk.source.image, IMPORTED_FORMAT)
         self.instances_dir.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(self.instances_dir).free
         if need > free:
             raise InsufficientSpace(
-                f"importing needs about {need >> 20} MiB for the instance's disks, only {free >> 20} MiB are free; "
+                f"importing needs about {need >> 20} MiB for the instances' disks, only {free >> 20} MiB are free; "
                 "free space and retry"
             )
 

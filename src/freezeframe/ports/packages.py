@@ -147,8 +147,27 @@ class Packages(Protocol):
         """Write the package at ``out`` atomically (``replace``: over an existing file); nothing partial stays.
         ``manifest_digest``: the manifest's algorithm, ``sha1`` or ``sha256``."""
 
+    def write_collection(
+        self,
+        out: Path,
+        name: str,
+        systems: Sequence[tuple[SnapshotSet, Sequence[PackageSource]]],
+        descriptor_name: str,
+        ovf_version: int,
+        progress: ProgressCallback | None,
+        *,
+        replace: bool = False,
+        manifest_digest: str = "sha256",
+    ) -> WrittenPackage:
+        """Like ``write``, for several sets (a group set): one VirtualSystemCollection named ``name``, one
+        VirtualSystem per set with its own disks, in the order given."""
+
     def open(self, path: Path) -> OpenedPackage:
         """Check layout, manifest and descriptor; raise an Ova*/Ovf* error for anything unsafe or broken."""
+
+    def open_collection(self, path: Path) -> tuple[OpenedPackage, ...]:
+        """Like ``open`` for a package holding a VirtualSystemCollection: one ``OpenedPackage`` per virtual system
+        (each with only its own disk files); a malformed system is refused, named."""
 
     def probe(self, file: PackageFile) -> ProbedDisk:
         """Check the file's image header ourselves, then the image tool's view of it.

@@ -13,7 +13,7 @@ This package re-exports the names the rest of freezeframe uses. See docs/ovf.md.
 from freezeframe.adapters.ova.disk_writer import OvaDiskSource
 from freezeframe.adapters.ova.manifest import parse_manifest
 from freezeframe.adapters.ova.probe import DiskProbe, probe_disk, qemu_json_for, verify_disk
-from freezeframe.adapters.ova.reader import OvaDiskMember, OvaPackage, open_ova
+from freezeframe.adapters.ova.reader import OvaDiskMember, OvaPackage, open_ova, open_ova_collection
 from freezeframe.adapters.ova.tar import OvaMember
 from freezeframe.adapters.ova.writer import DescriptorFactory, OvaResult, OvaWrittenMember, write_ova
 
@@ -27,6 +27,7 @@ __all__ = [
     "OvaResult",
     "OvaWrittenMember",
     "open_ova",
+    "open_ova_collection",
     "parse_manifest",
     "probe_disk",
     "qemu_json_for",

@@ -16,7 +16,14 @@ from typing import IO
 from freezeframe.adapters.ova.disk_writer import CHUNK
 from freezeframe.adapters.ova.manifest import DIGESTS, MAX_MANIFEST_BYTES, parse_manifest
 from freezeframe.adapters.ova.tar import OvaMember, scan_members
-from freezeframe.adapters.ovf import MAX_DESCRIPTOR_BYTES, ImportedDisk, ImportedMachine, parse_descriptor
+from freezeframe.adapters.ovf import (
+    MAX_DESCRIPTOR_BYTES,
+    ImportedDisk,
+    ImportedMachine,
+    OvfFileRef,
+    parse_collection,
+    parse_descriptor,
+)
 from freezeframe.errors import OvaDigestMismatch, OvaLayoutError, OvaManifestError, OvaMissingFile, OvfMalformed
 
 
@@ -132,9 +139,28 @@ def open_ova(path: Path) -> OvaPackage:
     Nothing is extracted: disks are read in place through ``qemu_json_for``. Referenced files absent
     from the manifest are allowed and listed in ``unverified``.
     """
+    layout = _checked_layout(path)
+    machine = parse_descriptor(layout.descriptor)
+    return _package(path, layout, machine, machine.files)
+
+
+def open_ova_collection(path: Path) -> tuple[OvaPackage, ...]:
+    """An OVA holding a VirtualSystemCollection (a group set), checked as ``open_ova`` checks one machine:
+    one ``OvaPackage`` per virtual system, each with only its own disks."""
+    layout = _checked_layout(path)
+    machines = parse_collection(layout.descriptor)
+    every_file = tuple(ref for m in machines for ref in m.files)
+    return tuple(_package(path, layout, m, every_file) for m in machines)
+
+
+def _checked_layout(path: Path) -> _Layout:
     if not path.is_file():
         raise OvaLayoutError(f"{path} is not a regular file")
-    layout = _read_layout(path)
+    return _read_layout(path)
+
+
+def _package(path: Path, layout: _Layout, machine: ImportedMachine, every_file: tuple[OvfFileRef, ...]) -> OvaPackage:
+    """One machine of the package; ``every_file``: the files of every machine (for the extra-member warning)."""
     members, first = layout.members, layout.members[0]
     by_name = {m.name: m for m in members}
     warnings: list[str] = []
@@ -142,8 +168,6 @@ def open_ova(path: Path) -> OvaPackage:
         warnings.append(f"certificate {layout.certificates[0]!r} present but not verified")
     if layout.manifest is None:
         warnings.append("no manifest: the package contents are not integrity-checked")
-
-    machine = parse_descriptor(layout.descriptor)
     referenced = _referenced(machine, by_name, warnings)
     unverified = tuple(name for name in referenced if name not in layout.verified)
     if layout.manifest is not None and unverified:
@@ -151,7 +175,7 @@ def open_ova(path: Path) -> OvaPackage:
     if [m.name for m in members if m.name in referenced] != referenced:
         warnings.append("files are not stored in References order")
     manifest_names = [layout.manifest.name] if layout.manifest else []
-    known = {first.name, *manifest_names, *layout.certificates, *referenced}
+    known = {first.name, *manifest_names, *layout.certificates, *(ref.href for ref in every_file)}
     extra = [m.name for m in members if m.name not in known]
     if extra:
         warnings.append(f"members not referenced by the descriptor: {', '.join(extra)}")

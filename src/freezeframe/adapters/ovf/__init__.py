@@ -36,10 +36,10 @@ from freezeframe.adapters.ovf.model import (
     OvfFileRef,
     format_from_uri,
 )
-from freezeframe.adapters.ovf.reader import parse_descriptor
+from freezeframe.adapters.ovf.reader import parse_collection, parse_descriptor
 from freezeframe.adapters.ovf.schema import schema_path, validate_descriptor
 from freezeframe.adapters.ovf.units import parse_byte_units
-from freezeframe.adapters.ovf.writer import build_descriptor
+from freezeframe.adapters.ovf.writer import build_collection_descriptor, build_descriptor
 
 __all__ = [
     "FORMAT_URI_QCOW2",
@@ -62,9 +62,11 @@ __all__ = [
     "ImportedNic",
     "OvfDisk",
     "OvfFileRef",
+    "build_collection_descriptor",
     "build_descriptor",
     "format_from_uri",
     "parse_byte_units",
+    "parse_collection",
     "parse_descriptor",
     "schema_path",
     "validate_descriptor",

@@ -1,6 +1,7 @@
 """Describe a snapshot set as an OVF descriptor that VMware, VirtualBox, oVirt and virt-v2v accept.
 
-One VirtualSystem: References and DiskSection for the package's disk files, a NetworkSection, the
+One VirtualSystem (a group set: a VirtualSystemCollection of them): References and DiskSection for the
+package's disk files, a NetworkSection, the
 hardware as RASD Items (CPU, memory, one controller per bus as disks need them, disks, NICs), the
 firmware as a VMware Config, and our ProductSection. See docs/ovf.md for the choices.
 """
@@ -136,33 +137,79 @@ def build_descriptor(snapshot_set: SnapshotSet, disks: Sequence[OvfDisk], ovf_ve
     The result validates against DSP8023 1.1.1 (``ovf_version=1``) or 2.0.1 (``ovf_version=2``).
     Prefer version 1: virt-v2v finds no disks in 2.x descriptors.
     """
+    root, o = _envelope([(snapshot_set, disks)], ovf_version)
+    _virtual_system(root, o, ovf_version, snapshot_set, disks, 1)
+    return _serialized(root)
+
+
+def build_collection_descriptor(
+    name: str, systems: Sequence[tuple[SnapshotSet, Sequence[OvfDisk]]], ovf_version: int = 1
+) -> bytes:
+    """Describe several sets (a group set) as one VirtualSystemCollection: one VirtualSystem per set, each with
+    its hardware and our ProductSection; References and DiskSection hold every system's disks, in order."""
+    if not systems:
+        raise OvfBuildError("a VirtualSystemCollection needs at least one set")
+    ids = [s.instance_name for s, _ in systems]
+    if len(set(ids)) != len(ids):
+        raise OvfBuildError(f"two sets of the collection are of instances with the same name: {sorted(ids)}")
+    check_xml_text("collection name", name)
+    root, o = _envelope(systems, ovf_version)
+    collection = etree.SubElement(root, o("VirtualSystemCollection"), {o("id"): name})
+    etree.SubElement(collection, o("Info")).text = "Instances captured by freezeframe at one point in time"
+    etree.SubElement(collection, o("Name")).text = name
+    first = 1
+    for snapshot_set, disks in systems:
+        _virtual_system(collection, o, ovf_version, snapshot_set, disks, first)
+        first += len(disks)
+    return _serialized(root)
+
+
+def _envelope(
+    systems: Sequence[tuple[SnapshotSet, Sequence[OvfDisk]]], ovf_version: int
+) -> tuple[etree._Element, Callable[[str], str]]:
+    """The Envelope with References, DiskSection and NetworkSection for every system's disks and NICs."""
     if ovf_version not in (1, 2):
         raise OvfBuildError(f"OVF version {ovf_version} is not supported (1 or 2)")
-    members = {m.target: m for m in snapshot_set.members}
-    _check_disks(disks, members)
-    props = freezeframe_properties(snapshot_set, disks, members)
-    _check_texts(snapshot_set, members, props)
+    for snapshot_set, disks in systems:
+        _check_disks(disks, {m.target: m for m in snapshot_set.members})
+    all_disks = [d for _, disks in systems for d in disks]
+    hrefs = [d.href for d in all_disks]
+    if len(set(hrefs)) != len(hrefs):
+        raise OvfBuildError(f"package file names are used twice: {sorted(hrefs)}")
     ns = NS_OVF1 if ovf_version == 1 else NS_OVF2
     o = functools.partial(qname, ns)
-    hw = snapshot_set.hardware
-
     nsmap = {None: ns, "ovf": ns, "rasd": NS_RASD, "vssd": NS_VSSD, "vmw": NS_VMW}
     if ovf_version == 2:
         nsmap |= {"epasd": NS_EPASD, "sasd": NS_SASD}
     root = etree.Element(o("Envelope"), nsmap=nsmap)  # type: ignore[arg-type]
     root.set(o("version"), f"{ovf_version}.0")
     root.set(qname(NS_XML, "lang"), "en-US")
-    _references_and_disks(root, o, disks)
-    _network_section(root, o, hw)
+    _references_and_disks(root, o, all_disks)
+    _network_section(root, o, [nic for s, _ in systems for nic in s.hardware.nics])
+    return root, o
 
-    vs = etree.SubElement(root, o("VirtualSystem"), {o("id"): snapshot_set.instance_name})
+
+def _virtual_system(
+    parent: etree._Element,
+    o: Callable[[str], str],
+    ovf_version: int,
+    snapshot_set: SnapshotSet,
+    disks: Sequence[OvfDisk],
+    first: int,
+) -> None:
+    """One set's VirtualSystem; its disks are ``vmdisk{first}`` onwards in the DiskSection."""
+    members = {m.target: m for m in snapshot_set.members}
+    props = freezeframe_properties(snapshot_set, disks, members)
+    _check_texts(snapshot_set, members, props)
+    hw = snapshot_set.hardware
+    vs = etree.SubElement(parent, o("VirtualSystem"), {o("id"): snapshot_set.instance_name})
     etree.SubElement(vs, o("Info")).text = "A virtual machine captured by freezeframe"
     etree.SubElement(vs, o("Name")).text = snapshot_set.instance_name
     os_section = etree.SubElement(vs, o("OperatingSystemSection"), {o("id"): "102" if hw.arch in _ARCH_64 else "1"})
     etree.SubElement(os_section, o("Info")).text = "The kind of installed guest operating system"
     etree.SubElement(os_section, o("Description")).text = hw.description or f"Other ({hw.arch})"
     _HardwareWriter(etree.SubElement(vs, o("VirtualHardwareSection")), o, ovf_version).write(
-        snapshot_set.instance_name, hw, disks, members
+        snapshot_set.instance_name, hw, disks, members, first
     )
 
     product = etree.SubElement(vs, o("ProductSection"), {o("class"): FREEZEFRAME_CLASS, o("required"): "false"})
@@ -171,6 +218,9 @@ def build_descriptor(snapshot_set: SnapshotSet, disks: Sequence[OvfDisk], ovf_ve
     etree.SubElement(product, o("Version")).text = __version__
     for prop_key, prop_value in props:
         etree.SubElement(product, o("Property"), {o("key"): prop_key, o("type"): "string", o("value"): prop_value})
+
+
+def _serialized(root: etree._Element) -> bytes:
     return bytes(etree.tostring(root, xml_declaration=True, encoding="UTF-8", pretty_print=True))
 
 
@@ -193,9 +243,9 @@ def _references_and_disks(root: etree._Element, o: Callable[[str], str], disks: 
         etree.SubElement(disk_section, o("Disk"), attrs)
 
 
-def _network_section(root: etree._Element, o: Callable[[str], str], hw: Hardware) -> None:
+def _network_section(root: etree._Element, o: Callable[[str], str], nics: Sequence[NicSpec]) -> None:
     networks: list[str] = []
-    for nic in hw.nics:
+    for nic in nics:
         name = _network_name(nic)
         if name not in networks:
             networks.append(name)
@@ -232,7 +282,9 @@ class _HardwareWriter:
                 etree.SubElement(el, qname(ns, name)).text = fields[name]
         return instance_id
 
-    def write(self, instance_name: str, hw: Hardware, disks: Sequence[OvfDisk], members: Mapping[str, Member]) -> None:
+    def write(
+        self, instance_name: str, hw: Hardware, disks: Sequence[OvfDisk], members: Mapping[str, Member], first: int = 1
+    ) -> None:
         o = self.o
         etree.SubElement(self.vhs, o("Info")).text = f"Virtual hardware requirements ({hw.arch})"
         system = etree.SubElement(self.vhs, o("System"))
@@ -262,7 +314,7 @@ class _HardwareWriter:
                 "VirtualQuantity": str(memory_mib),
             }
         )
-        disk_items = self._controllers(disks, members)
+        disk_items = self._controllers(disks, members, first)
         if self.ovf_version == 1:
             self._disks(disk_items)
             self._nics(hw)
@@ -276,7 +328,7 @@ class _HardwareWriter:
             {o("required"): "false", qname(NS_VMW, "key"): "firmware", qname(NS_VMW, "value"): firmware},
         )
 
-    def _controllers(self, disks: Sequence[OvfDisk], members: Mapping[str, Member]) -> list[dict[str, str]]:
+    def _controllers(self, disks: Sequence[OvfDisk], members: Mapping[str, Member], first: int) -> list[dict[str, str]]:
         """Controllers, created as disks need them: (bus, index) -> instance id; units fill in disk order.
         Returns the disks' fields, written by ``_disks``."""
         controllers: dict[tuple[str, int], str] = {}
@@ -313,7 +365,7 @@ class _HardwareWriter:
                 "Parent": parent,
                 "ResourceType": "17",
             }
-            for i, (disk, (parent, unit)) in enumerate(zip(disks, placements, strict=True), start=1)
+            for i, (disk, (parent, unit)) in enumerate(zip(disks, placements, strict=True), start=first)
         ]
 
     def _disks(self, disk_items: Sequence[dict[str, str]]) -> None:
