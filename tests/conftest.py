@@ -26,8 +26,8 @@ from freezeframe.testbed.instance import (
     running_instance,
 )
 
-pytest_plugins = ("portable_support",)
-"""The export/import fixtures (ff, pt) for the modules that test packages."""
+pytest_plugins = ("portable_support", "hosts_helpers")
+"""The export/import fixtures (ff, pt) for the modules that test packages; the multi-host fixtures (hosts_api)."""
 
 _session_home: Path | None = None
 
