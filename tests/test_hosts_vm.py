@@ -107,8 +107,11 @@ def test_an_agent_killed_in_the_freeze_window_leaves_no_guest_frozen(
         assert guest.agent({"execute": "guest-fsfreeze-status"})["return"] == "frozen"  # nobody thawed it yet
         bed.restart_agent(deployment.root, host)
         job = server.wait_job(client, job_id, timeout_s=60)
-    assert job["state"] == "failed" and job["error"]["type"].endswith("/interrupted"), job
-    assert "agent of host ffhost1 stopped" in job["error"]["detail"]
+    # Whoever notices first fails the job clearly: the reaper (the host's heartbeat went stale) or the restarted
+    # agent (it was running when its predecessor died); either way never run again.
+    assert job["state"] == "failed", job
+    assert job["error"]["type"].rsplit("/", 1)[1] in ("interrupted", "host-unavailable"), job
+    assert "ffhost1" in job["error"]["detail"]
     assert guest.agent({"execute": "guest-fsfreeze-status"})["return"] == "thawed"
     before = guest.wait_for_progress()
     assert guest.wait_for_progress(after=before) > before  # the ledger writes again
