@@ -487,7 +487,8 @@ def catalog_section(report: dict[str, Any] | None) -> str:
                 cells.append("—" if op is None else f"{med_p95(op['ms'], 1)} / {num(op['peak_kib'])} KiB")
             rows.append(cells)
         loads = ", ".join(f"{int(s):,}: {num(data['sizes'][s]['load_s'])} s" for s in sizes)
-        text += f"**{backend}** ({', '.join(f'{k} {v}' for k, v in data['server'].items())}; bulk load {loads})\n\n"
+        server = ", ".join(f"{k} {v}" for k, v in data["server"].items())
+        text += f"**{backend}** ({server}; run {data.get('when', '?')}; bulk load {loads})\n\n"
         text += table(["operation", *(f"{int(s):,} sets" for s in sizes)], rows) + "\n\n"
     return text + f"![catalog]({image_link('catalog')})"
 
