@@ -461,6 +461,54 @@ def incremental_section(report: dict[str, Any] | None) -> str:
     return text + table(header, rows) + f"\n\n![incremental]({image_link('incremental')})"
 
 
+CATALOG_ROWS = ("first page", "deep page (90 % down)", "metadata (env=e3)", "show by 8-char prefix", "insert a set",
+                "SQL only: first page", "SQL only: deep page", "stream 5000 sets")  # fmt: skip
+
+
+def catalog_section(report: dict[str, Any] | None) -> str:
+    """Per backend: each operation's median (p95) ms and peak KiB against catalog size, and the verdict."""
+    if report is None:
+        return missing("catalog")
+    text = smoke_warning(report) + provenance(report)
+    text += (
+        f"Pages of {report['page_size']} sets, {report['repeat']} timings per operation after a warm-up; "
+        "median (p95) ms, then the peak Python memory of one more run (KiB). The baseline is the listing before "
+        "issue 18 (every row read, the metadata filter in Python), up to 100k sets.\n\n"
+    )
+    for backend, data in report["backends"].items():
+        sizes = sorted(data["sizes"], key=int)
+        names = list(data["sizes"][sizes[-1]]["ops"])
+        names += [n for n in data["sizes"][sizes[0]]["ops"] if n not in names]
+        rows = []
+        for name in names:
+            cells = [name]
+            for size in sizes:
+                op = data["sizes"][size]["ops"].get(name)
+                cells.append("—" if op is None else f"{med_p95(op['ms'], 1)} / {num(op['peak_kib'])} KiB")
+            rows.append(cells)
+        loads = ", ".join(f"{int(s):,}: {num(data['sizes'][s]['load_s'])} s" for s in sizes)
+        server = ", ".join(f"{k} {v}" for k, v in data["server"].items())
+        text += f"**{backend}** ({server}; run {data.get('when', '?')}; bulk load {loads})\n\n"
+        text += table(["operation", *(f"{int(s):,} sets" for s in sizes)], rows) + "\n\n"
+    return text + f"![catalog]({image_link('catalog')})"
+
+
+def catalog_verdicts(report: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for backend, v in report["verdict"].items():
+        rows.append([f"catalog ({backend}): every page ≤ {report['goal_ms']:g} ms at {v['largest']:,} sets (p95)",
+                     f"slowest: {v['slowest_page']} {num(v['slowest_page_p95_ms'], 1)} ms",
+                     "met" if v["every_page_within_goal"] else "**missed**"])  # fmt: skip
+        inserts = list(v["insert_median_ms"].items())
+        rows.append([f"catalog ({backend}): insert cost flat",
+                     " → ".join(f"{int(k):,}: {num(ms, 1)} ms" for k, ms in inserts),
+                     "met" if inserts[-1][1] <= 2 * inserts[0][1] else "**missed**"])  # fmt: skip
+        rows.append([f"catalog ({backend}): memory flat with catalog size",
+                     f"peak grows {times(v['peak_kib_growth'])} from {v['peak_kib_from']:,} sets",
+                     "met" if v["peak_kib_growth"] <= 1.5 else "**missed**"])  # fmt: skip
+    return rows
+
+
 def verdict_section(reports: dict[str, dict[str, Any]]) -> str:
     """The acceptance targets, each with the measured number and met / missed."""
     rows: list[list[str]] = []
@@ -517,6 +565,8 @@ def verdict_section(reports: dict[str, dict[str, Any]]) -> str:
             rows.append([f"`freezeframe {name}` starts in < {start['target_s']} s (median)",
                          f"{num(stats['median'], 2)} s (p95 {num(stats['p95'], 2)} s)",
                          "met" if met else "**missed**"])  # fmt: skip
+    if reports.get("catalog"):
+        rows += catalog_verdicts(reports["catalog"])
     if not rows:
         return "_No results yet: run `.venv/bin/python bench/run_all.py`, then `bench/report.py`._"
     smoke = any(r.get("mode") == "quick" for r in reports.values())
@@ -566,7 +616,8 @@ def image_link(name: str) -> str:
 
 def load(results: Path) -> dict[str, dict[str, Any]]:
     reports = {}
-    for name in ("consistency", "window", "throughput", "concurrency", "startup", "incremental", "hosts_load"):
+    for name in ("consistency", "window", "throughput", "concurrency", "startup", "incremental", "catalog",
+                 "hosts_load"):  # fmt: skip
         path = results / f"{name}.json"
         if path.is_file():
             reports[name] = json.loads(path.read_text())
@@ -583,6 +634,7 @@ def render(doc: str, reports: dict[str, dict[str, Any]]) -> str:
         "concurrency": lambda: concurrency_section(reports.get("concurrency")),
         "startup": lambda: startup_section(reports.get("startup")),
         "incremental": lambda: incremental_section(reports.get("incremental")),
+        "catalog": lambda: catalog_section(reports.get("catalog")),
         "hosts_load": lambda: hosts_load_section(reports.get("hosts_load")),
     }
     for name, build in sections.items():

@@ -27,6 +27,7 @@ from freezeframe.config import Settings
 from freezeframe.errors import SetNotFound
 from freezeframe.model import Consistency, Hardware, Instance, InstanceState, Member, SetStatus, SnapshotSet
 from freezeframe.ports import ProgressCallback
+from freezeframe.set_query import Cursor, SetFilter, SetPage
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 
@@ -177,9 +178,22 @@ class FakeService:
         self.lifecycle = FakeLifecycle(self.calls)
         self.portable = FakePortable(self.calls, images)
 
-    def list_sets(self, **filters: Any) -> list[SnapshotSet]:
-        self.calls.args["list_sets"] = filters
-        return self.sets
+    def page_sets(self, wanted: SetFilter, limit: int, cursor: Cursor | None = None) -> SetPage:
+        """``self.sets`` in pages of ``limit``: the cursor is the position's set, as a real catalog's key."""
+        self.calls.args["page_sets"] = (wanted, limit, cursor)
+        start = 0 if cursor is None else next(i for i, s in enumerate(self.sets) if s.id == cursor.set_id) + 1
+        chunk = self.sets[start : start + limit]
+        more = start + limit < len(self.sets)
+        return SetPage(chunk, Cursor.after(chunk[-1]).encode() if more else None)
+
+    def iter_sets(self, wanted: SetFilter, cursor: Cursor | None = None) -> Iterator[SnapshotSet]:
+        self.calls.args["iter_sets"] = (wanted, cursor)
+        yield from self.sets
+
+    def count_sets(self, wanted: SetFilter, bound: int | None = None, cursor: Cursor | None = None) -> int:
+        start = 0 if cursor is None else next(i for i, s in enumerate(self.sets) if s.id == cursor.set_id) + 1
+        left = len(self.sets) - start
+        return left if bound is None else min(left, bound)
 
     def show(self, ref: str) -> SnapshotSet:
         for s in self.sets:

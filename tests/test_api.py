@@ -142,13 +142,13 @@ def test_snapshot_show_list_restore_export_import_delete(
     assert len(member.get(f"/v1/snapshot-sets/{everything['result']['set_id']}").json()["members"]) == 3
 
     # Filters and pages.
-    page = member.get("/v1/snapshot-sets", params={"instance": guest.name, "limit": 2}).json()
-    assert page["total"] == 3 and len(page["items"]) == 2 and page["next_offset"] == 2
-    rest = member.get("/v1/snapshot-sets", params={"instance": guest.name, "limit": 2, "offset": 2}).json()
-    assert [s["id"] for s in rest["items"]] == [set_id] and rest["next_offset"] is None
+    page = member.get("/v1/snapshot-sets", params={"instance": guest.name, "limit": 2, "count": True}).json()
+    assert page["total"] == 3 and len(page["items"]) == 2 and page["next_cursor"]
+    rest = member.get(page["next"]).json()  # the next link keeps the filters and carries the cursor
+    assert [s["id"] for s in rest["items"]] == [set_id] and rest["next_cursor"] is None and rest["next"] is None
     by_meta = member.get("/v1/snapshot-sets", params={"metadata": ["owner=qa"], "status": "available"}).json()
     assert [s["id"] for s in by_meta["items"]] == [set_id]
-    assert member.get("/v1/snapshot-sets", params={"status": "failed"}).json()["total"] == 0
+    assert member.get("/v1/snapshot-sets", params={"status": "failed"}).json()["items"] == []
     jobs = member.get("/v1/jobs", params={"kind": "snapshot"}).json()
     assert jobs["total"] == 3 and all(j["state"] == "succeeded" for j in jobs["items"])
 

@@ -217,6 +217,8 @@ def test_invalid_sets_are_refused(catalog: SqlCatalog) -> None:
     s.members[0].set_id = "someone-else"
     with pytest.raises(InvalidRequest, match="belongs to"):
         catalog.add_set(s)
+    with pytest.raises(InvalidRequest, match="NUL"):
+        catalog.add_set(make_set("nul\x00name"))  # PostgreSQL cannot store it: refused on both
     assert catalog.list_sets() == []
 
 
@@ -471,7 +473,7 @@ offsets = st.integers(min_value=-14 * 60, max_value=14 * 60).map(lambda m: timez
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    name=st.text(min_size=1, max_size=80),
+    name=st.text(st.characters(exclude_characters="\x00"), min_size=1, max_size=80),
     metadata=st.dictionaries(texts, texts, max_size=6),
     member_metadata=st.dictionaries(texts, texts, max_size=3),
     created_at=st.datetimes(

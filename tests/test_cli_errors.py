@@ -81,7 +81,7 @@ def test_a_freezeframe_error_is_one_line_with_its_exit_code(
     def busy(*args: object, **kwargs: object) -> None:
         raise InstanceBusy("instance vm1 is busy:\nanother snapshot runs")
 
-    fake.list_sets = busy  # type: ignore[method-assign]
+    fake.page_sets = busy  # type: ignore[method-assign]
     result = run_cli(capsys, "list")
     assert_one_line(result, InstanceBusy.exit_code, "instance vm1 is busy: another snapshot runs")
 
@@ -92,7 +92,7 @@ def test_an_unexpected_error_is_one_line_and_the_traceback_only_on_request(
     def broken(*args: object, **kwargs: object) -> None:
         raise KeyError("surprise")
 
-    fake.list_sets = broken  # type: ignore[method-assign]
+    fake.page_sets = broken  # type: ignore[method-assign]
     monkeypatch.delenv("FREEZEFRAME_DEBUG", raising=False)
     result = run_cli(capsys, "list")
     assert_one_line(result, 1, "freezeframe: internal error: KeyError", "FREEZEFRAME_DEBUG=1")
@@ -105,7 +105,7 @@ def test_an_os_error_is_one_line(capsys: pytest.CaptureFixture[str], fake: FakeS
     def denied(*args: object, **kwargs: object) -> None:
         raise PermissionError(13, "Permission denied", "/var/lib/freezeframe/catalog.sqlite")
 
-    fake.list_sets = denied  # type: ignore[method-assign]
+    fake.page_sets = denied  # type: ignore[method-assign]
     result = run_cli(capsys, "list")
     assert_one_line(result, 1, "freezeframe: error: /var/lib/freezeframe/catalog.sqlite: Permission denied")
 
@@ -116,7 +116,7 @@ def test_interrupt_is_one_line_and_exit_130(capsys: pytest.CaptureFixture[str], 
     def interrupted(*args: object, **kwargs: object) -> None:
         raise Interrupted("interrupted by SIGTERM")
 
-    fake.list_sets = interrupted  # type: ignore[method-assign]
+    fake.page_sets = interrupted  # type: ignore[method-assign]
     result = run_cli(capsys, "list")
     assert_one_line(result, 130, "freezeframe: interrupted by SIGTERM")
 

@@ -120,18 +120,6 @@ def snapshot(
     )  # fmt: skip
 
 
-SET_COLUMNS = (
-    Col("id"),
-    Col("name", wraps=True),
-    Col("instance", wraps=True),
-    Col("status"),
-    Col("consistency", drop=1),
-    Col("disks", drop=3),
-    Col("freeze ms", drop=4),
-    Col("created", drop=2),
-)
-
-
 @app.command("list")
 def list_sets(
     instance: Annotated[
@@ -142,28 +130,49 @@ def list_sets(
         list[str] | None,
         typer.Option("--meta", metavar="KEY=VALUE", help="only sets with this metadata; repeat for more"),
     ] = None,
+    backup_type: Annotated[str | None, typer.Option("--backup-type", help="only sets of this backup type")] = None,
+    project: Annotated[str | None, typer.Option("--project", help="only sets pinned to this project")] = None,
+    group: Annotated[str | None, typer.Option("--group", help="only sets taken with this consistency group")] = None,
+    kind: Annotated[
+        str | None, typer.Option("--kind", metavar="full|incremental", help="only sets of this kind")
+    ] = None,
+    host: Annotated[str | None, typer.Option("--host", help="only sets whose members live on this host")] = None,
+    since: Annotated[
+        str | None, typer.Option("--since", metavar="TIME", help="created at or after: ISO 8601 or an age (36h, 7d)")
+    ] = None,
+    until: Annotated[str | None, typer.Option("--until", metavar="TIME", help="created before (as --since)")] = None,
+    limit: Annotated[int, typer.Option("--limit", "-n", min=1, max=1000, help="sets per page")] = 20,
+    cursor: Annotated[
+        str | None, typer.Option("--cursor", metavar="CURSOR", help="start after this cursor (printed with a page)")
+    ] = None,
+    show_all: Annotated[bool, typer.Option("--all", help="every matching set, streamed as it is read")] = False,
+    count: Annotated[bool, typer.Option("--count", help="also print the exact number of matching sets")] = False,
     as_json: JsonOpt = False,
     connect: ConnectOpt = None,
     home: HomeOpt = None,
 ) -> None:
-    """List snapshot sets, newest first.
+    """List snapshot sets, newest first: the newest page (--limit, default 20), or --all.
 
     On a terminal: a table with 8-character ids (`show` accepts them). Into a pipe: one tab-separated line per
     set, no header: id, name, instance, status, consistency, disks, freeze window ms, created (ISO 8601 UTC).
+    Whether more sets follow, and the --cursor of the next page, go to stderr. Filters run in the catalog.
     """
+    from freezeframe.cli_list import list_all, list_page
+    from freezeframe.set_query import Cursor, SetFilter, parse_time
+
+    wanted = SetFilter(
+        instance=instance, status=status, backup_type=backup_type, metadata=parse_meta(meta), project=project,
+        group=group, kind=kind, host=host, since=parse_time(since, "--since") if since else None,
+        until=parse_time(until, "--until") if until else None,
+    )  # fmt: skip
+    after = Cursor.decode(cursor) if cursor is not None else None
     with open_service(home, connect) as service:
-        sets = service.list_sets(instance=instance, status=status, metadata=parse_meta(meta) or None)
-    if as_json:
-        print_json([_set_view(s, hardware=False) for s in sets])
-        return
-    rows = [_set_row(s, s.id[:8], f"{s.created_at:%Y-%m-%d %H:%M}") for s in sets]
-    print_table(SET_COLUMNS, rows, [_set_row(s, s.id, s.created_at.isoformat(timespec="seconds")) for s in sets])
-
-
-def _set_row(s: SnapshotSet, set_id: str, created: str) -> list[str]:
-    window = f"{s.freeze_window_ms:.0f}" if s.freeze_window_ms is not None else "-"
-    achieved = str(s.achieved or "-")
-    return [set_id, s.name, s.instance_name, str(s.status), achieved, str(len(s.members)), window, created]
+        if show_all:
+            list_all(service, wanted, after, as_json)
+        else:
+            list_page(service, wanted, limit, after, as_json)
+        if count:
+            say(f"total: {service.count_sets(wanted)} matching set(s)", stderr=True)
 
 
 @app.command()

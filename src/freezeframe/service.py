@@ -15,6 +15,7 @@ from freezeframe.config import Settings
 from freezeframe.flow import SnapshotFlow, SnapshotRequest
 from freezeframe.model import Instance, SetStatus, SnapshotSet
 from freezeframe.ports import ProgressCallback
+from freezeframe.set_query import Cursor, SetFilter, SetPage
 
 if TYPE_CHECKING:
     from freezeframe.adapters.catalog import SqlCatalog
@@ -144,6 +145,15 @@ class Freezeframe:
         metadata: dict[str, str] | None = None,
     ) -> list[SnapshotSet]:
         return self.catalog.list_sets(instance=instance, status=status, backup_type=backup_type, metadata=metadata)
+
+    def page_sets(self, wanted: SetFilter, limit: int, cursor: Cursor | None = None) -> SetPage:
+        return self.catalog.page_sets(wanted, limit, cursor)
+
+    def iter_sets(self, wanted: SetFilter, cursor: Cursor | None = None) -> Iterator[SnapshotSet]:
+        return self.catalog.iter_sets(wanted, cursor)
+
+    def count_sets(self, wanted: SetFilter, bound: int | None = None, cursor: Cursor | None = None) -> int:
+        return self.catalog.count_sets(wanted, bound, cursor)
 
     def show(self, ref: str) -> SnapshotSet:
         return self.catalog.get_set(ref)

@@ -15,19 +15,27 @@ import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Table, create_engine, delete, event, exc, insert, inspect, or_, select, text, update
+from sqlalchemy import Table, create_engine, delete, event, exc, insert, inspect, select, text, update
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.pool import StaticPool
 
-from freezeframe.adapters.catalog_schema import MEMBERS, METADATA, SCHEMA_HEAD, SCHEMA_REVISIONS, SETS
+from freezeframe.adapters import catalog_query
+from freezeframe.adapters.catalog_schema import (
+    MEMBERS,
+    METADATA,
+    SCHEMA_HEAD,
+    SCHEMA_REVISIONS,
+    SET_METADATA,
+    SETS,
+)
 from freezeframe.errors import CatalogError, InvalidRequest, RecordInvalid, SetNotFound
 from freezeframe.model import SetStatus, SnapshotSet
 from freezeframe.serialize import set_from_dict, set_to_dict
+from freezeframe.set_query import Cursor, SetFilter, SetPage, check_limit
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +43,10 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent / "migrations"
 MIN_PREFIX = 4
 """Shorter id prefixes match too many sets to be a safe way to name one."""
 LOAD_BATCH = 500
+STREAM_BATCH = 500
+"""Sets read per query when streaming a whole listing: memory stays flat, each query is one short index scan."""
 
-__all__ = ["METADATA", "MIGRATIONS_DIR", "MIN_PREFIX", "SetEntry", "SqlCatalog", "upsert"]
+__all__ = ["METADATA", "MIGRATIONS_DIR", "MIN_PREFIX", "SqlCatalog", "upsert"]
 
 
 class SqlCatalog:
@@ -187,6 +197,7 @@ class SqlCatalog:
             connection.execute(insert(SETS).values(**values))
             if members:
                 connection.execute(insert(MEMBERS), members)
+            self._write_metadata_rows(connection, snapshot_set)
 
     def update_set(self, snapshot_set: SnapshotSet) -> None:
         _validate(snapshot_set)
@@ -199,15 +210,20 @@ class SqlCatalog:
             connection.execute(delete(MEMBERS).where(MEMBERS.c.set_id == snapshot_set.id))
             if members:
                 connection.execute(insert(MEMBERS), members)
+            connection.execute(delete(SET_METADATA).where(SET_METADATA.c.set_id == snapshot_set.id))
+            self._write_metadata_rows(connection, snapshot_set)
+
+    @staticmethod
+    def _write_metadata_rows(connection: Connection, snapshot_set: SnapshotSet) -> None:
+        rows = catalog_query.metadata_rows(snapshot_set.id, snapshot_set.metadata, snapshot_set.created_at)
+        if rows:
+            connection.execute(insert(SET_METADATA), rows)
 
     def get_set(self, ref: str) -> SnapshotSet:
         found = self.load_sets([ref])
         if found:
             return found[0]
-        conditions = [SETS.c.name == ref]
-        if len(ref) >= MIN_PREFIX:
-            conditions += [SETS.c.id.startswith(p, autoescape=True) for p in {ref, ref.lower()}]
-        query = select(SETS.c.id, SETS.c.name).where(or_(*conditions)).order_by(SETS.c.created_at.desc(), SETS.c.id)
+        query = catalog_query.lookup_query(ref, MIN_PREFIX)
         with self.connect(f"looking up set {ref!r}", write=False) as connection:
             rows = connection.execute(query).all()
         if not rows:
@@ -227,8 +243,8 @@ class SqlCatalog:
         backup_type: str | None = None,
         metadata: dict[str, str] | None = None,
     ) -> list[SnapshotSet]:
-        entries = self.index_sets(instance=instance, status=status, backup_type=backup_type, metadata=metadata)
-        return self.load_sets([e.id for e in entries])
+        wanted = SetFilter(instance=instance, status=status, backup_type=backup_type, metadata=metadata or {})
+        return list(self.iter_sets(wanted))
 
     def delete_set(self, set_id: str) -> None:
         """Delete by exact id only: a prefix is too easy to get wrong for a destructive call."""
@@ -238,31 +254,31 @@ class SqlCatalog:
             # Members go with it through ON DELETE CASCADE.
             connection.execute(delete(SETS).where(SETS.c.id == set_id))
 
-    # -- listings: an index of a few columns, then whole sets for one page ------------------------
+    # -- listings: filtered and paged in the database (catalog_query), then whole sets for one page -----------
 
-    def index_sets(
-        self,
-        instance: str | None = None,
-        status: SetStatus | None = None,
-        backup_type: str | None = None,
-        metadata: dict[str, str] | None = None,
-    ) -> list[SetEntry]:
-        """Every matching set, newest first, with what filtering and access checks need (no members/hardware)."""
-        query = select(SETS.c.id, SETS.c.instance_uuid, SETS.c.metadata)
-        if instance is not None:
-            query = query.where(or_(SETS.c.instance_name == instance, SETS.c.instance_uuid == instance))
-        if status is not None:
-            query = query.where(SETS.c.status == status.value)
-        if backup_type is not None:
-            query = query.where(SETS.c.backup_type == backup_type)
-        query = query.order_by(SETS.c.created_at.desc(), SETS.c.id)
+    def page_sets(self, wanted: SetFilter, limit: int, cursor: Cursor | None = None) -> SetPage:
+        """One page, newest first, starting after ``cursor``; ``next_cursor`` is None on the last page."""
+        check_limit(limit)
         with self.connect("listing sets", write=False) as connection:
-            rows = connection.execute(query).all()
-        entries = [SetEntry(r.id, r.instance_uuid, dict(r.metadata or {})) for r in rows]
-        if metadata:
-            # JSON path queries differ between SQLite and PostgreSQL; the index is small.
-            entries = [e for e in entries if all(e.metadata.get(k) == v for k, v in metadata.items())]
-        return entries
+            rows = connection.execute(catalog_query.page_query(connection, wanted, limit + 1, cursor)).all()
+        sets = self.load_sets([r.id for r in rows[:limit]])
+        more = len(rows) > limit and sets
+        return SetPage(sets, Cursor.after(sets[-1]).encode() if more else None)
+
+    def iter_sets(self, wanted: SetFilter, cursor: Cursor | None = None) -> Iterator[SnapshotSet]:
+        """Every matching set, newest first, read a batch at a time (memory stays flat for any catalog size)."""
+        while True:
+            page = self.page_sets(wanted, STREAM_BATCH, cursor)
+            yield from page.sets
+            if page.next_cursor is None:
+                return
+            cursor = Cursor.after(page.sets[-1])
+
+    def count_sets(self, wanted: SetFilter, bound: int | None = None, cursor: Cursor | None = None) -> int:
+        """How many sets match (after ``cursor``), counting at most ``bound`` (then "``bound`` or more"); None: an
+        exact count, which reads every matching index entry."""
+        with self.connect("counting sets", write=False) as connection:
+            return int(connection.scalar(catalog_query.count_query(connection, wanted, bound, cursor)) or 0)
 
     def load_sets(self, ids: Sequence[str]) -> list[SnapshotSet]:
         """The sets with these exact ids, in this order (ids not in the catalog are left out)."""
@@ -288,15 +304,6 @@ class SqlCatalog:
             raise CatalogError(
                 f"catalog {self._display}: {e}; the row was changed outside freezeframe or by a newer version"
             ) from None
-
-
-@dataclass(frozen=True)
-class SetEntry:
-    """What filtering and access checks need of a set, without its members or hardware."""
-
-    id: str
-    instance_uuid: str
-    metadata: dict[str, str]
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -353,6 +360,9 @@ def _validate(snapshot_set: SnapshotSet) -> None:
             raise InvalidRequest(
                 f"snapshot set {snapshot_set.id}: {field_name} is a naive datetime; use datetime.now(UTC)"
             )
+    for field_name in ("name", "instance_name"):
+        if "\x00" in getattr(snapshot_set, field_name):
+            raise InvalidRequest(f"snapshot set {snapshot_set.id}: {field_name} contains a NUL character")
     seen: set[str] = set()
     for member in snapshot_set.members:
         if member.set_id != snapshot_set.id:
@@ -384,6 +394,7 @@ def _columns(snapshot_set: SnapshotSet) -> tuple[dict[str, Any], list[dict[str, 
         "backup_type": record["backup_type"],
         "error": record["error"],
         "instance_state": record["instance_state"],
+        **catalog_query.derived_columns(record["metadata"], (m["metadata"] for m in record["members"])),
     }
     members = [
         {**{k: m[k] for k in _MEMBER_KEYS}, "set_id": snapshot_set.id, "virtual_size": m["size"]}

@@ -19,8 +19,10 @@ from sqlalchemy import (
     Dialect,
     Float,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
+    PrimaryKeyConstraint,
     String,
     Table,
     Text,
@@ -28,7 +30,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.types import TypeDecorator
 
-SCHEMA_REVISIONS = ("0001", "0002", "0003", "0004", "0005")
+SCHEMA_REVISIONS = ("0001", "0002", "0003", "0004", "0005", "0006")
 """Every Alembic revision in ``migrations/versions``, oldest first; the last is what these tables describe.
 Opening a catalog at the last one needs no Alembic at all (tests check this list against the scripts)."""
 SCHEMA_HEAD = SCHEMA_REVISIONS[-1]
@@ -73,21 +75,41 @@ SETS = Table(
     Column("id", String(36), primary_key=True),
     _req("name", Text),
     _req("instance_name", Text),
-    _req("instance_uuid", String(64), index=True),
+    _req("instance_uuid", String(64)),
     _req("requested", String(16)),
     _opt("achieved", String(16)),
     _opt("reason", Text),
-    _req("status", String(16), index=True),
+    _req("status", String(16)),
     _req("created_at", UtcDateTime),
     _opt("completed_at", UtcDateTime),
     _opt("freeze_window_ms", Float),
     _opt("pause_window_ms", Float),
     _req("hardware", JSON),
     _req("metadata", JSON),
-    _opt("backup_type", String(255), index=True),
+    _opt("backup_type", String(255)),
     _opt("error", Text),
     _opt("instance_state", String(16)),
+    # revision 0005: filter columns derived from the set on every write (listings filter them in the database)
+    _opt("project", String(128)),
+    _opt("kind", String(16)),
+    _opt("host", String(64)),
 )
+"""Every listing reads newest first by (created_at, id): each filter has an index ending in those two columns, so a
+page is one index range scan whatever the catalog's size (revision 0005)."""
+
+SET_INDEXES = {
+    "ix_snapshot_sets_created_at_id": ("created_at", "id"),
+    "ix_snapshot_sets_instance_uuid_created_at_id": ("instance_uuid", "created_at", "id"),
+    "ix_snapshot_sets_instance_name_instance_uuid": ("instance_name", "instance_uuid"),
+    "ix_snapshot_sets_name_created_at_id": ("name", "created_at", "id"),
+    "ix_snapshot_sets_status_created_at_id": ("status", "created_at", "id"),
+    "ix_snapshot_sets_backup_type_created_at_id": ("backup_type", "created_at", "id"),
+    "ix_snapshot_sets_project_created_at_id": ("project", "created_at", "id"),
+    "ix_snapshot_sets_kind_created_at_id": ("kind", "created_at", "id"),
+    "ix_snapshot_sets_host_created_at_id": ("host", "created_at", "id"),
+}
+for _name, _columns in SET_INDEXES.items():
+    Index(_name, *(SETS.c[c] for c in _columns))
 
 MEMBERS = Table(
     "members",
@@ -105,6 +127,21 @@ MEMBERS = Table(
     _req("metadata", JSON),
     UniqueConstraint("set_id", "target", name="uq_members_set_id_target"),
 )
+
+SET_METADATA = Table(
+    "set_metadata",
+    METADATA,
+    _req("set_id", String(36), ForeignKey("snapshot_sets.id", name="fk_set_metadata_set_id", ondelete="CASCADE")),
+    _req("key", String(130)),
+    _req("value", String(130)),
+    _req("created_at", UtcDateTime),
+    PrimaryKeyConstraint("set_id", "key", name="pk_set_metadata"),
+    Index("ix_set_metadata_key_value_created_at_set_id", "key", "value", "created_at", "set_id"),
+)
+"""Each metadata entry of each set, for ``--meta KEY=VALUE`` (revision 0005): the set's JSON column stays what is
+read; this table is its index. ``key`` and ``value`` are encoded (``catalog_query.encoded``: the text prefixed ``=``, or
+``#`` and its SHA-256 past 120 characters) so index entries stay small on both databases; ``created_at`` is the
+set's, so a metadata page is one ordered range scan."""
 
 RESTORES = Table(
     "restores",
@@ -205,7 +242,7 @@ STORED_IMAGES = Table(
 )
 """One package in an image store."""
 
-# ---- many hosts: agents, where jobs run and where sets live (revision 0005) ---------------------------
+# ---- many hosts: agents, where jobs run and where sets live (revision 0006) ---------------------------
 
 HOSTS = Table(
     "hosts",

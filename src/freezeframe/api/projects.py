@@ -18,9 +18,11 @@ from lxml import etree
 from freezeframe.adapters.service_store import ProjectAssignment
 from freezeframe.errors import HypervisorError, NotFound
 from freezeframe.model import Instance, SnapshotSet
+from freezeframe.set_query import PROJECT_KEY
+
+__all__ = ["JOB_KEY", "PROJECT_KEY", "ProjectResolver", "project_from_metadata"]
 
 PROJECT_NS = "https://freezeframe.dev/xmlns/1"
-PROJECT_KEY = "freezeframe.project"
 JOB_KEY = "freezeframe.job_id"
 _PARSER = etree.XMLParser(resolve_entities=False, no_network=True)
 
@@ -29,6 +31,8 @@ class Instances(Protocol):
     """The façade's instance lookup (``Freezeframe.instance``)."""
 
     def instance(self, ref: str) -> Instance: ...
+
+    def instances(self) -> list[Instance]: ...
 
 
 class ProjectLookup(Protocol):
@@ -61,6 +65,7 @@ class ProjectResolver:
         self.mapping = mapping
         self.ttl_s = ttl_s
         self._cache: dict[str, tuple[float, str | None]] = {}
+        self._members: dict[str, tuple[float, tuple[str, ...]]] = {}
         self._lock = threading.Lock()
 
     def of_instance(self, instance: Instance, mapping: Mapping[str, str] | None = None) -> tuple[str | None, str]:
@@ -87,6 +92,26 @@ class ProjectResolver:
         if mapped is not None:
             return mapped
         return self._from_libvirt(instance_uuid)
+
+    def instances_of(self, project: str) -> tuple[str, ...]:
+        """UUIDs of the instances now in ``project`` (mapped to it, or unmapped with it in their domain metadata):
+        a listing's database filter takes their sets that are not pinned to a project. Cached for ``ttl_s``."""
+        now = time.monotonic()
+        with self._lock:
+            hit = self._members.get(project)
+            if hit is not None and now - hit[0] < self.ttl_s:
+                return hit[1]
+        mapping = self.mapping_snapshot()
+        found = {uuid for uuid, mapped in mapping.items() if mapped == project}
+        try:
+            on_host = self.service.instances()
+        except HypervisorError:
+            on_host = []  # libvirt away: the mapped instances still count
+        found |= {i.uuid for i in on_host if i.uuid not in mapping and self.of_instance(i, mapping)[0] == project}
+        members = tuple(sorted(found))
+        with self._lock:
+            self._members[project] = (now, members)
+        return members
 
     def mapping_snapshot(self) -> dict[str, str]:
         """One read of the mapping for a whole listing."""

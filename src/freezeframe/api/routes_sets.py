@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from enum import Enum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Body, Query, Response
-from pydantic import BaseModel
+from fastapi import APIRouter, Body, Query, Request, Response
+from pydantic import AwareDatetime, BaseModel
 
 from freezeframe.api.access import Principal
-from freezeframe.api.deps import Limit, Offset, PrincipalDep, SetId, StateDep, accepted, json_response, page, problems
+from freezeframe.api.deps import Limit, PrincipalDep, SetId, StateDep, accepted, json_response, problems
 from freezeframe.api.host_jobs import submit_restore_to_host
 from freezeframe.api.jobs import JobContext, JobRunner, JobSpec
 from freezeframe.api.problems import conflict, invalid, redact
@@ -29,6 +29,7 @@ from freezeframe.api.state import AppState
 from freezeframe.api.views import set_detail, set_view
 from freezeframe.errors import InvalidRequest, SetHasDependants
 from freezeframe.model import SetStatus, SnapshotSet
+from freezeframe.set_query import Cursor, SetFilter
 from freezeframe.validation import validate_metadata
 
 router = APIRouter(prefix="/v1")
@@ -51,6 +52,7 @@ def _metadata_filter(items: list[str]) -> dict[str, str]:
 
 @router.get("/snapshot-sets", response_model=SetPage, tags=TAGS, responses=problems(400))
 def list_sets(
+    request: Request,
     state: StateDep,
     principal: PrincipalDep,
     instance: Annotated[str | None, Query(pattern=REF_PATTERN, max_length=64)] = None,
@@ -61,23 +63,37 @@ def list_sets(
         Query(description="KEY=VALUE; repeat for several (all must match)", max_length=16),
     ] = None,
     project: Annotated[str | None, Query(pattern=PROJECT_PATTERN, max_length=128)] = None,
+    group: Annotated[str | None, Query(pattern=NAME_PATTERN, max_length=63)] = None,
+    kind: Annotated[Literal["full", "incremental"] | None, Query()] = None,
+    host: Annotated[str | None, Query(pattern=NAME_PATTERN, max_length=63)] = None,
+    since: Annotated[AwareDatetime | None, Query(description="created at or after (ISO 8601 with zone)")] = None,
+    until: Annotated[AwareDatetime | None, Query(description="created before (ISO 8601 with zone)")] = None,
     limit: Limit = 50,
-    offset: Offset = 0,
+    cursor: Annotated[str | None, Query(max_length=200, description="next_cursor of the previous page")] = None,
+    count: Annotated[bool, Query(description="also count every matching set (reads them all)")] = False,
 ) -> Response:
-    """Newest first; filters combine; ``next_offset`` is null on the last page."""
-    wanted = _metadata_filter(metadata or [])
+    """Newest first; filters combine, in the catalog's database; keyset pages: pass ``next_cursor`` (or follow
+    ``next``) for the next page, null on the last one. ``total`` only with ``count=true``."""
+    scope = principal.project if not principal.is_admin else project
+    if not principal.is_admin and (principal.project is None or project not in (None, principal.project)):
+        return json_response(SetPage(items=[], limit=limit, next_cursor=None, next=None, total=0 if count else None))
+    try:
+        after = Cursor.decode(cursor) if cursor is not None else None
+        wanted = SetFilter(
+            instance=instance, status=status, backup_type=backup_type, metadata=_metadata_filter(metadata or []),
+            project=scope, project_instances=state.resolver.instances_of(scope) if scope else (), group=group,
+            kind=kind, host=host, since=since, until=until,
+        )  # fmt: skip
+    except InvalidRequest as exc:
+        raise invalid(str(exc)) from None
     catalog = state.service.catalog
-    entries = catalog.index_sets(instance=instance, status=status, backup_type=backup_type, metadata=wanted)
-    mapping = state.resolver.lazy_mapping()
-    visible: list[tuple[str, str | None]] = []
-    for entry in entries:
-        owner = state.resolver.of_set_parts(entry.instance_uuid, entry.metadata, mapping)
-        if principal.sees(owner) and (project is None or owner == project):
-            visible.append((entry.id, owner))
-    chunk, next_offset = page(visible, limit, offset)
-    owners = dict(chunk)
-    items = [set_view(s, owners[s.id], principal.is_admin) for s in catalog.load_sets([i for i, _ in chunk])]
-    return json_response(SetPage(items=items, total=len(visible), limit=limit, offset=offset, next_offset=next_offset))
+    found = catalog.page_sets(wanted, limit, after)
+    items = [set_view(s, state.resolver.of_set(s), principal.is_admin) for s in found.sets]
+    link = None
+    if found.next_cursor is not None:
+        link = str(request.url.include_query_params(cursor=found.next_cursor).remove_query_params("count"))
+    total = catalog.count_sets(wanted) if count else None
+    return json_response(SetPage(items=items, limit=limit, next_cursor=found.next_cursor, next=link, total=total))
 
 
 @router.get("/snapshot-sets/{set_id}", response_model=SetDetail, tags=TAGS, responses=problems(404))

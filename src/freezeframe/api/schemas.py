@@ -245,11 +245,14 @@ class SetDetail(SetView):
 
 
 class SetPage(BaseModel):
+    """A keyset page: ``next_cursor`` (and the ``next`` URL) lead to the following page; null on the last."""
+
     items: list[SetView]
-    total: int
     limit: int
-    offset: int
-    next_offset: int | None
+    next_cursor: str | None
+    next: str | None
+    total: int | None
+    """Every matching set; only when asked for (``count=true``): counting reads them all."""
 
 
 class ProgressView(BaseModel):
