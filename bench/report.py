@@ -583,7 +583,7 @@ def hosts_load_section(report: dict[str, Any] | None) -> str:
         s = r["request_to_start_s"]
         rows.append([
             mode, str(r["accepted"]), str(r["errors"]), str(r["lost"]), str(r["duplicated"]), str(r["failed"]),
-            num(s["median"], 2, " s"), num(s["p95"], 2, " s"), num(r["sets_per_minute"], 1),
+            num(s["median"], 2, "s"), num(s["p95"], 2, "s"), num(r["sets_per_minute"], 1),
         ])  # fmt: skip
     header = ["mode", "jobs", "errors", "lost", "duplicated", "failed", "request→start median", "p95", "sets/min"]
     return "\n".join([
