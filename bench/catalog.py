@@ -390,11 +390,17 @@ def draw(report: dict[str, Any], path: Path, note: str | None) -> None:
         data = report["backends"][backend]["sizes"]
         sizes = sorted(data, key=int)
         names = list(data[sizes[-1]]["ops"])
-        for name in names + [n for n in data[sizes[0]]["ops"] if n not in names]:
+        names += [n for n in data[sizes[0]]["ops"] if n not in names]
+        palette = plt.get_cmap("tab20")
+        for n, name in enumerate(names):
             xs = [int(s) for s in sizes if name in data[s]["ops"]]
             ys = [data[s]["ops"][name]["ms"]["median"] for s in sizes if name in data[s]["ops"]]
-            style = {"color": COLORS["baseline"], "linewidth": 2} if name.startswith("baseline") else {}
-            ax.plot(xs, ys, marker="o", label=name, **style)
+            style: dict[str, Any] = {"color": palette(n % 20), "marker": "os^vD"[n % 5]}
+            if name.startswith("SQL only"):
+                style["linestyle"] = ":"
+            if name.startswith("baseline"):
+                style = {"color": COLORS["baseline"], "linewidth": 2.5, "marker": "X"}
+            ax.plot(xs, ys, label=name, **style)
         ax.axhline(GOAL_MS, color=COLORS["limit"], linestyle="--", label="goal: 50 ms")
         ax.set_xscale("log")
         ax.set_yscale("log")

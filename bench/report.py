@@ -606,7 +606,8 @@ def catalog_section(report: dict[str, Any] | None) -> str:
                 cells.append("—" if op is None else f"{med_p95(op['ms'], 1)} / {num(op['peak_kib'])} KiB")
             rows.append(cells)
         loads = ", ".join(f"{int(s):,}: {num(data['sizes'][s]['load_s'])} s" for s in sizes)
-        text += f"**{backend}** ({', '.join(f'{k} {v}' for k, v in data['server'].items())}; bulk load {loads})\n\n"
+        server = ", ".join(f"{k} {v}" for k, v in data["server"].items())
+        text += f"**{backend}** ({server}; run {data.get('when', '?')}; bulk load {loads})\n\n"
         text += table(["operation", *(f"{int(s):,} sets" for s in sizes)], rows) + "\n\n"
     return text + f"![catalog]({image_link('catalog')})"
 
@@ -708,7 +709,7 @@ def hosts_load_section(report: dict[str, Any] | None) -> str:
         s = r["request_to_start_s"]
         rows.append([
             mode, str(r["accepted"]), str(r["errors"]), str(r["lost"]), str(r["duplicated"]), str(r["failed"]),
-            num(s["median"], 2, " s"), num(s["p95"], 2, " s"), num(r["sets_per_minute"], 1),
+            num(s["median"], 2, "s"), num(s["p95"], 2, "s"), num(r["sets_per_minute"], 1),
         ])  # fmt: skip
     header = ["mode", "jobs", "errors", "lost", "duplicated", "failed", "request→start median", "p95", "sets/min"]
     return "\n".join([

@@ -26,8 +26,9 @@ from freezeframe.testbed.instance import (
     running_instance,
 )
 
-pytest_plugins = ("portable_support", "remote_helpers")
-"""The export/import fixtures (ff, pt) for the modules that test packages; ``s3`` (radosgw) for off-site copies."""
+pytest_plugins = ("portable_support", "remote_helpers", "hosts_helpers")
+"""The export/import fixtures (ff, pt) for the modules that test packages; ``s3`` (radosgw) for off-site copies;
+the multi-host fixtures (hosts_api)."""
 
 _session_home: Path | None = None
 

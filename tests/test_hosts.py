@@ -370,3 +370,45 @@ def test_a_member_that_arrives_damaged_fails_the_transfer_and_leaves_nothing(tmp
     with pytest.raises(VerifyFailed, match="nothing was restored"):
         transfer_members(source, tmp_path / "here", lambda done, total: None)
     assert not (tmp_path / "here" / source.id).exists()
+
+
+def test_an_agent_restart_requeues_what_its_predecessor_fetched_but_never_claimed(
+    agent_service: Freezeframe,
+    pg_url: str,  # noqa: F811
+) -> None:
+    """A worker killed between fetching a queue row and claiming its job: at the next start the job goes back to
+    the queue (it runs once, then); a job it had claimed is failed as interrupted and its queue row closed."""
+    import asyncio
+
+    from freezeframe.agent.process import Agent, AgentConfig
+
+    registry = HostRegistry(agent_service.catalog)
+    unclaimed_vm, claimed_vm = _vm("fetched"), _vm("claimed")
+    key = registry.enroll("h1")
+    beat(registry, "h1", key, unclaimed_vm, claimed_vm)
+    jobs = ClusterJobs(agent_service.catalog, pg_url, registry)
+    unclaimed, claimed = (
+        jobs.submit(spec(unclaimed_vm), registry.host("h1")),
+        jobs.submit(spec(claimed_vm), registry.host("h1")),
+    )
+    JobStore(agent_service.catalog).claim(claimed.id, 1)
+    with psycopg.connect(conninfo(pg_url)) as connection:  # both fetched by a worker that then died
+        connection.execute("UPDATE procrastinate_jobs SET status = 'doing'")
+    agent = Agent(AgentConfig("h1", agent_service.settings, key))
+    try:
+        agent._fail_interrupted_jobs()
+
+        async def restart() -> None:
+            app = agent.queue_app()
+            async with app.open_async():
+                await agent._finish_orphaned_queue_jobs(app)
+
+        asyncio.run(restart())
+    finally:
+        agent.service.close()
+    statuses = {r["args"]["job_id"]: r["status"] for r in queue_rows(pg_url)}
+    assert statuses == {unclaimed.id: "todo", claimed.id: "failed"}
+    store = JobStore(agent_service.catalog)
+    assert store.get(unclaimed.id).state == QUEUED
+    interrupted = store.get(claimed.id)
+    assert (interrupted.state, interrupted.error_type) == (FAILED, "interrupted")

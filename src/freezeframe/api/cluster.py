@@ -14,7 +14,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import ColumnElement, func, insert, select
 
 from freezeframe.adapters.catalog import SqlCatalog
 from freezeframe.adapters.catalog_schema import JOB_ROUTES, JOBS
@@ -52,6 +52,10 @@ class Inventory:
             raise HostUnavailable(f"no host reports instance {instance.name} any more") from None
 
 
+def _unfinished(lock_key: str) -> ColumnElement[bool]:
+    return (JOBS.c.lock_key == lock_key) & JOBS.c.state.in_([QUEUED, RUNNING])
+
+
 class ClusterJobs:
     """Accept jobs for agents: refuse a busy instance or a down host, else record + route + queue at once."""
 
@@ -62,12 +66,6 @@ class ClusterJobs:
         with catalog.connect("preparing the job queue", write=True) as connection:
             ensure_schema(connection)
 
-    def active_job(self, lock_key: str) -> str | None:
-        where = (JOBS.c.lock_key == lock_key) & JOBS.c.state.in_([QUEUED, RUNNING])
-        with self.catalog.connect("looking for a running job", write=False) as connection:
-            found: str | None = connection.scalar(select(JOBS.c.id).where(where).limit(1))
-            return found
-
     def submit(self, spec: JobSpec, host: HostRecord) -> Job:
         if host.state != UP:
             raise HostUnavailable(
@@ -76,10 +74,6 @@ class ClusterJobs:
                 if host.last_heartbeat
                 else f"host {host.name}, which runs this instance, has no running agent"
             )
-        running = self.active_job(spec.lock_key)
-        if running is not None:
-            what = spec.lock_key.split(":")[0]
-            raise InstanceBusy(f"job {running} is still running on this {what}; wait for it to finish")
         job = Job(
             id=str(uuid.uuid4()), kind=spec.kind, state=QUEUED, project=spec.project, lock_key=spec.lock_key,
             request=spec.request, created_at=datetime.now(UTC), instance_uuid=spec.instance_uuid,
@@ -87,6 +81,13 @@ class ClusterJobs:
             server_pid=os.getpid(),
         )  # fmt: skip
         with self.catalog.connect(f"queueing job {job.id} on host {host.name}", write=True) as connection:
+            # Replicas accepting requests for one instance take turns here (until commit): the check below then
+            # sees every job the others accepted, whether or not a worker has fetched it yet.
+            connection.execute(select(func.pg_advisory_xact_lock(func.hashtext(spec.lock_key))))
+            running = connection.scalar(select(JOBS.c.id).where(_unfinished(spec.lock_key)).limit(1))
+            if running is not None:
+                what = spec.lock_key.split(":")[0]
+                raise InstanceBusy(f"job {running} is still running on this {what}; wait for it to finish")
             connection.execute(insert(JOBS).values(**{**vars(job), "request": dict(job.request)}))
             queue_job_id = self.queue.defer(connection, job_id=job.id, host=host.name, lock_key=spec.lock_key)
             connection.execute(insert(JOB_ROUTES).values(job_id=job.id, host=host.name, queue_job_id=queue_job_id))
