@@ -25,6 +25,7 @@ import pytest
 from freezeframe.adapters.job_queue import conninfo
 from freezeframe.adapters.service_store import JobStore
 from freezeframe.model import SetStatus
+from freezeframe.set_query import SetFilter
 from freezeframe.testbed import hosts as bed
 from freezeframe.testbed.api_server import ServerProcess, running_server
 from hosts_helpers import (
@@ -93,6 +94,8 @@ def test_six_offline_instances_on_three_hosts_each_snapshotted_on_its_host(
             assert registry.job_host(job_id) == host and registry.set_host(job["set_id"]) == host
             members = catalog.get_set(job["set_id"]).members
             assert [Path(m.path).is_relative_to(deployment.home_of(host)) for m in members] == [True]
+            on_host = catalog.page_sets(SetFilter(host=host), 10).sets
+            assert job["set_id"] in {s.id for s in on_host}  # `list --host` finds it
     finally:
         catalog.close()
 

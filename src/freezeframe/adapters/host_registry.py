@@ -21,7 +21,7 @@ from typing import Any
 from sqlalchemy import insert, select, update
 
 from freezeframe.adapters.catalog import SqlCatalog
-from freezeframe.adapters.catalog_schema import HOSTS, JOB_ROUTES, SET_HOSTS
+from freezeframe.adapters.catalog_schema import HOSTS, JOB_ROUTES, SET_HOSTS, SETS
 from freezeframe.errors import AgentNotAuthorized, HostNotFound, InstanceNotFound
 from freezeframe.validation import validate_int, validate_name
 
@@ -174,9 +174,11 @@ class HostRegistry:
             return host
 
     def record_set(self, set_id: str, host: str) -> None:
+        """Where the set's file members live, and the set row's ``host`` column that ``list --host`` filters on."""
         with self._catalog.connect(f"recording the host of set {set_id}", write=True) as connection:
             if connection.scalar(select(SET_HOSTS.c.host).where(SET_HOSTS.c.set_id == set_id)) is None:
                 connection.execute(insert(SET_HOSTS).values(set_id=set_id, host=host))
+            connection.execute(update(SETS).where(SETS.c.id == set_id).values(host=host))
 
     def set_host(self, set_id: str) -> str | None:
         with self._catalog.connect(f"reading the host of set {set_id}", write=False) as connection:
