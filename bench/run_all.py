@@ -25,7 +25,7 @@ from types import FrameType
 
 from common import BENCH_DIR, RESULTS
 
-BENCHMARKS = ("consistency", "window", "throughput", "concurrency", "startup", "incremental")
+BENCHMARKS = ("consistency", "window", "throughput", "concurrency", "startup", "incremental", "rbd_window")
 
 
 def _interrupt(_signum: int, _frame: FrameType | None) -> None:

@@ -27,6 +27,7 @@ EXPECTED_KEYS = {
     "concurrency": {"instances", "per_instance", "alone", "together", "ratio_of_medians", "violations", "checked"},
     "startup": {"runs", "target_s", "src", "wall", "imports"},
     "incremental": {"sizes", "rows", "by_rate"},
+    "rbd_window": {"testbed_ceph_up_s", "by_rbd_disks", "restore"},
 }
 METHODS = {"naive", "naive_gap", "diy_snapshot", "diy_backup", "ff_crash", "ff_filesystem", "ff_application"}
 METHOD_KEYS = {"label", "checked", "violations", "errors", "window_ms", "call_s", "total_s", "samples"}
