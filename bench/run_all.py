@@ -25,7 +25,16 @@ from types import FrameType
 
 from common import BENCH_DIR, RESULTS
 
-BENCHMARKS = ("consistency", "window", "throughput", "concurrency", "startup", "incremental", "catalog")
+BENCHMARKS = (
+    "consistency",
+    "window",
+    "throughput",
+    "concurrency",
+    "startup",
+    "incremental",
+    "catalog",
+    "rbd_window",
+)
 
 
 def _interrupt(_signum: int, _frame: FrameType | None) -> None:

@@ -28,6 +28,7 @@ EXPECTED_KEYS = {
     "startup": {"runs", "target_s", "src", "wall", "imports"},
     "incremental": {"sizes", "rows", "summary", "fulls", "empty_incrementals", "throughput", "virtnbdbackup"},
     "catalog": {"backends", "page_size", "goal_ms", "repeat", "verdict"},
+    "rbd_window": {"testbed_ceph_up_s", "by_rbd_disks", "restore"},
 }
 METHODS = {"naive", "naive_gap", "diy_snapshot", "diy_backup", "ff_crash", "ff_filesystem", "ff_application"}
 METHOD_KEYS = {"label", "checked", "violations", "errors", "window_ms", "call_s", "total_s", "samples"}
