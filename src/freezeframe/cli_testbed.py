@@ -121,14 +121,7 @@ def openstack_status(as_json: JsonOpt = False) -> None:
     """Which daemons run and whether they answer; exit code 1 when it is not healthy."""
     from freezeframe.testbed.openstack import OpenStackTestbed
 
-    status = OpenStackTestbed().status()
-    if as_json:
-        print_json(status)
-    else:
-        for key, value in status.items():
-            say(f"{key}: {value}")
-    if not status["healthy"]:
-        raise typer.Exit(1)
+    _report_status(OpenStackTestbed().status(), as_json)
 
 
 @postgres_app.command("up")
@@ -168,14 +161,7 @@ def postgres_status(as_json: JsonOpt = False) -> None:
     """Whether the server runs and the freezeframe role reaches its database; exit code 1 when not healthy."""
     from freezeframe.testbed.postgres import Server
 
-    status = Server().status()
-    if as_json:
-        print_json(status)
-    else:
-        for key, value in status.items():
-            say(f"{key}: {value}")
-    if not status["healthy"]:
-        raise typer.Exit(1)
+    _report_status(Server().status(), as_json)
 
 
 hosts_app = typer.Typer(
@@ -224,3 +210,14 @@ def hosts_down() -> None:
 
 def register(app: typer.Typer) -> None:
     app.add_typer(testbed_app, name="testbed")
+
+
+def _report_status(status: dict[str, object], as_json: bool) -> None:
+    """A test bed's status as JSON or ``key: value`` lines; exit code 1 when it is not healthy."""
+    if as_json:
+        print_json(status)
+    else:
+        for key, value in status.items():
+            say(f"{key}: {value}")
+    if not status["healthy"]:
+        raise typer.Exit(1)
