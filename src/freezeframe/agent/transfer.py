@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from freezeframe.errors import PreflightFailed, VerifyFailed
+from freezeframe.incremental import PARENT_KEY
 from freezeframe.model import FILE_STORE, STORE_KEY, Member, SnapshotSet
 
 CHUNK = 4 << 20
@@ -75,6 +76,22 @@ def transfer_members(snapshot_set: SnapshotSet, into: Path, progress: Callable[[
         raise
     progress(total, total)
     return copied
+
+
+def backing_sets(snapshot_set: SnapshotSet, get_set: Callable[[str], SnapshotSet]) -> list[SnapshotSet]:
+    """Every set the set's incremental members build on, nearest first: their members are the backing files
+    (``../<parent id>/vda.qcow2``), so they travel with the set into ``into``/<parent id>/."""
+    found: list[SnapshotSet] = []
+    seen = {snapshot_set.id}
+    pending = [snapshot_set]
+    while pending:
+        for member in pending.pop(0).members:
+            parent = member.metadata.get(PARENT_KEY)
+            if parent and parent not in seen:
+                seen.add(parent)
+                found.append(get_set(str(parent)))
+                pending.append(found[-1])
+    return found
 
 
 def relocated(snapshot_set: SnapshotSet, paths: dict[str, Path]) -> SnapshotSet:

@@ -18,7 +18,13 @@ from typing import Any, TypeVar
 
 from freezeframe.adapters.host_registry import HostRegistry
 from freezeframe.adapters.service_store import Job, JobStore, ProjectMap
-from freezeframe.agent.transfer import RelocatedCatalog, discard_copies, relocated, transfer_members
+from freezeframe.agent.transfer import (
+    RelocatedCatalog,
+    backing_sets,
+    discard_copies,
+    relocated,
+    transfer_members,
+)
 from freezeframe.api.jobs import JobContext, execute
 from freezeframe.api.projects import ProjectResolver
 from freezeframe.api.routes_snapshots import order_from_body, run_snapshot
@@ -97,6 +103,8 @@ class HostWork:
         into = self.service.settings.repository_dir / "transferred"
         if source is not None and source != self.host:
             ctx.phase("transferring")
+            for parent in backing_sets(snapshot_set, self.service.catalog.get_set):
+                transfer_members(parent, into, ctx.progress)  # kept on failure: other restores may use them
             paths = transfer_members(snapshot_set, into, ctx.progress)
             catalog = RelocatedCatalog(catalog, relocated(snapshot_set, paths))
         ctx.phase("restoring")
