@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import time
 from collections.abc import Iterator
@@ -93,6 +94,16 @@ def snapshot(client: httpx.Client, name: str) -> str:
 
 def wait_jobs(server: ServerProcess, client: httpx.Client, job_ids: list[str]) -> dict[str, dict[str, Any]]:
     return {j: server.wait_job(client, j, timeout_s=180) for j in job_ids}
+
+
+def snapshot_everywhere(d: Deployment, server: ServerProcess, token: str) -> list[tuple[Any, str, dict[str, Any]]]:
+    """Every guest of every host snapshotted through the API at once: (guest, job id, finished job) each."""
+    wait_reported(d)
+    guests = [g for gs in d.guests.values() for g in gs]
+    with server.client(token) as client, concurrent.futures.ThreadPoolExecutor(len(guests)) as pool:
+        job_ids = list(pool.map(lambda g: snapshot(client, g.name), guests))
+        jobs = wait_jobs(server, client, job_ids)
+    return [(guest, job_id, jobs[job_id]) for guest, job_id in zip(guests, job_ids, strict=True)]
 
 
 @contextlib.contextmanager

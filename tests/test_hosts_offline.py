@@ -34,6 +34,7 @@ from hosts_helpers import (
     hosts_and_database,
     libvirt_connection,
     snapshot,
+    snapshot_everywhere,
     wait_jobs,
     wait_reported,
 )
@@ -78,17 +79,13 @@ def deployment(
 def test_six_offline_instances_on_three_hosts_each_snapshotted_on_its_host(
     deployment: Deployment, hosts_api: tuple[ServerProcess, str]
 ) -> None:
-    server, token = hosts_api
-    wait_reported(deployment)
-    guests = [g for gs in deployment.guests.values() for g in gs]
-    with server.client(token) as client, concurrent.futures.ThreadPoolExecutor(6) as pool:
-        jobs = wait_jobs(server, client, list(pool.map(lambda g: snapshot(client, g.name), guests)))
+    finished = snapshot_everywhere(deployment, *hosts_api)
     catalog = deployment.catalog()
     try:
         from freezeframe.adapters.host_registry import HostRegistry
 
         registry = HostRegistry(catalog)
-        for guest, (job_id, job) in zip(guests, jobs.items(), strict=True):
+        for guest, job_id, job in finished:
             host = deployment.host_of(guest)
             assert job["state"] == "succeeded", job
             assert registry.job_host(job_id) == host and registry.set_host(job["set_id"]) == host

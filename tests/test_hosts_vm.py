@@ -28,7 +28,7 @@ from hosts_helpers import (
     hosts_and_database,
     libvirt_connection,
     snapshot,
-    wait_jobs,
+    snapshot_everywhere,
     wait_reported,
 )
 
@@ -66,17 +66,12 @@ def deployment(
 def test_six_instances_on_three_hosts_snapshotted_concurrently_each_on_its_host(
     deployment: Deployment, hosts_api: tuple[ServerProcess, str]
 ) -> None:
-    server, token = hosts_api
-    wait_reported(deployment)
-    guests = [g for gs in deployment.guests.values() for g in gs]
-    with server.client(token) as client, concurrent.futures.ThreadPoolExecutor(6) as pool:
-        job_ids = list(pool.map(lambda g: snapshot(client, g.name), guests))
-        jobs = wait_jobs(server, client, job_ids)
+    finished = snapshot_everywhere(deployment, *hosts_api)
     catalog = deployment.catalog()
     try:
         registry = HostRegistry(catalog)
-        for guest, job_id in zip(guests, job_ids, strict=True):
-            job, host = jobs[job_id], deployment.host_of(guest)
+        for guest, job_id, job in finished:
+            host = deployment.host_of(guest)
             assert job["state"] == "succeeded", job
             assert registry.job_host(job_id) == host
             set_id = job["result"]["set_id"]
