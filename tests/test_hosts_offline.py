@@ -24,6 +24,7 @@ import pytest
 
 from freezeframe.adapters.job_queue import conninfo
 from freezeframe.adapters.service_store import JobStore
+from freezeframe.api.projects import JOB_KEY
 from freezeframe.model import SetStatus
 from freezeframe.set_query import SetFilter
 from freezeframe.testbed import hosts as bed
@@ -168,11 +169,16 @@ def test_postgresql_restarted_under_load_loses_and_repeats_no_job(
     assert all(j["state"] == "succeeded" for j in again.values()), again
     catalog = deployment.catalog()
     try:
-        sets = catalog.list_sets()
-        assert all(s.status in (SetStatus.AVAILABLE, SetStatus.FAILED) for s in sets)
+        half_recorded = [
+            f"set {s.id} of {s.instance_name} is {s.status} (job {s.metadata.get(JOB_KEY)}, error {s.error!r})"
+            for s in catalog.list_sets()
+            if s.status not in (SetStatus.AVAILABLE, SetStatus.FAILED)
+        ]
+        assert half_recorded == [], f"{half_recorded}; jobs: {jobs}"
         for job in jobs.values():
             if job["state"] == "succeeded":
-                assert catalog.get_set(job["set_id"]).status is SetStatus.AVAILABLE
+                made = catalog.get_set(job["set_id"])
+                assert made.status is SetStatus.AVAILABLE, f"set {made.id} is {made.status} after job {job}"
         store = JobStore(catalog)
         assert not store.unfinished()
     finally:

@@ -3,7 +3,8 @@
 Start-up, in this order: authenticate with the host's key (nothing runs for an agent that is not its host's);
 ``repair`` - the journal of a killed predecessor thaws/resumes its guest and fails the half-made set; the jobs
 that predecessor was running are marked failed (interrupted) and their queue rows finished, so none is lost
-silently nor run twice; then the first heartbeat, and procrastinate's worker on ``host.<name>`` (plus the control
+silently nor run twice; sets of this host's ended jobs left ``creating`` are failed (``reconcile``, again with
+every heartbeat); then the first heartbeat, and procrastinate's worker on ``host.<name>`` (plus the control
 queue). Each job runs in a worker thread while the freeze-window watchdog of the flow keeps its guarantees there.
 A stop lets running jobs finish (procrastinate's graceful stop), then signs the host off.
 """
@@ -29,6 +30,8 @@ from freezeframe.adapters.job_queue import CONTROL_QUEUE, REAP_TASK, RUN_JOB_TAS
 from freezeframe.adapters.service_store import FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore
 from freezeframe.agent.inventory import free_bytes, instance_record
 from freezeframe.agent.reaper import fail_stranded, stranded_jobs
+from freezeframe.agent.reconcile import fail_stale_sets
+from freezeframe.agent.steady import AgentWiring
 from freezeframe.agent.work import HostWork
 from freezeframe.config import Settings
 from freezeframe.errors import INTERRUPTED, FreezeframeError
@@ -38,6 +41,8 @@ log = logging.getLogger("freezeframe.agent")
 
 HEARTBEAT_S = 5.0
 RECONNECT_S = 1.0
+RECONCILE_S = 5.0
+"""How often the heartbeat thread looks for sets of this host left ``creating`` (one indexed query)."""
 KEY_ENV = "FREEZEFRAME_AGENT_KEY"
 
 
@@ -53,7 +58,7 @@ class AgentConfig:
 class Agent:
     def __init__(self, config: AgentConfig) -> None:
         self.config = config
-        self.service = Freezeframe(config.settings)
+        self.service = Freezeframe(config.settings, AgentWiring(config.settings))
         self.registry = HostRegistry(self.service.catalog)
         self.work = HostWork(config.name, self.service, self.registry)
         self._stop = threading.Event()
@@ -69,7 +74,13 @@ class Agent:
             log.warning("repair at start-up: %s", line)
         for job_id in self._fail_interrupted_jobs():
             log.warning("job %s was interrupted when this host's previous agent stopped; marked failed", job_id)
+        self.reconcile()
         self.heartbeat()
+
+    def reconcile(self) -> None:
+        """Sets of this host's ended jobs still ``creating`` (recorded half-way) are failed and their files removed."""
+        for line in fail_stale_sets(self.service, self.registry, self.config.name):
+            log.warning("reconciling: %s", line)
 
     def _fail_interrupted_jobs(self) -> list[str]:
         """Jobs this host was running when its previous agent died: the repair above released their guests."""
@@ -103,11 +114,20 @@ class Agent:
         return min(self.config.heartbeat_s, self.registry.stale_after_s / 3)
 
     def _heartbeats(self) -> None:
+        reconciled = time.monotonic()
         while not self._stop.wait(self.heartbeat_every_s):
             try:
                 self.heartbeat()
             except FreezeframeError as exc:  # the catalog restarting, libvirt busy: the next beat retries
                 log.warning("heartbeat failed (retrying in %.1f s): %s", self.heartbeat_every_s, exc)
+                continue
+            if time.monotonic() - reconciled < RECONCILE_S:
+                continue
+            reconciled = time.monotonic()
+            try:
+                self.reconcile()
+            except FreezeframeError as exc:
+                log.warning("reconciling this host's sets failed (retrying in %.0f s): %s", RECONCILE_S, exc)
 
     # ---- the queue -----------------------------------------------------------------------------------------------
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 from freezeframe.adapters.host_registry import HostRegistry
-from freezeframe.adapters.service_store import Job, JobStore, ProjectMap
+from freezeframe.adapters.service_store import Job, ProjectMap
+from freezeframe.agent.steady import SteadyJobStore, outlast_outage
 from freezeframe.agent.transfer import (
     RelocatedCatalog,
     backing_sets,
@@ -29,14 +29,13 @@ from freezeframe.api.jobs import JobContext, execute
 from freezeframe.api.projects import ProjectResolver
 from freezeframe.api.routes_snapshots import order_from_body, run_snapshot
 from freezeframe.api.schemas import RestoreRequest, SnapshotCreate
-from freezeframe.errors import CatalogError, InstanceNotFound, InvalidRequest, WrongHost
+from freezeframe.errors import InstanceNotFound, InvalidRequest, WrongHost
 from freezeframe.model import Instance, SnapshotSet
 from freezeframe.service import Freezeframe
 
 log = logging.getLogger("freezeframe.agent")
 
 SNAPSHOT_KINDS = ("snapshot", "backup")
-T = TypeVar("T")
 
 
 @dataclass
@@ -53,7 +52,7 @@ class HostWork:
 
     def run(self, job_id: str) -> bool:
         """Claim and run ``job_id``; False when another delivery already claimed it (nothing is done)."""
-        job = outlast_outage(lambda: self.store.claim(job_id, os.getpid()), f"claiming job {job_id}")
+        job = self.store.claim(job_id, os.getpid())
         if job is None:
             log.warning("job %s was delivered again but is no longer queued; not running it twice", job_id)
             return False
@@ -92,7 +91,7 @@ class HostWork:
             return run_snapshot(self.service, ctx, instance, order, project, set_id, visible)
         finally:
             if self.service.catalog.load_sets([set_id]):
-                self.registry.record_set(set_id, self.host)
+                outlast_outage(lambda: self.registry.record_set(set_id, self.host), f"recording the host of {set_id}")
 
     def _restore(self, ctx: JobContext, job: Job) -> dict[str, Any]:
         """Restore here; members captured on another host are transferred (verified) into this repository first."""
@@ -126,30 +125,6 @@ class HostWork:
             "disks": [d.target for d in result.disks],
             "started": result.started,
         }
-
-
-OUTAGE_S = 60.0
-"""How long the agent keeps retrying a catalog write across a database restart before giving up."""
-
-
-def outlast_outage(call: Callable[[], T], what: str, outage_s: float = OUTAGE_S) -> T:
-    """``call`` again while the database is away (a PostgreSQL restart): a job's row must not be left behind."""
-    deadline = time.monotonic() + outage_s
-    while True:
-        try:
-            return call()
-        except CatalogError as exc:
-            if time.monotonic() > deadline:
-                raise
-            log.warning("%s: the catalog is unavailable (%s); retrying", what, exc)
-            time.sleep(0.5)
-
-
-class SteadyJobStore(JobStore):
-    """Job rows written through a database restart: every update is retried until the database is back."""
-
-    def update(self, job_id: str, **values: Any) -> None:
-        outlast_outage(lambda: JobStore.update(self, job_id, **values), f"updating job {job_id}")
 
 
 def _raise(exc: Exception) -> Callable[[JobContext], dict[str, Any]]:
