@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import subprocess
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,28 @@ from freezeframe.testbed import hosts as bed
 from freezeframe.testbed.api_server import ServerProcess, issue_token, running_server
 from freezeframe.testbed.multi_host import private_server
 from freezeframe.testbed.postgres import Server
+
+MiB = 1 << 20
+
+
+@dataclass(frozen=True)
+class OfflineDomain:
+    name: str
+
+
+def define_offline(conn: Any, workdir: Path) -> OfflineDomain:
+    """A defined, never started domain with one 16 MiB disk: its snapshots copy the disk offline."""
+    name = f"ffhosts-off-{uuid.uuid4().hex[:8]}"
+    disk = workdir / f"{name}.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), str(16 * MiB)], check=True)
+    conn.defineXML(
+        f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>"
+        "<os><type arch='x86_64'>hvm</type></os><devices><disk type='file' device='disk'>"
+        f"<driver name='qemu' type='qcow2'/><source file='{disk}'/><target dev='vda' bus='virtio'/></disk>"
+        "</devices></domain>"
+    )
+    return OfflineDomain(name)
+
 
 STALE_S = "4"
 """Hosts are down after 4 s without a heartbeat here (their agents then beat every 1.3 s)."""

@@ -276,6 +276,56 @@ def test_the_api_lists_hosts_for_admins_and_routes_snapshots(
         assert client.post("/v1/instances/nope/snapshots", json={}, headers=admin).status_code == 404
 
 
+def test_verify_revert_and_delete_are_queued_on_the_host_holding_the_members(
+    pg_url: str,  # noqa: F811
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from freezeframe.model import SetStatus
+
+    monkeypatch.setenv("FREEZEFRAME_CATALOG_URL", pg_url)
+    app = create_app(ApiConfig(Settings.from_env(home=tmp_path / "api"), multi_host=True))
+    with TestClient(app) as client:
+        catalog = app.state.ff.service.catalog
+        admin = {"Authorization": f"Bearer {TokenStore(catalog).create('admin', None).secret}"}
+        registry = HostRegistry(catalog)
+        vm1, vm2 = _vm("vm1"), _vm("vm2")
+        beat(registry, "h1", registry.enroll("h1"), vm1)
+        beat(registry, "h2", registry.enroll("h2"), vm2)
+
+        def a_set(vm: Instance, host: str | None, status: SetStatus = SetStatus.AVAILABLE) -> str:
+            made = replace(_set_with_members(tmp_path, {}), instance_uuid=vm.uuid, instance_name=vm.name, status=status)
+            catalog.add_set(made)
+            if host is not None:
+                registry.record_set(made.id, host)
+            return made.id
+
+        on_h1 = a_set(vm1, "h1")
+        verify = client.post(f"/v1/snapshot-sets/{on_h1}/verify", json={}, headers=admin)
+        assert verify.status_code == 202, verify.text
+        assert (verify.json()["kind"], registry.job_host(verify.json()["id"])) == ("verify", "h1")
+        assert JobStore(catalog).get(verify.json()["id"]).lock_key == f"set:{on_h1}"
+        busy = client.delete(f"/v1/snapshot-sets/{on_h1}", headers=admin)  # the set's verify is still queued
+        assert busy.status_code == 409 and verify.json()["id"] in busy.text
+        revert = client.post(f"/v1/snapshot-sets/{on_h1}/revert", json={}, headers=admin)
+        assert revert.status_code == 202, revert.text
+        assert JobStore(catalog).get(revert.json()["id"]).lock_key == f"instance:{vm1.uuid}"
+        assert registry.job_host(revert.json()["id"]) == "h1"
+
+        deleted = client.delete(f"/v1/snapshot-sets/{a_set(vm2, 'h2')}?force=true", headers=admin)
+        assert deleted.status_code == 202 and deleted.headers["Location"] == f"/v1/jobs/{deleted.json()['id']}"
+        assert (registry.job_host(deleted.json()["id"]), deleted.json()["request"]) == ("h2", {"force": True})
+
+        moved = client.post(f"/v1/snapshot-sets/{a_set(vm2, 'h1')}/revert", json={}, headers=admin)
+        assert moved.status_code == 409 and "runs on host h2" in moved.text
+        unplaced = client.post(f"/v1/snapshot-sets/{a_set(vm1, None)}/verify", json={}, headers=admin)
+        assert unplaced.status_code == 400 and "not captured by an agent" in unplaced.text
+        creating = client.delete(f"/v1/snapshot-sets/{a_set(vm2, 'h2', SetStatus.CREATING)}", headers=admin)
+        assert creating.status_code == 409
+    rows = queue_rows(pg_url)
+    assert sorted(r["queue_name"] for r in rows) == ["host.h1", "host.h1", "host.h2"]  # one row per accepted job
+
+
 def test_hosts_list_and_jobs_list_on_the_cli(catalog: SqlCatalog, pg_url: str, tmp_path: Path) -> None:  # noqa: F811
     registry = HostRegistry(catalog)
     vm = _vm("vm1")

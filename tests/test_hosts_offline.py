@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import subprocess
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +20,8 @@ import httpx
 import psycopg
 import pytest
 
-from freezeframe.adapters.job_queue import conninfo
+from freezeframe.adapters.host_registry import HostRegistry
+from freezeframe.adapters.job_queue import RUN_JOB_TASK, JobQueue, conninfo, queue_of
 from freezeframe.adapters.service_store import JobStore
 from freezeframe.api.projects import JOB_KEY
 from freezeframe.model import SetStatus
@@ -32,6 +31,7 @@ from freezeframe.testbed.api_server import ServerProcess, running_server
 from hosts_helpers import (
     STALE_S,
     Deployment,
+    define_offline,
     hosts_and_database,
     libvirt_connection,
     snapshot,
@@ -41,25 +41,6 @@ from hosts_helpers import (
 )
 
 MiB = 1 << 20
-
-
-@dataclass(frozen=True)
-class OfflineDomain:
-    name: str
-
-
-def define_offline(conn: Any, workdir: Path) -> OfflineDomain:
-    """A defined, never started domain with one 16 MiB disk: its snapshots copy the disk offline."""
-    name = f"ffhosts-off-{uuid.uuid4().hex[:8]}"
-    disk = workdir / f"{name}.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), str(16 * MiB)], check=True)
-    conn.defineXML(
-        f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory><vcpu>1</vcpu>"
-        "<os><type arch='x86_64'>hvm</type></os><devices><disk type='file' device='disk'>"
-        f"<driver name='qemu' type='qcow2'/><source file='{disk}'/><target dev='vda' bus='virtio'/></disk>"
-        "</devices></domain>"
-    )
-    return OfflineDomain(name)
 
 
 @pytest.fixture(scope="module")
@@ -83,8 +64,6 @@ def test_six_offline_instances_on_three_hosts_each_snapshotted_on_its_host(
     finished = snapshot_everywhere(deployment, *hosts_api)
     catalog = deployment.catalog()
     try:
-        from freezeframe.adapters.host_registry import HostRegistry
-
         registry = HostRegistry(catalog)
         for guest, job_id, job in finished:
             host = deployment.host_of(guest)
@@ -219,3 +198,62 @@ def test_two_api_replicas_accept_one_job_per_instance_and_both_report_it(
             job = second.wait_job(two, job_id, timeout_s=120)
             assert job["state"] == "succeeded", job
             assert one.get(f"/v1/jobs/{job_id}").json() == job
+
+
+def test_verify_revert_and_delete_run_once_on_the_host_that_holds_the_members(
+    deployment: Deployment, hosts_api: tuple[ServerProcess, str]
+) -> None:
+    server, token = hosts_api
+    wait_reported(deployment)
+    guest = deployment.guests["ffhost2"][0]
+    catalog = deployment.catalog()
+    registry = HostRegistry(catalog)
+    try:
+        with server.client(token) as client:
+            made = server.wait_job(client, snapshot(client, guest.name), timeout_s=120)
+            set_id = made["set_id"]
+            done = {}
+            for kind, call in (
+                ("verify", lambda: client.post(f"/v1/snapshot-sets/{set_id}/verify", json={})),
+                ("revert", lambda: client.post(f"/v1/snapshot-sets/{set_id}/revert", json={"safety": True})),
+                ("delete", lambda: client.delete(f"/v1/snapshot-sets/{set_id}")),
+            ):
+                answer = call()
+                assert answer.status_code == 202, (kind, answer.text)
+                assert answer.json()["kind"] == kind
+                done[kind] = server.wait_job(client, answer.json()["id"], timeout_s=120)
+                assert done[kind]["state"] == "succeeded", done[kind]
+                assert registry.job_host(done[kind]["id"]) == "ffhost2"
+            assert done["verify"]["result"]["ok"] is True and done["verify"]["result"]["checks"]
+            safety = done["revert"]["result"]["safety_set_id"]
+            assert done["revert"]["result"]["reverted"] == ["vda"]
+            assert registry.set_host(safety) == "ffhost2"  # the safety set's members are on ffhost2 too
+            assert client.get(f"/v1/snapshot-sets/{set_id}").status_code == 404
+            assert client.get(f"/v1/snapshot-sets/{safety}").json()["status"] == "available"
+            assert registry.set_host(set_id) is None
+            assert not (deployment.home_of("ffhost2") / "repository" / set_id).exists()
+
+            # A duplicate delivery of the delete job (the queue handing it out again) runs nothing.
+            queue = JobQueue(deployment.url)
+            with queue.opened() as app:
+                again = app.configure_task(RUN_JOB_TASK, queue=queue_of("ffhost2")).defer(job_id=done["delete"]["id"])
+            deadline = time.monotonic() + 30
+            while queue_status(deployment.url, again) in ("todo", "doing"):
+                assert time.monotonic() < deadline, "the duplicate delivery was never fetched"
+                time.sleep(0.3)
+            assert client.get(f"/v1/jobs/{done['delete']['id']}").json() == done["delete"]
+    finally:
+        catalog.close()
+    with psycopg.connect(conninfo(deployment.url)) as connection:
+        deliveries = connection.execute(
+            "SELECT args->>'job_id', count(*) FROM procrastinate_jobs WHERE args->>'job_id' = ANY(%s) GROUP BY 1",
+            ([j["id"] for j in done.values()],),
+        ).fetchall()
+    assert sorted(n for _, n in deliveries) == [1, 1, 2]  # each queued once; the delete delivered twice on purpose
+
+
+def queue_status(url: str, queue_job_id: int) -> str:
+    with psycopg.connect(conninfo(url)) as connection:
+        row = connection.execute("SELECT status FROM procrastinate_jobs WHERE id = %s", (queue_job_id,)).fetchone()
+    assert row is not None
+    return str(row[0])

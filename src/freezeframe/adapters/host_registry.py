@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import insert, select, update
+from sqlalchemy import delete, insert, select, update
 
 from freezeframe.adapters.catalog import SqlCatalog
 from freezeframe.adapters.catalog_schema import HOSTS, JOB_ROUTES, SET_HOSTS, SETS
@@ -179,6 +179,11 @@ class HostRegistry:
             if connection.scalar(select(SET_HOSTS.c.host).where(SET_HOSTS.c.set_id == set_id)) is None:
                 connection.execute(insert(SET_HOSTS).values(set_id=set_id, host=host))
             connection.execute(update(SETS).where(SETS.c.id == set_id).values(host=host))
+
+    def forget_set(self, set_id: str) -> None:
+        """The set was deleted: no host holds its members any more."""
+        with self._catalog.connect(f"forgetting the host of set {set_id}", write=True) as connection:
+            connection.execute(delete(SET_HOSTS).where(SET_HOSTS.c.set_id == set_id))
 
     def set_host(self, set_id: str) -> str | None:
         with self._catalog.connect(f"reading the host of set {set_id}", write=False) as connection:

@@ -29,6 +29,7 @@ from freezeframe.api.jobs import JobContext, execute
 from freezeframe.api.projects import ProjectResolver
 from freezeframe.api.routes_snapshots import order_from_body, run_snapshot
 from freezeframe.api.schemas import RestoreRequest, SnapshotCreate
+from freezeframe.api.set_jobs import ON_MEMBERS_HOST, run_delete, run_revert, run_verify
 from freezeframe.errors import InstanceNotFound, InvalidRequest, WrongHost
 from freezeframe.model import Instance, SnapshotSet
 from freezeframe.service import Freezeframe
@@ -69,6 +70,8 @@ class HostWork:
             return lambda ctx: self._snapshot(ctx, job)
         if job.kind == "restore":
             return lambda ctx: self._restore(ctx, job)
+        if job.kind in ON_MEMBERS_HOST:
+            return lambda ctx: self._on_members(ctx, job)
         return _raise(InvalidRequest(f"jobs of kind {job.kind!r} do not run on agents"))
 
     def own_instance(self, ref: str) -> Instance:
@@ -92,6 +95,25 @@ class HostWork:
         finally:
             if self.service.catalog.load_sets([set_id]):
                 outlast_outage(lambda: self.registry.record_set(set_id, self.host), f"recording the host of {set_id}")
+
+    def _on_members(self, ctx: JobContext, job: Job) -> dict[str, Any]:
+        """Verify, revert or delete a set whose members this host's repository holds (the same bodies as the
+        embedded service's jobs); a revert also needs the instance here."""
+        set_id, request = job.set_id or "", job.request
+        holder = self.registry.set_host(set_id)
+        if holder != self.host:
+            raise WrongHost(f"the members of set {set_id} are on host {holder!r}, not on {self.host!r}; refused")
+        if job.kind == "verify":
+            return run_verify(self.service, ctx, set_id, boot=bool(request.get("boot", False)))
+        if job.kind == "delete":
+            deleted = run_delete(self.service, ctx, set_id, force=bool(request.get("force", False)))
+            outlast_outage(lambda: self.registry.forget_set(set_id), f"forgetting where set {set_id} was")
+            return deleted
+        self.own_instance(job.instance_uuid or "")
+        reverted = run_revert(self.service, ctx, set_id, safety=bool(request.get("safety", True)))
+        if (safety := reverted["safety_set_id"]) is not None:
+            outlast_outage(lambda: self.registry.record_set(safety, self.host), f"recording the host of {safety}")
+        return reverted
 
     def _restore(self, ctx: JobContext, job: Job) -> dict[str, Any]:
         """Restore here; members captured on another host are transferred (verified) into this repository first."""

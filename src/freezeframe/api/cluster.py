@@ -100,8 +100,26 @@ class ClusterJobs:
         host = request.get("host") or self.registry.set_host(snapshot_set.id)
         if host is None:
             raise InvalidRequest(f"set {snapshot_set.id} was not captured by an agent: say which host restores it")
+        return self.submit_on_set("restore", snapshot_set, request, host, project=project, token_id=token_id)
+
+    def members_host(self, snapshot_set: SnapshotSet) -> str:
+        """The host whose repository holds the set's members: where verify, revert and delete run."""
+        host = self.registry.set_host(snapshot_set.id)
+        if host is None:
+            raise InvalidRequest(
+                f"set {snapshot_set.id} was not captured by an agent, so no host holds its members; "
+                "work on it with the freezeframe that made it"
+            )
+        return host
+
+    def submit_on_set(
+        self, kind: str, snapshot_set: SnapshotSet, request: dict[str, Any], host: str, *,
+        project: str | None, token_id: str | None, lock_key: str | None = None,
+    ) -> Job:  # fmt: skip
+        """A job of ``kind`` on the set, run by ``host``'s agent; locked on the set unless ``lock_key`` says."""
         spec = JobSpec(
-            kind="restore", lock_key=f"set:{snapshot_set.id}", project=project, request=request, token_id=token_id,
-            instance_uuid=snapshot_set.instance_uuid, instance_name=snapshot_set.instance_name, set_id=snapshot_set.id,
+            kind=kind, lock_key=lock_key or f"set:{snapshot_set.id}", project=project, request=request,
+            token_id=token_id, instance_uuid=snapshot_set.instance_uuid, instance_name=snapshot_set.instance_name,
+            set_id=snapshot_set.id,
         )  # fmt: skip
         return self.submit(spec, self.registry.host(str(host)))

@@ -11,7 +11,7 @@ from pydantic import AwareDatetime, BaseModel
 
 from freezeframe.api.access import Principal
 from freezeframe.api.deps import Limit, PrincipalDep, SetId, StateDep, accepted, json_response, problems
-from freezeframe.api.host_jobs import submit_restore_to_host
+from freezeframe.api.host_jobs import submit_restore_to_host, submit_to_members_host
 from freezeframe.api.jobs import JobContext, JobRunner, JobSpec
 from freezeframe.api.problems import conflict, invalid, redact
 from freezeframe.api.schemas import (
@@ -21,12 +21,14 @@ from freezeframe.api.schemas import (
     ExportRequest,
     JobView,
     RestoreRequest,
+    RevertRequest,
     SetDetail,
     SetPage,
     VerifyRequest,
 )
+from freezeframe.api.set_jobs import run_revert, run_verify
 from freezeframe.api.state import AppState
-from freezeframe.api.views import set_detail, set_view
+from freezeframe.api.views import job_view, set_detail, set_view
 from freezeframe.errors import InvalidRequest, SetHasDependants
 from freezeframe.model import SetStatus, SnapshotSet
 from freezeframe.set_query import Cursor, SetFilter
@@ -111,14 +113,25 @@ def _set_job_guard(state: AppState, set_id: str) -> JobRunner:
     return runner
 
 
-@router.delete("/snapshot-sets/{set_id}", status_code=204, tags=TAGS, responses=problems(403, 404, 409))
+@router.delete(
+    "/snapshot-sets/{set_id}",
+    status_code=204,
+    tags=TAGS,
+    responses={**problems(403, 404, 409), 202: {"model": JobView, "description": "multi-host: queued on a host"}},
+)
 def delete_set(
     set_id: SetId,
     state: StateDep,
     principal: PrincipalDep,
     force: Annotated[bool, Query(description="flatten copy-on-write dependants first")] = False,
 ) -> Response:
-    """Remove the set and its data; restored instances still on it are a 409 unless ``force``."""
+    """Remove the set and its data; restored instances still on it are a 409 unless ``force``. In a multi-host
+    deployment the agent of the host holding the members deletes it: 202 and the job."""
+    if state.cluster is not None:
+        job = submit_to_members_host(state, principal, set_id, "delete", {"force": force})
+        response = json_response(job_view(job))
+        response.status_code, response.headers["Location"] = 202, f"/v1/jobs/{job.id}"
+        return response
     principal.require_write()
     s, _ = state.snapshot_set(set_id, principal)
     _set_job_guard(state, s.id)
@@ -211,21 +224,45 @@ def verify_set(
     body: Annotated[VerifyRequest | None, Body()] = None,
 ) -> JobView:
     """Recompute every member's SHA-256 (``boot``: also boot a throw-away clone); the report is the result."""
-    s, project, runner = _set_for_job(state, principal, set_id)
     request = body or VerifyRequest()
+    if state.cluster is not None:
+        return accepted(response, submit_to_members_host(state, principal, set_id, "verify", request.model_dump()))
+    s, project, runner = _set_for_job(state, principal, set_id)
 
     def run(ctx: JobContext) -> dict[str, Any]:
-        ctx.phase("verifying")
-        report = state.service.lifecycle.verify(s.id, boot=request.boot)
-        return {
-            "ok": report.ok,
-            "booted": report.booted,
-            "checks": [
-                {"subject": c.subject, "check": c.what, "ok": c.ok, "detail": redact(c.detail)} for c in report.checks
-            ],
-        }
+        return run_verify(state.service, ctx, s.id, boot=request.boot)
 
     return _submit_set_job(response, runner, principal, s, project, "verify", request, run)
+
+
+@router.post(
+    "/snapshot-sets/{set_id}/revert",
+    status_code=202,
+    response_model=JobView,
+    tags=TAGS,
+    responses=problems(403, 404, 409, 413),
+)
+def revert_set(
+    set_id: SetId,
+    response: Response,
+    state: StateDep,
+    principal: PrincipalDep,
+    body: Annotated[RevertRequest | None, Body()] = None,
+) -> JobView:
+    """Roll the shut-off instance back to the set, all disks together (a safety set of its state first)."""
+    request = body or RevertRequest()
+    if state.cluster is not None:
+        return accepted(response, submit_to_members_host(state, principal, set_id, "revert", request.model_dump()))
+    s, project, runner = _set_for_job(state, principal, set_id)
+    spec = JobSpec(
+        kind="revert", lock_key=f"instance:{s.instance_uuid}", project=project, request=request.model_dump(),
+        token_id=principal.token_id, instance_uuid=s.instance_uuid, instance_name=s.instance_name, set_id=s.id,
+    )  # fmt: skip
+    if (running := runner.active_job(spec.lock_key)) is not None:
+        raise conflict(f"job {running} is still running on this instance; wait for it to finish", job_id=running)
+    return accepted(
+        response, runner.submit(spec, lambda ctx: run_revert(state.service, ctx, s.id, safety=request.safety))
+    )
 
 
 @router.post(

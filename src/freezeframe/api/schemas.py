@@ -141,6 +141,10 @@ class VerifyRequest(_Input):
     boot: bool = Field(default=False, description="also boot a throw-away clone and check its filesystems")
 
 
+class RevertRequest(_Input):
+    safety: bool = Field(default=True, description="first take a safety set of the instance's current disks")
+
+
 class ExportRequest(_Input):
     name: Name | None = Field(default=None, description="image name (default: the set's name)")
     format: Literal["ova"] = "ova"
