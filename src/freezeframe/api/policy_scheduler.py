@@ -4,7 +4,8 @@
 - One run per tick: a tick is claimed in the catalog (compare-and-set on the policy's last tick) before its job is
   submitted, so a tick starts once even across restarts; after downtime only the latest missed tick runs.
 - Never two at once for one instance: the job's lock key is the instance's (``instance:<uuid>``, the same key the
-  snapshot API uses); a tick that finds the instance busy is recorded as ``skipped`` with the reason.
+  snapshot API uses; a group policy's: ``group:<name>``, as ``group snapshot`` jobs); a tick that finds it busy
+  is recorded as ``skipped`` with the reason.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from datetime import datetime
 from freezeframe.api.jobs import JobContext, JobRunner, JobSpec
 from freezeframe.api.problems import ApiProblem
 from freezeframe.errors import FreezeframeError
-from freezeframe.scheduling import JOB_KIND, Policies
+from freezeframe.scheduling import JOB_KIND, Policies, lock_key
 
 log = logging.getLogger("freezeframe.policies")
 TICK_ENV = "FREEZEFRAME_POLICY_TICK_S"
@@ -58,9 +59,10 @@ class PolicyScheduler:
             name = state.policy.name
             if not self.policies.claim(state, tick):
                 continue
+            policy = state.policy
             spec = JobSpec(
-                kind=JOB_KIND, lock_key=f"instance:{self.instance_key(state.policy.instance)}", project=None,
-                request={"policy": name, "tick": tick.isoformat()}, instance_name=state.policy.instance,
+                kind=JOB_KIND, lock_key=lock_key(policy, self.instance_key(policy.instance or "")), project=None,
+                request={"policy": name, "tick": tick.isoformat()}, instance_name=policy.instance,
             )  # fmt: skip
             try:
                 job = self.runner.submit(spec, self._job(name))
