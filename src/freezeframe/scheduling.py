@@ -18,6 +18,8 @@ from freezeframe.ops.policies import PolicyRun, RunReport, due_tick, new_policy
 from freezeframe.ports.policies import Policy, PolicyState, PolicyStore
 
 JOB_KIND = "policy"
+SKIPPED = "skipped"
+"""The outcome of a tick that found its target busy (or its host down): recorded, not retried."""
 
 
 def lock_key(policy: Policy, instance_uuid: str) -> str:
@@ -67,6 +69,21 @@ class Policies:
     def claim(self, state: PolicyState, tick: datetime) -> bool:
         """Start ``tick`` once, whoever else looks at the same policy."""
         return self.store.claim_tick(state.policy.name, state.last_tick, tick)
+
+    def start_due(self, submit: Callable[[PolicyState, datetime], str], now: datetime | None = None) -> list[str]:
+        """Claim each due tick once, then ``submit`` its run (returns the job id). Whoever else ticks at the same
+        time loses the claim; a submit refused with a ``FreezeframeError`` (the instance busy, its host down) is
+        recorded on the policy as a skipped tick. Returns the jobs started."""
+        started = []
+        for state, tick in self.due(now):
+            if not self.claim(state, tick):
+                continue
+            try:
+                started.append(submit(state, tick))
+            except FreezeframeError as exc:
+                detail = f"tick {tick.isoformat()} skipped: {exc}"
+                self.store.record_outcome(state.policy.name, "", SKIPPED, detail)
+        return started
 
     def execute(self, name: str, job_id: str) -> RunReport:
         """One run; its outcome lands on the policy's row, and failures propagate to the caller's job."""

@@ -9,8 +9,10 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Path, Response
 from pydantic import BaseModel, Field
 
+from freezeframe.adapters.group_records import SqlGroups
 from freezeframe.api.deps import PrincipalDep, StateDep, accepted, problems
 from freezeframe.api.jobs import JobContext, JobSpec
+from freezeframe.api.policy_cluster import ClusterPolicies
 from freezeframe.api.schemas import NAME_PATTERN, JobView
 from freezeframe.ports.policies import PolicyState
 from freezeframe.scheduling import JOB_KIND, lock_key
@@ -117,12 +119,21 @@ def resume_policy(name: PolicyName, state: StateDep, principal: PrincipalDep) ->
 
 
 @router.post(
-    "/policies/{name}/run", status_code=202, response_model=JobView, tags=TAGS, responses=problems(403, 404, 409)
+    "/policies/{name}/run",
+    status_code=202,
+    response_model=JobView,
+    tags=TAGS,
+    responses=problems(403, 404, 409, 503),
 )
 def run_policy(name: PolicyName, response: Response, state: StateDep, principal: PrincipalDep) -> JobView:
-    """Run now, as a job on the instance's (or group's) lock (409 while another job works on it)."""
+    """Run now, as a job on the instance's (or group's) lock (409 while another job works on it); with several
+    hosts, queued on the host that runs the instance (503 while that host is down)."""
     principal.require_admin()
     policy = state.service.policies.get(name).policy
+    if state.cluster is not None and state.hosts_inventory is not None:
+        groups = SqlGroups(state.service.catalog)
+        routed = ClusterPolicies(state.service.policies, state.cluster, state.hosts_inventory, groups)
+        return accepted(response, routed.submit(policy, token_id=principal.token_id))
     runner = state.require_runner()
     target = policy.instance or ""
     key = state.scheduler.instance_key(target) if state.scheduler else target
