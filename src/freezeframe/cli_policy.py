@@ -8,7 +8,6 @@ import typer
 
 from freezeframe.cli_common import ConnectOpt, HomeOpt, JsonOpt, open_service, print_json
 from freezeframe.cli_output import Col, print_fields, print_table, say
-from freezeframe.errors import InvalidRequest
 
 if TYPE_CHECKING:
     from freezeframe.ports.policies import PolicyState
@@ -26,8 +25,8 @@ def _keep(help_text: str, flag: str) -> object:
 def policy_view(state: PolicyState) -> dict[str, object]:
     p = state.policy
     return {
-        "name": p.name, "instance": p.instance, "schedule": p.schedule, "every_s": p.every_s, "cron": p.cron,
-        "consistency": p.consistency, "mode": p.mode, "keep": p.keep.to_dict(), "copy_to": p.copy_to,
+        "name": p.name, "instance": p.instance, "group": p.group, "schedule": p.schedule, "every_s": p.every_s,
+        "cron": p.cron, "consistency": p.consistency, "mode": p.mode, "keep": p.keep.to_dict(), "copy_to": p.copy_to,
         "remote_keep": p.remote_keep.to_dict(), "paused": state.paused, "created_at": state.created_at.isoformat(),
         "last_tick": state.last_tick.isoformat() if state.last_tick else None, "last_job_id": state.last_job_id,
         "last_outcome": state.last_outcome, "last_error": state.last_error,
@@ -61,10 +60,6 @@ def create(
     home: HomeOpt = None,
 ) -> None:
     """Create a policy. Pruning follows `borg prune` (docs/remotes.md); no --keep-… rule: nothing is pruned."""
-    if group is not None:
-        raise InvalidRequest("--group: consistency groups (issue 14) are not in this freezeframe yet; use --instance")
-    if instance is None:
-        raise InvalidRequest("say what the policy snapshots: --instance INSTANCE")
     keep = {"last": keep_last, "hourly": keep_hourly, "daily": keep_daily, "weekly": keep_weekly,
             "monthly": keep_monthly, "yearly": keep_yearly}  # fmt: skip
     remote_keep = {
@@ -72,16 +67,18 @@ def create(
         "weekly": remote_keep_weekly, "monthly": remote_keep_monthly, "yearly": remote_keep_yearly,
     }  # fmt: skip
     with open_service(home, connect) as service:
+        if group is not None:
+            service.groups.show(group)  # a typo is refused now (nothing is created), not at the first run
+        if copy_to is not None:
+            service.offsite.remote(copy_to)
         state = service.policies.create(
-            name, instance, every=every, cron=cron, consistency=consistency, mode=mode, keep=keep,
+            name, instance, group=group, every=every, cron=cron, consistency=consistency, mode=mode, keep=keep,
             copy_to=copy_to, remote_keep=remote_keep,
         )  # fmt: skip
-        if copy_to is not None:
-            service.offsite.remote(copy_to)  # a typo is caught now, not at the first run
     if as_json:
         print_json(policy_view(state))
     else:
-        say(f"policy {state.policy.name}: {state.policy.instance}, {state.policy.schedule}")
+        say(f"policy {state.policy.name}: {state.policy.target}, {state.policy.schedule}")
 
 
 @policy_app.command("list")
@@ -92,9 +89,9 @@ def list_policies(as_json: JsonOpt = False, connect: ConnectOpt = None, home: Ho
     if as_json:
         print_json([policy_view(s) for s in states])
         return
-    rows = [[s.policy.name, s.policy.instance, s.policy.schedule, "paused" if s.paused else "active",
+    rows = [[s.policy.name, s.policy.target, s.policy.schedule, "paused" if s.paused else "active",
              s.last_outcome or "-"] for s in states]  # fmt: skip
-    cols = (Col("name"), Col("instance", wraps=True), Col("schedule"), Col("state"), Col("last run", drop=1))
+    cols = (Col("name"), Col("snapshots", wraps=True), Col("schedule"), Col("state"), Col("last run", drop=1))
     print_table(cols, rows, rows)
 
 

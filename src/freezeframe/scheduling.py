@@ -15,9 +15,17 @@ from typing import Any
 from freezeframe.adapters.service_store import FAILED, RUNNING, SUCCEEDED, Job, JobStore
 from freezeframe.errors import FreezeframeError, category
 from freezeframe.ops.policies import PolicyRun, RunReport, due_tick, new_policy
-from freezeframe.ports.policies import PolicyState, PolicyStore
+from freezeframe.ports.policies import Policy, PolicyState, PolicyStore
 
 JOB_KIND = "policy"
+SKIPPED = "skipped"
+"""The outcome of a tick that found its target busy (or its host down): recorded, not retried."""
+
+
+def lock_key(policy: Policy, instance_uuid: str) -> str:
+    """The job lock a run holds: the instance's (the key the snapshot API uses), or the group's (the key of
+    ``group snapshot`` jobs), so a policy's run never overlaps another job on the same target."""
+    return f"group:{policy.group}" if policy.group is not None else f"instance:{instance_uuid}"
 
 
 def _now() -> datetime:
@@ -30,7 +38,7 @@ class Policies:
         self.jobs = jobs
         self._run = run
 
-    def create(self, name: str, instance: str, **options: Any) -> PolicyState:
+    def create(self, name: str, instance: str | None, **options: Any) -> PolicyState:
         policy = new_policy(name, instance, **options)
         self.store.add(policy, _now())
         return self.store.get(policy.name)
@@ -62,6 +70,21 @@ class Policies:
         """Start ``tick`` once, whoever else looks at the same policy."""
         return self.store.claim_tick(state.policy.name, state.last_tick, tick)
 
+    def start_due(self, submit: Callable[[PolicyState, datetime], str], now: datetime | None = None) -> list[str]:
+        """Claim each due tick once, then ``submit`` its run (returns the job id). Whoever else ticks at the same
+        time loses the claim; a submit refused with a ``FreezeframeError`` (the instance busy, its host down) is
+        recorded on the policy as a skipped tick. Returns the jobs started."""
+        started = []
+        for state, tick in self.due(now):
+            if not self.claim(state, tick):
+                continue
+            try:
+                started.append(submit(state, tick))
+            except FreezeframeError as exc:
+                detail = f"tick {tick.isoformat()} skipped: {exc}"
+                self.store.record_outcome(state.policy.name, "", SKIPPED, detail)
+        return started
+
     def execute(self, name: str, job_id: str) -> RunReport:
         """One run; its outcome lands on the policy's row, and failures propagate to the caller's job."""
         policy = self.store.get(name).policy
@@ -76,11 +99,11 @@ class Policies:
 
     def run_now(self, name: str) -> tuple[Job, RunReport | None]:
         """``policy run``: a job row around one run in this process; returns the finished job."""
-        state = self.store.get(name)
+        policy = self.store.get(name).policy
         job = Job(
             id=str(uuid.uuid4()), kind=JOB_KIND, state=RUNNING, project=None,
-            lock_key=f"instance:{state.policy.instance}", request={"policy": name}, created_at=_now(),
-            instance_name=state.policy.instance, started_at=_now(),
+            lock_key=lock_key(policy, policy.instance or ""), request={"policy": name}, created_at=_now(),
+            instance_name=policy.instance, started_at=_now(),
         )  # fmt: skip
         self.jobs.add(job)
         try:

@@ -20,7 +20,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from freezeframe.config import Settings
 from freezeframe.errors import PreflightFailed
@@ -48,7 +48,6 @@ if TYPE_CHECKING:
     from freezeframe.ops.copy import RemoteHandle
     from freezeframe.ops.groups import GroupOps
     from freezeframe.ops.instances import InstanceBuilder
-    from freezeframe.ops.prune import Candidate
     from freezeframe.ops.restore import Restore
     from freezeframe.portable import Portable
     from freezeframe.ports import Catalog, ImageStore
@@ -327,19 +326,20 @@ class Wiring:
         """Policies over the catalog; a run snapshots through the flow, copies and prunes through ``offsite``."""
         from freezeframe.adapters.policy_store import CatalogPolicies
         from freezeframe.adapters.service_store import JobStore
-        from freezeframe.ops.policies import PolicyRun, RemoteCopies, remote_candidates
+        from freezeframe.ops.policies import GroupRuns, PolicyRun, RemoteCopies
         from freezeframe.scheduling import Policies
 
-        def candidates(remote: str, policy: str) -> list[Candidate]:
+        def manifests(remote: str) -> list[dict[str, Any]]:
             handle = self.open_remote(remote)
             ids = [c.set_id for c in self.remotes.copies() if c.remote == remote]
-            return remote_candidates([self.offsite.fetcher.manifest(handle, i) for i in ids], policy)
+            return [self.offsite.fetcher.manifest(handle, i) for i in ids]
 
         def run() -> PolicyRun:
-            offsite = self.offsite
-            remote = RemoteCopies(offsite.copy, candidates, offsite.delete_copy)
-            delete = self.lifecycle.delete
-            return PolicyRun(self.catalog, self.restores, self.snapshot, delete, remote)
+            offsite, groups = self.offsite, self.group_ops
+            remote = RemoteCopies(offsite.copy, manifests, offsite.delete_copy)
+            group_sets = lambda name: [groups.show_set(g.id) for g in groups.list_sets(name)]  # noqa: E731
+            group_runs = GroupRuns(groups.snapshot, group_sets, groups.delete_set)
+            return PolicyRun(self.catalog, self.restores, self.snapshot, self.lifecycle.delete, remote, group_runs)
 
         return Policies(CatalogPolicies(self.catalog), JobStore(self.catalog), run)
 

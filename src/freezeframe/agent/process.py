@@ -12,6 +12,7 @@ A stop lets running jobs finish (procrastinate's graceful stop), then signs the 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
@@ -25,6 +26,7 @@ import procrastinate.worker
 import psycopg
 from procrastinate import exceptions as queue_errors
 
+from freezeframe.adapters.group_records import SqlGroups
 from freezeframe.adapters.host_registry import HostRegistry
 from freezeframe.adapters.job_queue import CONTROL_QUEUE, REAP_TASK, RUN_JOB_TASK, conninfo, ensure_schema, queue_of
 from freezeframe.adapters.service_store import FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore
@@ -33,6 +35,8 @@ from freezeframe.agent.reaper import fail_stranded, stranded_jobs
 from freezeframe.agent.reconcile import fail_stale_sets
 from freezeframe.agent.steady import AgentWiring
 from freezeframe.agent.work import HostWork
+from freezeframe.api.cluster import ClusterJobs, Inventory
+from freezeframe.api.policy_cluster import ClusterPolicies, register_policy_ticks
 from freezeframe.config import Settings
 from freezeframe.errors import INTERRUPTED, FreezeframeError
 from freezeframe.service import Freezeframe
@@ -140,12 +144,21 @@ class Agent:
         async def run_job(job_id: str) -> None:
             await asyncio.to_thread(work.run, job_id)
 
+        register_policy_ticks(app, lambda: self.policy_ticks)
+
         @app.periodic(cron="*/5 * * * * *", periodic_id="reaper")
         @app.task(name=REAP_TASK, queue=CONTROL_QUEUE, queueing_lock=REAP_TASK)
         async def reap(timestamp: int) -> None:
             await self._reap(app)
 
         return app
+
+    @functools.cached_property
+    def policy_ticks(self) -> ClusterPolicies:
+        """Due policies started as jobs on their instances' hosts (api/policy_cluster.py), built at the first tick."""
+        catalog = self.service.catalog
+        cluster = ClusterJobs(catalog, self.config.settings.catalog_url, self.registry)
+        return ClusterPolicies(self.service.policies, cluster, Inventory(self.registry), SqlGroups(catalog))
 
     def _serve_until_stopped(self) -> bool:
         """True: stopped by a signal (graceful); False: the database went away (PostgreSQL restarted)."""

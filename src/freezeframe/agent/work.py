@@ -26,12 +26,14 @@ from freezeframe.agent.transfer import (
     transfer_members,
 )
 from freezeframe.api.jobs import JobContext, execute
+from freezeframe.api.policy_cluster import run_on_host
 from freezeframe.api.projects import ProjectResolver
 from freezeframe.api.routes_snapshots import order_from_body, run_snapshot
 from freezeframe.api.schemas import RestoreRequest, SnapshotCreate
 from freezeframe.api.set_jobs import ON_MEMBERS_HOST, run_delete, run_revert, run_verify
 from freezeframe.errors import InstanceNotFound, InvalidRequest, WrongHost
 from freezeframe.model import Instance, SnapshotSet
+from freezeframe.scheduling import JOB_KIND as POLICY_JOB
 from freezeframe.service import Freezeframe
 
 log = logging.getLogger("freezeframe.agent")
@@ -72,6 +74,8 @@ class HostWork:
             return lambda ctx: self._restore(ctx, job)
         if job.kind in ON_MEMBERS_HOST:
             return lambda ctx: self._on_members(ctx, job)
+        if job.kind == POLICY_JOB:
+            return lambda ctx: run_on_host(self.service, self.registry, self.host, ctx, job)
         return _raise(InvalidRequest(f"jobs of kind {job.kind!r} do not run on agents"))
 
     def own_instance(self, ref: str) -> Instance:

@@ -4,7 +4,8 @@
 - One run per tick: a tick is claimed in the catalog (compare-and-set on the policy's last tick) before its job is
   submitted, so a tick starts once even across restarts; after downtime only the latest missed tick runs.
 - Never two at once for one instance: the job's lock key is the instance's (``instance:<uuid>``, the same key the
-  snapshot API uses); a tick that finds the instance busy is recorded as ``skipped`` with the reason.
+  snapshot API uses; a group policy's: ``group:<name>``, as ``group snapshot`` jobs); a tick that finds it busy
+  is recorded as ``skipped`` with the reason.
 """
 
 from __future__ import annotations
@@ -17,12 +18,13 @@ from datetime import datetime
 
 from freezeframe.api.jobs import JobContext, JobRunner, JobSpec
 from freezeframe.api.problems import ApiProblem
-from freezeframe.errors import FreezeframeError
-from freezeframe.scheduling import JOB_KIND, Policies
+from freezeframe.errors import FreezeframeError, InstanceBusy
+from freezeframe.ports.policies import PolicyState
+from freezeframe.scheduling import JOB_KIND, SKIPPED, Policies, lock_key
 
 log = logging.getLogger("freezeframe.policies")
 TICK_ENV = "FREEZEFRAME_POLICY_TICK_S"
-SKIPPED = "skipped"
+__all__ = ["SKIPPED", "TICK_ENV", "PolicyScheduler"]
 
 
 class PolicyScheduler:
@@ -53,22 +55,18 @@ class PolicyScheduler:
 
     def tick(self, now: datetime | None = None) -> list[str]:
         """Submit every due policy once; returns the jobs started."""
-        started = []
-        for state, tick in self.policies.due(now):
-            name = state.policy.name
-            if not self.policies.claim(state, tick):
-                continue
-            spec = JobSpec(
-                kind=JOB_KIND, lock_key=f"instance:{self.instance_key(state.policy.instance)}", project=None,
-                request={"policy": name, "tick": tick.isoformat()}, instance_name=state.policy.instance,
-            )  # fmt: skip
-            try:
-                job = self.runner.submit(spec, self._job(name))
-            except ApiProblem as exc:
-                self.policies.store.record_outcome(name, "", SKIPPED, f"tick {tick.isoformat()} skipped: {exc.detail}")
-                continue
-            started.append(job.id)
-        return started
+        return self.policies.start_due(self._submit, now)
+
+    def _submit(self, state: PolicyState, tick: datetime) -> str:
+        policy = state.policy
+        spec = JobSpec(
+            kind=JOB_KIND, lock_key=lock_key(policy, self.instance_key(policy.instance or "")), project=None,
+            request={"policy": policy.name, "tick": tick.isoformat()}, instance_name=policy.instance,
+        )  # fmt: skip
+        try:
+            return self.runner.submit(spec, self._job(policy.name)).id
+        except ApiProblem as exc:
+            raise InstanceBusy(exc.detail) from None
 
     def _job(self, name: str) -> Callable[[JobContext], dict[str, object]]:
         def run(ctx: JobContext) -> dict[str, object]:

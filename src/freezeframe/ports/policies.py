@@ -12,7 +12,7 @@ from freezeframe.ops.prune import KeepRules
 @dataclass(frozen=True)
 class Policy:
     name: str
-    instance: str
+    instance: str | None
     every_s: int | None = None
     cron: str | None = None
     consistency: str = "filesystem"
@@ -20,6 +20,13 @@ class Policy:
     keep: KeepRules = field(default_factory=KeepRules)
     copy_to: str | None = None
     remote_keep: KeepRules = field(default_factory=KeepRules)
+    group: str | None = None
+    """A consistency group's policy snapshots the group (``instance`` is None then)."""
+
+    @property
+    def target(self) -> str:
+        """What a run snapshots, for people: ``instance vm1`` or ``group web``."""
+        return f"group {self.group}" if self.group is not None else f"instance {self.instance}"
 
     @property
     def schedule(self) -> str:
@@ -29,14 +36,15 @@ class Policy:
         return {
             "instance": self.instance, "every_s": self.every_s, "cron": self.cron, "consistency": self.consistency,
             "mode": self.mode, "keep": self.keep.to_dict(), "copy_to": self.copy_to,
-            "remote_keep": self.remote_keep.to_dict(),
+            "remote_keep": self.remote_keep.to_dict(), "group": self.group,
         }  # fmt: skip
 
     @classmethod
     def from_record(cls, name: str, record: dict[str, Any]) -> Policy:
         return cls(
-            name=name, instance=str(record["instance"]), every_s=record.get("every_s"), cron=record.get("cron"),
-            consistency=str(record.get("consistency", "filesystem")), mode=str(record.get("mode", "auto")),
+            name=name, instance=record.get("instance"), group=record.get("group"), every_s=record.get("every_s"),
+            cron=record.get("cron"), consistency=str(record.get("consistency", "filesystem")),
+            mode=str(record.get("mode", "auto")),
             keep=KeepRules.from_dict(record.get("keep", {})), copy_to=record.get("copy_to"),
             remote_keep=KeepRules.from_dict(record.get("remote_keep", {})),
         )  # fmt: skip
