@@ -40,7 +40,7 @@ class SqlBarrierBoard:
             )
             arrived: dict[str, set[str]] = {}
             for phase, host in rows:
-                arrived.setdefault(phase, set()).add(host)
+                arrived.setdefault(str(phase), set()).add(str(host))
             abort = connection.execute(
                 select(aborts.host, aborts.reason).where(aborts.group_set_id == group_set_id)
             ).first()
