@@ -86,6 +86,10 @@ class FreezeWindowExceeded(CaptureFailed):
     pass
 
 
+class GroupBarrierFailed(CaptureFailed):
+    """A host of a group snapshot failed, aborted or stopped answering: every host's share of the group set fails."""
+
+
 class RepositoryFull(CaptureFailed):
     """The repository ran out of space during the copy (after preflight found enough)."""
 

@@ -31,8 +31,9 @@ from datetime import UTC, datetime
 from freezeframe.errors import FreezeframeError, FreezeWindowExceeded, InstanceBusy, InvalidRequest
 from freezeframe.flow import SnapshotFlow, SnapshotRequest
 from freezeframe.flow_steps import PreparedMember
+from freezeframe.group_barrier import ALONE, Rendezvous
 from freezeframe.group_model import GROUP_KEY, GROUP_SET_KEY, Group, GroupMember, GroupSet
-from freezeframe.model import RBD_STORE, Consistency, InstanceState, SetStatus
+from freezeframe.model import RBD_STORE, Consistency, InstanceState, SetStatus, SnapshotSet
 from freezeframe.ports import ProgressCallback
 from freezeframe.ports.groups import Groups
 from freezeframe.signals import deferred_signals
@@ -58,6 +59,24 @@ class GroupRequest:
     def __post_init__(self) -> None:
         if self.group_set_id is not None:
             validate_uuid(self.group_set_id, "group set id")
+
+
+def new_group_set(group: Group, request: GroupRequest) -> GroupSet:
+    now = datetime.now(UTC)
+    return GroupSet(
+        id=request.group_set_id or str(uuid.uuid4()),
+        name=request.name or f"{group.name}-{now:%Y%m%dT%H%M%S%fZ}",
+        group_name=group.name,
+        requested=request.consistency,
+        status=SetStatus.CREATING,
+        created_at=now,
+        instances=list(group.members),
+        backup_type=request.backup_type,
+    )
+
+
+def weakest(levels: Sequence[Consistency]) -> Consistency:
+    return min(levels, key=LEVELS.index)
 
 
 def in_parallel(calls: Sequence[Callable[[], None]]) -> list[BaseException]:
@@ -86,12 +105,42 @@ class GroupFlow:
         group = self.groups.get_group(request.group)
         if not group.members:
             raise InvalidRequest(f"group {group.name} has no instances; add some with `freezeframe group add`")
-        ordered = sorted(group.members, key=lambda m: m.instance_uuid)
+        group_set = new_group_set(group, request)
+        prepared = self._run(group, group_set, group.members, request, ALONE, progress, owner=True)
+        return self._complete(group_set, prepared)
+
+    def snapshot_share(
+        self,
+        group_set: GroupSet,
+        members: Sequence[GroupMember],
+        request: GroupRequest,
+        rendezvous: Rendezvous,
+        progress: ProgressCallback | None = None,
+    ) -> tuple[list[SnapshotSet], float | None]:
+        """This host's share of a group set spread over several hosts: the same steps, meeting the other hosts'
+        shares at the barrier (``group_barrier``); the coordinator owns the group set's row. Returns this share's
+        sets and its window in ms."""
+        group = Group(group_set.group_name, tuple(group_set.instances), group_set.created_at)
+        prepared = self._run(group, group_set, members, request, rendezvous, progress, owner=False)
+        return [pm.snapshot_set for pm in prepared], group_set.window_ms
+
+    def _run(
+        self,
+        group: Group,
+        group_set: GroupSet,
+        members: Sequence[GroupMember],
+        request: GroupRequest,
+        rendezvous: Rendezvous,
+        progress: ProgressCallback | None,
+        *,
+        owner: bool,
+    ) -> list[PreparedMember]:
+        ordered = sorted(members, key=lambda m: m.instance_uuid)
         with ExitStack() as locks:
             for member in ordered:  # one global order: see the module docstring
                 locks.enter_context(self.flow.locks.hold(member.instance_uuid))
-            group_set = self._new_group_set(group, request)
-            self.groups.add_group_set(group_set)
+            if owner:
+                self.groups.add_group_set(group_set)
             prepared: list[PreparedMember] = []
             try:
                 with ExitStack() as volumes:
@@ -100,22 +149,26 @@ class GroupFlow:
                         self.flow.prepare_targets(prepared[-1])
                         opened = open_volumes(self.flow.volumes, prepared[-1].snapshot_set, prepared[-1].vols)
                         prepared[-1].capture = volumes.enter_context(opened)
-                    group_set.window_ms = self._group_window(group, prepared)
+                    rendezvous.ready()
+                    group_set.window_ms = self._group_window(group, prepared, rendezvous)
                     for pm in prepared:
                         if pm.instance.state is InstanceState.SHUTOFF:
                             self.flow.copy_at_rest(pm, progress)
                 for pm in prepared:
                     if pm.instance.state is not InstanceState.SHUTOFF and pm.targets:
                         self.flow.hypervisor.wait_capture(pm.instance, progress)
+                rendezvous.done()  # every host copied before any records: the group set is all or nothing
+                for pm in prepared:
                     self.flow._record_members(pm.snapshot_set, pm.targets, pm.snaps, pm.entry)
             except BaseException as exc:
-                self._fail(group_set, prepared, exc)
+                _abort(rendezvous, exc)
+                self._fail(group_set, prepared, exc, owner=owner)
                 raise
             finally:
                 for pm in prepared:
                     if pm.entry.phase != THAW_PENDING:
                         self.flow.journal.clear(pm.instance.uuid)
-        return self._complete(group_set, prepared)
+        return prepared
 
     def repair(self) -> list[str]:
         """Fail the group sets a killed process left ``creating``: with every member's lock held (nobody is working
@@ -151,19 +204,6 @@ class GroupFlow:
         group_set.error = "interrupted: the freezeframe process stopped before the group set completed; repaired"
         self.groups.update_group_set(group_set)
 
-    def _new_group_set(self, group: Group, request: GroupRequest) -> GroupSet:
-        now = datetime.now(UTC)
-        return GroupSet(
-            id=request.group_set_id or str(uuid.uuid4()),
-            name=request.name or f"{group.name}-{now:%Y%m%dT%H%M%S%fZ}",
-            group_name=group.name,
-            requested=request.consistency,
-            status=SetStatus.CREATING,
-            created_at=now,
-            instances=list(group.members),
-            backup_type=request.backup_type,
-        )
-
     def _prepare(self, member: GroupMember, group: Group, group_set: GroupSet, request: GroupRequest) -> PreparedMember:
         single = SnapshotRequest(
             member.instance_uuid,
@@ -174,7 +214,7 @@ class GroupFlow:
         )  # no backup type on the members: rotation works on whole group sets, never on one member
         return self.flow.prepare_member(member.instance_uuid, single, in_group=True)
 
-    def _group_window(self, group: Group, prepared: Sequence[PreparedMember]) -> float | None:
+    def _group_window(self, group: Group, prepared: Sequence[PreparedMember], rendezvous: Rendezvous) -> float | None:
         """Freeze/pause all → capture all → release all, bounded by one watchdog; returns the window in ms."""
         live = [pm for pm in prepared if pm.instance.state is not InstanceState.SHUTOFF]
         if not live:
@@ -190,6 +230,7 @@ class GroupFlow:
                 watchdog.start()
                 try:
                     _raise_first(in_parallel([_bind(flow.enter_window, pm, w) for pm, w in pairs]))
+                    rendezvous.frozen(started + flow.settings.freeze_cap_s)  # every host's guests held
                     flow.hold_for_tests()
                     self._check_cap(group, windows)
                     _raise_first(in_parallel([_bind(flow.capture_in_window, pm, w) for pm, w in pairs]))
@@ -212,13 +253,17 @@ class GroupFlow:
                 "every guest was released and the group set failed"
             )
 
-    def _fail(self, group_set: GroupSet, prepared: Sequence[PreparedMember], exc: BaseException) -> None:
+    def _fail(
+        self, group_set: GroupSet, prepared: Sequence[PreparedMember], exc: BaseException, *, owner: bool
+    ) -> None:
         """Every member's set fails and loses its data; the group set keeps a failed row saying why."""
         for pm in prepared:
             try:
                 self.flow._failed(pm.instance, pm.snapshot_set, exc, pm.entry)
             except FreezeframeError:
                 log.exception("could not clean up set %s of group set %s", pm.snapshot_set.id, group_set.id)
+        if not owner:
+            return
         group_set.status = SetStatus.FAILED
         group_set.completed_at = datetime.now(UTC)
         group_set.error = "interrupted" if isinstance(exc, KeyboardInterrupt) else (str(exc) or type(exc).__name__)
@@ -229,7 +274,7 @@ class GroupFlow:
 
     def _complete(self, group_set: GroupSet, prepared: Sequence[PreparedMember]) -> GroupSet:
         reached = [pm.snapshot_set.achieved or pm.snapshot_set.requested for pm in prepared]
-        group_set.achieved = min(reached, key=LEVELS.index)
+        group_set.achieved = weakest(reached)
         group_set.status = SetStatus.AVAILABLE
         group_set.completed_at = datetime.now(UTC)
         self.groups.update_group_set(group_set)
@@ -241,6 +286,14 @@ Step = Callable[[PreparedMember, GuestWindow], None]
 
 def _bind(step: Step, pm: PreparedMember, window: GuestWindow) -> Callable[[], None]:
     return lambda: step(pm, window)
+
+
+def _abort(rendezvous: Rendezvous, exc: BaseException) -> None:
+    """Tell the other hosts' shares at once (they stop waiting and release their guests)."""
+    try:
+        rendezvous.abort("interrupted" if isinstance(exc, KeyboardInterrupt) else (str(exc) or type(exc).__name__))
+    except FreezeframeError:
+        log.exception("could not abort the barrier of the group snapshot")
 
 
 def _raise_first(errors: Sequence[BaseException]) -> None:
