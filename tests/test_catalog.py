@@ -473,7 +473,7 @@ offsets = st.integers(min_value=-14 * 60, max_value=14 * 60).map(lambda m: timez
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
-    name=st.text(st.characters(exclude_characters="\x00"), min_size=1, max_size=80),
+    name=st.text(st.characters(codec="utf-8", exclude_characters="\x00"), min_size=1, max_size=80),
     metadata=st.dictionaries(texts, texts, max_size=6),
     member_metadata=st.dictionaries(texts, texts, max_size=3),
     created_at=st.datetimes(
