@@ -539,6 +539,13 @@ def s3_copy_section(report: dict[str, Any] | None) -> str:
     labels = {"read": "read the staged file", "boto3_upload_file": "boto3 upload_file", "freezeframe": "freezeframe"}
     rows = [[label, med_p95(tp["mib_per_s"][key], 1)] for key, label in labels.items()]
     text += table(["", "MiB/s"], rows)
+    cpu = tp.get("client_cpu_s_per_gib")
+    if cpu is not None:
+        text += (
+            f"\n\nClient CPU per GiB uploaded (this process, all threads), median (p95): freezeframe "
+            f"{med_p95(cpu['freezeframe'], 2)} s, boto3 upload_file {med_p95(cpu['boto3_upload_file'], 2)} s "
+            "(freezeframe hashes every byte twice: the SHA-256 kept with the object, the MD5 of each part)."
+        )
     text += (
         f"\n\nfreezeframe / boto3: **{num(tp['ours_vs_boto3'], 2)}**; freezeframe / read limit: "
         f"{num(tp['ours_vs_read'], 3)}.\n\nIncremental copy (a full set copied first, then a child with N MiB of "

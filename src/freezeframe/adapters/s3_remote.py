@@ -148,11 +148,12 @@ class S3Store:
     # ---- multipart upload -----------------------------------------------------------------------------------
 
     def upload(
-        self, key: str, path: Path, metadata: dict[str, str], progress: PartCallback | None = None
-    ) -> SentObject:
+        self, key: str, path: Path, metadata: dict[str, str], progress: PartCallback | None = None,
+        sha256: str | None = None,
+    ) -> SentObject:  # fmt: skip
         size = path.stat().st_size
         part_size = part_size_for(size)
-        sha = sha256_file(path)
+        sha = sha256 or sha256_file(path)
         sidecar = path.with_name(path.name + ".upload.json")
         state = {"key": key, "size": size, "part": part_size, "sha256": sha}
         with _errors(f"uploading {self._where(key)}"):
@@ -196,18 +197,22 @@ class S3Store:
     def _send_parts(
         self, key: str, path: Path, upload_id: str, part_size: int, there: dict[int, str], progress: PartCallback | None
     ) -> tuple[int, int, list[dict[str, Any]], bytes]:
-        """Send the parts not already there; returns bytes sent, parts reused, the part list and their MD5s."""
-        md5s = b""
-        parts: list[dict[str, Any]] = []
+        """Send the parts not already there; returns bytes sent, parts reused, the part list and their MD5s.
+
+        Each part's MD5 is computed by the thread that sends it (hashlib releases the GIL), so hashing overlaps
+        the other parts' network time instead of stalling the reading loop; only a resumed upload hashes a part
+        here first, to tell whether the store holds it already."""
+        digests: dict[int, bytes] = {}
         sent = reused = done = 0
         total = path.stat().st_size
-        in_flight: deque[tuple[int, Future[int]]] = deque()
+        in_flight: deque[tuple[int, int, Future[bytes]]] = deque()
 
         def settle(limit: int) -> None:
             nonlocal sent, done
             while len(in_flight) > limit:
-                size, future = in_flight.popleft()
-                sent += future.result()
+                number, size, future = in_flight.popleft()
+                digests[number] = future.result()
+                sent += size
                 done += size
                 if progress is not None:
                     progress(done, total)
@@ -215,33 +220,35 @@ class S3Store:
         with path.open("rb") as source, ThreadPoolExecutor(PARALLEL_PARTS, thread_name_prefix="ff-s3-part") as pool:
             number = 1
             while chunk := source.read(part_size):
-                digest = hashlib.md5(chunk)
-                if there.get(number) == digest.hexdigest():
+                known = hashlib.md5(chunk).digest() if number in there else None
+                if known is not None and there[number] == known.hex():
+                    digests[number] = known
                     reused += 1
                     done += len(chunk)
                 else:
                     settle(PARALLEL_PARTS - 1)  # at most PARALLEL_PARTS parts in memory
-                    in_flight.append((len(chunk), pool.submit(self._send_part, key, upload_id, number, chunk, digest)))
-                parts.append({"PartNumber": number, "ETag": digest.hexdigest()})
-                md5s += digest.digest()
+                    future = pool.submit(self._send_part, key, upload_id, number, chunk, known)
+                    in_flight.append((number, len(chunk), future))
                 number += 1
             settle(0)
-        if not parts:  # an empty file still needs one (empty) part
-            digest = hashlib.md5(b"")
+        if not digests:  # an empty file still needs one (empty) part
             self.client.upload_part(Bucket=self.spec.bucket, Key=self._key(key), UploadId=upload_id, PartNumber=1,
                                     Body=b"")  # fmt: skip
-            parts.append({"PartNumber": 1, "ETag": digest.hexdigest()})
-            md5s += digest.digest()
-        return sent, reused, parts, md5s
+            digests[1] = hashlib.md5(b"").digest()
+        order = sorted(digests)
+        parts = [{"PartNumber": n, "ETag": digests[n].hex()} for n in order]
+        return sent, reused, parts, b"".join(digests[n] for n in order)
 
-    def _send_part(self, key: str, upload_id: str, number: int, chunk: bytes, digest: Any) -> int:
+    def _send_part(self, key: str, upload_id: str, number: int, chunk: bytes, digest: bytes | None) -> bytes:
+        """One part with its Content-MD5 (the store checks it); returns the MD5, which its ETag must equal."""
+        md5 = digest if digest is not None else hashlib.md5(chunk).digest()
         answer = self.client.upload_part(
             Bucket=self.spec.bucket, Key=self._key(key), UploadId=upload_id, PartNumber=number, Body=chunk,
-            ContentMD5=base64.b64encode(digest.digest()).decode(),
+            ContentMD5=base64.b64encode(md5).decode(),
         )  # fmt: skip
-        if str(answer["ETag"]).strip('"') != digest.hexdigest():
+        if str(answer["ETag"]).strip('"') != md5.hex():
             raise RemoteError(f"{self._where(key)}: the store's ETag of part {number} is not its MD5")
-        return len(chunk)
+        return md5
 
     def _check_etag(self, key: str, md5s: bytes, count: int) -> None:
         """The multipart ETag is MD5(concatenated part MD5s)-N: computed here from the local bytes."""

@@ -216,7 +216,8 @@ class Copier:
             parent_set = previous.set_id
         metadata = {PACKED_SHA_KEY: packed_sha, "ff-set": member.set_id, "ff-target": member.target,
                     PARENT_META: parent_set or ""}  # fmt: skip
-        sent = remote.store.upload(key, upload, metadata, progress)
+        known = packed_sha if upload == packed else None  # the packed file was just hashed: not a second pass
+        sent = remote.store.upload(key, upload, metadata, progress, known)
         return layout.RemoteMember(member.target, key, packed_sha, sent.size, parent_set), sent.bytes_sent
 
     def _previous_volume_copy(self, member: Member, remote: RemoteHandle) -> Member | None:

@@ -77,10 +77,12 @@ class ObjectStore(Protocol):
     def get_bytes(self, key: str) -> bytes: ...
 
     def upload(
-        self, key: str, path: Path, metadata: dict[str, str], progress: PartCallback | None = None
-    ) -> SentObject:
+        self, key: str, path: Path, metadata: dict[str, str], progress: PartCallback | None = None,
+        sha256: str | None = None,
+    ) -> SentObject:  # fmt: skip
         """Multipart, a bounded number of parts in memory; resumes an upload of the same file interrupted earlier
-        (parts already on the store, checked by their MD5, are not sent again); verified after completion."""
+        (parts already on the store, checked by their MD5, are not sent again); verified after completion.
+        ``sha256``: the file's SHA-256 if the caller computed it already (else the store reads the file for it)."""
 
     def download(self, key: str, path: Path, progress: PartCallback | None = None) -> None: ...
 
