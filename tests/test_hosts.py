@@ -462,3 +462,19 @@ def test_an_agent_restart_requeues_what_its_predecessor_fetched_but_never_claime
     assert store.get(unclaimed.id).state == QUEUED
     interrupted = store.get(claimed.id)
     assert (interrupted.state, interrupted.error_type) == (FAILED, "interrupted")
+
+
+def test_the_reaper_ticks_every_five_seconds_all_hour() -> None:
+    """procrastinate reads a sixth cron field as seconds: the reaper's cron must tick every 5 s in every minute
+    (``*/5 * * * * *`` ticked every second, in one minute of five)."""
+    from datetime import UTC, datetime
+    from itertools import pairwise
+
+    import croniter
+
+    from freezeframe.agent.process import REAP_CRON
+
+    ticks = croniter.croniter(REAP_CRON, datetime(2026, 1, 1, 0, 1, 2, tzinfo=UTC))
+    times = [ticks.get_next(datetime) for _ in range(30)]
+    gaps = {(later - earlier).total_seconds() for earlier, later in pairwise(times)}
+    assert gaps == {5.0}, gaps

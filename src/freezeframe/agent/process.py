@@ -44,6 +44,9 @@ from freezeframe.service import Freezeframe
 log = logging.getLogger("freezeframe.agent")
 
 HEARTBEAT_S = 5.0
+# Every 5 s: procrastinate (croniter) reads a sixth field as the SECONDS, so "*/5 * * * * *" would be every second
+# of every fifth minute.
+REAP_CRON = "* * * * * */5"
 RECONNECT_S = 1.0
 RECONCILE_S = 5.0
 """How often the heartbeat thread looks for sets of this host left ``creating`` (one indexed query)."""
@@ -146,7 +149,7 @@ class Agent:
 
         register_policy_ticks(app, lambda: self.policy_ticks)
 
-        @app.periodic(cron="*/5 * * * * *", periodic_id="reaper")
+        @app.periodic(cron=REAP_CRON, periodic_id="reaper")
         @app.task(name=REAP_TASK, queue=CONTROL_QUEUE, queueing_lock=REAP_TASK)
         async def reap(timestamp: int) -> None:
             await self._reap(app)
