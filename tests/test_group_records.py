@@ -66,3 +66,40 @@ def test_groups_and_group_sets_round_trip(tmp_path: Path) -> None:
     groups.delete_group_set(gs.id)
     with pytest.raises(GroupNotFound):
         groups.get_group_set(gs.id)
+
+
+def test_the_barrier_board_lets_two_hosts_meet_and_keeps_the_first_abort(tmp_path: Path) -> None:
+    """The catalog's board, as the hosts' agents use it: two threads meet at ``ready``; an abort reaches both."""
+    import threading
+
+    from freezeframe.adapters.barrier_board import SqlBarrierBoard
+    from freezeframe.errors import GroupBarrierFailed
+    from freezeframe.group_barrier import BarrierTimeouts, HostBarrier
+
+    board = SqlBarrierBoard(SqlCatalog(f"sqlite:///{tmp_path / 'catalog.sqlite'}"))
+    timeouts = BarrierTimeouts(ready_s=5.0, poll_s=0.01)
+    errors: list[BaseException] = []
+
+    def share(host: str) -> None:
+        try:
+            HostBarrier(board, "g1", host, ["h1", "h2"], timeouts).ready()
+        except BaseException as exc:  # noqa: BLE001 - checked below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=share, args=(h,)) for h in ("h1", "h2")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert errors == [] and board.state("g1").arrived["ready"] == {"h1", "h2"}
+    board.arrive("g1", "h1", "ready")  # twice: harmless
+    board.abort("g1", "h2", "its guest shut down")
+    board.abort("g1", "h1", "second")
+    with pytest.raises(GroupBarrierFailed, match="host h2 aborted the group snapshot: its guest shut down"):
+        HostBarrier(board, "g1", "h1", ["h1", "h2"], timeouts).frozen(deadline=float("inf"))
+    lonely = HostBarrier(board, "g2", "h1", ["h1", "h2"], BarrierTimeouts(ready_s=0.1, poll_s=0.01))
+    with pytest.raises(GroupBarrierFailed, match=r"h2 did not reach 'ready'"):
+        lonely.ready()
+    assert board.state("g2").aborted_by == "h1"
+    board.forget("g1")
+    assert board.state("g1") == board.state("never")

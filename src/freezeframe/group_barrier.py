@@ -68,7 +68,10 @@ class BarrierTimeouts:
     ready_s: float = 120.0
     done_s: float = 3600.0
     poll_s: float = 0.005
-    """How often a waiting share reads the board; inside the window this adds at most one poll to it."""
+    """How often a share waiting at ``ready`` or ``frozen`` reads the board: at most one poll apart, the hosts
+    freeze and capture together (a longer poll lengthens the window of the host that waits)."""
+    done_poll_s: float = 0.1
+    """At ``done`` nothing is held: the copies of large disks may take long, no need to read the board often."""
 
 
 class HostBarrier:
@@ -95,12 +98,12 @@ class HostBarrier:
         self._meet(FROZEN, deadline)
 
     def done(self) -> None:
-        self._meet(DONE, self.clock() + self.timeouts.done_s)
+        self._meet(DONE, self.clock() + self.timeouts.done_s, self.timeouts.done_poll_s)
 
     def abort(self, reason: str) -> None:
         self.board.abort(self.group_set_id, self.host, reason)
 
-    def _meet(self, phase: str, deadline: float) -> None:
+    def _meet(self, phase: str, deadline: float, poll_s: float | None = None) -> None:
         self.board.arrive(self.group_set_id, self.host, phase)
         while True:
             state = self.board.state(self.group_set_id)
@@ -115,4 +118,4 @@ class HostBarrier:
                 reason = f"host(s) {', '.join(missing)} did not reach {phase!r} in time (host {self.host} waited)"
                 self.abort(reason)
                 raise GroupBarrierFailed(f"group set {self.group_set_id}: {reason}")
-            self.sleep(min(self.timeouts.poll_s, max(0.0, deadline - self.clock())))
+            self.sleep(min(poll_s or self.timeouts.poll_s, max(0.0, deadline - self.clock())))

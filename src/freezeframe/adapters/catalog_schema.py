@@ -30,7 +30,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.types import TypeDecorator
 
-SCHEMA_REVISIONS = ("0001", "0002", "0003", "0004", "0005", "0006", "0007", "0008")
+SCHEMA_REVISIONS = ("0001", "0002", "0003", "0004", "0005", "0006", "0007", "0008", "0009")
 """Every Alembic revision in ``migrations/versions``, oldest first; the last is what these tables describe.
 Opening a catalog at the last one needs no Alembic at all (tests check this list against the scripts)."""
 SCHEMA_HEAD = SCHEMA_REVISIONS[-1]
@@ -356,3 +356,25 @@ SET_HOSTS = Table(
     _req("host", String(64), index=True),
 )
 """The host whose repository holds a set's file members."""
+# ---- groups across hosts: the barrier of a group snapshot (revision 0009) --------------------------------
+
+GROUP_BARRIER_ARRIVALS = Table(
+    "group_barrier_arrivals",
+    METADATA,
+    _req("group_set_id", String(36)),
+    _req("host", String(64)),
+    _req("phase", String(16)),
+    _req("arrived_at", UtcDateTime),
+    PrimaryKeyConstraint("group_set_id", "host", "phase", name="pk_group_barrier_arrivals"),
+)
+"""Which host's share of a group set reached which point of the barrier (``group_barrier``)."""
+
+GROUP_BARRIER_ABORTS = Table(
+    "group_barrier_aborts",
+    METADATA,
+    Column("group_set_id", String(36), primary_key=True),
+    _req("host", String(64)),
+    _req("reason", Text),
+    _req("aborted_at", UtcDateTime),
+)
+"""The first abort of a group set's barrier: every share stops at its next wait."""
