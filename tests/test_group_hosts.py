@@ -75,6 +75,8 @@ class ThreadJobs:
     cap_s: float = 2.0
     ready_s: float = 5.0
     down: set[str] = field(default_factory=set)
+    stalled: set[str] = field(default_factory=set)
+    """Hosts whose worker never takes the share (its job stays queued)."""
     outcomes: dict[str, ShareOutcome] = field(default_factory=dict)
     threads: list[threading.Thread] = field(default_factory=list)
 
@@ -82,6 +84,8 @@ class ThreadJobs:
         job_id = f"job-{host}"
         if host in self.down:
             self.outcomes[job_id] = ShareOutcome(False, f"host {host} stopped answering")
+            return job_id
+        if host in self.stalled:
             return job_id
         thread = threading.Thread(target=self._run, args=(job_id, host, body))
         self.threads.append(thread)
@@ -112,10 +116,13 @@ class TwoHosts:
     worlds: dict[str, GroupWorld]
     board: MemoryBoard
     jobs: ThreadJobs
+    ready_s: float = 5.0
 
     def coordinator(self) -> GroupCoordinator:
         owner = {g.uuid: h for h, w in self.worlds.items() for g in w.hv.guests.values()}
-        return GroupCoordinator(self.worlds["h1"].groups, self.board, self.jobs, owner.__getitem__, poll_s=0.01)
+        return GroupCoordinator(
+            self.worlds["h1"].groups, self.board, self.jobs, owner.__getitem__, poll_s=0.01, ready_s=self.ready_s
+        )
 
     def timeline(self) -> list[tuple[str, str, float]]:
         return sorted((e for w in self.worlds.values() for e in w.hv.timeline), key=lambda e: e[2])
@@ -242,3 +249,16 @@ def test_an_unreachable_host_at_queueing_fails_the_group_set_cleanly(hosts: TwoH
     (group_set,) = hosts.worlds["h1"].groups.list_group_sets()
     assert group_set.status is SetStatus.FAILED and "down" in (group_set.error or "")
     assert hosts.all_released()
+
+
+def test_a_share_no_worker_takes_fails_the_group_in_bounded_time(hosts: TwoHosts) -> None:
+    """h2's worker is busy (or its agent gone) and its share stays queued: the coordinator aborts after ready_s."""
+    _make_group(hosts)
+    hosts.jobs.stalled.add("h2")
+    hosts.ready_s = 0.3
+    with pytest.raises(GroupBarrierFailed, match="did not start their share in time"):
+        hosts.coordinator().snapshot(_request())
+    for thread in hosts.jobs.threads:
+        thread.join(10)
+    assert not any(c in ("freeze", "frozen", "pause") for _, c, _ in hosts.timeline())
+    _nothing_left(hosts)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from freezeframe.errors import GroupBarrierFailed, InvalidRequest
+from freezeframe.group_barrier import READY, BarrierTimeouts
 from freezeframe.group_flow import GroupRequest, new_group_set, weakest
 from freezeframe.group_model import Group, GroupMember, GroupSet
 from freezeframe.model import Consistency, SetStatus
@@ -61,6 +62,8 @@ class GroupCoordinator:
     jobs: ShareJobs
     host_of: Callable[[str], str]
     poll_s: float = 0.2
+    ready_s: float = BarrierTimeouts.ready_s
+    clock: Callable[[], float] = time.monotonic
     sleep: Callable[[float], None] = time.sleep
 
     def snapshot(self, request: GroupRequest) -> GroupSet:
@@ -82,21 +85,30 @@ class GroupCoordinator:
         return self._decide(group_set, outcomes)
 
     def _watch(self, group_set_id: str, jobs: dict[str, str]) -> dict[str, ShareOutcome]:
-        """Until every share ended; the first failure aborts the board so that the others stop at once."""
+        """Until every share ended; the first failure aborts the board so that the others stop at once. Shares
+        must reach ``ready`` within ``ready_s`` (a host whose worker never takes its share - down, or busy with
+        other jobs - fails the group set in bounded time); after an abort, a share that never reached ``ready``
+        holds nothing and is not waited for (when it runs it finds the abort and fails its own sets)."""
         outcomes: dict[str, ShareOutcome] = {}
-        while len(outcomes) < len(jobs):
+        ready_by = self.clock() + self.ready_s
+        while True:
             for host, job_id in jobs.items():
-                if host in outcomes:
-                    continue
-                outcome = self.jobs.outcome(job_id)
-                if outcome is None:
+                outcome = outcomes.get(host) or self.jobs.outcome(job_id)
+                if outcome is None or host in outcomes:
                     continue
                 outcomes[host] = outcome
                 if not outcome.ok:
                     self.board.abort(group_set_id, host, outcome.error or "its share failed")
-            if len(outcomes) < len(jobs):
-                self.sleep(self.poll_s)
-        return outcomes
+            state = self.board.state(group_set_id)
+            ready = state.arrived.get(READY, frozenset())
+            if state.aborted_by is None and self.clock() > ready_by and not ready >= set(jobs):
+                missing = ", ".join(sorted(set(jobs) - ready))
+                self.board.abort(group_set_id, COORDINATOR, f"host(s) {missing} did not start their share in time")
+                continue
+            waiting = [h for h in jobs if h not in outcomes and (state.aborted_by is None or h in ready)]
+            if not waiting:
+                return {h: outcomes.get(h) or ShareOutcome(False, state.reason) for h in jobs}
+            self.sleep(self.poll_s)
 
     def _decide(self, group_set: GroupSet, outcomes: dict[str, ShareOutcome], error: str | None = None) -> GroupSet:
         failed = [f"host {h}: {o.error}" for h, o in outcomes.items() if not o.ok]

@@ -25,6 +25,7 @@ from freezeframe.agent.transfer import (
     relocated,
     transfer_members,
 )
+from freezeframe.api.group_cluster import GROUP_JOB_KINDS, run_group_job
 from freezeframe.api.jobs import JobContext, execute
 from freezeframe.api.projects import ProjectResolver
 from freezeframe.api.routes_snapshots import order_from_body, run_snapshot
@@ -70,6 +71,8 @@ class HostWork:
             return lambda ctx: self._snapshot(ctx, job)
         if job.kind == "restore":
             return lambda ctx: self._restore(ctx, job)
+        if job.kind in GROUP_JOB_KINDS:
+            return lambda ctx: run_group_job(self.service, self.registry, self.host, ctx, job)
         return _raise(InvalidRequest(f"jobs of kind {job.kind!r} do not run on agents"))
 
     def own_instance(self, ref: str) -> Instance:

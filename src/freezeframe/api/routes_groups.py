@@ -15,6 +15,7 @@ from fastapi import Path as PathParam
 from pydantic import BaseModel, ConfigDict, Field
 
 from freezeframe.api.deps import PrincipalDep, StateDep, accepted, problems
+from freezeframe.api.group_cluster import submit_group_snapshot
 from freezeframe.api.jobs import JobContext, JobSpec
 from freezeframe.api.problems import conflict
 from freezeframe.api.schemas import NAME_PATTERN, REF_PATTERN, UUID_PATTERN, ExportRequest, JobView, Metadata, Name
@@ -56,7 +57,7 @@ def list_groups(state: StateDep, principal: PrincipalDep) -> list[dict[str, Any]
 @router.post("/groups", status_code=201, responses=problems(400, 403, 404))
 def create_group(body: GroupCreate, state: StateDep, principal: PrincipalDep) -> dict[str, Any]:
     principal.require_admin()
-    return group_to_dict(state.service.groups.create(body.name, body.instances))
+    return group_to_dict(state.service.groups.create(body.name, body.instances, state.inventory.instance))
 
 
 @router.get("/groups/{name}", responses=problems(403, 404))
@@ -68,7 +69,7 @@ def get_group(name: GroupName, state: StateDep, principal: PrincipalDep) -> dict
 @router.post("/groups/{name}/instances", responses=problems(400, 403, 404))
 def add_instances(name: GroupName, body: GroupInstances, state: StateDep, principal: PrincipalDep) -> dict[str, Any]:
     principal.require_admin()
-    return group_to_dict(state.service.groups.add(name, body.instances))
+    return group_to_dict(state.service.groups.add(name, body.instances, state.inventory.instance))
 
 
 @router.delete("/groups/{name}/instances/{instance}", responses=problems(400, 403, 404))
@@ -98,6 +99,9 @@ def snapshot_group(
     """Every instance of the group at one point in time, as one group set (a job; its result names the set)."""
     principal.require_admin()
     group = state.service.groups.show(name)
+    if state.cluster is not None:
+        job = submit_group_snapshot(state.cluster, group, body.model_dump(mode="json"), principal.token_id)
+        return accepted(response, job)
     runner = state.require_runner()
     running = runner.active_job(f"group:{name}")
     if running is not None:

@@ -8,13 +8,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from freezeframe.errors import FreezeframeError, InvalidRequest, SetHasDependants
+from freezeframe.group_barrier import Rendezvous
 from freezeframe.group_flow import GroupFlow, GroupRequest
 from freezeframe.group_model import GROUP_SET_KEY, Group, GroupMember, GroupSet
 from freezeframe.lifecycle import DeleteResult, Lifecycle, RestoreResult
-from freezeframe.model import SetStatus, SnapshotSet
+from freezeframe.model import Instance, SetStatus, SnapshotSet
 from freezeframe.ports import Catalog, Hypervisor, ProgressCallback
 from freezeframe.ports.groups import Groups
 from freezeframe.validation import validate_backup_type, validate_name
+
+Lookup = Callable[[str], Instance]
 
 
 @dataclass
@@ -50,14 +53,17 @@ class GroupOps:
 
     # ---- groups -------------------------------------------------------------------------------------------
 
-    def create(self, name: str, instances: Sequence[str]) -> Group:
-        group = Group(validate_name(name, "group name"), self._resolve([], instances), datetime.now(UTC))
+    def create(self, name: str, instances: Sequence[str], lookup: Lookup | None = None) -> Group:
+        """``lookup``: where instances are found (default this host's hypervisor; the hosts' reports when the
+        service runs over several hosts)."""
+        members = self._resolve([], instances, lookup)
+        group = Group(validate_name(name, "group name"), members, datetime.now(UTC))
         self.groups.create_group(group)
         return group
 
-    def add(self, name: str, instances: Sequence[str]) -> Group:
+    def add(self, name: str, instances: Sequence[str], lookup: Lookup | None = None) -> Group:
         group = self.groups.get_group(name)
-        members = self._resolve(group.members, instances)
+        members = self._resolve(group.members, instances, lookup)
         self.groups.set_members(name, members)
         return self.groups.get_group(name)
 
@@ -80,11 +86,13 @@ class GroupOps:
         """The group only: its group sets stay (restorable, deletable) until deleted themselves."""
         self.groups.delete_group(name)
 
-    def _resolve(self, have: Sequence[GroupMember], refs: Sequence[str]) -> tuple[GroupMember, ...]:
-        """Instances by name or UUID, checked with the hypervisor now; the group keeps their UUIDs."""
+    def _resolve(
+        self, have: Sequence[GroupMember], refs: Sequence[str], lookup: Lookup | None
+    ) -> tuple[GroupMember, ...]:
+        """Instances by name or UUID, checked now; the group keeps their UUIDs."""
         members = list(have)
         for ref in refs:
-            found = self._hypervisor().lookup(ref)
+            found = lookup(ref) if lookup is not None else self._hypervisor().lookup(ref)
             if any(m.instance_uuid == found.uuid for m in members):
                 raise InvalidRequest(f"instance {found.name} is in the group already")
             members.append(GroupMember(found.uuid, found.name))
@@ -94,6 +102,17 @@ class GroupOps:
 
     def snapshot(self, request: GroupRequest, progress: ProgressCallback | None = None) -> GroupSetView:
         return self._view(self._group_flow().snapshot(request, progress))
+
+    def snapshot_share(
+        self,
+        group_set: GroupSet,
+        members: Sequence[GroupMember],
+        request: GroupRequest,
+        rendezvous: Rendezvous,
+        progress: ProgressCallback | None = None,
+    ) -> tuple[list[SnapshotSet], float | None]:
+        """This host's share of a group set spread over several hosts (see ``group_hosts``)."""
+        return self._group_flow().snapshot_share(group_set, members, request, rendezvous, progress)
 
     def show_set(self, ref: str) -> GroupSetView:
         return self._view(self.groups.get_group_set(ref))
