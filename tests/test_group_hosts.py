@@ -24,7 +24,7 @@ from freezeframe.adapters.qemu_img import QemuImg
 from freezeframe.adapters.repository import DirectoryRepository
 from freezeframe.errors import GroupBarrierFailed, HostUnavailable
 from freezeframe.group_barrier import BarrierTimeouts, HostBarrier
-from freezeframe.group_flow import GroupRequest, weakest
+from freezeframe.group_flow import GroupRequest, new_group_set, weakest
 from freezeframe.group_hosts import GroupCoordinator, request_of
 from freezeframe.group_model import GROUP_SET_KEY, Group, GroupMember
 from freezeframe.model import Consistency, SetStatus
@@ -262,3 +262,15 @@ def test_a_share_no_worker_takes_fails_the_group_in_bounded_time(hosts: TwoHosts
         thread.join(10)
     assert not any(c in ("freeze", "frozen", "pause") for _, c, _ in hosts.timeline())
     _nothing_left(hosts)
+
+
+def test_one_hosts_repair_leaves_a_group_set_spanning_hosts_to_its_coordinator(hosts: TwoHosts) -> None:
+    """An agent restarting on h1 repairs its own journal, but a ``creating`` group set with an instance on h2 may
+    still be running there: h1's locks say nothing about it, so h1 must not fail it."""
+    _make_group(hosts)
+    group = hosts.worlds["h1"].groups.get_group("app")
+    group_set = new_group_set(group, _request())
+    hosts.worlds["h1"].groups.add_group_set(group_set)
+    reports = hosts.worlds["h1"].group_flow().repair()
+    assert any("spans other hosts" in r for r in reports), reports
+    assert hosts.worlds["h1"].groups.get_group_set(group_set.id).status is SetStatus.CREATING

@@ -28,7 +28,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
-from freezeframe.errors import FreezeframeError, FreezeWindowExceeded, InstanceBusy, InvalidRequest
+from freezeframe.errors import FreezeframeError, FreezeWindowExceeded, InstanceBusy, InstanceNotFound, InvalidRequest
 from freezeframe.flow import SnapshotFlow, SnapshotRequest
 from freezeframe.flow_steps import PreparedMember
 from freezeframe.group_barrier import ALONE, Rendezvous
@@ -177,6 +177,9 @@ class GroupFlow:
         for group_set in self.groups.list_group_sets():
             if group_set.status is not SetStatus.CREATING:
                 continue
+            if not self._all_here(group_set):
+                reports.append(f"group set {group_set.name}: spans other hosts; its coordinator decides it")
+                continue
             try:
                 with ExitStack() as locks:
                     for member in sorted(group_set.instances, key=lambda m: m.instance_uuid):
@@ -187,6 +190,16 @@ class GroupFlow:
             except InstanceBusy:
                 reports.append(f"group set {group_set.name}: an operation is still running; left alone")
         return reports
+
+    def _all_here(self, group_set: GroupSet) -> bool:
+        """A group set with instances on other hosts is run by their agents too: this host's locks say nothing
+        about them, so one host's repair must not fail it under their feet."""
+        try:
+            for member in group_set.instances:
+                self.flow.hypervisor.lookup(member.instance_uuid)
+        except InstanceNotFound:
+            return False
+        return True
 
     def _fail_leftovers(self, group_set: GroupSet) -> None:
         for snapshot_set in self.flow.catalog.list_sets(metadata={GROUP_SET_KEY: group_set.id}):

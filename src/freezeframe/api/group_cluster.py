@@ -73,7 +73,7 @@ def _coordinate(service: Freezeframe, registry: HostRegistry, ctx: JobContext, j
     cluster = ClusterJobs(service.catalog, service.settings.catalog_url, registry)
     coordinator = GroupCoordinator(
         service.groups.groups, SqlBarrierBoard(service.catalog), ClusterShareJobs(cluster, JobStore(service.catalog),
-        job.token_id), host_of=lambda uuid: registry.locate(uuid)[0].name,
+        job.token_id), host_of=lambda uuid: registry.locate(uuid)[0].name, poll_s=0.05,
     )  # fmt: skip
     ctx.phase("coordinating")
     group_set = coordinator.snapshot(request)

@@ -89,16 +89,22 @@ def linked_pair(
     name_prefix: str = "ffgrp",
     disk_mib: int = 32,
     progress_timeout_s: float = 90.0,
+    receiver_conn: Any = None,
+    boot_timeout_s: float = 120.0,
 ) -> Iterator[LinkedPair]:
-    """Boot A (listening end) then B (connecting end), wait until records flow, and always remove both."""
+    """Boot A (listening end) then B (connecting end), wait until records flow, and always remove both.
+
+    ``receiver_conn``: B on another libvirt (another host): the link is a UNIX socket in ``workdir``, which two
+    QEMUs in different network namespaces reach alike as long as they share the file system."""
     workdir.mkdir(parents=True, exist_ok=True)
     socket = workdir / "link.sock"
     disks = [DiskRequest(size_bytes=disk_mib * MIB)]
+    common: dict[str, Any] = {"disks": disks, "workdir": workdir, "guest": guest, "boot_timeout_s": boot_timeout_s}
     with (
-        running_instance(conn, disks=disks, workload="link-send", name_prefix=f"{name_prefix}-a", workdir=workdir,
-                         guest=guest, link=GuestLink(socket, "bind")) as sender,
-        running_instance(conn, disks=disks, workload="link-recv", name_prefix=f"{name_prefix}-b", workdir=workdir,
-                         guest=guest, link=GuestLink(socket, "connect")) as receiver,
+        running_instance(conn, workload="link-send", name_prefix=f"{name_prefix}-a", link=GuestLink(socket, "bind"),
+                         **common) as sender,
+        running_instance(receiver_conn or conn, workload="link-recv", name_prefix=f"{name_prefix}-b",
+                         link=GuestLink(socket, "connect"), **common) as receiver,
     ):  # fmt: skip
         first = sender.wait_for_progress(timeout_s=progress_timeout_s)
         sender.wait_for_progress(after=first, timeout_s=progress_timeout_s)
