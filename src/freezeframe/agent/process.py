@@ -3,10 +3,10 @@
 Start-up, in this order: authenticate with the host's key (nothing runs for an agent that is not its host's);
 ``repair`` - the journal of a killed predecessor thaws/resumes its guest and fails the half-made set; the jobs
 that predecessor was running are marked failed (interrupted) and their queue rows finished, so none is lost
-silently nor run twice; sets of this host's ended jobs left ``creating`` are failed (``reconcile``, again with
-every heartbeat); then the first heartbeat, and procrastinate's worker on ``host.<name>`` (plus the control
-queue). Each job runs in a worker thread while the freeze-window watchdog of the flow keeps its guarantees there.
-A stop lets running jobs finish (procrastinate's graceful stop), then signs the host off.
+silently nor run twice; sets of this host's ended jobs left ``creating`` are failed (``reconcile``, again
+every 5 s from the heartbeat thread); then the first heartbeat, and procrastinate's worker on ``host.<name>``
+(plus the control queue). Each job runs in a worker thread while the freeze-window watchdog of the flow keeps
+its guarantees there. A stop lets running jobs finish (procrastinate's graceful stop), then signs the host off.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ HEARTBEAT_S = 5.0
 REAP_CRON = "* * * * * */5"
 RECONNECT_S = 1.0
 RECONCILE_S = 5.0
-"""How often the heartbeat thread looks for sets of this host left ``creating`` (one indexed query)."""
+"""How often the heartbeat thread looks for sets of this host left ``creating`` (one query)."""
 KEY_ENV = "FREEZEFRAME_AGENT_KEY"
 
 

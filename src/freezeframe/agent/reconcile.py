@@ -5,8 +5,8 @@ database restart (``steady``), but an outage longer than that bound, or a proces
 writes with its journal already cleared, can still leave the first write without the second. Repair covers
 sets whose journal entry survived; this covers the rest, for sets made by a job routed to THIS host only (the
 job id is in the set's metadata), and only when that job is no longer queued or running, no journal entry names
-the set and the instance's lock is free - so a snapshot in progress is never touched. Run at start-up and with
-every heartbeat.
+the set and the instance's lock is free - so a snapshot in progress is never touched. Run at start-up and
+every 5 s (from the heartbeat thread).
 """
 
 from __future__ import annotations
