@@ -160,6 +160,37 @@ def consistency_section(report: dict[str, Any] | None) -> str:
     return text
 
 
+def database_section(report: dict[str, Any] | None) -> str:
+    """PostgreSQL 15 (data on vdb, WAL on vdc) under pgbench, every set judged by PostgreSQL itself."""
+    if report is None:
+        return missing("database")
+    methods = report["methods"]
+    rows = [
+        [m["label"], f"**{m['violations']} / {m['checked']}**", str(m["errors"]), med_p95(m["recovery_s"], 2),
+         med_p95(m["window_ms"]), med_p95(m["tps_during"], 1), med_p95(m["call_s"], 2), med_p95(m["check_s"], 1)]
+        for m in methods.values()
+    ]  # fmt: skip
+    header = ["method", "violations / checked", "errors", "recovery s", "freeze window ms", "TPS during capture",
+              "capture call s", "check s"]  # fmt: skip
+    guest = report["guest"]
+    text = smoke_warning(report) + provenance(report) + table(header, rows) + "\n\n"
+    text += (
+        f"Median (p95). Load: {report['load']}. pgbench TPS without captures (quiet seconds of the same run): "
+        f"{med_p95(report['tps_quiet'], 1)}. Naive order: {report['naive_order']}, gap {report['naive_gap_s']} s. "
+        f"Disks left out of the sets: {', '.join(report['excluded_disks']) or 'none'}. Guest booted in "
+        f"{num(guest['boot_s'])} s; {'still running' if guest['running_at_end'] else 'NOT running'} at the end.\n\n"
+    )
+    examples = [(m["label"], m["violation_examples"][0]) for m in methods.values() if m["violation_examples"]]
+    if examples:
+        text += "What PostgreSQL said, one example per method:\n\n"
+        text += "\n".join(f"- {label}: `{reason[:300]}`" for label, reason in examples) + "\n\n"
+    errors = [(m["label"], m["error_examples"][0]) for m in methods.values() if m["error_examples"]]
+    if errors:
+        text += "Errors (captures that failed; not counted either way):\n\n"
+        text += "\n".join(f"- {label}: `{err}`" for label, err in errors) + "\n\n"
+    return text + f"![database]({image_link('database')})"
+
+
 def consistency_verdict(report: dict[str, Any]) -> str:
     methods = report["methods"]
     ff = [methods[k] for k in FF_METHODS if k in methods]
@@ -777,6 +808,7 @@ def image_link(name: str) -> str:
 
 REPORTS = (
     "consistency",
+    "database",
     "window",
     "throughput",
     "concurrency",
@@ -805,6 +837,7 @@ def render(doc: str, reports: dict[str, dict[str, Any]]) -> str:
         "verdicts": lambda: verdict_section(reports),
         "machine": lambda: machine_section(reports),
         "consistency": lambda: consistency_section(reports.get("consistency")),
+        "database": lambda: database_section(reports.get("database")),
         "window": lambda: window_section(reports.get("window")),
         "throughput": lambda: throughput_section(reports.get("throughput")),
         "concurrency": lambda: concurrency_section(reports.get("concurrency")),

@@ -25,7 +25,8 @@ DEB_PACKAGES=(
   radosgw
   virt-v2v
   virtnbdbackup
-  postgresql
+  postgresql  # also the database guest's checker: PostgreSQL 15 with amcheck, run on the host
+  mmdebstrap  # builds the database test guest's Debian root filesystem (testbed/database_guest.py)
   iproute2 util-linux  # the multi-host test bed: ip (loopback in each host's netns), unshare, nsenter
 )
 

@@ -65,6 +65,8 @@ class DiskRequest:
     fill_bytes: int = 0
     """Bytes of data (a non-zero pattern) written from the host at the start of the disk before the guest boots:
     fast, where a TCG guest would take minutes (benchmarks)."""
+    backing: Path | None = None
+    """Create the disk as a qcow2 overlay of this cached qcow2 image (the database guest's prebuilt disks)."""
 
 
 def live_instance_names() -> frozenset[str]:
@@ -227,8 +229,9 @@ def _supports_o_direct(directory: Path) -> bool:
 def _create_disk(path: Path, req: DiskRequest) -> None:
     if req.format not in DISK_FORMATS:
         raise ValueError(f"disk format must be one of {DISK_FORMATS}, not {req.format!r}")
+    backing = ["-b", str(req.backing), "-F", "qcow2"] if req.backing is not None else []
     proc = subprocess.run(
-        ["qemu-img", "create", "-q", "-f", req.format, str(path), str(req.size_bytes)],
+        ["qemu-img", "create", "-q", "-f", req.format, *backing, str(path), str(req.size_bytes)],
         capture_output=True,
         text=True,
         check=False,
