@@ -6,7 +6,7 @@ the empty home's catalog created). A bare ``python -c pass`` is measured alongsi
 run of each command under ``python -X importtime`` says where the import time goes.
 
     .venv/bin/python bench/startup.py                       # 20 runs each; bench/results/startup.{json,png}
-    .venv/bin/python bench/startup.py --quick               # smoke run: 3 runs each, temp dir
+    .venv/bin/python bench/startup.py --quick               # smoke run: 1 run each, temp dir
     .venv/bin/python bench/startup.py --src ../other/src --out /tmp/before   # measure another checkout's code
 """
 
@@ -169,7 +169,7 @@ def main() -> None:
     args = parser.parse_args()
     if replot(args, "startup", plot):
         return
-    runs = 3 if args.quick else args.runs
+    runs = 1 if args.quick else args.runs
     out_dir = output_dir(args, "startup")
     bench = Run("startup", args.quick)
     with tempfile.TemporaryDirectory(prefix="ffbench-startup-") as tmp:

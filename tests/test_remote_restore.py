@@ -108,8 +108,9 @@ def test_restore_from_a_remote_after_the_home_is_lost_boots_and_the_ledger_holds
 def test_a_policy_in_serve_snapshots_copies_and_prunes_on_time(
     ledger_guest: TestInstance, s3: S3Access, tmp_path: Path
 ) -> None:
-    """``freezeframe serve`` runs a 10-second policy on the ledger guest: each tick one job, the sets copied to
-    radosgw, keep-last 2 locally and keep-last 1 on the remote."""
+    """``freezeframe serve`` runs a 10-second policy (the shortest allowed) on the ledger guest: each tick one job,
+    the sets copied to radosgw, keep-last 2 locally and keep-last 1 on the remote; three runs are enough to see
+    both prunes."""
     home = tmp_path / "policy-home"
     with wiring.open_service(Settings(home=home, agent_timeout_s=5)) as ff:
         ff.offsite.add_remote("pol", bucket_url(), s3.s3_endpoint)
@@ -119,7 +120,7 @@ def test_a_policy_in_serve_snapshots_copies_and_prunes_on_time(
     started = time.monotonic()
     with running_server(home, env={"FREEZEFRAME_POLICY_TICK_S": "1"}) as server, server.client(token) as client:
         done: list[dict[str, Any]] = []
-        while len(done) < 4:
+        while len(done) < 3:
             assert time.monotonic() - started < 240, f"only {len(done)} policy runs finished: {server.log_tail()}"
             jobs = client.get("/v1/jobs", params={"kind": "policy"}).json()["items"]
             assert not [j for j in jobs if j["state"] == "failed"], [(j["error_type"], j["error"]) for j in jobs]
@@ -138,4 +139,4 @@ def test_a_policy_in_serve_snapshots_copies_and_prunes_on_time(
         mine = ff.list_sets(metadata={POLICY_KEY: "often"}, status=SetStatus.AVAILABLE)
         assert len(mine) == 2, [s.id for s in mine]  # keep-last 2: the others were pruned
         assert {s.id for s in ff.offsite.scan("pol")} == {mine[0].id}  # keep-last 1 on the remote
-        assert len(jobs) >= 4
+        assert len(jobs) >= 3
