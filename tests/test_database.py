@@ -32,7 +32,7 @@ from freezeframe.testbed.naive import naive_capture
 
 pytestmark = pytest.mark.vm
 
-SETS_PER_LEVEL = 2
+SETS_PER_LEVEL = 1
 NAIVE_ATTEMPTS = 3
 FREEZE_CAP_S = 60.0
 """Under TCG on a loaded 2-core host, syncing the guest's dirty pages at fsfreeze took over the default 10 s."""
