@@ -9,7 +9,6 @@ coordinator's job still runs it must not touch anything.
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -21,14 +20,13 @@ import pytest
 from freezeframe.adapters.host_registry import HostRegistry
 from freezeframe.adapters.service_store import FAILED, RUNNING, SUCCEEDED, Job, JobStore
 from freezeframe.agent.group_reconcile import settle_orphaned_group_sets
-from freezeframe.agent.inventory import instance_record
 from freezeframe.api.group_cluster import GROUP_SHARE_KIND, GROUP_SNAPSHOT_KIND, coordinator_lock, share_lock
 from freezeframe.config import Settings
 from freezeframe.group_flow import GroupRequest
 from freezeframe.group_model import GROUP_SET_KEY, GroupSet
 from freezeframe.model import SetStatus
 from freezeframe.service import Freezeframe
-from group_fakes import GroupHypervisor, ScriptedWiring
+from group_fakes import GroupHypervisor, ScriptedWiring, report_instances
 
 
 @dataclass
@@ -53,12 +51,7 @@ def host(tmp_path: Path) -> Iterator[Host]:
     settings = Settings(home=tmp_path / "h1")
     service = Freezeframe(settings, ScriptedWiring(settings, scripted))
     try:
-        registry = HostRegistry(service.catalog)
-        key = registry.enroll("h1")
-        registry.heartbeat(
-            "h1", key, uri="test:///h1", repository=str(settings.repository_dir), free_bytes=None,
-            instances=[instance_record(service.instance(n)) for n in ("db", "app")], agent_pid=os.getpid(),
-        )  # fmt: skip
+        registry = report_instances(service, "h1", ("db", "app"))
         yield Host(service, registry, scripted)
     finally:
         service.close()

@@ -120,6 +120,18 @@ def _share(service: Freezeframe, registry: HostRegistry, host: str, ctx: JobCont
             "window_ms": window_ms, "set_ids": [s.id for s in sets]}  # fmt: skip
 
 
+def on_hosts(registry: HostRegistry, group: Group) -> bool:
+    """Whether the hosts' reports hold an instance of the group: its snapshot is then a coordinator job (the CLI
+    asks; ``serve --multi-host`` always queues one)."""
+    for member in group.members:
+        try:
+            registry.locate(member.instance_uuid)
+        except InstanceNotFound:
+            continue
+        return True
+    return False
+
+
 def submit_group_snapshot(cluster: ClusterJobs, group: Group, body: Mapping[str, Any], token_id: str | None) -> Job:
     """Queue the coordinator on the host of the group's first instance (UUID order), locked on the group."""
     if not group.members:
