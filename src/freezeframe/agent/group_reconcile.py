@@ -34,9 +34,7 @@ def settle_orphaned_group_sets(service: Freezeframe, registry: HostRegistry, hos
     store = JobStore(service.catalog)
     coordinator = None
     reports = []
-    for group_set in service.groups.list_sets():
-        if group_set.status is not SetStatus.CREATING:
-            continue
+    for group_set in service.groups.groups.list_group_sets(status=SetStatus.CREATING):
         job = coordinator_job(store, group_set)
         if job is None or job.state in (QUEUED, RUNNING):
             continue
