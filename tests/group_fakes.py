@@ -3,19 +3,26 @@ recorded in one timeline (instance, call, time), and each guest's failures are s
 
 from __future__ import annotations
 
+import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+import pytest
+
+from freezeframe import cli_common
 from freezeframe.adapters.catalog import SqlCatalog
 from freezeframe.adapters.group_records import SqlGroups
+from freezeframe.adapters.host_registry import HostRegistry
 from freezeframe.adapters.journal import FileJournal
 from freezeframe.adapters.locks import FileLocks
 from freezeframe.adapters.qemu_img import QemuImg
 from freezeframe.adapters.repository import DirectoryRepository
+from freezeframe.agent.inventory import instance_record
 from freezeframe.config import Settings
 from freezeframe.errors import AgentUnavailable, CaptureFailed, HypervisorError, InstanceNotFound
 from freezeframe.flow import FlowSettings, SnapshotFlow
@@ -23,6 +30,7 @@ from freezeframe.group_flow import GroupFlow
 from freezeframe.group_model import Group, GroupMember
 from freezeframe.model import DiskSpec, Hardware, Instance, InstanceState
 from freezeframe.ports import CaptureTarget, ProgressCallback
+from freezeframe.service import Freezeframe
 from freezeframe.wiring import Wiring
 
 MiB = 1 << 20
@@ -216,3 +224,29 @@ class ScriptedWiring(Wiring):
     def flow(self) -> SnapshotFlow:
         return SnapshotFlow(self.hv, self.catalog, self.repository, self.journal, self.locks,  # type: ignore[arg-type]
                             FlowSettings(thaw_retry_s=1.0))  # fmt: skip
+
+
+def use_scripted_cli(monkeypatch: pytest.MonkeyPatch, home: Path, hv: GroupHypervisor) -> None:
+    """The real CLI, service, wiring and catalog (in ``home``) over the scripted hypervisor."""
+
+    @contextmanager
+    def factory(settings: Settings) -> Iterator[Freezeframe]:
+        service = Freezeframe(settings, ScriptedWiring(settings, hv))
+        try:
+            yield service
+        finally:
+            service.close()
+
+    monkeypatch.setattr(cli_common, "service_factory", factory)
+    monkeypatch.setenv("FREEZEFRAME_HOME", str(home))
+
+
+def report_instances(service: Freezeframe, host: str, names: Sequence[str]) -> HostRegistry:
+    """Enrol ``host`` and beat its heart once, reporting these instances, as its agent does."""
+    registry = HostRegistry(service.catalog)
+    key = registry.enroll(host)
+    registry.heartbeat(
+        host, key, uri=f"test:///{host}", repository=str(service.settings.repository_dir), free_bytes=None,
+        instances=[instance_record(service.instance(n)) for n in names], agent_pid=os.getpid(),
+    )  # fmt: skip
+    return registry

@@ -4,37 +4,22 @@ multi-instance hypervisor of tests/group_fakes.py (tests/test_group_vm.py does i
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
 from cli_helpers import run_cli
-from freezeframe import cli_common
-from freezeframe.config import Settings
 from freezeframe.model import InstanceState
-from freezeframe.service import Freezeframe
-from group_fakes import GroupHypervisor, ScriptedWiring
+from group_fakes import GroupHypervisor, use_scripted_cli
 
 
 @pytest.fixture
-def hv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[GroupHypervisor]:
+def hv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> GroupHypervisor:
     scripted = GroupHypervisor()
     for name in ("db", "app", "queue"):
         scripted.add(name)
-
-    @contextmanager
-    def factory(settings: Settings) -> Iterator[Freezeframe]:
-        service = Freezeframe(settings, ScriptedWiring(settings, scripted))
-        try:
-            yield service
-        finally:
-            service.close()
-
-    monkeypatch.setattr(cli_common, "service_factory", factory)
-    monkeypatch.setenv("FREEZEFRAME_HOME", str(tmp_path / "home"))
-    yield scripted
+    use_scripted_cli(monkeypatch, tmp_path / "home", scripted)
+    return scripted
 
 
 def _json(capsys: pytest.CaptureFixture[str], *args: str) -> object:

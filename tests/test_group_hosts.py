@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -25,9 +25,9 @@ from freezeframe.adapters.repository import DirectoryRepository
 from freezeframe.errors import GroupBarrierFailed, HostUnavailable
 from freezeframe.group_barrier import BarrierTimeouts, HostBarrier
 from freezeframe.group_flow import GroupRequest, new_group_set, weakest
-from freezeframe.group_hosts import GroupCoordinator, request_of
-from freezeframe.group_model import GROUP_SET_KEY, Group, GroupMember
-from freezeframe.model import Consistency, SetStatus
+from freezeframe.group_hosts import GroupCoordinator, request_of, share_body, split_by_host
+from freezeframe.group_model import GROUP_SET_KEY, Group, GroupMember, GroupSet
+from freezeframe.model import Consistency, SetStatus, SnapshotSet
 from freezeframe.ports.barrier import BarrierState, ShareOutcome
 from group_fakes import GroupHypervisor, GroupWorld, group_world
 
@@ -274,3 +274,81 @@ def test_one_hosts_repair_leaves_a_group_set_spanning_hosts_to_its_coordinator(h
     reports = hosts.worlds["h1"].group_flow().repair()
     assert any("spans other hosts" in r for r in reports), reports
     assert hosts.worlds["h1"].groups.get_group_set(group_set.id).status is SetStatus.CREATING
+
+
+# ---- a coordinator that died: the agents settle its group set ------------------------------------------------
+
+
+def _orphan(two: TwoHosts) -> tuple[GroupSet, dict[str, str]]:
+    """A coordinator that recorded its group set, queued both shares and died: the shares run on without it."""
+    _make_group(two)
+    group = two.worlds["h1"].groups.get_group("app")
+    group_set = new_group_set(group, _request())
+    two.worlds["h1"].groups.add_group_set(group_set)
+    shares = split_by_host(group, two.coordinator().host_of)
+    body = {h: share_body(_request(), group_set, list(shares), m) for h, m in shares.items()}
+    jobs = {h: two.jobs.submit_share(h, body[h]) for h in shares}
+    for thread in two.jobs.threads:
+        thread.join(10)
+    return group_set, jobs
+
+
+def _cleaner(two: TwoHosts, here: str, group_set: GroupSet) -> Callable[[SnapshotSet], bool]:
+    """What an agent's ``clean`` does: fail and clean the sets its host holds, leave the others."""
+    holder = two.coordinator().host_of
+    world = two.worlds[here]
+
+    def clean(snapshot_set: SnapshotSet) -> bool:
+        if holder(snapshot_set.instance_uuid) != here:
+            return False
+        world.group_flow().fail_member_set(group_set, world.catalog.get_set(snapshot_set.id))
+        return True
+
+    return clean
+
+
+def _settle(two: TwoHosts, here: str, group_set: GroupSet, jobs: dict[str, str]) -> str | None:
+    sets = two.worlds["h1"].catalog.list_sets(metadata={GROUP_SET_KEY: group_set.id})
+    current = two.worlds["h1"].groups.get_group_set(group_set.id)
+    why = "its coordinator job c1 ended (failed: interrupted)"
+    return two.coordinator().settle(current, jobs, sets, _cleaner(two, here, current), why)
+
+
+def test_a_dead_coordinators_group_set_whose_shares_all_succeeded_is_completed(hosts: TwoHosts) -> None:
+    """The shares recorded their sets only after every host copied: the point in time is whole, so it is kept."""
+    group_set, jobs = _orphan(hosts)
+    report = _settle(hosts, "h2", group_set, jobs)
+    assert report is not None and "recorded available" in report
+    settled = hosts.worlds["h1"].groups.get_group_set(group_set.id)
+    assert settled.status is SetStatus.AVAILABLE and settled.achieved is Consistency.FILESYSTEM
+    assert settled.window_ms is not None and settled.window_ms > 0
+    sets = hosts.worlds["h1"].catalog.list_sets(metadata={GROUP_SET_KEY: group_set.id})
+    assert len(sets) == 3 and all(s.status is SetStatus.AVAILABLE for s in sets)
+
+
+def test_a_dead_coordinators_group_set_with_a_failed_share_is_failed_once_every_host_cleaned(hosts: TwoHosts) -> None:
+    """h2's agent died after recording its set but before its job's success (the reaper failed the job): the group
+    set fails; h1's agent cleans h1's sets at once, h2's set waits for h2's agent, then the group set is failed."""
+    group_set, jobs = _orphan(hosts)
+    hosts.jobs.outcomes[jobs["h2"]] = ShareOutcome(False, "host h2 stopped answering")
+    assert _settle(hosts, "h1", group_set, jobs) is None, "h2's set is still there: the group set must wait"
+    catalog = hosts.worlds["h1"].catalog
+    assert hosts.worlds["h1"].groups.get_group_set(group_set.id).status is SetStatus.CREATING
+    by_name = {s.instance_name: s for s in catalog.list_sets(metadata={GROUP_SET_KEY: group_set.id})}
+    assert by_name["a1"].status is by_name["a2"].status is SetStatus.FAILED
+    assert by_name["b1"].status is SetStatus.AVAILABLE and hosts.worlds["h2"].repository.exists(by_name["b1"].id)
+    report = _settle(hosts, "h2", group_set, jobs)
+    assert report is not None and "marked failed" in report
+    _nothing_left(hosts)
+    assert "coordinator job c1 ended" in (hosts.worlds["h1"].groups.list_group_sets()[0].error or "")
+
+
+def test_a_dead_coordinators_group_set_is_left_alone_while_a_share_has_not_ended(hosts: TwoHosts) -> None:
+    hosts.jobs.stalled.add("h2")
+    hosts.jobs.ready_s = 0.3
+    group_set, jobs = _orphan(hosts)
+    assert _settle(hosts, "h1", group_set, jobs) is None
+    assert hosts.worlds["h1"].groups.get_group_set(group_set.id).status is SetStatus.CREATING
+    hosts.jobs.outcomes[jobs["h2"]] = ShareOutcome(False, "host h2 stopped answering")
+    assert _settle(hosts, "h1", group_set, jobs) is not None
+    _nothing_left(hosts)

@@ -8,7 +8,6 @@ import json
 import threading
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,13 +15,11 @@ from typing import Any
 import pytest
 
 from cli_helpers import run_cli
-from freezeframe import cli_common
 from freezeframe.adapters.catalog import SqlCatalog
 from freezeframe.adapters.policy_store import CatalogPolicies
 from freezeframe.adapters.service_store import JobStore
 from freezeframe.api.jobs import JobRunner
 from freezeframe.api.policy_scheduler import SKIPPED, PolicyScheduler
-from freezeframe.config import Settings
 from freezeframe.errors import CaptureFailed, InvalidRequest
 from freezeframe.flow import SnapshotRequest
 from freezeframe.group_flow import GroupRequest
@@ -32,8 +29,7 @@ from freezeframe.ops.groups import GroupSetView
 from freezeframe.ops.policies import POLICY_KEY, GroupRuns, PolicyRun, RemoteCopies, due_tick, new_policy, remote_units
 from freezeframe.ports.policies import PolicyState
 from freezeframe.scheduling import Policies
-from freezeframe.service import Freezeframe
-from group_fakes import GroupHypervisor, ScriptedWiring
+from group_fakes import GroupHypervisor, use_scripted_cli
 
 T0 = datetime(2026, 1, 5, 0, 0, tzinfo=UTC)
 
@@ -312,23 +308,13 @@ def test_bad_group_policies_are_refused(instance: str | None, kw: dict[str, Any]
 
 
 @pytest.fixture
-def scripted_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[GroupHypervisor]:
+def scripted_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> GroupHypervisor:
     """The real CLI, service, wiring and catalog over the scripted multi-instance hypervisor."""
     scripted = GroupHypervisor()
     for name in ("db", "app"):
         scripted.add(name)
-
-    @contextmanager
-    def factory(settings: Settings) -> Iterator[Freezeframe]:
-        service = Freezeframe(settings, ScriptedWiring(settings, scripted))
-        try:
-            yield service
-        finally:
-            service.close()
-
-    monkeypatch.setattr(cli_common, "service_factory", factory)
-    monkeypatch.setenv("FREEZEFRAME_HOME", str(tmp_path / "home"))
-    yield scripted
+    use_scripted_cli(monkeypatch, tmp_path / "home", scripted)
+    return scripted
 
 
 def test_group_policy_end_to_end_through_the_cli(

@@ -113,7 +113,7 @@ def snapshot(
             raise InvalidRequest("--group takes --consistency, --require, --name, --meta and --freeze-cap only")
         with open_service(home, connect, freeze_cap(cap)) as service:
             snapshot_group(service, group, consistency, require, check_name(name, "group set name"),
-                           parse_meta(meta), as_json)  # fmt: skip
+                           parse_meta(meta), as_json, cap_given=cap is not None)  # fmt: skip
         return
     if instance is None:
         raise typer.BadParameter("Missing argument 'INSTANCE' (or --group NAME)", param_hint="INSTANCE")

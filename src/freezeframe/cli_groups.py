@@ -12,10 +12,13 @@ import typer
 
 from freezeframe.cli_common import ConnectOpt, HomeOpt, JsonOpt, open_service, print_json
 from freezeframe.cli_output import Col, Piece, print_fields, print_table, progress_bar, say
+from freezeframe.errors import InvalidRequest
 from freezeframe.model import Consistency
 from freezeframe.validation import validate_backup_type, validate_int
 
 if TYPE_CHECKING:
+    from freezeframe.adapters.host_registry import HostRegistry
+    from freezeframe.group_flow import GroupRequest
     from freezeframe.group_model import Group, GroupSet
     from freezeframe.ops.groups import GroupSetView
     from freezeframe.service import Freezeframe
@@ -161,15 +164,41 @@ def backup(
 
 def snapshot_group(
     service: Freezeframe, group: str, consistency: Consistency, require: bool, name: str | None,
-    metadata: dict[str, str], as_json: bool,
+    metadata: dict[str, str], as_json: bool, cap_given: bool = False,
 ) -> None:  # fmt: skip
-    """``freezeframe snapshot --group NAME``."""
+    """``freezeframe snapshot --group NAME``: on this host, or - when the hosts of a multi-host deployment report
+    the group's instances - as a coordinator job on their agents, the same job ``POST /v1/groups/NAME/snapshots``
+    queues (``api.group_cluster.submit_group_snapshot``), followed until it ends."""
+    from freezeframe.adapters.host_registry import HostRegistry
+    from freezeframe.api.group_cluster import on_hosts
     from freezeframe.group_flow import GroupRequest
 
     request = GroupRequest(group, consistency, require, name=name, metadata=metadata)
-    with progress_bar(not as_json, "copying") as progress:
-        view = service.groups.snapshot(request, progress)
+    registry = HostRegistry(service.catalog)
+    if on_hosts(registry, service.groups.show(group)):
+        if cap_given:
+            raise InvalidRequest("--freeze-cap: across hosts, each agent's own cap bounds the group window")
+        view = _snapshot_on_hosts(service, registry, request, as_json)
+    else:
+        with progress_bar(not as_json, "copying") as progress:
+            view = service.groups.snapshot(request, progress)
     show_group_set(view, as_json)
+
+
+def _snapshot_on_hosts(service: Freezeframe, registry: HostRegistry, request: GroupRequest,
+                       as_json: bool) -> GroupSetView:  # fmt: skip
+    from freezeframe.api.cluster import ClusterJobs
+    from freezeframe.api.group_cluster import submit_group_snapshot
+    from freezeframe.api.routes_groups import GroupSnapshotCreate
+    from freezeframe.cli_hosts import follow_job
+
+    body = GroupSnapshotCreate(name=request.name, consistency=request.consistency, require=request.require,
+                               metadata=request.metadata)  # fmt: skip
+    cluster = ClusterJobs(service.catalog, service.settings.catalog_url, registry)
+    job = submit_group_snapshot(cluster, service.groups.show(request.group), body.model_dump(mode="json"), None)
+    job = follow_job(service, job, f"group {request.group} across hosts", f"group snapshot of {request.group}",
+                     as_json)  # fmt: skip
+    return service.groups.show_set(str((job.result or {})["group_set_id"]))
 
 
 def find_group_set(service: Freezeframe, ref: str) -> GroupSetView | None:

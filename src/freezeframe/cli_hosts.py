@@ -20,6 +20,7 @@ from freezeframe.validation import validate_name
 if TYPE_CHECKING:
     from freezeframe.adapters.host_registry import HostRecord
     from freezeframe.adapters.service_store import Job
+    from freezeframe.service import Freezeframe
 
 CONTEXT = {"help_option_names": ["-h", "--help"]}
 
@@ -177,13 +178,8 @@ def jobs_show(
 def restore_on_host(set_ref: str, name: str, host: str, *, start: bool, full: bool, as_json: bool) -> None:
     """``restore SET --as NAME --host H``: a job on H's agent (members transferred there, verified), followed with
     a progress bar until it finishes."""
-    import time
-
     from freezeframe.adapters.host_registry import HostRegistry
-    from freezeframe.adapters.service_store import JobStore
     from freezeframe.api.cluster import ClusterJobs
-    from freezeframe.cli_output import progress_bar
-    from freezeframe.errors import by_slug
 
     validate_name(name, "--as")
     validate_name(host, "--host")
@@ -192,23 +188,39 @@ def restore_on_host(set_ref: str, name: str, host: str, *, start: bool, full: bo
         jobs = ClusterJobs(service.catalog, service.settings.catalog_url, HostRegistry(service.catalog))
         request = {"name": name, "start": start, "full": full, "host": host}
         job = jobs.submit_restore(snapshot_set, request, project=None, token_id=None)
-        store = JobStore(service.catalog)
-        with progress_bar(not as_json, f"restoring on {host}") as progress:
-            while not job.finished:
-                time.sleep(0.2)
-                job = store.get(job.id)
-                if progress is not None and job.progress_total:
-                    progress(job.progress_done, job.progress_total)
+        job = follow_job(service, job, f"restoring on {host}", f"restore on {host}", as_json)
     if as_json:
         print_json(job_dict(job, host))
-    if job.state != "succeeded":
-        category = by_slug(job.error_type or "")
-        say(f"restore on {host} failed: {job.error}", stderr=True)
-        raise typer.Exit(category.exit_code if category else 1)
-    if not as_json:
-        result = job.result or {}
-        moved = f", members transferred from {result['transferred_from']}" if result.get("transferred_from") else ""
-        say(f"instance {name} restored on host {host} from set {snapshot_set.name}{moved}")
+        return
+    result = job.result or {}
+    moved = f", members transferred from {result['transferred_from']}" if result.get("transferred_from") else ""
+    say(f"instance {name} restored on host {host} from set {snapshot_set.name}{moved}")
+
+
+def follow_job(service: Freezeframe, job: Job, label: str, what: str, as_json: bool) -> Job:
+    """Wait for a job queued on an agent, with a progress bar; returns it once it succeeded, else prints why
+    (``--json``: the job too) and exits with its error's code."""
+    import time
+
+    from freezeframe.adapters.host_registry import HostRegistry
+    from freezeframe.adapters.service_store import SUCCEEDED, JobStore
+    from freezeframe.cli_output import progress_bar
+    from freezeframe.errors import by_slug
+
+    store = JobStore(service.catalog)
+    with progress_bar(not as_json, label) as progress:
+        while not job.finished:
+            time.sleep(0.2)
+            job = store.get(job.id)
+            if progress is not None and job.progress_total:
+                progress(job.progress_done, job.progress_total)
+    if job.state == SUCCEEDED:
+        return job
+    if as_json:
+        print_json(job_dict(job, HostRegistry(service.catalog).job_host(job.id)))
+    category = by_slug(job.error_type or "")
+    say(f"{what} failed: {job.error}", stderr=True)
+    raise typer.Exit(category.exit_code if category else 1)
 
 
 def register(app: typer.Typer) -> None:

@@ -203,19 +203,24 @@ class GroupFlow:
 
     def _fail_leftovers(self, group_set: GroupSet) -> None:
         for snapshot_set in self.flow.catalog.list_sets(metadata={GROUP_SET_KEY: group_set.id}):
-            if snapshot_set.status is SetStatus.FAILED:
-                continue
-            self.flow.repository.remove(snapshot_set.id)
-            rbd = [m.source_path for m in snapshot_set.members if m.store == RBD_STORE and m.source_path]
-            if rbd and self.flow.volumes is not None:
-                self.flow.volumes.remove(snapshot_set.id, rbd)
-            snapshot_set.status, snapshot_set.members = SetStatus.FAILED, []
-            snapshot_set.error = f"interrupted: group set {group_set.id} did not complete; repaired"
-            snapshot_set.completed_at = datetime.now(UTC)
-            self.flow.catalog.update_set(snapshot_set)
+            self.fail_member_set(group_set, snapshot_set)
         group_set.status, group_set.completed_at = SetStatus.FAILED, datetime.now(UTC)
         group_set.error = "interrupted: the freezeframe process stopped before the group set completed; repaired"
         self.groups.update_group_set(group_set)
+
+    def fail_member_set(self, group_set: GroupSet, snapshot_set: SnapshotSet) -> None:
+        """One set of a group set that did not complete: its data removed (this host's repository, its RBD
+        snapshots), the set failed. The caller holds the instance's lock."""
+        if snapshot_set.status is SetStatus.FAILED:
+            return
+        self.flow.repository.remove(snapshot_set.id)
+        rbd = [m.source_path for m in snapshot_set.members if m.store == RBD_STORE and m.source_path]
+        if rbd and self.flow.volumes is not None:
+            self.flow.volumes.remove(snapshot_set.id, rbd)
+        snapshot_set.status, snapshot_set.members = SetStatus.FAILED, []
+        snapshot_set.error = f"interrupted: group set {group_set.id} did not complete; repaired"
+        snapshot_set.completed_at = datetime.now(UTC)
+        self.flow.catalog.update_set(snapshot_set)
 
     def _prepare(self, member: GroupMember, group: Group, group_set: GroupSet, request: GroupRequest) -> PreparedMember:
         single = SnapshotRequest(

@@ -6,12 +6,19 @@ the others at the barrier (``group_barrier``). The coordinator watches the share
 including one the reaper fails because its host stopped answering - aborts the board, so every other share stops
 waiting, releases its guests and fails its sets. The group set is ``available`` only when every share succeeded,
 else ``failed`` with the first reason; either way nothing is left half-made.
+
+A coordinator that dies (its agent killed, its host down) leaves its group set ``creating``; once its job has
+ended (failed by the restarted agent or by the reaper) and every share has ended, the agents ``settle`` it: when
+every share succeeded and every instance has an available set, the group set is COMPLETED - the shares met at the
+barrier and recorded their sets only after every host had copied, so the point in time is whole and throwing it
+away would lose a good backup; otherwise each agent fails and cleans the sets held on its host, and the group set
+is failed once none of its sets is left (a member set on a host that is down waits for that host's agent).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -19,7 +26,7 @@ from freezeframe.errors import GroupBarrierFailed, InvalidRequest
 from freezeframe.group_barrier import READY, BarrierTimeouts
 from freezeframe.group_flow import GroupRequest, new_group_set, weakest
 from freezeframe.group_model import Group, GroupMember, GroupSet
-from freezeframe.model import Consistency, SetStatus
+from freezeframe.model import Consistency, SetStatus, SnapshotSet
 from freezeframe.ports.barrier import BarrierBoard, ShareJobs, ShareOutcome
 from freezeframe.ports.groups import Groups
 
@@ -80,9 +87,9 @@ class GroupCoordinator:
             outcomes = self._watch(group_set.id, jobs)
         except BaseException as exc:
             self.board.abort(group_set.id, COORDINATOR, str(exc) or type(exc).__name__)
-            self._decide(group_set, {}, error=str(exc) or type(exc).__name__)
+            self.decide(group_set, {}, error=str(exc) or type(exc).__name__)
             raise
-        return self._decide(group_set, outcomes)
+        return self.decide(group_set, outcomes)
 
     def _watch(self, group_set_id: str, jobs: dict[str, str]) -> dict[str, ShareOutcome]:
         """Until every share ended; the first failure aborts the board so that the others stop at once. Shares
@@ -110,7 +117,31 @@ class GroupCoordinator:
                 return {h: outcomes.get(h) or ShareOutcome(False, state.reason) for h in jobs}
             self.sleep(self.poll_s)
 
-    def _decide(self, group_set: GroupSet, outcomes: dict[str, ShareOutcome], error: str | None = None) -> GroupSet:
+    def settle(
+        self, group_set: GroupSet, shares: Mapping[str, str], sets: Sequence[SnapshotSet],
+        clean: Callable[[SnapshotSet], bool], why: str,
+    ) -> str | None:  # fmt: skip
+        """A ``creating`` group set whose coordinator's job ended (see the module docstring): ``shares`` are its
+        share jobs by host, ``sets`` its member sets, ``clean`` fails and cleans one set if this host holds it
+        (False: another host's, or busy). Returns what was done; None while a share still runs or a set waits
+        for its host."""
+        outcomes = {h: self.jobs.outcome(j) for h, j in shares.items()}
+        ended = {h: o for h, o in outcomes.items() if o is not None}
+        if len(ended) != len(outcomes):
+            return None
+        whole = {s.instance_uuid for s in sets if s.status is SetStatus.AVAILABLE} >= {
+            m.instance_uuid for m in group_set.instances
+        }
+        if ended and whole and all(o.ok for o in ended.values()):
+            self.decide(group_set, ended)
+            return f"group set {group_set.name}: {why}, but every share succeeded; recorded available"
+        left = [s for s in sets if s.status is not SetStatus.FAILED and not clean(s)]
+        if left:
+            return None
+        self.decide(group_set, {}, error=f"interrupted: {why}; every share ended and the sets' data was removed")
+        return f"group set {group_set.name}: {why}; marked failed, its sets removed"
+
+    def decide(self, group_set: GroupSet, outcomes: dict[str, ShareOutcome], error: str | None = None) -> GroupSet:
         failed = [f"host {h}: {o.error}" for h, o in outcomes.items() if not o.ok]
         error = error or ("; ".join(failed) if failed else None)
         group_set.completed_at = datetime.now(UTC)

@@ -81,10 +81,12 @@ class SqlGroups:
             raise InvalidRequest(f"{ref!r} names {len(rows)} group sets; give more of the id")
         raise GroupNotFound(f"no group set {ref!r}; `freezeframe group sets` lists them")
 
-    def list_group_sets(self, group: str | None = None) -> list[GroupSet]:
+    def list_group_sets(self, group: str | None = None, status: SetStatus | None = None) -> list[GroupSet]:
         query = select(GROUP_SETS).order_by(GROUP_SETS.c.created_at.desc(), GROUP_SETS.c.id)
         if group is not None:
             query = query.where(GROUP_SETS.c.group_name == group)
+        if status is not None:
+            query = query.where(GROUP_SETS.c.status == str(status))
         with self._catalog.connect("listing group sets", write=False) as connection:
             return [_group_set(row) for row in connection.execute(query)]
 

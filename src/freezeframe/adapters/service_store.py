@@ -130,6 +130,12 @@ class JobStore:
                 return None
             return _job(connection.execute(select(JOBS).where(JOBS.c.id == job_id)).one())
 
+    def locked_on(self, prefix: str) -> list[Job]:
+        """Jobs whose lock key starts with ``prefix`` (a group's coordinators, a group set's shares), oldest first."""
+        where = JOBS.c.lock_key.startswith(prefix, autoescape=True)
+        with self._catalog.connect(f"listing the jobs locked on {prefix}", write=False) as connection:
+            return [_job(row) for row in connection.execute(select(JOBS).where(where).order_by(JOBS.c.created_at))]
+
     def unfinished(self) -> list[Job]:
         query = select(JOBS).where(JOBS.c.state.in_([QUEUED, RUNNING])).order_by(JOBS.c.created_at)
         with self._catalog.connect("listing unfinished jobs", write=False) as connection:

@@ -3,10 +3,11 @@
 Start-up, in this order: authenticate with the host's key (nothing runs for an agent that is not its host's);
 ``repair`` - the journal of a killed predecessor thaws/resumes its guest and fails the half-made set; the jobs
 that predecessor was running are marked failed (interrupted) and their queue rows finished, so none is lost
-silently nor run twice; sets of this host's ended jobs left ``creating`` are failed (``reconcile``, again
-every 5 s from the heartbeat thread); then the first heartbeat, and procrastinate's worker on ``host.<name>``
-(plus the control queue). Each job runs in a worker thread while the freeze-window watchdog of the flow keeps
-its guarantees there. A stop lets running jobs finish (procrastinate's graceful stop), then signs the host off.
+silently nor run twice; sets of this host's ended jobs left ``creating`` are failed and group sets whose
+coordinator died are settled (``reconcile``, again every 5 s from the heartbeat thread); then the first
+heartbeat, and procrastinate's worker on ``host.<name>`` (plus the control queue). Each job runs in a worker
+thread while the freeze-window watchdog of the flow keeps its guarantees there. A stop lets running jobs finish
+(procrastinate's graceful stop), then signs the host off.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from freezeframe.adapters.group_records import SqlGroups
 from freezeframe.adapters.host_registry import HostRegistry
 from freezeframe.adapters.job_queue import CONTROL_QUEUE, REAP_TASK, RUN_JOB_TASK, conninfo, ensure_schema, queue_of
 from freezeframe.adapters.service_store import FAILED, QUEUED, RUNNING, SUCCEEDED, JobStore
+from freezeframe.agent.group_reconcile import settle_orphaned_group_sets
 from freezeframe.agent.inventory import free_bytes, instance_record
 from freezeframe.agent.reaper import fail_stranded, stranded_jobs
 from freezeframe.agent.reconcile import fail_stale_sets
@@ -85,8 +87,11 @@ class Agent:
         self.heartbeat()
 
     def reconcile(self) -> None:
-        """Sets of this host's ended jobs still ``creating`` (recorded half-way) are failed and their files removed."""
+        """Sets of this host's ended jobs still ``creating`` (recorded half-way) are failed and their files removed;
+        group sets whose coordinator died are settled (``group_reconcile``)."""
         for line in fail_stale_sets(self.service, self.registry, self.config.name):
+            log.warning("reconciling: %s", line)
+        for line in settle_orphaned_group_sets(self.service, self.registry, self.config.name):
             log.warning("reconciling: %s", line)
 
     def _fail_interrupted_jobs(self) -> list[str]:

@@ -8,8 +8,9 @@ runs on its host (``GroupFlow.snapshot_share``) and meets the others on the cata
 
 from __future__ import annotations
 
+import functools
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from freezeframe.adapters.barrier_board import SqlBarrierBoard
@@ -32,15 +33,17 @@ GROUP_JOB_KINDS = (GROUP_SNAPSHOT_KIND, GROUP_SHARE_KIND)
 
 
 class ClusterShareJobs:
-    """``ShareJobs`` over the cluster's job queue and the jobs' rows."""
+    """``ShareJobs`` over the cluster's job queue (opened at the first share queued: settling a dead coordinator's
+    group set only reads outcomes) and the jobs' rows."""
 
-    def __init__(self, cluster: ClusterJobs, store: JobStore, token_id: str | None) -> None:
+    def __init__(self, cluster: Callable[[], ClusterJobs], store: JobStore, token_id: str | None) -> None:
         self.cluster, self.store, self.token_id = cluster, store, token_id
 
     def submit_share(self, host: str, body: Mapping[str, object]) -> str:
-        spec = JobSpec(kind=GROUP_SHARE_KIND, lock_key=f"groupshare:{body['group_set_id']}:{host}", project=None,
+        spec = JobSpec(kind=GROUP_SHARE_KIND, lock_key=share_lock(str(body["group_set_id"]), host), project=None,
                        request=dict(body), token_id=self.token_id)  # fmt: skip
-        return self.cluster.submit(spec, self.cluster.registry.host(host)).id
+        cluster = self.cluster()
+        return cluster.submit(spec, cluster.registry.host(host)).id
 
     def outcome(self, job_id: str) -> ShareOutcome | None:
         job = self.store.get(job_id)
@@ -51,6 +54,25 @@ class ClusterShareJobs:
         result = job.result or {}
         return ShareOutcome(True, achieved=result.get("consistency"), window_ms=result.get("window_ms"),
                             set_ids=tuple(result.get("set_ids", ())))  # fmt: skip
+
+
+def cluster_coordinator(service: Freezeframe, registry: HostRegistry, token_id: str | None) -> GroupCoordinator:
+    """The coordinator over the cluster's queue and the catalog's barrier board (also what settles the group set
+    of a coordinator that died, ``agent/group_reconcile``)."""
+    cluster = functools.cache(lambda: ClusterJobs(service.catalog, service.settings.catalog_url, registry))
+    return GroupCoordinator(
+        service.groups.groups, SqlBarrierBoard(service.catalog), ClusterShareJobs(cluster, JobStore(service.catalog),
+        token_id), host_of=lambda uuid: registry.locate(uuid)[0].name, poll_s=0.05,
+    )  # fmt: skip
+
+
+def coordinator_lock(group: str) -> str:
+    return f"group:{group}"
+
+
+def share_lock(group_set_id: str, host: str = "") -> str:
+    """The lock key of a share job; with no host, the prefix every share of the group set starts with."""
+    return f"groupshare:{group_set_id}:{host}"
 
 
 def run_group_job(service: Freezeframe, registry: HostRegistry, host: str, ctx: JobContext, job: Job) -> dict[str, Any]:
@@ -70,13 +92,8 @@ def _coordinate(service: Freezeframe, registry: HostRegistry, ctx: JobContext, j
         str(body["group"]), Consistency(body.get("consistency", Consistency.FILESYSTEM)), bool(body.get("require")),
         name=body.get("name"), metadata=dict(body.get("metadata") or {}), group_set_id=str(body["group_set_id"]),
     )  # fmt: skip
-    cluster = ClusterJobs(service.catalog, service.settings.catalog_url, registry)
-    coordinator = GroupCoordinator(
-        service.groups.groups, SqlBarrierBoard(service.catalog), ClusterShareJobs(cluster, JobStore(service.catalog),
-        job.token_id), host_of=lambda uuid: registry.locate(uuid)[0].name, poll_s=0.05,
-    )  # fmt: skip
     ctx.phase("coordinating")
-    group_set = coordinator.snapshot(request)
+    group_set = cluster_coordinator(service, registry, job.token_id).snapshot(request)
     view = service.groups.show_set(group_set.id)
     return {"group_set_id": group_set.id, "status": str(group_set.status),
             "consistency": str(group_set.achieved) if group_set.achieved else None,
@@ -103,6 +120,18 @@ def _share(service: Freezeframe, registry: HostRegistry, host: str, ctx: JobCont
             "window_ms": window_ms, "set_ids": [s.id for s in sets]}  # fmt: skip
 
 
+def on_hosts(registry: HostRegistry, group: Group) -> bool:
+    """Whether the hosts' reports hold an instance of the group: its snapshot is then a coordinator job (the CLI
+    asks; ``serve --multi-host`` always queues one)."""
+    for member in group.members:
+        try:
+            registry.locate(member.instance_uuid)
+        except InstanceNotFound:
+            continue
+        return True
+    return False
+
+
 def submit_group_snapshot(cluster: ClusterJobs, group: Group, body: Mapping[str, Any], token_id: str | None) -> Job:
     """Queue the coordinator on the host of the group's first instance (UUID order), locked on the group."""
     if not group.members:
@@ -112,6 +141,6 @@ def submit_group_snapshot(cluster: ClusterJobs, group: Group, body: Mapping[str,
         host = cluster.registry.locate(first.instance_uuid)[0]
     except InstanceNotFound:
         raise HostUnavailable(f"no host reports instance {first.instance_name} of group {group.name}") from None
-    spec = JobSpec(kind=GROUP_SNAPSHOT_KIND, lock_key=f"group:{group.name}", project=None, token_id=token_id,
+    spec = JobSpec(kind=GROUP_SNAPSHOT_KIND, lock_key=coordinator_lock(group.name), project=None, token_id=token_id,
                    request=coordinator_request(group.name, str(uuid.uuid4()), body))  # fmt: skip
     return cluster.submit(spec, host)

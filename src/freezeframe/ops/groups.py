@@ -114,6 +114,11 @@ class GroupOps:
         """This host's share of a group set spread over several hosts (see ``group_hosts``)."""
         return self._group_flow().snapshot_share(group_set, members, request, rendezvous, progress)
 
+    def fail_member_set(self, group_set: GroupSet, snapshot_set: SnapshotSet) -> None:
+        """A set of a group set that did not complete, held on this host (``GroupFlow.fail_member_set``); the
+        caller holds the instance's lock."""
+        self._group_flow().fail_member_set(group_set, snapshot_set)
+
     def show_set(self, ref: str) -> GroupSetView:
         return self._view(self.groups.get_group_set(ref))
 

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 from typing import Protocol
 
 from freezeframe.group_model import Group, GroupMember, GroupSet
+from freezeframe.model import SetStatus
 
 
 class Groups(Protocol):
@@ -28,7 +29,7 @@ class Groups(Protocol):
     def get_group_set(self, ref: str) -> GroupSet:
         """By full id, unique id prefix or unique name; raise GroupNotFound otherwise."""
 
-    def list_group_sets(self, group: str | None = None) -> list[GroupSet]:
-        """Newest first."""
+    def list_group_sets(self, group: str | None = None, status: SetStatus | None = None) -> list[GroupSet]:
+        """Newest first; only those of ``group`` and in ``status`` when given."""
 
     def delete_group_set(self, group_set_id: str) -> None: ...
