@@ -94,8 +94,11 @@ def hosts_api(deployment: Deployment) -> Iterator[tuple[ServerProcess, str]]:
 
 def wait_reported(d: Deployment, timeout_s: float = 30.0) -> None:
     """Until every host's heartbeat lists its guests (and every host is up)."""
-    want = {g.name: h for h, gs in d.guests.items() for g in gs}
-    catalog = d.catalog()
+    wait_hosts_report(d.catalog(), {g.name: h for h, gs in d.guests.items() for g in gs}, timeout_s)
+
+
+def wait_hosts_report(catalog: SqlCatalog, want: dict[str, str], timeout_s: float = 30.0) -> None:
+    """Until each instance named in ``want`` is reported by its host there (the host up); closes ``catalog``."""
     try:
         deadline = time.monotonic() + timeout_s
         while True:

@@ -22,13 +22,12 @@ import httpx
 import pytest
 
 from freezeframe.adapters.catalog import SqlCatalog
-from freezeframe.adapters.host_registry import HostRegistry
 from freezeframe.group_model import GROUP_SET_KEY
 from freezeframe.model import Consistency, SetStatus, SnapshotSet
 from freezeframe.testbed.api_server import ServerProcess, issue_token, running_server
 from freezeframe.testbed.guest import GuestImage
 from freezeframe.testbed.linked_ledger import LinkedPair, LinkVerdict, check_link, linked_pair, wait_for_records
-from hosts_helpers import hosts_and_database, libvirt_connection
+from hosts_helpers import hosts_and_database, libvirt_connection, wait_hosts_report
 
 pytestmark = pytest.mark.vm
 SETS_PER_LEVEL = 30
@@ -52,20 +51,6 @@ class Bed:
             catalog.close()
 
 
-def _wait_hosts_report(url: str, want: dict[str, str], timeout_s: float = 60.0) -> None:
-    catalog = SqlCatalog(url)
-    try:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            seen = {i["name"]: h.name for h in HostRegistry(catalog).hosts() if h.state == "up" for i in h.instances}
-            if all(seen.get(n) == h for n, h in want.items()):
-                return
-            assert time.monotonic() < deadline, f"hosts report {seen}, want {want}"
-            time.sleep(0.3)
-    finally:
-        catalog.close()
-
-
 @pytest.fixture(scope="module")
 def bed(guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
     root = tmp_path_factory.mktemp("grouphosts")
@@ -78,7 +63,7 @@ def bed(guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory) -> It
         pair = stack.enter_context(
             linked_pair(conn_a, receiver_conn=conn_b, workdir=root / "pair", guest=guest_image, name_prefix="ffgh")
         )
-        _wait_hosts_report(url, {pair.sender.name: first.name, pair.receiver.name: second.name})
+        wait_hosts_report(SqlCatalog(url), {pair.sender.name: first.name, pair.receiver.name: second.name}, 60.0)
         home = root / "api"
         token = issue_token(home, "admin")
         server = stack.enter_context(running_server(home, args=("--multi-host",)))

@@ -14,12 +14,11 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from freezeframe.testbed.guest import GuestBuildError, GuestImage, _locked, default_cache_dir
+from freezeframe.testbed.guest import GuestBuildError, GuestImage, _locked, default_cache_dir, publish_build
 from freezeframe.testbed.instance import MIB
 
 DATA_DIR = Path(__file__).resolve().parent / "database_guest"
@@ -78,17 +77,7 @@ def build_database_guest(cache_dir: Path | None = None, mirror: str | None = Non
         if all(p.is_file() for p in (image.kernel, image.initrd, image.root, image.data, image.wal)):
             return image
         started = time.monotonic()
-        work = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
-        work.chmod(0o755)
-        try:
-            _build_into(work, mirror)
-            (work / "inputs.json").write_text(json.dumps(inputs, indent=2, sort_keys=True) + "\n")
-            if final.exists():
-                shutil.rmtree(final)
-            work.rename(final)
-        finally:
-            if work.exists():
-                shutil.rmtree(work, ignore_errors=True)
+        publish_build(final, inputs, lambda work: _build_into(work, mirror))
         print(f"testbed: built database guest {key} in {time.monotonic() - started:.1f}s at {final}")
         return image
 

@@ -20,7 +20,7 @@ import stat
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -99,19 +99,25 @@ def build_guest(cache_dir: Path | None = None) -> GuestImage:
             return image
         started = time.monotonic()
         deb = _download_kernel(root / "debs", kernel_pkg, kernel_ver)
-        work = Path(tempfile.mkdtemp(prefix=".build-", dir=root))
-        work.chmod(0o755)
-        try:
-            _build_into(work, deb)
-            (work / "inputs.json").write_text(json.dumps(inputs, indent=2, sort_keys=True) + "\n")
-            if final.exists():  # a half-written leftover cannot exist (rename is atomic); stale only
-                shutil.rmtree(final)
-            work.rename(final)
-        finally:
-            if work.exists():
-                shutil.rmtree(work, ignore_errors=True)
+        publish_build(final, inputs, lambda work: _build_into(work, deb))
         print(f"testbed: built guest {key} in {time.monotonic() - started:.1f}s at {final}")
         return image
+
+
+def publish_build(final: Path, inputs: dict[str, object], build: Callable[[Path], None]) -> None:
+    """Run ``build`` in a scratch folder beside ``final`` and rename it into place: a reader (under the cache's
+    lock) sees a whole build or none, and a failed build leaves nothing behind."""
+    work = Path(tempfile.mkdtemp(prefix=".build-", dir=final.parent))
+    work.chmod(0o755)
+    try:
+        build(work)
+        (work / "inputs.json").write_text(json.dumps(inputs, indent=2, sort_keys=True) + "\n")
+        if final.exists():  # a half-written leftover cannot exist (rename is atomic); stale only
+            shutil.rmtree(final)
+        work.rename(final)
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
 
 
 @contextlib.contextmanager
