@@ -61,7 +61,7 @@ from freezeframe.testbed.naive import naive_capture
 
 MAX_CONSECUTIVE_ERRORS = 3
 FREEZE_CAP_S = 60.0
-"""Under TCG on a loaded 2-core host, syncing the guest's dirty pages at fsfreeze took over the default 10 s."""
+"""A generous cap: the guest's fsfreeze hook (CHECKPOINT) and freeze run on a TCG vCPU pgbench keeps saturated."""
 QUIET_S = 20.0
 """Seconds of undisturbed pgbench before and after the samples: the TPS baseline."""
 EXCLUDED = ("vda",)

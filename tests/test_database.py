@@ -35,7 +35,7 @@ pytestmark = pytest.mark.vm
 SETS_PER_LEVEL = 1
 NAIVE_ATTEMPTS = 3
 FREEZE_CAP_S = 60.0
-"""Under TCG on a loaded 2-core host, syncing the guest's dirty pages at fsfreeze took over the default 10 s."""
+"""A generous cap: the guest's fsfreeze hook (CHECKPOINT) and freeze run on a TCG vCPU pgbench keeps saturated."""
 NAIVE_GAP_S = 10.0
 """Seconds between the WAL volume's and the data volume's capture (per-volume API calls are seconds apart): longer
 than the guest's checkpoint cycle (harshen_load), so the data volume's pg_control names a checkpoint the captured

@@ -71,7 +71,10 @@ def harshen_load(inst: TestInstance, checkpoint_every_s: float = 2.0) -> None:
     """Make the load harsher, through the guest agent: a CHECKPOINT every few seconds (as a write-heavy server
     that reaches max_wal_size often has) and prompt page-cache writeback, so the data volume changes all the
     time instead of every 30 s. pgbench alone under TCG (a few TPS) hardly ever broke a naive capture."""
-    loop = f"while :; do sleep {checkpoint_every_s:g}; su postgres -c 'psql -X -q -c CHECKPOINT'; done"
+    psql = "setpriv --reuid=postgres --regid=postgres --init-groups --reset-env /usr/lib/postgresql/15/bin/psql"
+    # Not `su postgres -c psql`: Debian's psql is a Perl wrapper and su a PAM session, seconds of CPU each under
+    # TCG, which starved the guest (pgbench's TPS) and the fsfreeze hook.
+    loop = f"cd /; while :; do sleep {checkpoint_every_s:g}; {psql} -X -q -c CHECKPOINT; done"
     script = (
         "PATH=/usr/sbin:/usr/bin:/sbin:/bin; "
         "sysctl -q -w vm.dirty_background_bytes=1048576 vm.dirty_expire_centisecs=100; "
