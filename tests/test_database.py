@@ -20,11 +20,13 @@ from freezeframe.flow import SnapshotRequest
 from freezeframe.incremental import FULL
 from freezeframe.model import Consistency
 from freezeframe.service import Freezeframe
-from freezeframe.testbed.database_check import DatabaseVerdict, check_database
+from freezeframe.testbed.database_check import DatabaseVerdict, check_database, inspect_database
 from freezeframe.testbed.database_guest import DatabaseGuestImage, build_database_guest
 from freezeframe.testbed.database_instance import (
+    guest_sql,
     pgbench_progress,
     running_database,
+    wait_for_database,
     wait_for_pgbench,
 )
 from freezeframe.testbed.instance import TestInstance
@@ -102,6 +104,31 @@ def test_naive_per_volume_capture_breaks_postgresql(db_guest: TestInstance, tmp_
             reasons.append(verdict.reason)
             break
     assert reasons, f"{NAIVE_ATTEMPTS} naive WAL-then-data captures all passed the checker"
+
+
+def test_a_set_restored_as_a_new_instance_recovers_in_its_own_guest(
+    libvirt_conn: Any, db_guest: TestInstance, service: Freezeframe, tmp_path: Path
+) -> None:
+    """The set becomes a new instance (root, data and WAL volumes): its PostgreSQL runs crash recovery in the new
+    guest and comes up; amcheck and pgbench's balance sums are judged there, by that server."""
+    wait_for_pgbench(db_guest)
+    result = service.snapshot(
+        SnapshotRequest(db_guest.name, Consistency.APPLICATION, require=True, name="db-restore", mode=FULL)
+    )
+    name = f"{db_guest.name}-restored"
+    restored = service.lifecycle.restore(result.id, name, start=True)
+    try:
+        assert sorted(d.target for d in restored.disks) == ["vda", "vdb", "vdc"]
+        guest = TestInstance(name, restored.uuid, libvirt_conn.lookupByName(name), [], tmp_path / "no-console",
+                             "pgbench", agent_timeout_s=60)  # fmt: skip
+        up_s = wait_for_database(guest)
+        verdict = inspect_database(guest_sql(guest), recovery_s=None)
+        print(f"restored instance: PostgreSQL up {up_s:.0f} s after start; {verdict.reason}")
+        assert verdict.ok, verdict.reason
+        assert verdict.history_rows, "the restored database holds no pgbench transaction"
+    finally:
+        service.lifecycle.discard(name)
+        service.lifecycle.delete(result.id)
 
 
 def test_guest_is_thawed_and_pgbench_still_commits(db_guest: TestInstance) -> None:

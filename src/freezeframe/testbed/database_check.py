@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,7 +142,7 @@ def _judge(data: Path, wal: Path, work: Path) -> DatabaseVerdict:
         if start.returncode != 0:
             why = _server_errors(log) or (start.stderr.strip() or start.stdout.strip())[-600:]
             return DatabaseVerdict(False, f"crash recovery failed: {why}", recovery_s)
-        return _inspect(work / "sock", recovery_s)
+        return inspect_database(lambda sql: _psql(work / "sock", sql), recovery_s)
     finally:
         _run(_as_postgres(str(PG_BIN / "pg_ctl"), "stop", "-m", "immediate", "-w", "-D", str(conf)))
 
@@ -183,21 +183,26 @@ def _psql(sock: Path, sql: str) -> tuple[bool, str]:
     return True, proc.stdout.strip()
 
 
-def _inspect(sock: Path, recovery_s: float) -> DatabaseVerdict:
+SqlRunner = Callable[[str], tuple[bool, str]]
+"""Runs one SQL statement against the recovered database: (succeeded, its output or PostgreSQL's error)."""
+
+
+def inspect_database(run_sql: SqlRunner, recovery_s: float | None) -> DatabaseVerdict:
+    """amcheck and pgbench's balance sums on a database that has come up (on this host, or in a restored guest)."""
     tables = ", ".join(f"'{t}'" for t in PGBENCH_TABLES)
-    ok, out = _psql(sock, "CREATE EXTENSION IF NOT EXISTS amcheck")
+    ok, out = run_sql("CREATE EXTENSION IF NOT EXISTS amcheck")
     if not ok:
         return DatabaseVerdict(False, f"CREATE EXTENSION amcheck: {out}", recovery_s)
-    ok, out = _psql(sock, HEAP_SQL.format(tables=tables))
+    ok, out = run_sql(HEAP_SQL.format(tables=tables))
     if not ok:
         return DatabaseVerdict(False, f"verify_heapam: {out}", recovery_s)
     if out != "0":
-        _, detail = _psql(sock, HEAP_DETAIL_SQL.format(tables=tables))
+        _, detail = run_sql(HEAP_DETAIL_SQL.format(tables=tables))
         return DatabaseVerdict(False, f"verify_heapam found {out} problems: {detail}", recovery_s)
-    ok, out = _psql(sock, INDEX_SQL.format(tables=tables))
+    ok, out = run_sql(INDEX_SQL.format(tables=tables))
     if not ok:
         return DatabaseVerdict(False, f"bt_index_check: {out}", recovery_s)
-    ok, out = _psql(sock, SUMS_SQL)
+    ok, out = run_sql(SUMS_SQL)
     if not ok:
         return DatabaseVerdict(False, f"sums: {out}", recovery_s)
     accounts, tellers, branches, history, rows = (int(v) for v in out.split("|"))

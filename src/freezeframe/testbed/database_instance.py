@@ -13,10 +13,17 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import libvirt
+
+from freezeframe.testbed.database_check import SqlRunner
 from freezeframe.testbed.database_guest import DATA_SIZE, ROOT_SIZE, WAL_SIZE, DatabaseGuestImage
 from freezeframe.testbed.instance import DiskRequest, TestbedError, TestInstance, running_instance
 
 KERNEL_CMDLINE = ("root=/dev/vda", "rw", "fastboot")
+GUEST_PSQL = ("/usr/bin/setpriv", "--reuid=postgres", "--regid=postgres", "--init-groups", "--reset-env",
+              "/usr/lib/postgresql/15/bin/psql", "-X", "-q")  # fmt: skip
+"""psql itself as postgres: Debian's /usr/bin/psql is a Perl wrapper and su opens a PAM session, seconds of CPU
+each under TCG, which starved the guest (pgbench's TPS) and the fsfreeze hook."""
 _PROGRESS = re.compile(rb"progress: (\d+\.\d+) s, (\d+\.\d+) tps")
 
 
@@ -71,10 +78,7 @@ def harshen_load(inst: TestInstance, checkpoint_every_s: float = 2.0) -> None:
     """Make the load harsher, through the guest agent: a CHECKPOINT every few seconds (as a write-heavy server
     that reaches max_wal_size often has) and prompt page-cache writeback, so the data volume changes all the
     time instead of every 30 s. pgbench alone under TCG (a few TPS) hardly ever broke a naive capture."""
-    psql = "setpriv --reuid=postgres --regid=postgres --init-groups --reset-env /usr/lib/postgresql/15/bin/psql"
-    # Not `su postgres -c psql`: Debian's psql is a Perl wrapper and su a PAM session, seconds of CPU each under
-    # TCG, which starved the guest (pgbench's TPS) and the fsfreeze hook.
-    loop = f"cd /; while :; do sleep {checkpoint_every_s:g}; {psql} -X -q -c CHECKPOINT; done"
+    loop = f"cd /; while :; do sleep {checkpoint_every_s:g}; {' '.join(GUEST_PSQL)} -c CHECKPOINT; done"
     script = (
         "PATH=/usr/sbin:/usr/bin:/sbin:/bin; "
         "sysctl -q -w vm.dirty_background_bytes=1048576 vm.dirty_expire_centisecs=100; "
@@ -83,3 +87,29 @@ def harshen_load(inst: TestInstance, checkpoint_every_s: float = 2.0) -> None:
     code, _, err = inst.guest_exec(["/bin/sh", "-c", script], timeout_s=60)
     if code != 0:
         raise TestbedError(f"{inst.name}: could not start the checkpoint loop: {err.strip()}")
+
+
+def guest_sql(inst: TestInstance, timeout_s: float = 300.0) -> SqlRunner:
+    """Run SQL in the guest's own PostgreSQL through the guest agent (for a set restored as a new instance)."""
+
+    def run(sql: str) -> tuple[bool, str]:
+        argv = [*GUEST_PSQL, "-tA", "-v", "ON_ERROR_STOP=1", "-d", "postgres", "-c", sql]
+        code, out, err = inst.guest_exec(argv, timeout_s=timeout_s)
+        return (True, out.strip()) if code == 0 else (False, (err.strip() or f"psql exited {code}")[-600:])
+
+    return run
+
+
+def wait_for_database(inst: TestInstance, timeout_s: float = 600.0) -> float:
+    """Seconds until the guest's PostgreSQL accepts connections and has left recovery (its crash recovery done)."""
+    started = time.monotonic()
+    run, last = guest_sql(inst, timeout_s=60), "no answer yet"
+    while time.monotonic() - started < timeout_s:
+        try:
+            ok, last = run("SELECT pg_is_in_recovery()")
+            if ok and last == "f":
+                return time.monotonic() - started
+        except (OSError, TimeoutError, libvirt.libvirtError, KeyError) as exc:  # the agent is not up yet
+            last = f"{type(exc).__name__}: {exc}"
+        time.sleep(1.0)
+    raise TestbedError(f"{inst.name}: PostgreSQL did not come up in {timeout_s:.0f} s: {last}")
