@@ -185,6 +185,14 @@ def start_agent(host: TestbedHost, catalog_url: str, key: str, extra_env: dict[s
     return process.pid
 
 
+def _stopped(pid: int) -> bool:
+    """Stopped by SIGSTOP (or traced): it reacts to nothing but SIGKILL and SIGCONT."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1] in ("T", "t")
+    except OSError:
+        return False
+
+
 def stop_pids(pids: list[int | None], grace_s: float = 10.0, sig: int = signal.SIGTERM) -> None:
     """Signal every live process at once, then wait for all of them (SIGKILL whoever outlives ``grace_s``)."""
     live = [pid for pid in pids if pid is not None and _alive(pid)]
@@ -313,6 +321,42 @@ def _key(host: TestbedHost) -> str:
     return (Path(host.dir) / "agent.key").read_text().strip()
 
 
+def _settings_env(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k.startswith("FREEZEFRAME_")}
+
+
+def _runs_as_started_now(host: TestbedHost, catalog_url: str) -> bool:
+    """The agent is alive, not stopped, and has the settings (``FREEZEFRAME_*``) a start now would give it."""
+    pid = host.agent_pid
+    if pid is None or not _alive(pid) or _stopped(pid):
+        return False
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
+    running = dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+    return _settings_env(running) == _settings_env(_child_env(agent_env(host, catalog_url, _key(host))))
+
+
+def ensure_agents(root: Path, timeout_s: float = 60.0) -> list[str]:
+    """Every host's agent running with the settings of this process's environment now (a test module's): an agent
+    that is dead, stopped (SIGSTOP) or started with other ``FREEZEFRAME_*`` settings is restarted (SIGKILL if
+    stopped, else SIGTERM). Returns the hosts restarted, once every agent has reported since."""
+    state = load_state(root)
+    if state is None:
+        raise TestbedError(f"no hosts test bed in {root}")
+    since = datetime.now(UTC)
+    stale = [h for h in state.hosts if not _runs_as_started_now(h, state.catalog_url)]
+    stop_pids([h.agent_pid for h in stale if h.agent_pid and _stopped(h.agent_pid)], sig=signal.SIGKILL)
+    stop_pids([h.agent_pid for h in stale])
+    fresh = {h.name: replace(h, agent_pid=start_agent(h, state.catalog_url, _key(h))) for h in stale}
+    save_state(root, replace(state, hosts=[fresh.get(h.name, h) for h in state.hosts]))
+    _wait_up(state.catalog_url, [h.name for h in state.hosts], timeout_s=timeout_s)
+    if fresh:
+        _wait_up(state.catalog_url, list(fresh), since, timeout_s)
+    return sorted(fresh)
+
+
 def up(count: int, catalog_url: str, root: Path | None = None) -> HostsTestbed:
     """Hosts ffhost1..N, each with its daemons and an enrolled agent; a host already up is kept (its agent is
     restarted), extra hosts of an earlier, larger test bed are stopped. The hosts start side by side."""
@@ -352,6 +396,18 @@ def _daemons_of(name: str, directory: Path, known: TestbedHost | None) -> tuple[
     if known is not None:
         _stop_hosts([known])
     return start_daemons(name, directory)
+
+
+def clear_domains(root: Path) -> list[str]:
+    """Remove every domain of every host (each one is a test guest); the names removed. Hosts and agents stay."""
+    state = load_state(root)
+    return [name for host in (state.hosts if state else []) for name in _destroy_domains(host.uri)]
+
+
+def dead_hosts(root: Path) -> list[str]:
+    """The hosts whose libvirtd or virtlogd is gone."""
+    state = load_state(root)
+    return [h.name for h in (state.hosts if state else []) if not (_alive(h.libvirtd_pid) and _alive(h.virtlogd_pid))]
 
 
 def _stop_hosts(hosts: list[TestbedHost]) -> None:
