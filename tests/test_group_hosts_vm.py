@@ -60,9 +60,9 @@ def bed(guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory, share
     with pytest.MonkeyPatch.context() as patch, contextlib.ExitStack() as stack:
         patch.setenv("FREEZEFRAME_FREEZE_CAP_S", str(CAP_S))
         shared = shared_hosts.for_module()
+        first, second = shared.testbed().hosts[:2]
         pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1))
         agents = pool.submit(hosts.ensure_agents, shared.root)  # beside the boot
-        first, second = shared.testbed().hosts[:2]
         conn_a = stack.enter_context(libvirt_connection(first.uri))
         conn_b = stack.enter_context(libvirt_connection(second.uri))
         pair = stack.enter_context(

@@ -251,9 +251,12 @@ def load_state(root: Path) -> HostsTestbed | None:
 
 
 def save_state(root: Path, testbed: HostsTestbed) -> None:
+    """Written aside, then renamed: a reader never sees half a file."""
     path = state_file(root)
-    path.write_text(json.dumps(asdict(testbed), indent=2))
-    path.chmod(0o600)
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(asdict(testbed), indent=2))
+    partial.chmod(0o600)
+    partial.replace(path)
 
 
 def _wait_up(catalog_url: str, names: list[str], since: datetime | None = None, timeout_s: float = 60.0) -> None:
