@@ -4,7 +4,9 @@ Sender A runs on ffhost1, receiver B on ffhost2 (each host its own libvirtd in i
 agent); their virtio-serial link is a UNIX socket in a directory both hosts' QEMUs reach. Group snapshots go
 through ``serve --multi-host``: a coordinator job on one agent, one share per host, the barrier on the
 catalog's PostgreSQL. Separate snapshots of A then B must break the ledger in the same run; group sets at every
-level must not. Then a host stops answering inside the group window. One test bed and one pair for the module.
+level must not. Then a host stops answering inside the group window. The test bed is the one the multi-host VM
+modules share (``hosts_helpers.SharedHosts``: handed over clean, its agents restarted with this module's freeze
+cap; its third host takes no part); one pair for the module.
 """
 
 from __future__ import annotations
@@ -24,10 +26,11 @@ import pytest
 from freezeframe.adapters.catalog import SqlCatalog
 from freezeframe.group_model import GROUP_SET_KEY
 from freezeframe.model import Consistency, SetStatus, SnapshotSet
-from freezeframe.testbed.api_server import ServerProcess, issue_token, running_server
+from freezeframe.testbed import hosts
+from freezeframe.testbed.api_server import ServerProcess
 from freezeframe.testbed.guest import GuestImage
 from freezeframe.testbed.linked_ledger import LinkedPair, LinkVerdict, check_link, linked_pair, wait_for_records
-from hosts_helpers import hosts_and_database, libvirt_connection, wait_hosts_report
+from hosts_helpers import SharedHosts, libvirt_connection, wait_hosts_report
 
 pytestmark = pytest.mark.vm
 SETS_PER_LEVEL = 30
@@ -52,23 +55,24 @@ class Bed:
 
 
 @pytest.fixture(scope="module")
-def bed(guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bed]:
-    root = tmp_path_factory.mktemp("grouphosts")
+def bed(guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory, shared_hosts: SharedHosts) -> Iterator[Bed]:
+    workdir = tmp_path_factory.mktemp("grouphosts")
     with pytest.MonkeyPatch.context() as patch, contextlib.ExitStack() as stack:
         patch.setenv("FREEZEFRAME_FREEZE_CAP_S", str(CAP_S))
-        _, url, testbed = stack.enter_context(hosts_and_database(root, patch, count=2))
-        first, second = testbed.hosts
+        shared = shared_hosts.for_module()
+        first, second = shared.testbed().hosts[:2]
+        pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1))
+        agents = pool.submit(hosts.ensure_agents, shared.root)  # beside the boot
         conn_a = stack.enter_context(libvirt_connection(first.uri))
         conn_b = stack.enter_context(libvirt_connection(second.uri))
         pair = stack.enter_context(
-            linked_pair(conn_a, receiver_conn=conn_b, workdir=root / "pair", guest=guest_image, name_prefix="ffgh")
+            linked_pair(conn_a, receiver_conn=conn_b, workdir=workdir / "pair", guest=guest_image, name_prefix="ffgh")
         )
+        agents.result()
+        url = shared.url
         wait_hosts_report(SqlCatalog(url), {pair.sender.name: first.name, pair.receiver.name: second.name}, 60.0)
-        home = root / "api"
-        token = issue_token(home, "admin")
-        server = stack.enter_context(running_server(home, args=("--multi-host",)))
-        agents = {h.name: int(h.agent_pid or 0) for h in testbed.hosts}
-        beds = Bed(pair, url, server, token, agents)
+        pids = {h.name: int(h.agent_pid or 0) for h in shared.testbed().hosts}
+        beds = Bed(pair, url, shared.server, shared.token, pids)
         with beds.client() as client:
             created = client.post(
                 "/v1/groups", json={"name": "pair", "instances": [pair.sender.name, pair.receiver.name]}

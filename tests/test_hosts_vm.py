@@ -1,15 +1,15 @@
 """A multi-host deployment for real: 3 namespaced libvirt hosts, an agent each, 2 ledger guests per host, a private
 PostgreSQL server (so restarting it disturbs no other test), and ``serve --multi-host`` replicas.
 
-One test bed and the six guests are shared by the module (booting is the expensive part); each test leaves the
-agents running and the guests thawed, as it found them.
+The test bed is the one the multi-host VM modules share (``hosts_helpers.SharedHosts``: handed over clean, its
+agents restarted with this module's settings); the six guests are this module's, shared by its tests (booting is
+the expensive part); each test leaves the agents running and the guests thawed, as it found them.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,9 +23,10 @@ from freezeframe.testbed.api_server import ServerProcess
 from freezeframe.testbed.guest import GuestImage
 from freezeframe.testbed.instance import DiskRequest, TestInstance, running_instance
 from freezeframe.testbed.ledger import check_ledger
+from freezeframe.testbed.side_by_side import entered_together
 from hosts_helpers import (
     Deployment,
-    hosts_and_database,
+    SharedHosts,
     libvirt_connection,
     snapshot,
     snapshot_everywhere,
@@ -38,29 +39,27 @@ MiB = 1 << 20
 
 @pytest.fixture(scope="module")
 def deployment(
-    guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory, monkeypatch_module: pytest.MonkeyPatch
+    guest_image: GuestImage, tmp_path_factory: pytest.TempPathFactory, shared_hosts: SharedHosts
 ) -> Iterator[Deployment]:
-    root = tmp_path_factory.mktemp("hostsbed")
+    workdir = tmp_path_factory.mktemp("hostsvm")
+    hosts = shared_hosts.for_module()
     with contextlib.ExitStack() as stack:
-        pg, url, testbed = stack.enter_context(hosts_and_database(root, monkeypatch_module))
-        lock = threading.Lock()
-        guests: dict[str, list[TestInstance]] = {h.name: [] for h in testbed.hosts}
-        conns = {h.name: stack.enter_context(libvirt_connection(h.uri)) for h in testbed.hosts}
-
-        def boot(host: str, index: int) -> None:
-            cm = running_instance(
+        conns = {h.name: stack.enter_context(libvirt_connection(h.uri)) for h in hosts.testbed().hosts}
+        pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(1))
+        agents = pool.submit(bed.ensure_agents, hosts.root)  # beside the boot
+        on = [host for host in conns for _ in range(2)]
+        booted: list[TestInstance] = stack.enter_context(entered_together([
+            running_instance(
                 conns[host], disks=[DiskRequest(32 * MiB)] * 3, workload="ledger", name_prefix=f"ffhosts-{host}",
-                workdir=root / "guests" / f"{host}-{index}", guest=guest_image, boot_timeout_s=180,
-            )  # fmt: skip
-            inst = cm.__enter__()
-            with lock:
-                stack.push(cm.__exit__)
-                guests[host].append(inst)
-
-        with concurrent.futures.ThreadPoolExecutor(3) as pool:
-            for future in [pool.submit(boot, h, i) for h in guests for i in range(2)]:
-                future.result()
-        yield Deployment(root, pg, url, testbed, guests, root / "api")
+                workdir=workdir / f"{host}-{index}", guest=guest_image, boot_timeout_s=180,
+            )
+            for index, host in enumerate(on)
+        ]))  # fmt: skip
+        agents.result()
+        guests: dict[str, list[TestInstance]] = {host: [] for host in conns}
+        for host, inst in zip(on, booted, strict=True):
+            guests[host].append(inst)
+        yield hosts.deployment(guests)
 
 
 def test_six_instances_on_three_hosts_snapshotted_concurrently_each_on_its_host(

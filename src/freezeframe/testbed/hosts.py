@@ -11,6 +11,7 @@ database's UNIX socket. Guests' disks live in paths the namespaces share (e.g. /
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
 import os
@@ -20,7 +21,8 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +33,8 @@ DEFAULT_DIR = Path("/var/tmp/freezeframe-hosts")
 DIR_ENV = "FREEZEFRAME_HOSTS_TESTBED_DIR"
 MAX_HOSTS = 16
 LIBVIRT_CONFIG_FILES = ("qemu.conf", "libvirt.conf")
+QEMU_CAPABILITIES = Path("/var/cache/libvirt/qemu/capabilities")
+"""The machine's libvirtd's cache of what its QEMU binaries can do."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,7 @@ def _prepare(directory: Path) -> None:
             shutil.copy2(source, directory / "etc" / name)
     (directory / "sock").mkdir(exist_ok=True)
     (directory / "home").mkdir(exist_ok=True, mode=0o700)
+    _seed_capabilities(directory / "cache" / "qemu" / "capabilities")
     conf = directory / "libvirtd.conf"
     if not conf.exists():
         conf.write_text(
@@ -106,6 +111,18 @@ def _prepare(directory: Path) -> None:
             f'host_uuid = "{uuid.uuid4()}"\n'
             'log_outputs = "3:stderr"\n'
         )
+
+
+def _seed_capabilities(target: Path) -> None:
+    """Start a host's libvirtd from the machine's QEMU capabilities cache: probing QEMU takes ~4 s under TCG at
+    each host's first domain. The same binaries on the same machine: libvirtd checks the cache itself (QEMU's
+    and its own binary, their versions) and probes again if it is stale; with no cache yet, it simply probes."""
+    if not QEMU_CAPABILITIES.is_dir():
+        return
+    target.mkdir(parents=True, exist_ok=True)
+    for cached in QEMU_CAPABILITIES.glob("*.xml"):
+        if not (target / cached.name).exists():
+            shutil.copy2(cached, target / cached.name)
 
 
 def _wait_for(path: Path, what: str, timeout_s: float = 20.0) -> None:
@@ -168,38 +185,57 @@ def start_agent(host: TestbedHost, catalog_url: str, key: str, extra_env: dict[s
     return process.pid
 
 
-def stop_pid(pid: int | None, grace_s: float = 10.0, sig: int = signal.SIGTERM) -> None:
-    if not _alive(pid):
-        return
-    assert pid is not None
-    os.kill(pid, sig)
+def _stopped(pid: int) -> bool:
+    """Stopped by SIGSTOP (or traced): it reacts to nothing but SIGKILL and SIGCONT."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1] in ("T", "t")
+    except OSError:
+        return False
+
+
+def stop_pids(pids: list[int | None], grace_s: float = 10.0, sig: int = signal.SIGTERM) -> None:
+    """Signal every live process at once, then wait for all of them (SIGKILL whoever outlives ``grace_s``)."""
+    live = [pid for pid in pids if pid is not None and _alive(pid)]
+    for pid in live:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
     deadline = time.monotonic() + grace_s
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if _alive(pid):
-        os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, os.WNOHANG)
+    while any(_alive(pid) for pid in live) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for pid in live:
+        if _alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, os.WNOHANG)
 
 
-def _destroy_domains(uri: str) -> None:
-    """Every domain of a test-bed host is a test guest: stop and forget them before the daemon goes."""
+def stop_pid(pid: int | None, grace_s: float = 10.0, sig: int = signal.SIGTERM) -> None:
+    stop_pids([pid], grace_s, sig)
+
+
+def _destroy_domains(uri: str) -> list[str]:
+    """Every domain of a test-bed host is a test guest: stop and forget them (before the daemon goes); their names."""
     import libvirt
 
     try:
         conn = libvirt.open(uri)
     except libvirt.libvirtError:
-        return
+        return []
+    removed = []
     try:
         for domain in conn.listAllDomains():
             try:
+                name = domain.name()
                 if domain.isActive():
                     domain.destroy()
                 domain.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_NVRAM)
             except libvirt.libvirtError:
                 continue
+            removed.append(name)
     finally:
         conn.close()
+    return removed
 
 
 def state_file(root: Path) -> Path:
@@ -215,13 +251,17 @@ def load_state(root: Path) -> HostsTestbed | None:
 
 
 def save_state(root: Path, testbed: HostsTestbed) -> None:
+    """Written aside, then renamed: a reader never sees half a file."""
     path = state_file(root)
-    path.write_text(json.dumps(asdict(testbed), indent=2))
-    path.chmod(0o600)
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps(asdict(testbed), indent=2))
+    partial.chmod(0o600)
+    partial.replace(path)
 
 
-def _wait_up(catalog_url: str, names: list[str], timeout_s: float = 60.0) -> None:
-    """Until every agent has authenticated, repaired and sent its first heartbeat."""
+def _wait_up(catalog_url: str, names: list[str], since: datetime | None = None, timeout_s: float = 60.0) -> None:
+    """Until every agent has authenticated, repaired and sent its first heartbeat (after ``since``, if given: a
+    restarted agent's predecessor may still look up)."""
     from freezeframe.adapters.catalog import SqlCatalog
     from freezeframe.adapters.host_registry import UP, HostRegistry
 
@@ -230,25 +270,34 @@ def _wait_up(catalog_url: str, names: list[str], timeout_s: float = 60.0) -> Non
         registry = HostRegistry(catalog)
         deadline = time.monotonic() + timeout_s
         while True:
-            up = {h.name for h in registry.hosts() if h.state == UP}
+            up = {
+                h.name for h in registry.hosts()
+                if h.state == UP and (since is None or (h.last_heartbeat is not None and h.last_heartbeat >= since))
+            }  # fmt: skip
             if up >= set(names):
                 return
             if time.monotonic() > deadline:
                 raise TestbedError(f"agents not up after {timeout_s:.0f} s: {sorted(set(names) - up)}")
-            time.sleep(0.2)
+            time.sleep(0.1)
     finally:
         catalog.close()
 
 
-def enroll(catalog_url: str, name: str) -> str:
+def enroll(catalog_url: str, *names: str) -> list[str]:
+    """A fresh key for each host named (one catalog connection for all)."""
     from freezeframe.adapters.catalog import SqlCatalog
     from freezeframe.adapters.host_registry import HostRegistry
 
     catalog = SqlCatalog(catalog_url)
     try:
-        return HostRegistry(catalog).enroll(name)
+        registry = HostRegistry(catalog)
+        return [registry.enroll(name) for name in names]
     finally:
         catalog.close()
+
+
+def _host(state: HostsTestbed, name: str) -> TestbedHost:
+    return next(h for h in state.hosts if h.name == name)
 
 
 def stop_agent(root: Path, name: str, *, kill: bool = False) -> TestbedHost:
@@ -256,7 +305,7 @@ def stop_agent(root: Path, name: str, *, kill: bool = False) -> TestbedHost:
     state = load_state(root)
     if state is None:
         raise TestbedError(f"no hosts test bed in {root}")
-    host = next(h for h in state.hosts if h.name == name)
+    host = _host(state, name)
     stop_pid(host.agent_pid, sig=signal.SIGKILL if kill else signal.SIGTERM)
     return host
 
@@ -266,54 +315,110 @@ def restart_agent(root: Path, name: str, *, kill: bool = False, extra_env: dict[
     host = stop_agent(root, name, kill=kill)
     state = load_state(root)
     assert state is not None
-    key = (Path(host.dir) / "agent.key").read_text().strip()
-    fresh = TestbedHost(**{**asdict(host), "agent_pid": start_agent(host, state.catalog_url, key, extra_env)})
+    fresh = replace(host, agent_pid=start_agent(host, state.catalog_url, _key(host), extra_env))
     save_state(root, HostsTestbed([fresh if h.name == name else h for h in state.hosts], state.catalog_url, state.env))
     return fresh
 
 
+def _key(host: TestbedHost) -> str:
+    return (Path(host.dir) / "agent.key").read_text().strip()
+
+
+def _settings_env(env: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in env.items() if k.startswith("FREEZEFRAME_")}
+
+
+def _runs_as_started_now(host: TestbedHost, catalog_url: str) -> bool:
+    """The agent is alive, not stopped, and has the settings (``FREEZEFRAME_*``) a start now would give it."""
+    pid = host.agent_pid
+    if pid is None or not _alive(pid) or _stopped(pid):
+        return False
+    try:
+        raw = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return False
+    running = dict(item.split("=", 1) for item in raw.decode(errors="replace").split("\0") if "=" in item)
+    return _settings_env(running) == _settings_env(_child_env(agent_env(host, catalog_url, _key(host))))
+
+
+def ensure_agents(root: Path, timeout_s: float = 60.0) -> list[str]:
+    """Every host's agent running with the settings of this process's environment now (a test module's): an agent
+    that is dead, stopped (SIGSTOP) or started with other ``FREEZEFRAME_*`` settings is restarted (SIGKILL if
+    stopped, else SIGTERM). Returns the hosts restarted, once every agent has reported since."""
+    state = load_state(root)
+    if state is None:
+        raise TestbedError(f"no hosts test bed in {root}")
+    since = datetime.now(UTC)
+    stale = [h for h in state.hosts if not _runs_as_started_now(h, state.catalog_url)]
+    stop_pids([h.agent_pid for h in stale if h.agent_pid and _stopped(h.agent_pid)], sig=signal.SIGKILL)
+    stop_pids([h.agent_pid for h in stale])
+    fresh = {h.name: replace(h, agent_pid=start_agent(h, state.catalog_url, _key(h))) for h in stale}
+    save_state(root, replace(state, hosts=[fresh.get(h.name, h) for h in state.hosts]))
+    _wait_up(state.catalog_url, [h.name for h in state.hosts], timeout_s=timeout_s)
+    if fresh:
+        _wait_up(state.catalog_url, list(fresh), since, timeout_s)
+    return sorted(fresh)
+
+
 def up(count: int, catalog_url: str, root: Path | None = None) -> HostsTestbed:
     """Hosts ffhost1..N, each with its daemons and an enrolled agent; a host already up is kept (its agent is
-    restarted), extra hosts of an earlier, larger test bed are stopped."""
+    restarted), extra hosts of an earlier, larger test bed are stopped. The hosts start side by side."""
     if not 1 <= count <= MAX_HOSTS:
         raise TestbedError(f"between 1 and {MAX_HOSTS} hosts, not {count}")
     root = root or testbed_dir()
     root.mkdir(parents=True, exist_ok=True)
     previous = load_state(root)
     old = {h.name: h for h in previous.hosts} if previous else {}
-    hosts = []
-    for index in range(1, count + 1):
-        name = host_name(index)
-        directory = root / name
-        known = old.pop(name, None)
-        if known is not None and _alive(known.libvirtd_pid) and _alive(known.virtlogd_pid):
-            libvirtd, virtlogd = known.libvirtd_pid, known.virtlogd_pid
-            stop_pid(known.agent_pid)
-        else:
-            if known is not None:
-                _stop_host(known)
-            libvirtd, virtlogd = start_daemons(name, directory)
-        host = TestbedHost(
-            name, socket_uri(directory), str(directory), str(directory / "home"), libvirtd, virtlogd, None
-        )
-        key = enroll(catalog_url, name)
-        key_file = directory / "agent.key"
-        key_file.write_text(key)
-        key_file.chmod(0o600)
-        hosts.append(TestbedHost(**{**asdict(host), "agent_pid": start_agent(host, catalog_url, key)}))
-    for extra in old.values():
-        _stop_host(extra)
+    names = [host_name(index) for index in range(1, count + 1)]
+    since = datetime.now(UTC)
+    with concurrent.futures.ThreadPoolExecutor(count) as pool:
+        daemons = [pool.submit(_daemons_of, name, root / name, old.pop(name, None)) for name in names]
+        keys = enroll(catalog_url, *names)  # meanwhile
+        hosts = []
+        for name, started, key in zip(names, daemons, keys, strict=True):
+            libvirtd, virtlogd = started.result()
+            directory = root / name
+            key_file = directory / "agent.key"
+            key_file.write_text(key)
+            key_file.chmod(0o600)
+            host = TestbedHost(name, socket_uri(directory), str(directory), str(directory / "home"), libvirtd,
+                               virtlogd, None)  # fmt: skip
+            hosts.append(replace(host, agent_pid=start_agent(host, catalog_url, key)))
+    _stop_hosts(list(old.values()))
     testbed = HostsTestbed(hosts, catalog_url, {"FREEZEFRAME_CATALOG_URL": catalog_url})
     save_state(root, testbed)
-    _wait_up(catalog_url, [h.name for h in hosts])
+    _wait_up(catalog_url, names, since)
     return testbed
 
 
-def _stop_host(host: TestbedHost) -> None:
-    stop_pid(host.agent_pid)
-    _destroy_domains(host.uri)
-    stop_pid(host.libvirtd_pid)
-    stop_pid(host.virtlogd_pid)
+def _daemons_of(name: str, directory: Path, known: TestbedHost | None) -> tuple[int, int]:
+    """The daemons of a host already up (its agent stopped: it is started again with a new key), else new ones."""
+    if known is not None and _alive(known.libvirtd_pid) and _alive(known.virtlogd_pid):
+        stop_pid(known.agent_pid)
+        return known.libvirtd_pid, known.virtlogd_pid
+    if known is not None:
+        _stop_hosts([known])
+    return start_daemons(name, directory)
+
+
+def clear_domains(root: Path) -> list[str]:
+    """Remove every domain of every host (each one is a test guest); the names removed. Hosts and agents stay."""
+    state = load_state(root)
+    return [name for host in (state.hosts if state else []) for name in _destroy_domains(host.uri)]
+
+
+def dead_hosts(root: Path) -> list[str]:
+    """The hosts whose libvirtd or virtlogd is gone."""
+    state = load_state(root)
+    return [h.name for h in (state.hosts if state else []) if not (_alive(h.libvirtd_pid) and _alive(h.virtlogd_pid))]
+
+
+def _stop_hosts(hosts: list[TestbedHost]) -> None:
+    """Agents first (they finish their jobs and sign off), then the hosts' guests, then their daemons."""
+    stop_pids([h.agent_pid for h in hosts])
+    with concurrent.futures.ThreadPoolExecutor(max(1, len(hosts))) as pool:
+        list(pool.map(lambda h: _destroy_domains(h.uri), hosts))
+    stop_pids([pid for h in hosts for pid in (h.libvirtd_pid, h.virtlogd_pid)])
 
 
 def down(root: Path | None = None) -> list[str]:
@@ -322,8 +427,8 @@ def down(root: Path | None = None) -> list[str]:
     state = load_state(root)
     if state is None:
         return []
+    _stop_hosts(state.hosts)
     for host in state.hosts:
-        _stop_host(host)
         shutil.rmtree(host.dir, ignore_errors=True)
     state_file(root).unlink(missing_ok=True)
     return [h.name for h in state.hosts]

@@ -21,6 +21,7 @@ from freezeframe.testbed.domain import GuestLink
 from freezeframe.testbed.guest import GuestImage
 from freezeframe.testbed.instance import DiskRequest, TestbedError, TestInstance, running_instance
 from freezeframe.testbed.ledger import RECORD, _parse_record, read_guest_files
+from freezeframe.testbed.side_by_side import entered_in_background
 
 JOURNAL = "/ledger/journal"
 """On each guest's first disk (vda), which its init mounts at /mnt/vda."""
@@ -92,20 +93,32 @@ def linked_pair(
     receiver_conn: Any = None,
     boot_timeout_s: float = 120.0,
 ) -> Iterator[LinkedPair]:
-    """Boot A (listening end) then B (connecting end), wait until records flow, and always remove both.
+    """Boot A (listening end) and B (connecting end) side by side, wait until records flow, always remove both.
 
-    ``receiver_conn``: B on another libvirt (another host): the link is a UNIX socket in ``workdir``, which two
-    QEMUs in different network namespaces reach alike as long as they share the file system."""
+    B starts as soon as A's QEMU listens on the link's socket (B's QEMU connects to it as it starts), while A's
+    guest is still booting. ``receiver_conn``: B on another libvirt (another host): the link is a UNIX socket in
+    ``workdir``, which two QEMUs in different network namespaces reach alike as long as they share the file system."""
     workdir.mkdir(parents=True, exist_ok=True)
     socket = workdir / "link.sock"
+    socket.unlink(missing_ok=True)
     disks = [DiskRequest(size_bytes=disk_mib * MIB)]
     common: dict[str, Any] = {"disks": disks, "workdir": workdir, "guest": guest, "boot_timeout_s": boot_timeout_s}
-    with (
-        running_instance(conn, workload="link-send", name_prefix=f"{name_prefix}-a", link=GuestLink(socket, "bind"),
-                         **common) as sender,
-        running_instance(receiver_conn or conn, workload="link-recv", name_prefix=f"{name_prefix}-b",
-                         link=GuestLink(socket, "connect"), **common) as receiver,
-    ):  # fmt: skip
+    sending = running_instance(conn, workload="link-send", name_prefix=f"{name_prefix}-a",
+                               link=GuestLink(socket, "bind"), **common)  # fmt: skip
+    with contextlib.ExitStack() as stack:
+        booting = stack.enter_context(entered_in_background(sending))
+        deadline = time.monotonic() + boot_timeout_s
+        while not socket.exists() and not booting.done():
+            if time.monotonic() > deadline:
+                raise TestbedError(f"the sender's QEMU never listened on {socket}")
+            time.sleep(0.05)
+        if booting.done():
+            booting.result()  # it failed before it listened: its error
+        receiver = stack.enter_context(
+            running_instance(receiver_conn or conn, workload="link-recv", name_prefix=f"{name_prefix}-b",
+                             link=GuestLink(socket, "connect"), **common)
+        )  # fmt: skip
+        sender = booting.result()
         first = sender.wait_for_progress(timeout_s=progress_timeout_s)
         sender.wait_for_progress(after=first, timeout_s=progress_timeout_s)
         yield LinkedPair(sender, receiver)
