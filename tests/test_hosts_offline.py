@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import os
+import signal
 import threading
 import time
 import uuid
@@ -181,6 +183,11 @@ def test_two_api_replicas_accept_one_job_per_instance_and_both_report_it(
     first, token = hosts_api
     wait_reported(deployment)
     guest = deployment.guests["ffhost3"][0]
+    # The host's agent is held (SIGSTOP) while the ten requests arrive: the accepted job stays unfinished for all
+    # of them. Else a request the loaded machine delayed could come after a set of a shut-off instance (a second)
+    # was already made, and be rightly accepted.
+    agent = next(h for h in bed.load_state(deployment.root).hosts if h.name == "ffhost3").agent_pid
+    assert agent
     with running_server(deployment.home / "replica2", args=("--multi-host",)) as second:
         replicas = [first, second]
         barrier = threading.Barrier(10)
@@ -190,8 +197,12 @@ def test_two_api_replicas_accept_one_job_per_instance_and_both_report_it(
                 barrier.wait()
                 return client.post(f"/v1/instances/{guest.name}/snapshots", json={})
 
-        with concurrent.futures.ThreadPoolExecutor(10) as pool:
-            answers = list(pool.map(ask, range(10)))
+        os.kill(agent, signal.SIGSTOP)
+        try:
+            with concurrent.futures.ThreadPoolExecutor(10) as pool:
+                answers = list(pool.map(ask, range(10)))
+        finally:
+            os.kill(agent, signal.SIGCONT)
         assert sorted(a.status_code for a in answers) == [202] + [409] * 9, [a.text for a in answers]
         job_id = next(a.json()["id"] for a in answers if a.status_code == 202)
         with first.client(token) as one, second.client(token) as two:

@@ -113,8 +113,11 @@ def test_an_agent_killed_in_the_freeze_window_leaves_no_guest_frozen(
     before = guest.wait_for_progress()
     assert guest.wait_for_progress(after=before) > before  # the ledger writes again
     catalog = deployment.catalog()
-    try:  # the half-made set is failed by the repair (or was never recorded)
-        assert [s.status for s in catalog.load_sets([job["set_id"]])] in ([], [SetStatus.FAILED])
+    try:  # the half-made set is failed by the repair (or was never recorded); the repair thaws first, then fails it
+        deadline = time.monotonic() + 30
+        while (statuses := [s.status for s in catalog.load_sets([job["set_id"]])]) not in ([], [SetStatus.FAILED]):
+            assert time.monotonic() < deadline, f"the half-made set is still {statuses} 30 s after the thaw"
+            time.sleep(0.2)
     finally:
         catalog.close()
 
