@@ -14,8 +14,10 @@ Settings (a user's real cluster): ``FREEZEFRAME_CEPH_CONF`` (ceph.conf path; def
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
+import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -86,14 +88,111 @@ def _bindings() -> tuple[ModuleType, ModuleType]:
     return rados, rbd
 
 
+_BROKEN_ERRNOS = frozenset({errno.ETIMEDOUT, errno.ESHUTDOWN, errno.ENOTCONN, errno.ECONNRESET})
+"""What librados and librbd report when the connection itself failed (ESHUTDOWN is also Ceph's EBLOCKLISTED)."""
+
+
+def connection_broken(exc: BaseException) -> bool:
+    """Whether ``exc``, or the Ceph error it was raised from, says the cluster connection is no longer usable."""
+    rados, rbd = _bindings()
+    seen: BaseException | None = exc
+    for _ in range(8):  # a chain of causes is short; the bound guards against a cycle
+        if seen is None:
+            return False
+        if isinstance(seen, rados.RadosStateError):
+            return True
+        if isinstance(seen, (rados.Error, rbd.Error)) and abs(getattr(seen, "errno", 0) or 0) in _BROKEN_ERRNOS:
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+@dataclass
+class _Connection:
+    """A librados handle, how many operations use it, and whether it was taken out of use (closed or broken)."""
+
+    handle: Any
+    users: int = 0
+    retired: bool = False
+
+
 class RbdVolumes:
-    """One cluster connection per operation; images opened before the window, closed after."""
+    """One cluster connection per service, shared by every operation and thread; images opened before the window,
+    closed after.
+
+    A librados connection costs a monitor handshake, authentication and its own messenger threads (~0.4 s per set
+    when every operation opened one), so it is opened on first use and kept until ``close``. An operation that
+    finds it broken (timed out, shut down, blocklisted) retires it on the way out and the next one reconnects: no
+    operation is retried, so every call stays inside the client timeouts. A retired handle is shut down when the
+    last operation still using it (another thread's) ends.
+    """
 
     def __init__(self, settings: CephSettings | None = None) -> None:
         self.settings = settings or CephSettings.from_env()
+        self._lock = threading.Lock()
+        self._shared: _Connection | None = None
+
+    def __enter__(self) -> RbdVolumes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Shut the connection down (now, or when the operations still using it end); idempotent, and a later
+        operation opens a new one."""
+        with self._lock:
+            conn = self._shared
+            idle = conn is not None and self._retire(conn)
+        if idle and conn is not None:
+            conn.handle.shutdown()
 
     @contextlib.contextmanager
     def cluster(self) -> Iterator[Any]:
+        """The shared connection for one operation; retired if the operation failed because it broke."""
+        conn = self._acquire()
+        broken = False
+        try:
+            yield conn.handle
+        except BaseException as exc:
+            broken = connection_broken(exc)
+            raise
+        finally:
+            with self._lock:
+                conn.users -= 1
+                if broken:
+                    self._retire(conn)
+                last = conn.retired and conn.users == 0
+            if last:
+                conn.handle.shutdown()
+
+    def _acquire(self) -> _Connection:
+        with self._lock:
+            conn = self._shared
+            if conn is not None and conn.handle.state != "connected":
+                self._retire(conn)  # shut down by someone else: nothing left to shut down
+            if self._shared is None:
+                self._shared = _Connection(self._connect())  # under the lock: threads starting at once share it
+            self._shared.users += 1
+            return self._shared
+
+    def _retire(self, conn: _Connection) -> bool:
+        """Take ``conn`` out of use (the lock is held); True when nobody uses it, so the caller shuts it down."""
+        if self._shared is conn:
+            self._shared = None
+        first = not conn.retired
+        conn.retired = True
+        return first and conn.users == 0
+
+    def retire_if_broken(self, handle: Any, exc: BaseException) -> None:
+        """For an error an operation handles itself (it never reaches ``cluster``): a broken connection still goes;
+        the operation's own end shuts it down."""
+        if connection_broken(exc):
+            with self._lock:
+                if self._shared is not None and self._shared.handle is handle:
+                    self._retire(self._shared)
+
+    def _connect(self) -> Any:
         rados, _ = _bindings()
         s = self.settings
         timeout = str(max(1, int(s.timeout_s)))
@@ -109,10 +208,7 @@ class RbdVolumes:
                 f"the Ceph cluster ({where}, client.{s.user}) cannot be reached: {exc}; check FREEZEFRAME_CEPH_CONF, "
                 "FREEZEFRAME_CEPH_USER and FREEZEFRAME_CEPH_KEYRING"
             ) from exc
-        try:
-            yield handle
-        finally:
-            handle.shutdown()
+        return handle
 
     @contextlib.contextmanager
     def image(self, handle: Any, volume: str, snapshot: str | None = None, read_only: bool = False) -> Iterator[Any]:
@@ -121,11 +217,13 @@ class RbdVolumes:
         try:
             ioctx = handle.open_ioctx(pool)
         except rados.Error as exc:
+            self.retire_if_broken(handle, exc)
             raise PreflightFailed(f"RBD pool {pool!r} cannot be opened: {exc}") from exc
         try:
             try:
                 img = rbd.Image(ioctx, name, snapshot=snapshot, read_only=read_only)
             except (rbd.Error, rados.Error) as exc:
+                self.retire_if_broken(handle, exc)  # callers may take this error for "the image is gone"
                 what = f"{volume}@{snapshot}" if snapshot else volume
                 raise PreflightFailed(f"RBD image {what} cannot be opened: {exc}") from exc
             try:
