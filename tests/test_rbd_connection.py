@@ -1,8 +1,9 @@
 """The RBD adapters share one cluster connection per service, without a cluster: fake ``rados``/``rbd`` modules.
 
 Opening a librados connection per operation cost ~0.4 s per set. These prove, in milliseconds, that every
-operation reuses one connection, that a connection an operation found broken (timed out, shut down) is replaced on
-the next call, that the connect keeps its client timeouts, and that closing the service shuts it down.
+operation reuses one connection, that a connection an operation found broken (timed out, shut down) or in doubt (a
+Ceph error may have left it holding a lock) is replaced on the next call, that the connect keeps its client
+timeouts, and that closing the service shuts it down.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from freezeframe import wiring
 from freezeframe.adapters.rbd_members import RbdMembers
 from freezeframe.adapters.rbd_volumes import CephSettings, RbdVolumes, snapshot_name
 from freezeframe.config import Settings
-from freezeframe.errors import PreflightFailed
+from freezeframe.errors import CaptureFailed, PreflightFailed
 from freezeframe.model import RBD_STORE, STORE_KEY, DiskSpec, Member
 
 SET_ID = "0badc0de-0000-4000-8000-00000000c0de"
@@ -52,6 +53,10 @@ class ImageNotFound(RbdError):
     pass
 
 
+class DiskQuotaExceeded(RbdError):
+    pass
+
+
 @dataclass
 class Cluster:
     """What the fake bindings talk to: images and their snapshots, every handle made, faults to inject."""
@@ -61,6 +66,8 @@ class Cluster:
     time_out_next: int = 0
     """The next N ``open_ioctx`` calls time out (what a handle cut off from the cluster reports)."""
     connect_delay_s: float = 0.0
+    pool_full: bool = False
+    """Snapshots fail like a pool at its quota (the client may be left holding the image's lock)."""
 
 
 class FakeRados:
@@ -104,6 +111,7 @@ class FakeImage:
     def __init__(self, ioctx: FakeIoctx, name: str, snapshot: str | None = None, read_only: bool = False) -> None:
         if name not in ioctx.cluster.images:
             raise ImageNotFound(f"[errno 2] RBD image not found (error opening image {name})", errno=errno.ENOENT)
+        self.cluster = ioctx.cluster
         self.snaps = ioctx.cluster.images[name]
         self.metadata: dict[str, str] = {}
 
@@ -117,6 +125,8 @@ class FakeImage:
         self.metadata.pop(key, None)
 
     def create_snap(self, name: str) -> None:
+        if self.cluster.pool_full:
+            raise DiskQuotaExceeded("[errno 122] error creating snapshot: Disk quota exceeded", errno=errno.EDQUOT)
         self.snaps.append(name)
 
     def is_protected_snap(self, name: str) -> bool:
@@ -194,7 +204,7 @@ def test_every_operation_of_every_set_reuses_one_connection_with_the_client_time
     volumes.close()
 
 
-def test_a_connection_an_operation_found_broken_is_replaced_on_the_next_call(cluster: Cluster) -> None:
+def test_a_connection_an_operation_found_broken_or_in_doubt_is_replaced_on_the_next_call(cluster: Cluster) -> None:
     volumes = _volumes()
     _a_set(volumes)
     cluster.time_out_next = 1
@@ -217,8 +227,18 @@ def test_a_connection_an_operation_found_broken_is_replaced_on_the_next_call(clu
         volumes.checksum(volumes.existing(SET_ID, [_disk("gone")])[0])
     _a_set(volumes)
     assert len(cluster.handles) == 4 and cluster.handles[3].shutdowns == 0
+    # A snapshot failing at a full pool (in the window, in another thread) retires it as well.
+    cluster.pool_full = True
+    with volumes.open(SET_ID, "full", [_disk("img"), _disk("other")]) as capture:
+        with pytest.raises(CaptureFailed, match="quota"):
+            capture.snapshot()  # the caller handles it inside the block: the connection must still go
+        assert cluster.handles[3].shutdowns == 0, "shut down under the images still open"
+    assert cluster.handles[3].shutdowns == 1
+    cluster.pool_full = False
+    _a_set(volumes)
+    assert len(cluster.handles) == 5
     volumes.close()
-    assert [h.shutdowns for h in cluster.handles] == [1, 1, 1, 1], "every connection shut down exactly once"
+    assert [h.shutdowns for h in cluster.handles] == [1] * 5, "every connection shut down exactly once"
 
 
 def test_threads_share_the_connection_and_close_waits_for_the_ones_still_using_it(cluster: Cluster) -> None:

@@ -18,7 +18,7 @@ import errno
 import hashlib
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import ModuleType
@@ -88,28 +88,31 @@ def _bindings() -> tuple[ModuleType, ModuleType]:
     return rados, rbd
 
 
-_BROKEN_ERRNOS = frozenset({errno.ETIMEDOUT, errno.ESHUTDOWN, errno.ENOTCONN, errno.ECONNRESET})
-"""What librados and librbd report when the connection itself failed (ESHUTDOWN is also Ceph's EBLOCKLISTED)."""
+_CLEAN_ERRNOS = frozenset({errno.ENOENT, errno.EEXIST})
+"""Ceph errors that leave nothing behind on the client: an image or snapshot that is not there, or already is."""
 
 
-def connection_broken(exc: BaseException) -> bool:
-    """Whether ``exc``, or the Ceph error it was raised from, says the cluster connection is no longer usable."""
+def connection_in_doubt(exc: BaseException) -> bool:
+    """Whether an operation that raised ``exc`` may have left its connection broken (timed out, shut down,
+    blocklisted) or holding state: an exclusive lock or a watch an image could not release while its pool was full,
+    a map that still says the pool is full. Any Ceph error among its causes but "not found"/"already exists" counts:
+    a connection per operation dropped all of that at its end, and so does retiring the shared one."""
     rados, rbd = _bindings()
     seen: BaseException | None = exc
     for _ in range(8):  # a chain of causes is short; the bound guards against a cycle
         if seen is None:
             return False
-        if isinstance(seen, rados.RadosStateError):
-            return True
-        if isinstance(seen, (rados.Error, rbd.Error)) and abs(getattr(seen, "errno", 0) or 0) in _BROKEN_ERRNOS:
-            return True
+        if isinstance(seen, (rados.Error, rbd.Error)):
+            code = getattr(seen, "errno", None)
+            if code is None or abs(code) not in _CLEAN_ERRNOS:
+                return True
         seen = seen.__cause__ or seen.__context__
     return False
 
 
 @dataclass
 class _Connection:
-    """A librados handle, how many operations use it, and whether it was taken out of use (closed or broken)."""
+    """A librados handle, how many operations use it, and whether it was taken out of use (closed, or in doubt)."""
 
     handle: Any
     users: int = 0
@@ -122,9 +125,9 @@ class RbdVolumes:
 
     A librados connection costs a monitor handshake, authentication and its own messenger threads (~0.4 s per set
     when every operation opened one), so it is opened on first use and kept until ``close``. An operation that
-    finds it broken (timed out, shut down, blocklisted) retires it on the way out and the next one reconnects: no
-    operation is retried, so every call stays inside the client timeouts. A retired handle is shut down when the
-    last operation still using it (another thread's) ends.
+    fails with a Ceph error (timed out, shut down, blocklisted, pool full: see ``connection_in_doubt``) retires it
+    on the way out and the next one reconnects: no operation is retried, so every call stays inside the client
+    timeouts. A retired handle is shut down when the last operation still using it (another thread's) ends.
     """
 
     def __init__(self, settings: CephSettings | None = None) -> None:
@@ -149,18 +152,18 @@ class RbdVolumes:
 
     @contextlib.contextmanager
     def cluster(self) -> Iterator[Any]:
-        """The shared connection for one operation; retired if the operation failed because it broke."""
+        """The shared connection for one operation; retired if the operation failed with a Ceph error."""
         conn = self._acquire()
-        broken = False
+        in_doubt = False
         try:
             yield conn.handle
         except BaseException as exc:
-            broken = connection_broken(exc)
+            in_doubt = connection_in_doubt(exc)
             raise
         finally:
             with self._lock:
                 conn.users -= 1
-                if broken:
+                if in_doubt:
                     self._retire(conn)
                 last = conn.retired and conn.users == 0
             if last:
@@ -184,10 +187,10 @@ class RbdVolumes:
         conn.retired = True
         return first and conn.users == 0
 
-    def retire_if_broken(self, handle: Any, exc: BaseException) -> None:
-        """For an error an operation handles itself (it never reaches ``cluster``): a broken connection still goes;
-        the operation's own end shuts it down."""
-        if connection_broken(exc):
+    def retire_if_in_doubt(self, handle: Any, exc: BaseException) -> None:
+        """For an error an operation handles itself (it never reaches ``cluster``): a connection in doubt still
+        goes; the operation's own end shuts it down."""
+        if connection_in_doubt(exc):
             with self._lock:
                 if self._shared is not None and self._shared.handle is handle:
                     self._retire(self._shared)
@@ -217,13 +220,13 @@ class RbdVolumes:
         try:
             ioctx = handle.open_ioctx(pool)
         except rados.Error as exc:
-            self.retire_if_broken(handle, exc)
+            self.retire_if_in_doubt(handle, exc)
             raise PreflightFailed(f"RBD pool {pool!r} cannot be opened: {exc}") from exc
         try:
             try:
                 img = rbd.Image(ioctx, name, snapshot=snapshot, read_only=read_only)
             except (rbd.Error, rados.Error) as exc:
-                self.retire_if_broken(handle, exc)  # callers may take this error for "the image is gone"
+                self.retire_if_in_doubt(handle, exc)  # callers may take this error for "the image is gone"
                 what = f"{volume}@{snapshot}" if snapshot else volume
                 raise PreflightFailed(f"RBD image {what} cannot be opened: {exc}") from exc
             try:
@@ -263,7 +266,7 @@ class RbdVolumes:
                     raise PreflightFailed(f"RBD image {volume} already has a snapshot named {snap}")
                 img.metadata_set(TAG_PREFIX + set_id, set_name)
                 opened.append((disk, img))
-            yield RbdCapture(snap, opened)
+            yield RbdCapture(snap, opened, lambda exc: self.retire_if_in_doubt(handle, exc))
 
     def existing(self, set_id: str, disks: Sequence[DiskSpec]) -> list[VolumeSnapshot]:
         snap = snapshot_name(set_id)
@@ -308,9 +311,13 @@ class RbdCapture:
     per image overlaps them (librbd releases the GIL), so the window grows little with the number of images.
     """
 
-    def __init__(self, snap: str, opened: list[tuple[DiskSpec, Any]]) -> None:
+    def __init__(
+        self, snap: str, opened: list[tuple[DiskSpec, Any]], failed: Callable[[BaseException], None] | None = None
+    ) -> None:
         self.snap = snap
         self.opened = opened
+        self.failed = failed
+        """Told of a failed snapshot even when the caller handles the error inside ``open``: the connection goes."""
 
     def snapshot(self) -> list[VolumeSnapshot]:
         if len(self.opened) == 1:
@@ -328,5 +335,7 @@ class RbdCapture:
         try:
             img.create_snap(self.snap)
         except (rbd.Error, rados.Error) as exc:
+            if self.failed is not None:
+                self.failed(exc)
             raise CaptureFailed(f"RBD snapshot of {disk.source_path} ({disk.target}) failed: {exc}") from exc
         return VolumeSnapshot(disk, self.snap, f"rbd:{disk.source_path}@{self.snap}")
