@@ -66,6 +66,9 @@ class Cluster:
     time_out_next: int = 0
     """The next N ``open_ioctx`` calls time out (what a handle cut off from the cluster reports)."""
     connect_delay_s: float = 0.0
+    connect_gate: threading.Event | None = None
+    """Set: a connect waits for it (a cluster slow to answer); ``connecting`` is set once one is waiting."""
+    connecting: threading.Event = field(default_factory=threading.Event)
     pool_full: bool = False
     """Snapshots fail like a pool at its quota (the client may be left holding the image's lock)."""
 
@@ -81,6 +84,9 @@ class FakeRados:
 
     def connect(self, timeout: int = 0) -> None:
         time.sleep(self.cluster.connect_delay_s)
+        if self.cluster.connect_gate is not None:
+            self.cluster.connecting.set()
+            assert self.cluster.connect_gate.wait(timeout=10)
         self.state = "connected"
 
     def shutdown(self) -> None:
@@ -274,3 +280,27 @@ def test_closing_the_service_shuts_the_connection_down(cluster: Cluster, tmp_pat
         (handle,) = cluster.handles
         assert handle.shutdowns == 0
     assert handle.shutdowns == 1
+
+
+def test_a_slow_connect_holds_up_no_other_thread_giving_its_connection_up(cluster: Cluster) -> None:
+    """A snapshot failing in one instance's window retires the connection while another thread reconnects to a
+    cluster slow to answer: the failing one neither waits for that connect nor shares it."""
+    volumes = _volumes()
+    gate = cluster.connect_gate = threading.Event()
+    gate.set()
+    operation = volumes.cluster()
+    first = operation.__enter__()
+    gate.clear()
+    volumes.retire_if_in_doubt(first, TimedOut("[errno 110] RBD operation timeout", errno=errno.ETIMEDOUT))
+    reconnecting = threading.Thread(target=lambda: volumes.checksum(volumes.existing(SET_ID, [_disk("img")])[0]))
+    reconnecting.start()
+    assert cluster.connecting.wait(timeout=5)
+    giving_up = threading.Thread(target=lambda: operation.__exit__(None, None, None))
+    giving_up.start()
+    giving_up.join(timeout=5)
+    stuck = giving_up.is_alive()
+    gate.set()
+    reconnecting.join(timeout=5)
+    assert not stuck, "giving the retired connection up waited for another thread's connect"
+    assert first.shutdowns == 1 and len(cluster.handles) == 2 and cluster.handles[1].state == "connected"
+    volumes.close()

@@ -133,6 +133,8 @@ class RbdVolumes:
     def __init__(self, settings: CephSettings | None = None) -> None:
         self.settings = settings or CephSettings.from_env()
         self._lock = threading.Lock()
+        """Guards ``_shared`` and the counts; held for no call on the cluster."""
+        self._connecting = threading.Lock()
         self._shared: _Connection | None = None
 
     def __enter__(self) -> RbdVolumes:
@@ -170,14 +172,29 @@ class RbdVolumes:
                 conn.handle.shutdown()
 
     def _acquire(self) -> _Connection:
+        """The shared connection, opened if there is none. The connect holds only ``_connecting``: threads starting at
+        once share one connect, and no snapshot in a window waits on it to give its connection up."""
+        conn = self._take_shared()
+        if conn is not None:
+            return conn
+        with self._connecting:
+            conn = self._take_shared()  # another thread connected while this one waited
+            if conn is not None:
+                return conn
+            made = _Connection(self._connect(), users=1)
+            with self._lock:
+                self._shared = made
+            return made
+
+    def _take_shared(self) -> _Connection | None:
         with self._lock:
             conn = self._shared
             if conn is not None and conn.handle.state != "connected":
                 self._retire(conn)  # shut down by someone else: nothing left to shut down
-            if self._shared is None:
-                self._shared = _Connection(self._connect())  # under the lock: threads starting at once share it
-            self._shared.users += 1
-            return self._shared
+                conn = None
+            if conn is not None:
+                conn.users += 1
+            return conn
 
     def _retire(self, conn: _Connection) -> bool:
         """Take ``conn`` out of use (the lock is held); True when nobody uses it, so the caller shuts it down."""
