@@ -66,6 +66,7 @@ class Cluster:
     time_out_next: int = 0
     """The next N ``open_ioctx`` calls time out (what a handle cut off from the cluster reports)."""
     connect_delay_s: float = 0.0
+    unreachable: bool = False
     connect_gate: threading.Event | None = None
     """Set: a connect waits for it (a cluster slow to answer); ``connecting`` is set once one is waiting."""
     connecting: threading.Event = field(default_factory=threading.Event)
@@ -84,6 +85,8 @@ class FakeRados:
 
     def connect(self, timeout: int = 0) -> None:
         time.sleep(self.cluster.connect_delay_s)
+        if self.cluster.unreachable:
+            raise TimedOut("[errno 110] RADOS timed out (error connecting to the cluster)", errno=errno.ETIMEDOUT)
         if self.cluster.connect_gate is not None:
             self.cluster.connecting.set()
             assert self.cluster.connect_gate.wait(timeout=10)
@@ -245,6 +248,18 @@ def test_a_connection_an_operation_found_broken_or_in_doubt_is_replaced_on_the_n
     assert len(cluster.handles) == 5
     volumes.close()
     assert [h.shutdowns for h in cluster.handles] == [1] * 5, "every connection shut down exactly once"
+
+
+def test_an_unreachable_cluster_is_a_clear_error_and_nothing_is_kept(cluster: Cluster) -> None:
+    volumes = _volumes()
+    cluster.unreachable = True
+    with pytest.raises(PreflightFailed, match=r"cannot be reached.*FREEZEFRAME_CEPH_CONF"):
+        _a_set(volumes)
+    assert cluster.handles[0].shutdowns == 1, "the handle that failed to connect was left open"
+    cluster.unreachable = False
+    _a_set(volumes)
+    assert len(cluster.handles) == 2 and cluster.handles[1].state == "connected"
+    volumes.close()
 
 
 def test_threads_share_the_connection_and_close_waits_for_the_ones_still_using_it(cluster: Cluster) -> None:

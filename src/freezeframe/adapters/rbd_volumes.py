@@ -219,10 +219,13 @@ class RbdVolumes:
         conf = {"client_mount_timeout": timeout, "rados_mon_op_timeout": timeout, "rados_osd_op_timeout": timeout}
         if s.keyring:
             conf["keyring"] = s.keyring
+        handle = None
         try:
             handle = rados.Rados(conffile=s.conf or "", rados_id=s.user, conf=conf)
             handle.connect(timeout=max(1, int(s.timeout_s)))
         except rados.Error as exc:
+            if handle is not None:
+                handle.shutdown()  # its threads and sockets, now that no operation gets it
             where = s.conf or "Ceph's default ceph.conf"
             raise PreflightFailed(
                 f"the Ceph cluster ({where}, client.{s.user}) cannot be reached: {exc}; check FREEZEFRAME_CEPH_CONF, "
