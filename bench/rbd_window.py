@@ -63,15 +63,17 @@ class TimedCapture(rbd_volumes.RbdCapture):
 
 
 def sequential_ms(info: CephTestbed, volumes: Sequence[str], tag: str) -> float:
-    """Nova's volume-backed snapshot: one Cinder/RBD snapshot per volume, one after another, guest not frozen."""
-    vols = rbd_volumes.RbdVolumes(rbd_volumes.CephSettings(info.conf, info.user, info.keyring))
+    """Nova's volume-backed snapshot: one Cinder/RBD snapshot per volume, one after another, guest not frozen; each
+    on a cluster connection of its own, as Cinder's RBD driver connects per call."""
+    settings = rbd_volumes.CephSettings(info.conf, info.user, info.keyring)
     started = time.perf_counter()
     for volume in volumes:
         disk = DiskSpec("x", "virtio", volume, "raw", 0, "network", protocol="rbd")
-        with vols.open(tag, "sequential", [disk]) as capture:
+        with rbd_volumes.RbdVolumes(settings) as vols, vols.open(tag, "sequential", [disk]) as capture:
             capture.snapshot()
     took = (time.perf_counter() - started) * 1000.0
-    vols.remove(tag, volumes)
+    with rbd_volumes.RbdVolumes(settings) as vols:
+        vols.remove(tag, volumes)
     return took
 
 
@@ -140,6 +142,7 @@ def restore_times(info: CephTestbed, size: int, samples: int, tmp: Path) -> dict
             copy.append((time.perf_counter() - started) * 1000.0)
             out.unlink()
     finally:
+        members.volumes.close()
         remove_image(info, name)
     return {
         "size_bytes": size,

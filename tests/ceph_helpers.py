@@ -103,27 +103,27 @@ def ledger_of(info: CephTestbed, journal: str, state: str, tmp: Path, ioctx: Any
 def nova_style_capture(inst: TestInstance, info: CephTestbed, tmp: Path, tag: str, gap_s: float = 1.0) -> LedgerVerdict:
     """The naive baseline: one volume after the other, no freeze (Nova's volume-backed snapshot asks Cinder for
     each volume in turn; a file disk gets its own backup job), journal first; judged, then removed."""
-    volumes = volumes_for(info)
     sources: list[str] = []
     made: list[str] = []
-    try:
-        for n, target in enumerate(("vdb", "vdc")):
-            if n:
-                time.sleep(gap_s)
-            disk = inst.disks[ord(target[-1]) - ord("a")]
-            if disk.rbd is None:
-                out = tmp / f"naive-{target}.qcow2"
-                naive_capture(inst.dom, [(target, out)], gap_s=0)
-                sources.append(str(out))
-                continue
-            spec = DiskSpec(target, "virtio", disk.rbd.volume, "raw", 0, "network", protocol="rbd")
-            with volumes.open(tag, "nova-style", [spec]) as capture:
-                (snap,) = capture.snapshot()
-            made.append(disk.rbd.volume)
-            sources.append(snap.source)
-        return ledger_of(info, sources[0], sources[1], tmp)
-    finally:
-        volumes.remove(tag, made)
+    with volumes_for(info) as volumes:
+        try:
+            for n, target in enumerate(("vdb", "vdc")):
+                if n:
+                    time.sleep(gap_s)
+                disk = inst.disks[ord(target[-1]) - ord("a")]
+                if disk.rbd is None:
+                    out = tmp / f"naive-{target}.qcow2"
+                    naive_capture(inst.dom, [(target, out)], gap_s=0)
+                    sources.append(str(out))
+                    continue
+                spec = DiskSpec(target, "virtio", disk.rbd.volume, "raw", 0, "network", protocol="rbd")
+                with volumes.open(tag, "nova-style", [spec]) as capture:
+                    (snap,) = capture.snapshot()
+                made.append(disk.rbd.volume)
+                sources.append(snap.source)
+            return ledger_of(info, sources[0], sources[1], tmp)
+        finally:
+            volumes.remove(tag, made)
 
 
 def ledger_sets(service: Freezeframe, inst: TestInstance, info: CephTestbed, level: Consistency, count: int,

@@ -7,6 +7,7 @@ import hashlib
 import json
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,13 @@ from freezeframe.testbed.ceph import CephTestbed, Cluster, create_image, open_po
 __all__ = ["ceph_testbed"]
 MiB = 1 << 20
 SET_ID = "0badc0de-0000-4000-8000-000000000001"
+
+
+@pytest.fixture(scope="module")
+def volumes(ceph_testbed: CephTestbed) -> Iterator[RbdVolumes]:
+    """One adapter (one cluster connection) for the module, like a service's; closed at its end."""
+    with volumes_for(ceph_testbed) as shared:
+        yield shared
 
 
 @pytest.fixture
@@ -45,9 +53,8 @@ def test_testbed_up_is_idempotent_and_reports_how_to_reach_it(ceph_testbed: Ceph
 
 
 def test_snapshot_is_named_and_tagged_after_the_set_and_readable_by_qemu_img(
-    ceph_testbed: CephTestbed, image: DiskSpec, tmp_path: Path
+    ceph_testbed: CephTestbed, volumes: RbdVolumes, image: DiskSpec, tmp_path: Path
 ) -> None:
-    volumes = volumes_for(ceph_testbed)
     with volumes.open(SET_ID, "nightly", [image]) as capture:
         (snap,) = capture.snapshot()
     assert snap.snapshot == snapshot_name(SET_ID) and snap.source == f"rbd:{image.source_path}@{snap.snapshot}"
@@ -64,8 +71,7 @@ def test_snapshot_is_named_and_tagged_after_the_set_and_readable_by_qemu_img(
     assert volumes.remove(SET_ID, [str(image.source_path), f"{ceph_testbed.pool}/gone"]) == []
 
 
-def test_a_snapshot_name_collision_is_refused_before_the_window(ceph_testbed: CephTestbed, image: DiskSpec) -> None:
-    volumes = volumes_for(ceph_testbed)
+def test_a_snapshot_name_collision_is_refused_before_the_window(volumes: RbdVolumes, image: DiskSpec) -> None:
     with volumes.open(SET_ID, "first", [image]) as capture:
         capture.snapshot()
     with pytest.raises(PreflightFailed, match="already has a snapshot named"), volumes.open(SET_ID, "again", [image]):
@@ -73,7 +79,7 @@ def test_a_snapshot_name_collision_is_refused_before_the_window(ceph_testbed: Ce
 
 
 def test_the_exclusive_lock_held_by_another_client_does_not_block_the_snapshot(
-    ceph_testbed: CephTestbed, image: DiskSpec
+    ceph_testbed: CephTestbed, volumes: RbdVolumes, image: DiskSpec
 ) -> None:
     """QEMU holds the image's exclusive lock while the guest runs: librbd asks the owner to take the snapshot."""
     name = str(image.source_path).split("/")[1]
@@ -81,7 +87,7 @@ def test_the_exclusive_lock_held_by_another_client_does_not_block_the_snapshot(
         owner.lock_acquire(rbd.RBD_LOCK_MODE_EXCLUSIVE)
         owner.write(b"owner writes", 0)
         assert owner.is_exclusive_lock_owner()
-        with volumes_for(ceph_testbed).open(SET_ID, "locked", [image]) as capture:
+        with volumes.open(SET_ID, "locked", [image]) as capture:
             (snap,) = capture.snapshot()
         assert snap.snapshot in [s["name"] for s in owner.list_snaps()]
 
@@ -120,10 +126,9 @@ def _member(set_id: str, source: str) -> Member:
 
 
 def test_changed_extents_between_two_members_are_what_rbd_diff_reports(
-    ceph_testbed: CephTestbed, image: DiskSpec
+    ceph_testbed: CephTestbed, volumes: RbdVolumes, image: DiskSpec
 ) -> None:
     """The increments of RBD members are the snapshots themselves: librbd's diff names the changed extents."""
-    volumes = volumes_for(ceph_testbed)
     members = RbdMembers(volumes)
     assert isinstance(members, DiffableMembers)
     first_id, second_id = SET_ID, SET_ID.replace("0001", "0002")
@@ -204,34 +209,35 @@ def test_a_pool_that_fills_up_inside_the_window_is_a_capture_error(ceph_testbed:
     ceph("osd", "pool", "create", FULL_POOL, "8")
     ceph("osd", "pool", "application", "enable", FULL_POOL, "rbd")
     ceph("osd", "pool", "set-quota", FULL_POOL, "max_objects", "0")
-    volumes = RbdVolumes(CephSettings(ceph_testbed.conf, "admin", str(cluster.admin_keyring), timeout_s=3))
-    disk = DiskSpec("vdb", "virtio", f"{FULL_POOL}/img", "raw", 8 * MiB, "network", protocol="rbd")
-    with volumes.cluster() as handle:
-        ioctx = handle.open_ioctx(FULL_POOL)
+    admin = CephSettings(ceph_testbed.conf, "admin", str(cluster.admin_keyring), timeout_s=3)
+    with RbdVolumes(admin) as volumes:
+        disk = DiskSpec("vdb", "virtio", f"{FULL_POOL}/img", "raw", 8 * MiB, "network", protocol="rbd")
+        with volumes.cluster() as handle:
+            ioctx = handle.open_ioctx(FULL_POOL)
+            try:
+                with contextlib.suppress(rbd.ImageNotFound):
+                    rbd.RBD().remove(ioctx, "img")
+                rbd.RBD().create(ioctx, "img", 8 * MiB, old_format=False,
+                                 features=rbd.RBD_FEATURE_LAYERING | rbd.RBD_FEATURE_EXCLUSIVE_LOCK)  # fmt: skip
+                with rbd.Image(ioctx, "img") as img:
+                    img.write(b"data" * 1024, 0)
+            finally:
+                ioctx.close()
         try:
-            with contextlib.suppress(rbd.ImageNotFound):
-                rbd.RBD().remove(ioctx, "img")
-            rbd.RBD().create(ioctx, "img", 8 * MiB, old_format=False,
-                             features=rbd.RBD_FEATURE_LAYERING | rbd.RBD_FEATURE_EXCLUSIVE_LOCK)  # fmt: skip
-            with rbd.Image(ioctx, "img") as img:
-                img.write(b"data" * 1024, 0)
+            with volumes.open(SET_ID, "full", [disk]) as capture:
+                ceph("osd", "pool", "set-quota", FULL_POOL, "max_objects", "1")
+                deadline = time.monotonic() + 60
+                while "full_quota" not in ceph("osd", "pool", "ls", "detail"):
+                    assert time.monotonic() < deadline, "the pool never became full"
+                    time.sleep(0.5)
+                started = time.monotonic()
+                with pytest.raises(CaptureFailed, match=rf"RBD snapshot of {FULL_POOL}/img \(vdb\) failed"):
+                    capture.snapshot()
+                assert time.monotonic() - started < 30
         finally:
-            ioctx.close()
-    try:
-        with volumes.open(SET_ID, "full", [disk]) as capture:
-            ceph("osd", "pool", "set-quota", FULL_POOL, "max_objects", "1")
-            deadline = time.monotonic() + 60
-            while "full_quota" not in ceph("osd", "pool", "ls", "detail"):
-                assert time.monotonic() < deadline, "the pool never became full"
-                time.sleep(0.5)
-            started = time.monotonic()
-            with pytest.raises(CaptureFailed, match=rf"RBD snapshot of {FULL_POOL}/img \(vdb\) failed"):
-                capture.snapshot()
-            assert time.monotonic() - started < 30
-    finally:
-        ceph("osd", "pool", "set-quota", FULL_POOL, "max_objects", "0")
-    # Writes wait while the pool is flagged full: the tag's removal goes quickest once the monitor cleared the flag.
-    deadline = time.monotonic() + 60
-    while "full_quota" in ceph("osd", "pool", "ls", "detail") and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert volumes.remove(SET_ID, [disk.source_path or ""]) == []  # nothing was made; the tag goes
+            ceph("osd", "pool", "set-quota", FULL_POOL, "max_objects", "0")
+        # Writes wait while the pool is flagged full: the tag's removal goes quickest once the monitor cleared the flag.
+        deadline = time.monotonic() + 60
+        while "full_quota" in ceph("osd", "pool", "ls", "detail") and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert volumes.remove(SET_ID, [disk.source_path or ""]) == []  # nothing was made; the tag goes

@@ -111,6 +111,8 @@ class Wiring:
         if self._hypervisor is not None:
             self._hypervisor.close()
             self._hypervisor = None
+        if "volumes" in self.__dict__:
+            self.volumes.close()  # the Ceph connection, kept open across operations
         if "catalog" in self.__dict__:
             self.catalog.close()
 

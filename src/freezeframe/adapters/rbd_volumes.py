@@ -14,9 +14,11 @@ Settings (a user's real cluster): ``FREEZEFRAME_CEPH_CONF`` (ceph.conf path; def
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from types import ModuleType
@@ -86,33 +88,150 @@ def _bindings() -> tuple[ModuleType, ModuleType]:
     return rados, rbd
 
 
+_CLEAN_ERRNOS = frozenset({errno.ENOENT, errno.EEXIST})
+"""Ceph errors that leave nothing behind on the client: an image or snapshot that is not there, or already is."""
+
+
+def connection_in_doubt(exc: BaseException) -> bool:
+    """Whether an operation that raised ``exc`` may have left its connection broken (timed out, shut down,
+    blocklisted) or holding state: an exclusive lock or a watch an image could not release while its pool was full,
+    a map that still says the pool is full. Any Ceph error among its causes but "not found"/"already exists" counts:
+    a connection per operation dropped all of that at its end, and so does retiring the shared one."""
+    rados, rbd = _bindings()
+    seen: BaseException | None = exc
+    for _ in range(8):  # a chain of causes is short; the bound guards against a cycle
+        if seen is None:
+            return False
+        if isinstance(seen, (rados.Error, rbd.Error)):
+            code = getattr(seen, "errno", None)
+            if code is None or abs(code) not in _CLEAN_ERRNOS:
+                return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+@dataclass
+class _Connection:
+    """A librados handle, how many operations use it, and whether it was taken out of use (closed, or in doubt)."""
+
+    handle: Any
+    users: int = 0
+    retired: bool = False
+
+
 class RbdVolumes:
-    """One cluster connection per operation; images opened before the window, closed after."""
+    """One cluster connection per service, shared by every operation and thread; images opened before the window,
+    closed after.
+
+    A librados connection costs a monitor handshake, authentication and its own messenger threads (~0.4 s per set
+    when every operation opened one), so it is opened on first use and kept until ``close``. An operation that
+    fails with a Ceph error (timed out, shut down, blocklisted, pool full: see ``connection_in_doubt``) retires it
+    on the way out and the next one reconnects: no operation is retried, so every call stays inside the client
+    timeouts. A retired handle is shut down when the last operation still using it (another thread's) ends.
+    """
 
     def __init__(self, settings: CephSettings | None = None) -> None:
         self.settings = settings or CephSettings.from_env()
+        self._lock = threading.Lock()
+        """Guards ``_shared`` and the counts; held for no call on the cluster."""
+        self._connecting = threading.Lock()
+        self._shared: _Connection | None = None
+
+    def __enter__(self) -> RbdVolumes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Shut the connection down (now, or when the operations still using it end); idempotent, and a later
+        operation opens a new one."""
+        with self._lock:
+            conn = self._shared
+            idle = conn is not None and self._retire(conn)
+        if idle and conn is not None:
+            conn.handle.shutdown()
 
     @contextlib.contextmanager
     def cluster(self) -> Iterator[Any]:
+        """The shared connection for one operation; retired if the operation failed with a Ceph error."""
+        conn = self._acquire()
+        in_doubt = False
+        try:
+            yield conn.handle
+        except BaseException as exc:
+            in_doubt = connection_in_doubt(exc)
+            raise
+        finally:
+            with self._lock:
+                conn.users -= 1
+                if in_doubt:
+                    self._retire(conn)
+                last = conn.retired and conn.users == 0
+            if last:
+                conn.handle.shutdown()
+
+    def _acquire(self) -> _Connection:
+        """The shared connection, opened if there is none. The connect holds only ``_connecting``: threads starting at
+        once share one connect, and no snapshot in a window waits on it to give its connection up."""
+        conn = self._take_shared()
+        if conn is not None:
+            return conn
+        with self._connecting:
+            conn = self._take_shared()  # another thread connected while this one waited
+            if conn is not None:
+                return conn
+            made = _Connection(self._connect(), users=1)
+            with self._lock:
+                self._shared = made
+            return made
+
+    def _take_shared(self) -> _Connection | None:
+        with self._lock:
+            conn = self._shared
+            if conn is not None and conn.handle.state != "connected":
+                self._retire(conn)  # shut down by someone else: nothing left to shut down
+                conn = None
+            if conn is not None:
+                conn.users += 1
+            return conn
+
+    def _retire(self, conn: _Connection) -> bool:
+        """Take ``conn`` out of use (the lock is held); True when nobody uses it, so the caller shuts it down."""
+        if self._shared is conn:
+            self._shared = None
+        first = not conn.retired
+        conn.retired = True
+        return first and conn.users == 0
+
+    def retire_if_in_doubt(self, handle: Any, exc: BaseException) -> None:
+        """For an error an operation handles itself (it never reaches ``cluster``): a connection in doubt still
+        goes; the operation's own end shuts it down."""
+        if connection_in_doubt(exc):
+            with self._lock:
+                if self._shared is not None and self._shared.handle is handle:
+                    self._retire(self._shared)
+
+    def _connect(self) -> Any:
         rados, _ = _bindings()
         s = self.settings
         timeout = str(max(1, int(s.timeout_s)))
         conf = {"client_mount_timeout": timeout, "rados_mon_op_timeout": timeout, "rados_osd_op_timeout": timeout}
         if s.keyring:
             conf["keyring"] = s.keyring
+        handle = None
         try:
             handle = rados.Rados(conffile=s.conf or "", rados_id=s.user, conf=conf)
             handle.connect(timeout=max(1, int(s.timeout_s)))
         except rados.Error as exc:
+            if handle is not None:
+                handle.shutdown()  # its threads and sockets, now that no operation gets it
             where = s.conf or "Ceph's default ceph.conf"
             raise PreflightFailed(
                 f"the Ceph cluster ({where}, client.{s.user}) cannot be reached: {exc}; check FREEZEFRAME_CEPH_CONF, "
                 "FREEZEFRAME_CEPH_USER and FREEZEFRAME_CEPH_KEYRING"
             ) from exc
-        try:
-            yield handle
-        finally:
-            handle.shutdown()
+        return handle
 
     @contextlib.contextmanager
     def image(self, handle: Any, volume: str, snapshot: str | None = None, read_only: bool = False) -> Iterator[Any]:
@@ -121,11 +240,13 @@ class RbdVolumes:
         try:
             ioctx = handle.open_ioctx(pool)
         except rados.Error as exc:
+            self.retire_if_in_doubt(handle, exc)
             raise PreflightFailed(f"RBD pool {pool!r} cannot be opened: {exc}") from exc
         try:
             try:
                 img = rbd.Image(ioctx, name, snapshot=snapshot, read_only=read_only)
             except (rbd.Error, rados.Error) as exc:
+                self.retire_if_in_doubt(handle, exc)  # callers may take this error for "the image is gone"
                 what = f"{volume}@{snapshot}" if snapshot else volume
                 raise PreflightFailed(f"RBD image {what} cannot be opened: {exc}") from exc
             try:
@@ -165,7 +286,7 @@ class RbdVolumes:
                     raise PreflightFailed(f"RBD image {volume} already has a snapshot named {snap}")
                 img.metadata_set(TAG_PREFIX + set_id, set_name)
                 opened.append((disk, img))
-            yield RbdCapture(snap, opened)
+            yield RbdCapture(snap, opened, lambda exc: self.retire_if_in_doubt(handle, exc))
 
     def existing(self, set_id: str, disks: Sequence[DiskSpec]) -> list[VolumeSnapshot]:
         snap = snapshot_name(set_id)
@@ -210,9 +331,13 @@ class RbdCapture:
     per image overlaps them (librbd releases the GIL), so the window grows little with the number of images.
     """
 
-    def __init__(self, snap: str, opened: list[tuple[DiskSpec, Any]]) -> None:
+    def __init__(
+        self, snap: str, opened: list[tuple[DiskSpec, Any]], failed: Callable[[BaseException], None] | None = None
+    ) -> None:
         self.snap = snap
         self.opened = opened
+        self.failed = failed
+        """Told of a failed snapshot even when the caller handles the error inside ``open``: the connection goes."""
 
     def snapshot(self) -> list[VolumeSnapshot]:
         if len(self.opened) == 1:
@@ -230,5 +355,7 @@ class RbdCapture:
         try:
             img.create_snap(self.snap)
         except (rbd.Error, rados.Error) as exc:
+            if self.failed is not None:
+                self.failed(exc)
             raise CaptureFailed(f"RBD snapshot of {disk.source_path} ({disk.target}) failed: {exc}") from exc
         return VolumeSnapshot(disk, self.snap, f"rbd:{disk.source_path}@{self.snap}")
