@@ -679,6 +679,28 @@ def catalog_verdicts(report: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+DATABASE_N = 50
+
+
+def database_verdicts(report: dict[str, Any] | None) -> list[list[str]]:
+    """Issue 19's targets: N >= 50 per method, freezeframe never breaks PostgreSQL, the naive capture does."""
+    if report is None:
+        return []
+    methods = report["methods"]
+    ours = [m for key, m in methods.items() if key.startswith("ff_")]
+    bad, checked = sum(m["violations"] for m in ours), sum(m["checked"] for m in ours)
+    fewest = min(m["checked"] for m in methods.values())
+    rows = [[f"PostgreSQL: freezeframe 0 violations at every level, N ≥ {DATABASE_N} per method",
+             f"{bad} in {checked} sets (fewest checked in a method: {fewest})",
+             "met" if ours and checked and not bad and fewest >= DATABASE_N else "**missed**"]]  # fmt: skip
+    naive = methods.get("naive")
+    if naive:
+        rows.append(["PostgreSQL: naive per-volume capture > 0 violations",
+                     f"{naive['violations']} / {naive['checked']}",
+                     "met" if naive["violations"] > 0 else "**missed**"])  # fmt: skip
+    return rows
+
+
 def verdict_section(reports: dict[str, dict[str, Any]]) -> str:
     """The acceptance targets, each with the measured number and met / missed."""
     rows: list[list[str]] = []
@@ -693,6 +715,7 @@ def verdict_section(reports: dict[str, dict[str, Any]]) -> str:
         rows.append(["naive per-disk capture: > 0 violations",
                      ", ".join(f"{m['violations']} / {m['checked']}" for m in naive),
                      "met" if naive and all(m["violations"] > 0 for m in naive) else "**missed**"])  # fmt: skip
+    rows += database_verdicts(reports.get("database"))
     win = reports.get("window")
     if win:
         worst = max(win["outcomes"], key=lambda o: o["ratio_of_medians"])
