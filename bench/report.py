@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from common import REPO_ROOT, RESULTS, MiB
+from common import REPO_ROOT, RESULTS, MiB, ratio
 
 WINDOW_TARGET = 1.3
 STARTUP_TARGET_S = 0.3
@@ -606,12 +606,12 @@ def group_window_section(report: dict[str, Any] | None) -> str:
         "to last thaw).\n\n"
     )
     single = stats["single"]["median"]
-    rows = [["bare floor, 1 guest", med_p95(stats["floor_1"]), times(ratio_or_none(stats["floor_1"], single)), "-"],
+    rows = [["bare floor, 1 guest", med_p95(stats["floor_1"]), times(ratio(stats["floor_1"]["median"], single)), "-"],
             ["single-instance window", med_p95(stats["single"]), "1.00x",
              f"+{num(report['single_above_floor_ms'], 0)}"]]  # fmt: skip
     for n in sizes:
         rows.append([f"bare floor, {n} guests at once", med_p95(stats[f"floor_{n}"]),
-                     times(ratio_or_none(stats[f"floor_{n}"], single)), "-"])  # fmt: skip
+                     times(ratio(stats[f"floor_{n}"]["median"], single)), "-"])  # fmt: skip
         rows.append(
             [
                 f"group window, {n} instances",
@@ -625,10 +625,6 @@ def group_window_section(report: dict[str, Any] | None) -> str:
         + table(["what", "median / p95 ms", "vs single", "ms above its floor"], rows)
         + f"\n\n![group window]({image_link('group_window')})"
     )
-
-
-def ratio_or_none(stats: dict[str, Any], base: float | None) -> float | None:
-    return round(stats["median"] / base, 2) if stats["median"] is not None and base else None
 
 
 CATALOG_ROWS = ("first page", "deep page (90 % down)", "metadata (env=e3)", "show by 8-char prefix", "insert a set",
@@ -753,7 +749,7 @@ def verdict_section(reports: dict[str, dict[str, Any]]) -> str:
     group = reports.get("group_window")
     if group:
         for n, value in group["group_vs_single"].items():
-            floor = ratio_or_none(group["stats_ms"][f"floor_{n}"], group["stats_ms"]["single"]["median"])
+            floor = ratio(group["stats_ms"][f"floor_{n}"]["median"], group["stats_ms"]["single"]["median"])
             met = value is not None and value <= WINDOW_TARGET
             rows.append([f"group window ≤ {WINDOW_TARGET}x the single-instance window ({n} instances)",
                          f"{times(value)} (bare freeze/thaw of {n} guests alone: {times(floor)})",
